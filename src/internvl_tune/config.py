@@ -1,0 +1,268 @@
+"""Run configuration: dataclasses are the schema, YAML files set values, `key=value` overrides on the CLI.
+
+A run file has three sections whose field names follow the original InternVL flags::
+
+    model: {model_name_or_path: ./InternVL3-1B-hf, freeze_backbone: true, drop_path_rate: 0.1}
+    data:  {meta_path: data/meta.json, conv_style: internvl2_5, max_dynamic_patch: 6}
+    train: {output_dir: runs/sft, learning_rate: 4.0e-5, per_device_train_batch_size: 4}
+
+Overrides name a field as `section.field=value` or, when the name is unique, just `field=value`; values are
+parsed as YAML (`bf16=true`, `learning_rate=1e-5`, `system_message=null`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the file or override and the field."""
+
+
+@dataclass
+class ModelArgs:
+    model_name_or_path: str = ""
+    """Local folder of an HF-native InternVL checkpoint (`InternVLForConditionalGeneration` + tokenizer)."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel: sdpa (any device), eager, or flash_attention_2 (GPU with flash-attn installed)."""
+    freeze_backbone: bool = False
+    """Freeze the vision encoder (InternViT)."""
+    freeze_mlp: bool = False
+    """Freeze the vision-language projector (mlp1)."""
+    freeze_llm: bool = False
+    """Freeze the language model, including its output head."""
+    unfreeze_vit_layers: int = 0
+    """Make ViT layers [k:] trainable after freezing: -2 = last two layers, 2 = all but the first two."""
+    unfreeze_lm_head: bool = False
+    """Train the LLM output head even when the LLM is frozen or adapted with LoRA."""
+    use_backbone_lora: int = 0
+    """LoRA rank on the ViT attention and MLP (0 = off); alpha = 2 x rank."""
+    use_llm_lora: int = 0
+    """LoRA rank on the LLM attention and MLP projections (0 = off); alpha = 2 x rank."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA branch."""
+    drop_path_rate: float = 0.0
+    """Stochastic depth in the ViT, rising linearly over its layers up to this rate."""
+    grad_checkpoint: bool = True
+    """Gradient checkpointing in the ViT and the LLM (less memory, about 30% more compute)."""
+
+
+@dataclass
+class DataArgs:
+    meta_path: str = ""
+    """Meta JSON naming the datasets (root, annotation, data_augment, repeat_time, max_dynamic_patch)."""
+    conv_style: str = "internvl2_5"
+    """Conversation template: internvl2_5, Hermes-2, internlm2-chat or phi3-chat."""
+    system_message: str | None = None
+    """System message for conversations without a system turn (None = the template's own)."""
+    max_seq_length: int = 8192
+    """Longest sample in tokens, image tokens included; samples whose image tokens do not fit are errors."""
+    force_image_size: int | None = None
+    """Tile size in pixels; must equal the model's vision image_size (None = take it from the model)."""
+    dynamic_image_size: bool = True
+    """Split images into up to max_dynamic_patch tiles by aspect ratio (False = one resized tile)."""
+    use_thumbnail: bool = True
+    """Append a whole-image thumbnail tile when an image has more than one tile."""
+    min_dynamic_patch: int = 1
+    """Fewest tiles per image."""
+    max_dynamic_patch: int = 12
+    """Most tiles per image (split across the images of a multi-image record); a meta entry may override."""
+    min_num_frame: int = 8
+    """Fewest frames drawn from a video."""
+    max_num_frame: int = 32
+    """Most frames drawn from a video."""
+    video_sample: str = "rand"
+    """Frame sampling: rand (one random frame per segment), middle, or fpsX (e.g. fps1.0)."""
+    normalize_type: Literal["imagenet", "clip", "siglip"] = "imagenet"
+    """Pixel normalisation statistics."""
+    pad2square: bool = False
+    """Pad images to a square with the mean colour before tiling."""
+    on_bad_sample: Literal["error", "skip"] = "error"
+    """error: stop at the first bad record, naming file and line; skip: drop it, count it, report at the end."""
+    dataloader_num_workers: int = 0
+    """Background processes preparing batches."""
+
+
+@dataclass
+class TrainArgs:
+    output_dir: str = "runs/sft"
+    """Where checkpoints, metrics.jsonl and the final model folder go."""
+    num_train_epochs: float = 1.0
+    """Passes over the data (ignored when max_steps > 0)."""
+    max_steps: int = -1
+    """Optimizer steps to run; -1 = derive from num_train_epochs."""
+    per_device_train_batch_size: int = 1
+    """Samples per micro-batch per process."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step."""
+    learning_rate: float = 4e-5
+    """Peak learning rate."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (not applied to biases and norm weights)."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    lr_scheduler_type: Literal["cosine", "linear", "constant"] = "cosine"
+    """Schedule after warmup."""
+    warmup_ratio: float = 0.03
+    """Share of the steps spent warming up linearly from 0."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm (0 = off)."""
+    bf16: bool = False
+    """bfloat16 autocast (mixed precision); weights and optimizer state stay fp32."""
+    seed: int = 42
+    """Seed for weights' dropout, data order, augmentation and repeat_time subsets."""
+    shuffle: bool = True
+    """Shuffle the data each epoch."""
+    logging_steps: int = 1
+    """Write metrics every this many steps."""
+    save_steps: int = 0
+    """Save a resumable checkpoint every this many steps (0 = only the final model)."""
+    save_total_limit: int = 2
+    """Keep at most this many step checkpoints (0 = keep all)."""
+    resume_from_checkpoint: str | None = None
+    """A checkpoint folder to resume from, or 'auto' for the latest one in output_dir."""
+    report_to: Literal["none", "tensorboard"] = "none"
+    """Also log metrics to TensorBoard (needs the tensorboard extra)."""
+
+
+@dataclass
+class SFTConfig:
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+
+    def validate(self) -> None:
+        if not self.model.model_name_or_path:
+            raise ConfigError("model.model_name_or_path is required")
+        if not self.data.meta_path:
+            raise ConfigError("data.meta_path is required")
+        d, t = self.data, self.train
+        if not 1 <= d.min_dynamic_patch <= d.max_dynamic_patch:
+            raise ConfigError(f"need 1 <= min_dynamic_patch <= max_dynamic_patch, got {d.min_dynamic_patch}, "
+                              f"{d.max_dynamic_patch}")
+        if not 1 <= d.min_num_frame <= d.max_num_frame:
+            raise ConfigError(f"need 1 <= min_num_frame <= max_num_frame, got {d.min_num_frame}, {d.max_num_frame}")
+        if t.per_device_train_batch_size < 1 or t.gradient_accumulation_steps < 1:
+            raise ConfigError("per_device_train_batch_size and gradient_accumulation_steps must be >= 1")
+        if not 0 <= t.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
+        if t.max_steps <= 0 and t.num_train_epochs <= 0:
+            raise ConfigError("set max_steps > 0 or num_train_epochs > 0")
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check a YAML value against a field's type annotation, converting int -> float where a float is expected."""
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        if value not in typing.get_args(annotation):
+            raise ConfigError(f"{where}: must be one of {list(typing.get_args(annotation))}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML reads "1e-5" (no dot) as a string
+        except ValueError:
+            pass
+    if annotation in (int, float, str, bool) and not (
+        isinstance(value, annotation) and not (annotation is int and isinstance(value, bool))
+    ):
+        raise ConfigError(f"{where}: expected {annotation.__name__}, got {value!r}")
+    return value
+
+
+def _set(section: Any, name: str, value: Any, where: str) -> None:
+    hints = typing.get_type_hints(type(section))
+    if name not in hints:
+        known = ", ".join(f.name for f in dataclasses.fields(section))
+        raise ConfigError(f"{where}: unknown field {name!r}; known fields: {known}")
+    setattr(section, name, _coerce(value, hints[name], where))
+
+
+def apply_values(config: Any, values: dict[str, Any], where: str) -> None:
+    """Set `{section: {field: value}}` on a config of sections."""
+    for section_name, section_values in values.items():
+        if section_name not in {f.name for f in dataclasses.fields(config)}:
+            raise ConfigError(f"{where}: unknown section {section_name!r}")
+        if not isinstance(section_values, dict):
+            raise ConfigError(f"{where}: section {section_name!r} must be a mapping")
+        section = getattr(config, section_name)
+        for name, value in section_values.items():
+            _set(section, name, value, f"{where}: {section_name}.{name}")
+
+
+def apply_override(config: Any, override: str) -> None:
+    """Apply one `section.field=value` or unique `field=value` override."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like key=value")
+    key, raw = override.split("=", 1)
+    value = yaml.safe_load(raw) if raw else ""
+    if "." in key:
+        section_name, name = key.split(".", 1)
+        if section_name not in {f.name for f in dataclasses.fields(config)}:
+            raise ConfigError(f"override {override!r}: unknown section {section_name!r}")
+        _set(getattr(config, section_name), name, value, f"override {override!r}")
+        return
+    owners = [f.name for f in dataclasses.fields(config) if key in {g.name for g in dataclasses.fields(getattr(config, f.name))}]
+    if len(owners) != 1:
+        problem = "unknown field" if not owners else f"ambiguous field (in {owners}); write section.{key}"
+        raise ConfigError(f"override {override!r}: {problem}")
+    _set(getattr(config, owners[0]), key, value, f"override {override!r}")
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] = ()) -> Any:
+    """Build a config: defaults, then the YAML file, then the overrides, then `validate()`."""
+    config = cls()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from e
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: a config file must be a mapping of sections")
+        apply_values(config, values, str(path))
+    for override in overrides:
+        apply_override(config, override)
+    config.validate()
+    return config
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Field docstrings (the string right after each field), for `--help` and the docs."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(cls))
+    docs, body = {}, tree.body[0].body
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = str(nxt.value.value)
+    return docs

@@ -1,0 +1,29 @@
+"""Constants shared by every module: label ignore index, InternVL special tokens, normalisation statistics."""
+
+IGNORE_INDEX = -100
+
+IMG_START_TOKEN = "<img>"
+IMG_END_TOKEN = "</img>"
+IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"
+IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
+
+# Added as special tokens by the original SFT entry (spec §2.1), in this order.
+INTERNVL_SPECIAL_TOKENS = (
+    IMG_START_TOKEN,
+    IMG_END_TOKEN,
+    IMG_CONTEXT_TOKEN,
+    "<quad>",
+    "</quad>",
+    "<ref>",
+    "</ref>",
+    "<box>",
+    "</box>",
+)
+
+# Per-channel (mean, std) for `normalize_type` (spec §2.4).
+NORMALIZATION = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "clip": ((0.4814546, 0.4578275, 0.40821073), (0.2686295, 0.2613025, 0.2757711)),
+    "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}

@@ -1,0 +1,143 @@
+"""Pre-flight data check: validate every record without running the model, and report what training will see.
+
+The report gives counts, problems by kind with `file:line`, text / image token and tile histograms, how many
+samples exceed `max_seq_length`, and the padding a batch size would waste. It builds samples with the same
+`SampleBuilder` as training (images are decoded and measured, not transformed), so what passes here trains.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from internvl_tune.data.errors import DataError
+from internvl_tune.data.sft import SFTDataset
+from internvl_tune.data.transform import SampleBuilder, SampleSettings
+
+
+@dataclass
+class DataReport:
+    num_records: int = 0
+    num_ok: int = 0
+    per_dataset: dict[str, Counter] = field(default_factory=dict)
+    problems: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    text_tokens: list[int] = field(default_factory=list)
+    image_tokens: list[int] = field(default_factory=list)
+    tiles: list[int] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+    num_over_max_length: int = 0
+    max_seq_length: int = 0
+    batch_size: int = 1
+    padding_waste: float = 0.0
+
+    @property
+    def num_errors(self) -> int:
+        return sum(len(v) for v in self.problems.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "num_records": self.num_records,
+            "num_ok": self.num_ok,
+            "num_errors": self.num_errors,
+            "per_dataset": {k: dict(v) for k, v in self.per_dataset.items()},
+            "problems": dict(self.problems),
+            "num_over_max_length": self.num_over_max_length,
+            "total_text_tokens": sum(self.text_tokens),
+            "total_image_tokens": sum(self.image_tokens),
+            "total_tiles": sum(self.tiles),
+            "padding_waste": self.padding_waste,
+        }
+
+    def format(self, max_listed: int = 10) -> str:
+        lines = [f"records: {self.num_records}   ok: {self.num_ok}   errors: {self.num_errors}"]
+        for name, counts in self.per_dataset.items():
+            kinds = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+            lines.append(f"  {name}: {kinds}")
+        if self.problems:
+            lines.append("problems:")
+            for kind, wheres in sorted(self.problems.items()):
+                lines.append(f"  {kind}: {len(wheres)}")
+                lines += [f"    {w}" for w in wheres[:max_listed]]
+                if len(wheres) > max_listed:
+                    lines.append(f"    ... and {len(wheres) - max_listed} more")
+        if self.lengths:
+            lines.append(
+                f"tokens: {sum(self.text_tokens)} text + {sum(self.image_tokens)} image = {sum(self.lengths)} "
+                f"in {sum(self.tiles)} tiles"
+            )
+            lines += ["text tokens per sample:", *histogram(self.text_tokens)]
+            lines += ["image tokens per sample:", *histogram(self.image_tokens)]
+            lines += ["tiles per sample:", *histogram(self.tiles)]
+            lines.append(f"samples over max_seq_length={self.max_seq_length}: {self.num_over_max_length}")
+            lines.append(f"padding waste at batch size {self.batch_size} (random batches): {self.padding_waste:.1%}")
+        return "\n".join(lines)
+
+
+def histogram(values: list[int], bins: int = 8, width: int = 40) -> list[str]:
+    """Text histogram lines `[lo, hi)  count  ####`; equal-width bins over the value range."""
+    if not values:
+        return ["  (none)"]
+    lo, hi = min(values), max(values)
+    if lo == hi:
+        return [f"  {lo:>8}          {len(values):>7}  {'#' * width}"]
+    step = (hi - lo) / bins
+    counts = [0] * bins
+    for v in values:
+        counts[min(bins - 1, int((v - lo) / step))] += 1
+    top = max(counts)
+    return [
+        f"  [{lo + i * step:>8.0f}, {lo + (i + 1) * step:>8.0f})  {c:>7}  {'#' * round(width * c / top)}"
+        for i, c in enumerate(counts)
+    ]
+
+
+def padding_waste(lengths: list[int], batch_size: int, seed: int = 0) -> float:
+    """Share of padded positions when `lengths` are batched in random order, each batch padded to its longest.
+
+    Example: lengths [2, 4] in one batch of 2 -> 8 positions, 2 of them padding -> 0.25.
+    """
+    order = list(lengths)
+    random.Random(seed).shuffle(order)
+    padded = sum(max(order[i : i + batch_size]) * len(order[i : i + batch_size]) for i in range(0, len(order), batch_size))
+    return 1.0 - sum(order) / padded if padded else 0.0
+
+
+def check_data(meta_path: str, tokenizer, settings: SampleSettings, *, batch_size: int = 1, seed: int = 42,
+               require_data_augment: bool = True, progress: bool = True) -> DataReport:
+    """Validate every record of a meta file and collect the report."""
+    # Measure full lengths: a longer limit during the scan tells "over max_seq_length" apart from other errors.
+    scan_settings = replace(settings, max_seq_length=10**9)
+    dataset = SFTDataset(meta_path, SampleBuilder(tokenizer, scan_settings), seed=seed,
+                         require_data_augment=require_data_augment)
+    report = DataReport(max_seq_length=settings.max_seq_length, batch_size=batch_size)
+    strict = SampleBuilder(tokenizer, settings)
+    for entry in dataset.entries:
+        report.per_dataset[entry.name] = Counter()
+    for d, file in enumerate(tqdm(dataset.files, desc="datasets", disable=not progress)):
+        entry = dataset.entries[d]
+        counts = report.per_dataset[entry.name]
+        for line in tqdm(range(len(file)), desc=entry.name, leave=False, disable=not progress):
+            report.num_records += 1
+            rng = random.Random(f"{seed}-check-{d}-{line}")
+            try:
+                record, where = file[line]
+                sample = dataset.builder(record, where, entry, rng, load_pixels=False)
+                if len(sample["input_ids"]) > settings.max_seq_length:
+                    report.num_over_max_length += 1
+                    strict(record, where, entry, rng, load_pixels=False)  # raises if image tokens would be cut
+            except DataError as e:
+                report.problems[e.kind].append(str(e))
+                counts["error"] += 1
+                continue
+            report.num_ok += 1
+            counts["image" if record.get("image") else "video" if record.get("video") else "text"] += 1
+            report.text_tokens.append(sample["num_text_tokens"])
+            report.image_tokens.append(sample["num_image_tokens"])
+            report.tiles.append(sum(sample["num_tiles"]))
+            report.lengths.append(min(len(sample["input_ids"]), settings.max_seq_length))
+    report.padding_waste = padding_waste(report.lengths, batch_size, seed)
+    return report

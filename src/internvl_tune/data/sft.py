@@ -1,0 +1,68 @@
+"""The SFT dataset: meta JSON -> indexed records -> samples, with the bad-sample policy applied."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from internvl_tune.data.errors import DataError
+from internvl_tune.data.jsonl import JsonlFile
+from internvl_tune.data.meta import DatasetEntry, load_meta, repeat_indices
+from internvl_tune.data.transform import SampleBuilder
+
+
+class SFTDataset(Dataset):
+    """All datasets of a meta file as one indexable sequence (after `repeat_time`).
+
+    Indices may exceed `len(self)`: index `epoch * len(self) + i` is sample i in that epoch, so the sampler
+    alone decides the epoch and each sample's augmentation is a pure function of (seed, epoch, i), which makes
+    resume exact with any number of workers.
+
+    With `on_bad_sample="skip"` a bad record yields `{"skipped": message, "where": file:line}` instead of raising;
+    the collator drops it and the recipe counts and reports it.
+    """
+
+    def __init__(
+        self,
+        meta_path: str | Path,
+        builder: SampleBuilder,
+        *,
+        seed: int = 42,
+        on_bad_sample: str = "error",
+        require_data_augment: bool = True,
+    ):
+        self.entries: list[DatasetEntry] = load_meta(meta_path, require_data_augment=require_data_augment)
+        self.files = [JsonlFile(e.annotation) for e in self.entries]
+        self.builder = builder
+        self.seed = seed
+        self.on_bad_sample = on_bad_sample
+        self.index: list[tuple[int, int]] = [
+            (d, line)
+            for d, (entry, file) in enumerate(zip(self.entries, self.files, strict=True))
+            for line in repeat_indices(len(file), entry.repeat_time, seed=seed + d)
+        ]
+        if not self.index:
+            raise DataError(f"{meta_path}: the datasets contain no records")
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def record(self, i: int) -> tuple[dict[str, Any], str, DatasetEntry]:
+        d, line = self.index[i % len(self.index)]
+        record, where = self.files[d][line]
+        return record, where, self.entries[d]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        epoch, i = divmod(index, len(self.index))
+        rng = random.Random(f"{self.seed}-{epoch}-{i}")
+        d, line = self.index[i]
+        try:
+            record, where, entry = self.record(i)
+            return self.builder(record, where, entry, rng)
+        except DataError as e:
+            if self.on_bad_sample != "skip":
+                raise
+            return {"skipped": str(e), "where": self.files[d].where(line)}

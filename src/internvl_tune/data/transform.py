@@ -1,0 +1,282 @@
+"""Record -> training sample: validation, `<image>` / `<video>` expansion, tiles, tokens and labels.
+
+Two steps, as in torchtune: `record_to_conversation` turns an InternVL JSONL record into validated chat
+messages plus the media it names; `SampleBuilder` turns those into `input_ids`, `labels` and pixel tiles for a
+given model (its tile size and image-token count) and template. Every problem raises `DataError` naming the
+record's `file:line`.
+
+Worked example (single image, 4 image tokens per tile, 2x1 grid + thumbnail = 3 tiles): the record::
+
+    {"image": "a.jpg", "conversations": [{"from": "human", "value": "What colour?"},
+                                         {"from": "gpt", "value": "red"}]}
+
+becomes the user turn ``"<img>" + "<IMG_CONTEXT>" * 12 + "</img>\\nWhat colour?"`` (the `<image>\\n` is prepended
+because a single-image record has no placeholder), three tiles ``[3, S, S]``, and labels only on ``red<|im_end|>``.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from internvl_tune.constants import (
+    IGNORE_INDEX,
+    IMAGE_PLACEHOLDER,
+    IMG_CONTEXT_TOKEN,
+    IMG_END_TOKEN,
+    IMG_START_TOKEN,
+    VIDEO_PLACEHOLDER,
+)
+from internvl_tune.data.errors import DataError
+from internvl_tune.data.images import ImageTransform, dynamic_preprocess, load_image, num_tiles, tiles_budget
+from internvl_tune.data.meta import DatasetEntry
+from internvl_tune.data.templates import get_template, tokenize_conversation
+from internvl_tune.data.video import read_video_frames, video_prompt
+
+_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
+
+
+@dataclass
+class Conversation:
+    """A validated record: chat messages (`<image>` / `<video>` placeholders not yet expanded) and its media."""
+
+    messages: list[dict[str, str]]
+    images: list[str]
+    video: str | None = None
+    clip: tuple[float, float] | None = None
+
+
+def record_to_conversation(record: dict[str, Any], where: str) -> Conversation:
+    """Validate an SFT record (spec §2.3) and convert it to chat messages.
+
+    Raises:
+        DataError: for a missing or malformed `conversations`, an unknown role, a wrong role order, or a
+            `<image>` count that does not match the images.
+    """
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: field 'conversations' is required and must be a non-empty list", "missing field")
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or turn.get("from") not in _ROLES:
+            raise DataError(
+                f"{where}: conversations[{i}] must be {{'from': 'system'|'human'|'gpt', 'value': str}}, got {turn!r}",
+                "bad turn",
+            )
+        messages.append({"role": _ROLES[turn["from"]], "content": turn["value"]})
+    check_role_order(messages, where)
+
+    images = record.get("image") or []
+    if isinstance(images, str):
+        images = [images]
+    if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
+        raise DataError(f"{where}: field 'image' must be a path or a list of paths, got {record.get('image')!r}")
+    video = record.get("video") if not images else None
+    if video is not None and (not isinstance(video, str) or not video):
+        raise DataError(f"{where}: field 'video' must be a path, got {video!r}")
+    clip = record.get("clip")
+    if clip is not None and not (
+        isinstance(clip, list) and len(clip) == 2 and all(isinstance(c, (int, float)) for c in clip)
+    ):
+        raise DataError(f"{where}: field 'clip' must be [start_seconds, end_seconds], got {clip!r}")
+
+    first_user = next(m for m in messages if m["role"] == "user")
+    if len(images) == 1 and IMAGE_PLACEHOLDER not in first_user["content"]:
+        first_user["content"] = IMAGE_PLACEHOLDER + "\n" + first_user["content"]
+    if video is not None and VIDEO_PLACEHOLDER not in first_user["content"]:
+        first_user["content"] = VIDEO_PLACEHOLDER + "\n" + first_user["content"]
+
+    num_placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages if m["role"] == "user")
+    if video is None and num_placeholders != len(images):
+        raise DataError(
+            f"{where}: {num_placeholders} '<image>' placeholder(s) in the human turns but {len(images)} image(s)",
+            "image count",
+        )
+    if video is not None:
+        if num_placeholders:
+            raise DataError(f"{where}: a video record must not contain '<image>' placeholders", "image count")
+        if sum(m["content"].count(VIDEO_PLACEHOLDER) for m in messages) != 1:
+            raise DataError(f"{where}: a video record needs exactly one '<video>' placeholder", "image count")
+    for m in messages:
+        if m["role"] != "user" and (IMAGE_PLACEHOLDER in m["content"] or VIDEO_PLACEHOLDER in m["content"]):
+            raise DataError(f"{where}: '<image>' / '<video>' placeholders are only allowed in human turns", "image count")
+    return Conversation(messages, images, video, tuple(clip) if clip else None)
+
+
+def check_role_order(messages: list[dict[str, str]], where: str, *, allow_trailing_user: bool = False) -> None:
+    """Optional system turn first, then human/gpt alternating, starting with human and ending with gpt."""
+    body = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    expected = ["user", "assistant"] * ((len(body) + 1) // 2)
+    roles = [m["role"] for m in body]
+    if not body or roles != expected[: len(roles)] or (roles[-1] != "assistant" and not allow_trailing_user):
+        names = {v: k for k, v in _ROLES.items()}
+        raise DataError(
+            f"{where}: wrong role order {[names[m['role']] for m in messages]}; expected an optional 'system', "
+            "then 'human' and 'gpt' alternating, starting with 'human' and ending with 'gpt'",
+            "role order",
+        )
+
+
+def image_token_span(num_image_token: int, tiles: int) -> str:
+    """`<img>` + `<IMG_CONTEXT>` x (num_image_token * tiles) + `</img>` (spec §2.6)."""
+    return IMG_START_TOKEN + IMG_CONTEXT_TOKEN * (num_image_token * tiles) + IMG_END_TOKEN
+
+
+@dataclass
+class SampleSettings:
+    """How records become samples for one model. Field names follow the original InternVL flags."""
+
+    template: str = "internvl2_5"
+    system_message: str | None = None
+    max_seq_length: int = 8192
+    image_size: int = 448
+    num_image_token: int = 256
+    dynamic_image_size: bool = True
+    use_thumbnail: bool = True
+    min_dynamic_patch: int = 1
+    max_dynamic_patch: int = 12
+    min_num_frame: int = 8
+    max_num_frame: int = 32
+    video_sample: str = "rand"
+    normalize_type: str = "imagenet"
+    pad2square: bool = False
+
+
+class SampleBuilder:
+    """Turns validated records into model inputs for one tokenizer, template and image geometry."""
+
+    def __init__(self, tokenizer, settings: SampleSettings):
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.template = get_template(settings.template)
+        self.img_context_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
+        if self.img_context_id is None or self.img_context_id == tokenizer.unk_token_id:
+            raise ValueError(f"the tokenizer has no {IMG_CONTEXT_TOKEN} token; is this an InternVL tokenizer?")
+        self.img_end_id = tokenizer.convert_tokens_to_ids(IMG_END_TOKEN)
+
+    def tile_limit(self, entry: DatasetEntry | None, num_images: int) -> int:
+        """Most tiles one image of this record may use (per-dataset override, multi-image budget)."""
+        s = self.settings
+        if not s.dynamic_image_size:
+            return 1
+        max_patch = entry.max_dynamic_patch if entry and entry.max_dynamic_patch else s.max_dynamic_patch
+        return tiles_budget(max_patch, num_images)
+
+    def __call__(
+        self,
+        record: dict[str, Any],
+        where: str,
+        entry: DatasetEntry | None,
+        rng: random.Random,
+        *,
+        load_pixels: bool = True,
+    ) -> dict[str, Any]:
+        """Build one sample.
+
+        Returns:
+            A dict with `input_ids` and `labels` (LongTensor [T]), `pixel_values` (FloatTensor [N, 3, S, S], or
+            None for text), `num_tiles` (tiles per image, or per frame), `num_image_tokens`, `num_text_tokens`,
+            `truncated` (text was cut to max_seq_length) and `where`. With `load_pixels=False` images are
+            decoded and measured but not transformed, and `pixel_values` is None (for the data checker).
+        """
+        s = self.settings
+        conversation = record_to_conversation(record, where)
+        messages = conversation.messages
+        data_augment = entry.data_augment if entry else False
+        transform = ImageTransform(s.image_size, s.normalize_type, data_augment, s.pad2square)
+        resolve = entry.resolve if entry else (lambda p: p)
+
+        tiles: list = []
+        num_tiles_per_image: list[int] = []
+        if conversation.images:
+            limit = self.tile_limit(entry, len(conversation.images))
+            for path in conversation.images:
+                image = _load(load_image, resolve(path), where)
+                if load_pixels:
+                    image_tiles = self._tile(image, limit)
+                    tiles += image_tiles
+                    num_tiles_per_image.append(len(image_tiles))
+                else:
+                    num_tiles_per_image.append(self._count_tiles(image, limit))
+            spans = iter(image_token_span(s.num_image_token, n) for n in num_tiles_per_image)
+            for m in messages:
+                if m["role"] == "user":
+                    parts = m["content"].split(IMAGE_PLACEHOLDER)
+                    m["content"] = parts[0] + "".join(next(spans) + part for part in parts[1:])
+        elif conversation.video is not None:
+            frames = _load(
+                lambda p: read_video_frames(
+                    p, s.min_num_frame, s.max_num_frame, sample=s.video_sample, clip=conversation.clip, rng=rng
+                ),
+                resolve(conversation.video),
+                where,
+            )
+            if load_pixels:
+                tiles = frames
+            num_tiles_per_image = [1] * len(frames)
+            prompt = video_prompt(len(frames))
+            for m in messages:
+                if VIDEO_PLACEHOLDER in m["content"]:
+                    content = m["content"].replace(VIDEO_PLACEHOLDER + "\n", prompt)
+                    m["content"] = content.replace(VIDEO_PLACEHOLDER, prompt.rstrip("\n"))
+                    m["content"] = m["content"].replace(IMAGE_PLACEHOLDER, image_token_span(s.num_image_token, 1))
+
+        try:
+            tokenized = tokenize_conversation(self.tokenizer, self.template, messages, system_message=s.system_message)
+        except DataError as e:
+            raise DataError(f"{where}: {e}", "template mismatch") from e
+        input_ids, labels = tokenized.input_ids, tokenized.labels
+        num_image_tokens = sum(num_tiles_per_image) * s.num_image_token
+
+        truncated = False
+        if len(input_ids) > s.max_seq_length:
+            kept = input_ids[: s.max_seq_length]
+            if kept.count(self.img_context_id) < num_image_tokens or input_ids.count(self.img_end_id) != kept.count(
+                self.img_end_id
+            ):
+                raise DataError(
+                    f"{where}: image tokens would be cut by max_seq_length={s.max_seq_length}: the sample needs "
+                    f"{len(input_ids)} tokens, {num_image_tokens} of them image tokens "
+                    f"({sum(num_tiles_per_image)} tiles); raise max_seq_length or lower max_dynamic_patch",
+                    "image tokens cut",
+                )
+            input_ids, labels, truncated = kept, labels[: s.max_seq_length], True
+        if all(label == IGNORE_INDEX for label in labels):
+            reason = "after truncation to max_seq_length" if truncated else "(no answer text)"
+            raise DataError(f"{where}: the sample has no trained tokens {reason}", "no trained tokens")
+
+        pixel_values = None
+        if load_pixels and tiles:
+            pixel_values = torch.stack([transform(tile, rng) for tile in tiles])
+        return {
+            "input_ids": torch.tensor(input_ids, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "pixel_values": pixel_values,
+            "num_tiles": num_tiles_per_image,
+            "num_image_tokens": num_image_tokens,
+            "num_text_tokens": len(input_ids) - num_image_tokens,
+            "truncated": truncated,
+            "where": where,
+        }
+
+    def _tile(self, image, limit: int) -> list:
+        s = self.settings
+        if not s.dynamic_image_size:
+            return [image]
+        return dynamic_preprocess(image, s.min_dynamic_patch, limit, s.image_size, s.use_thumbnail)
+
+    def _count_tiles(self, image, limit: int) -> int:
+        s = self.settings
+        if not s.dynamic_image_size:
+            return 1
+        return num_tiles(image.width, image.height, s.min_dynamic_patch, limit, s.image_size, s.use_thumbnail)
+
+
+def _load(loader, path: str, where: str):
+    try:
+        return loader(path)
+    except DataError as e:
+        raise DataError(f"{where}: {e}", "unreadable media") from e

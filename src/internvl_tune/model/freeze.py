@@ -1,0 +1,42 @@
+"""Which parameters train: the original freezing flags (spec §4.6), with `unfreeze_lm_head` that works."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def apply_freezing(
+    model: nn.Module,
+    *,
+    freeze_backbone: bool = False,
+    freeze_mlp: bool = False,
+    freeze_llm: bool = False,
+    unfreeze_vit_layers: int = 0,
+    unfreeze_lm_head: bool = False,
+) -> None:
+    """Set `requires_grad` on an InternVLForConditionalGeneration, in the original order.
+
+    `unfreeze_vit_layers=k` makes ViT layers `[k:]` trainable: -2 means the last two layers, 2 all but the first
+    two (Python slicing, as the original). Unlike the original, `unfreeze_lm_head` sets `requires_grad` on the
+    head's parameters, so it takes effect (spec §9.2). A frozen ViT stays in train mode (DropPath still fires
+    when set), as in the original; that is documented, not changed.
+    """
+    core = model.model
+    if freeze_backbone:
+        core.vision_tower.requires_grad_(False)
+    if freeze_llm:
+        core.language_model.requires_grad_(False)
+        model.lm_head.requires_grad_(False)
+    if freeze_mlp:
+        core.multi_modal_projector.requires_grad_(False)
+    if unfreeze_vit_layers:
+        for layer in core.vision_tower.encoder.layer[unfreeze_vit_layers:]:
+            layer.requires_grad_(True)
+    if unfreeze_lm_head:
+        model.lm_head.requires_grad_(True)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())

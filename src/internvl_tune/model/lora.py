@@ -1,0 +1,71 @@
+"""LoRA on the LLM and on the ViT through PEFT, with the original ranks and alpha = 2 x rank (spec §4.6)."""
+
+from __future__ import annotations
+
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+# Regexes on full module names: plain names like "q_proj" would also hit the ViT (design "known facts").
+LLM_LORA_TARGETS = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+VIT_LORA_TARGETS = r"model\.vision_tower\.encoder\.layer\.\d+\.(attention\.(q_proj|k_proj|v_proj|projection_layer)|mlp\.fc1|mlp\.fc2)"
+
+
+def apply_lora(
+    model: nn.Module,
+    *,
+    use_llm_lora: int = 0,
+    use_backbone_lora: int = 0,
+    lora_dropout: float = 0.05,
+    unfreeze_lm_head: bool = False,
+) -> nn.Module:
+    """Wrap `model` with LoRA adapters of rank `use_llm_lora` on the LLM and `use_backbone_lora` on the ViT.
+
+    As in the original, LoRA freezes the base weights of the component it adapts; the other components keep the
+    trainability the freezing flags gave them (PEFT alone would freeze everything else). The ViT's attention has
+    separate q/k/v projections here where the original has a fused `qkv`; both are adapted.
+
+    Returns:
+        `model` unchanged when both ranks are 0, else a `PeftModel`.
+    """
+    if not use_llm_lora and not use_backbone_lora:
+        return model
+    patterns = []
+    if use_llm_lora:
+        patterns.append(LLM_LORA_TARGETS)
+    if use_backbone_lora:
+        patterns.append(VIT_LORA_TARGETS)
+    # One adapter with per-component ranks: rank_pattern keys are matched against module names.
+    rank = use_llm_lora or use_backbone_lora
+    rank_pattern, alpha_pattern = {}, {}
+    if use_llm_lora and use_backbone_lora:
+        rank_pattern = {VIT_LORA_TARGETS: use_backbone_lora}
+        alpha_pattern = {VIT_LORA_TARGETS: 2 * use_backbone_lora}
+    trainable_before = {name: p.requires_grad for name, p in model.named_parameters()}
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        lora_dropout=lora_dropout,
+        target_modules="^(" + "|".join(patterns) + ")$",
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+    )
+    peft_model = get_peft_model(model, config)
+    adapted = []
+    if use_llm_lora:
+        adapted += ["model.language_model.", "lm_head."]
+    if use_backbone_lora:
+        adapted.append("model.vision_tower.")
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            continue
+        keeps_flag = not any(name.startswith(prefix) for prefix in adapted)
+        if keeps_flag:
+            p.requires_grad_(trainable_before.get(name, False))
+        if unfreeze_lm_head and name.startswith("lm_head."):
+            p.requires_grad_(True)
+    return peft_model
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Merge LoRA adapters into the base weights and return the plain model (identity for a plain model)."""
+    return model.merge_and_unload() if isinstance(model, PeftModel) else model

@@ -1,0 +1,135 @@
+"""Tiny InternVL models and tokenizers built entirely offline, for tests, the demo and benchmarks.
+
+The tokenizer is a byte-level BPE (the Qwen2 family's scheme) trained in-process on a small built-in corpus,
+with the chat-template and InternVL special tokens added the way the original SFT entry adds them. Byte "!"
+gets id 0, as in Qwen2 tokenizers, so any code that still detects padding with `input_ids != 0` breaks visibly
+in tests (spec §9.1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import InternVLConfig, InternVLForConditionalGeneration, PreTrainedTokenizerFast
+
+from internvl_tune.constants import IMG_CONTEXT_TOKEN, INTERNVL_SPECIAL_TOKENS
+
+CHAT_SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|end|>",
+)
+
+_BASE_CORPUS = """\
+The quick brown fox jumps over the lazy dog. A picture shows a red circle, a blue square and a green triangle.
+What colour is the shape? How many shapes are there? Describe the image in detail. What is in the picture?
+There are two shapes. There are three shapes. There is one shape. The answer is yes. The answer is no.
+red green blue yellow purple orange white black circle square triangle one two three four five six
+You are a helpful assistant. Please answer the question with a single word. Frame-1: Frame-2: Frame-3:
+system user assistant Hello! How are you? I am fine, thank you. 1 2 3 4 5 6 7 8 9 10 100 0.5 , . ; : ? !
+"""
+
+
+def build_tiny_tokenizer(extra_texts: Iterable[str] = (), vocab_size: int = 600) -> PreTrainedTokenizerFast:
+    """Train a small byte-level BPE tokenizer with the InternVL and chat special tokens.
+
+    Args:
+        extra_texts: more training text (e.g. a task's questions and answers) so they tokenize compactly.
+        vocab_size: target size of the BPE vocabulary before the special tokens are added.
+
+    Returns:
+        A fast tokenizer whose EOS is `<|im_end|>` and whose pad token is `<|endoftext|>` (as Qwen2 chat models).
+    """
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator([_BASE_CORPUS, *extra_texts], trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        clean_up_tokenization_spaces=False,
+    )
+    fast.add_special_tokens({"additional_special_tokens": [*CHAT_SPECIAL_TOKENS, *INTERNVL_SPECIAL_TOKENS]})
+    return fast
+
+
+def build_tiny_config(
+    vocab_size: int,
+    image_token_id: int,
+    *,
+    image_size: int = 56,
+    patch_size: int = 14,
+    vision_hidden_size: int = 32,
+    vision_layers: int = 2,
+    vision_heads: int = 2,
+    text_hidden_size: int = 64,
+    text_layers: int = 2,
+    text_heads: int = 4,
+    text_kv_heads: int = 2,
+    downsample_ratio: float = 0.5,
+    vision_norm_type: str = "layer_norm",
+) -> InternVLConfig:
+    """An InternVL config (InternViT-300M style ViT + Qwen2 LLM) scaled down to test size.
+
+    With the defaults a 56 px tile has (56/14)^2 = 16 patches and, after the 0.5 pixel shuffle, 4 image tokens.
+    """
+    num_patches = (image_size // patch_size) ** 2
+    return InternVLConfig(
+        vision_config={
+            "hidden_size": vision_hidden_size,
+            "num_hidden_layers": vision_layers,
+            "num_attention_heads": vision_heads,
+            "intermediate_size": 4 * vision_hidden_size,
+            "image_size": image_size,
+            "patch_size": patch_size,
+            "attention_bias": vision_norm_type == "layer_norm",
+            "use_qk_norm": vision_norm_type == "rms_norm",
+            "norm_type": vision_norm_type,
+        },
+        text_config={
+            "model_type": "qwen2",
+            "vocab_size": vocab_size,
+            "hidden_size": text_hidden_size,
+            "intermediate_size": 4 * text_hidden_size,
+            "num_hidden_layers": text_layers,
+            "num_attention_heads": text_heads,
+            "num_key_value_heads": text_kv_heads,
+            "max_position_embeddings": 4096,
+            "tie_word_embeddings": False,
+        },
+        image_token_id=image_token_id,
+        image_seq_length=int(num_patches * downsample_ratio**2),
+        downsample_ratio=downsample_ratio,
+        tie_word_embeddings=False,  # InternVL 2.5 / 3 never tie (spec §4.1)
+    )
+
+
+def build_tiny_model(
+    tokenizer: PreTrainedTokenizerFast | None = None, seed: int = 0, **config_kwargs
+) -> tuple[InternVLForConditionalGeneration, PreTrainedTokenizerFast]:
+    """Build a random tiny InternVL and its tokenizer, deterministically from `seed`."""
+    tokenizer = tokenizer if tokenizer is not None else build_tiny_tokenizer()
+    config = build_tiny_config(len(tokenizer), tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN), **config_kwargs)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = InternVLForConditionalGeneration(config)
+    return model, tokenizer
+
+
+def save_tiny_model(path, *, extra_texts: Iterable[str] = (), seed: int = 0, **config_kwargs) -> None:
+    """Build a tiny InternVL and write it as an HF-native checkpoint folder that `load_model` reads."""
+    model, tokenizer = build_tiny_model(build_tiny_tokenizer(extra_texts), seed=seed, **config_kwargs)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)

@@ -1,0 +1,96 @@
+"""Resumable checkpoints (through accelerate) and the final, self-describing model folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from internvl_tune import __version__
+from internvl_tune.data.templates import chat_template_jinja, get_template
+from internvl_tune.model.lora import merge_lora
+from internvl_tune.model.load import METADATA_FILE
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+
+class TrainState:
+    """Counters that a resume must restore; registered with accelerate so they live in every checkpoint."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.micro_batches = 0  # consumed since the start of training: the data position
+        self.skipped: list[tuple[str, str]] = []
+        self.num_truncated = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = state["step"]
+        self.micro_batches = state["micro_batches"]
+        self.skipped = [tuple(s) for s in state["skipped"]]
+        self.num_truncated = state["num_truncated"]
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Step checkpoints in `output_dir`, oldest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
+    """The checkpoint to resume from: an explicit folder, the latest one for 'auto', or None."""
+    if not resume:
+        return None
+    if resume == "auto":
+        checkpoints = list_checkpoints(output_dir)
+        return checkpoints[-1] if checkpoints else None
+    path = Path(resume)
+    if not (path / "train_state.json").is_file():
+        raise ValueError(f"{path}: not an internvl-tune checkpoint (no train_state.json)")
+    return path
+
+
+def prune_checkpoints(output_dir: str | Path, keep: int) -> None:
+    if keep <= 0:
+        return
+    for old in list_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(old)
+
+
+def checkpoint_metadata(config: dict[str, Any], image_settings: dict[str, Any], template_name: str,
+                        system_message: str | None) -> dict[str, Any]:
+    """What a checkpoint needs to be used: template, image settings, the resolved run config, the version."""
+    template = get_template(template_name)
+    return {
+        "internvl_tune_version": __version__,
+        "template": template_name,
+        "system_message": system_message if system_message is not None else template.system_message,
+        "image": image_settings,
+        "config": config,
+    }
+
+
+def export_model(model: nn.Module, tokenizer, output_dir: str | Path, metadata: dict[str, Any]) -> Path:
+    """Write an HF-format model folder: weights (LoRA merged), config, tokenizer with chat template, metadata.
+
+    The folder loads with plain transformers (`InternVLForConditionalGeneration.from_pretrained`).
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model = merge_lora(model)
+    model.save_pretrained(output_dir, safe_serialization=True)
+    template = dataclasses.replace(get_template(metadata["template"]), system_message=metadata["system_message"])
+    tokenizer.chat_template = chat_template_jinja(template)
+    tokenizer.save_pretrained(output_dir)
+    (output_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2, ensure_ascii=False))
+    return output_dir
