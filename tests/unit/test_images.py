@@ -68,8 +68,12 @@ def test_find_grid_equal_tile_counts_follow_the_original_set_order() -> None:
 
 
 def _brute_force_grid(width: int, height: int, min_num: int, max_num: int, image_size: int) -> tuple[int, int]:
-    """The rule restated: among the grids with the smallest ratio difference, the first one unless a later one (more
-    tiles) is no larger than twice the image area, in which case the last such one."""
+    """The rule restated: among the grids with the smallest ratio difference, take the last one whose pixel area
+    (image_size**2 * cols * rows) is below twice the image's, or the first one if no later one is.
+
+    Grids with equal tile counts are listed by cols here, not in the original's set order; with min_num=1 two of them
+    are never both closest, so the order cannot matter (the set-order test covers a case where it does).
+    """
     candidates = [
         (cols, rows)
         for count in range(min_num, max_num + 1)

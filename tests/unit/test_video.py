@@ -136,6 +136,16 @@ def test_read_video_middle_pads_and_clips(video_path: Path) -> None:
         read_video_frames(video_path, 4, 4, "middle", clip=(10.0, 12.0))
 
 
+def test_read_video_without_frame_count_in_container(tmp_path: Path) -> None:
+    # Matroska stores no frame count (stream.frames == 0), so the reader counts packets first.
+    path = _write_video(tmp_path / "grey.mkv")
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].frames == 0
+    # 40 frames, T=5: edges [0,8,16,24,32,40] -> (0,7) (8,15) ... -> 3, 11, 19, 27, 35.
+    frames = read_video_frames(path, 5, 5, "middle")
+    assert [_grey_index(f) for f in frames] == [3, 11, 19, 27, 35]
+
+
 def test_read_gif(tmp_path: Path) -> None:
     colours = [(20 * k, 255 - 20 * k, 0) for k in range(12)]
     path = tmp_path / "anim.gif"

@@ -177,7 +177,9 @@ def _rng_or_global(rng: random.Random | None) -> random.Random:
     return rng if rng is not None else random.Random(random.getrandbits(64))
 
 
-def _read_folder(path: Path, num_frames: int, sample: str, max_num_frames: int, rand: random.Random) -> list[Image.Image]:
+def _read_folder(
+    path: Path, num_frames: int, sample: str, max_num_frames: int, rand: random.Random
+) -> list[Image.Image]:
     names = [
         entry.name
         for entry in os.scandir(path)

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -81,7 +82,8 @@ def sample_settings(config: SFTConfig, model_config) -> SampleSettings:
 def train(config: SFTConfig) -> dict[str, Any]:
     """Run SFT as configured; returns a summary (final loss, steps, skipped samples, paths)."""
     m, d, t = config.model, config.data, config.train
-    accelerator = Accelerator(mixed_precision="bf16" if t.bf16 else "no")
+    # cpu=True on machines without an accelerator makes torchrun / accelerate launch give DDP over gloo.
+    accelerator = Accelerator(mixed_precision="bf16" if t.bf16 else "no", cpu=not torch.accelerator.is_available())
     set_seed(t.seed)
     output_dir = Path(t.output_dir)
     if accelerator.is_main_process:
@@ -106,7 +108,7 @@ def train(config: SFTConfig) -> dict[str, Any]:
         unfreeze_lm_head=m.unfreeze_lm_head,
     )
     if m.grad_checkpoint:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     num_trainable, num_total = count_parameters(model)
 
@@ -203,7 +205,19 @@ def train(config: SFTConfig) -> dict[str, Any]:
         if state.step % t.logging_steps == 0 or state.step == total_steps:
             elapsed = time.perf_counter() - step_start
             real = [b for b in batches if b["num_samples"]]
-            num_samples = sum(b["num_samples"] for b in real)
+            counts = torch.tensor(
+                [
+                    sum(b["num_samples"] for b in real),
+                    sum(b["num_image_tokens"] for b in real),
+                    sum(b["num_text_tokens"] for b in real),
+                    sum(b["num_pad_tokens"] for b in real),
+                    sum(b["input_ids"].numel() for b in real),
+                ],
+                device=accelerator.device,
+            )
+            num_samples, num_image_tokens, num_text_tokens, num_pad, num_positions = (
+                accelerator.reduce(counts, "sum").tolist()
+            )
             metrics.write(
                 state.step,
                 {
@@ -213,11 +227,11 @@ def train(config: SFTConfig) -> dict[str, Any]:
                     "epoch": state.micro_batches / sampler.batches_per_epoch,
                     "num_samples": num_samples,
                     "num_loss_tokens": num_tokens,
-                    "num_image_tokens": sum(b["num_image_tokens"] for b in real),
-                    "num_text_tokens": sum(b["num_text_tokens"] for b in real),
-                    "padding_share": sum(b["num_pad_tokens"] for b in real)
-                    / max(1, sum(b["input_ids"].numel() for b in real)),
+                    "num_image_tokens": num_image_tokens,
+                    "num_text_tokens": num_text_tokens,
+                    "padding_share": num_pad / max(1, num_positions),
                     "samples_per_s": num_samples / elapsed,
+                    "tokens_per_s": (num_image_tokens + num_text_tokens) / elapsed,
                     "step_time_s": elapsed,
                 },
             )
@@ -260,6 +274,9 @@ def train(config: SFTConfig) -> dict[str, Any]:
             logger.warning("%d samples had their text cut to max_seq_length=%d", state.num_truncated,
                            d.max_seq_length)
     accelerator.end_training()
+    # Forget this run's precision so a later run in the same process (tests, the demo, notebooks) may choose
+    # another; the process group (PartialState) is kept.
+    AcceleratorState._reset_state()
     return summary
 
 

@@ -1,0 +1,68 @@
+"""Shared fixtures: a tiny tokenizer and model folder built offline, and small on-disk datasets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+from internvl_tune.model.tiny import build_tiny_tokenizer, save_tiny_model
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny_model")
+    save_tiny_model(path)
+    return path
+
+
+def draw_image(path: Path, size: tuple[int, int], colour: str) -> None:
+    image = Image.new("RGB", size, (255, 255, 255))
+    ImageDraw.Draw(image).ellipse((4, 4, size[0] - 4, size[1] - 4), fill=COLOURS[colour])
+    image.save(path)
+
+
+def write_jsonl(path: Path, records: list) -> None:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in records))
+
+
+def write_meta(path: Path, datasets: dict) -> Path:
+    path.write_text(json.dumps(datasets))
+    return path
+
+
+def make_colour_dataset(root: Path, num: int = 16, *, extra_records: list | None = None) -> Path:
+    """Images of one coloured ellipse with 'What colour is the shape?' and a text-only record; returns meta.json."""
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    records = []
+    sizes = [(56, 56), (112, 56), (56, 112), (90, 70)]
+    for i in range(num):
+        colour = list(COLOURS)[i % 3]
+        draw_image(images / f"{i}.png", sizes[i % len(sizes)], colour)
+        records.append(
+            {
+                "id": i,
+                "image": f"{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "What colour is the shape?"},
+                    {"from": "gpt", "value": colour},
+                ],
+            }
+        )
+    records.append({"id": "t", "conversations": [{"from": "human", "value": "Hello!"}, {"from": "gpt", "value": "Hi!"}]})
+    records += extra_records or []
+    write_jsonl(root / "train.jsonl", records)
+    return write_meta(
+        root / "meta.json",
+        {"colours": {"root": "images", "annotation": "train.jsonl", "data_augment": False, "repeat_time": 1}},
+    )

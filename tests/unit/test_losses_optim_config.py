@@ -1,0 +1,69 @@
+import math
+
+import pytest
+import torch
+
+from internvl_tune.config import ConfigError, SFTConfig, field_docs, load_config, DataArgs
+from internvl_tune.losses.sft import token_nll_sum
+from internvl_tune.training.optim import lr_lambda
+
+
+def test_token_nll_sum_by_hand():
+    """Vocab 2, logits [0, ln 3] -> p(1) = 3/4, p(0) = 1/4.
+
+    labels [-100, 1, 0]: position 0 predicts 1 (-ln 3/4), position 1 predicts 0 (-ln 1/4); sum = ln(16/3).
+    """
+    logits = torch.tensor([[[0.0, math.log(3)]] * 3])
+    loss, count = token_nll_sum(logits, torch.tensor([[-100, 1, 0]]))
+    assert count == 2
+    assert loss.item() == pytest.approx(math.log(16 / 3), rel=1e-6)
+
+
+def test_lr_schedule_worked_example():
+    values = [lr_lambda(s, warmup_steps=2, total_steps=10, kind="cosine") for s in (0, 1, 2, 6, 10)]
+    assert values == pytest.approx([0.0, 0.5, 1.0, 0.5, 0.0], abs=1e-12)
+    assert lr_lambda(6, warmup_steps=2, total_steps=10, kind="linear") == pytest.approx(0.5)
+    assert lr_lambda(9, warmup_steps=2, total_steps=10, kind="constant") == 1.0
+
+
+def _yaml(tmp_path, text):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = _yaml(tmp_path, "model: {model_name_or_path: m}\ndata: {meta_path: d.json}\ntrain: {learning_rate: 1}\n")
+    config = load_config(SFTConfig, path, ["train.bf16=true", "max_dynamic_patch=6", "learning_rate=1e-5",
+                                           "system_message=null"])
+    assert config.train.learning_rate == 1e-5 and isinstance(config.train.learning_rate, float)
+    assert config.train.bf16 is True and config.data.max_dynamic_patch == 6 and config.data.system_message is None
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.nope=1", "unknown field 'nope'"),
+        ("max_dynamic_patch=six", "expected int"),
+        ("normalize_type=foo", "must be one of"),
+        ("bf16", "must look like key=value"),
+        ("zzz=1", "unknown field"),
+        ("min_dynamic_patch=20", "min_dynamic_patch <= max_dynamic_patch"),
+    ],
+)
+def test_config_errors(tmp_path, override, message):
+    path = _yaml(tmp_path, "model: {model_name_or_path: m}\ndata: {meta_path: d.json}\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config(SFTConfig, path, [override])
+
+
+def test_config_requires_model_and_data(tmp_path):
+    with pytest.raises(ConfigError, match="model_name_or_path is required"):
+        load_config(SFTConfig, _yaml(tmp_path, "data: {meta_path: d.json}\n"))
+    with pytest.raises(ConfigError, match="unknown section 'dat'"):
+        load_config(SFTConfig, _yaml(tmp_path, "dat: {meta_path: d.json}\n"))
+
+
+def test_every_field_is_documented():
+    docs = field_docs(DataArgs)
+    assert "max_dynamic_patch" in docs and "tiles" in docs["max_dynamic_patch"]
