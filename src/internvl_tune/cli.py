@@ -58,6 +58,19 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if report["passed"] else 1
 
 
+def _fields_help() -> str:
+    import dataclasses
+
+    from internvl_tune.config import DataArgs, ModelArgs, TrainArgs, field_docs
+
+    lines = ["fields (section.field=value):"]
+    for section, cls in (("model", ModelArgs), ("data", DataArgs), ("train", TrainArgs)):
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            lines.append(f"  {section}.{f.name} [{f.default!r}]: {docs[f.name]}")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="internvl-tune", description="Post-train InternVL models: SFT and MPO.")
     parser.add_argument("--version", action="version", version=f"internvl-tune {__version__}")
@@ -66,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     sft = sub.add_parser("sft", help="supervised fine-tuning", description="Supervised fine-tuning of InternVL. "
                          "Settings come from the YAML file, then key=value overrides (section.field=value or "
                          "field=value); see configs/sft/ and docs/config.md for every field.")
+    sft.formatter_class = argparse.RawDescriptionHelpFormatter
+    sft.epilog = _fields_help()
     sft.add_argument("--config", required=True, help="YAML run file (sections model, data, train)")
     sft.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.learning_rate=1e-5")
     sft.set_defaults(func=_sft)

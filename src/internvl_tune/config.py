@@ -107,8 +107,11 @@ class TrainArgs:
     weight_decay: float = 0.01
     """AdamW weight decay (not applied to biases and norm weights)."""
     adam_beta1: float = 0.9
+    """AdamW beta1 (the original's DeepSpeed config: 0.9)."""
     adam_beta2: float = 0.999
+    """AdamW beta2."""
     adam_epsilon: float = 1e-8
+    """AdamW epsilon."""
     lr_scheduler_type: Literal["cosine", "linear", "constant"] = "cosine"
     """Schedule after warmup."""
     warmup_ratio: float = 0.03

@@ -1,0 +1,24 @@
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from internvl_tune.config import DataArgs, ModelArgs, SFTConfig, TrainArgs, field_docs, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "sft").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_sft_configs_load(path):
+    config = load_config(SFTConfig, path)
+    assert config.data.conv_style == "internvl2_5" and config.train.bf16
+    assert path.read_text().startswith("#") and "Launch:" in path.read_text()
+
+
+@pytest.mark.parametrize("cls", [ModelArgs, DataArgs, TrainArgs])
+def test_every_field_has_a_docstring_and_is_in_the_docs(cls):
+    docs = field_docs(cls)
+    reference = (ROOT / "docs" / "config.md").read_text()
+    for f in dataclasses.fields(cls):
+        assert docs.get(f.name), f"{cls.__name__}.{f.name} has no docstring"
+        assert f"`{f.name}`" in reference, f"docs/config.md misses {f.name}"
