@@ -59,7 +59,9 @@ def make_colour_dataset(root: Path, num: int = 16, *, extra_records: list | None
                 ],
             }
         )
-    records.append({"id": "t", "conversations": [{"from": "human", "value": "Hello!"}, {"from": "gpt", "value": "Hi!"}]})
+    records.append(
+        {"id": "t", "conversations": [{"from": "human", "value": "Hello!"}, {"from": "gpt", "value": "Hi!"}]}
+    )
     records += extra_records or []
     write_jsonl(root / "train.jsonl", records)
     return write_meta(

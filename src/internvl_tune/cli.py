@@ -76,18 +76,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"internvl-tune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sft = sub.add_parser("sft", help="supervised fine-tuning", description="Supervised fine-tuning of InternVL. "
-                         "Settings come from the YAML file, then key=value overrides (section.field=value or "
-                         "field=value); see configs/sft/ and docs/config.md for every field.")
+    sft = sub.add_parser(
+        "sft",
+        help="supervised fine-tuning",
+        description="Supervised fine-tuning of InternVL. "
+        "Settings come from the YAML file, then key=value overrides (section.field=value or "
+        "field=value); see configs/sft/ and docs/config.md for every field.",
+    )
     sft.formatter_class = argparse.RawDescriptionHelpFormatter
     sft.epilog = _fields_help()
     sft.add_argument("--config", required=True, help="YAML run file (sections model, data, train)")
     sft.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.learning_rate=1e-5")
     sft.set_defaults(func=_sft)
 
-    check = sub.add_parser("check-data", help="validate a dataset and report lengths, tiles and problems",
-                           description="Validate every record of META.json without running the model. Exits 1 "
-                           "when any record has an error.")
+    check = sub.add_parser(
+        "check-data",
+        help="validate a dataset and report lengths, tiles and problems",
+        description="Validate every record of META.json without running the model. Exits 1 "
+        "when any record has an error.",
+    )
     check.add_argument("meta", help="meta JSON file")
     check.add_argument("--model", required=True, help="model folder (its tokenizer and image geometry are used)")
     check.add_argument("--config", help="YAML run file whose data settings to use")
@@ -98,9 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("overrides", nargs="*", help="key=value data overrides, e.g. max_dynamic_patch=6")
     check.set_defaults(func=_check_data)
 
-    demo = sub.add_parser("demo", help="tiny end-to-end run on a synthetic visual task (CPU, minutes)",
-                          description="Build a synthetic shapes task and a tiny InternVL, fine-tune it on CPU, "
-                          "evaluate on held-out images and write report.json.")
+    demo = sub.add_parser(
+        "demo",
+        help="tiny end-to-end run on a synthetic visual task (CPU, minutes)",
+        description="Build a synthetic shapes task and a tiny InternVL, fine-tune it on CPU, "
+        "evaluate on held-out images and write report.json.",
+    )
     demo.add_argument("--output-dir", default="demo_out", help="where the data, model, run and report go")
     demo.add_argument("--quick", action="store_true", help="a shortened setting (for tests)")
     demo.add_argument("overrides", nargs="*", help="DemoSettings field=value overrides")

@@ -12,7 +12,10 @@ parsed as YAML (`bf16=true`, `learning_rate=1e-5`, `system_message=null`).
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import itertools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -149,8 +152,9 @@ class SFTConfig:
             raise ConfigError("data.meta_path is required")
         d, t = self.data, self.train
         if not 1 <= d.min_dynamic_patch <= d.max_dynamic_patch:
-            raise ConfigError(f"need 1 <= min_dynamic_patch <= max_dynamic_patch, got {d.min_dynamic_patch}, "
-                              f"{d.max_dynamic_patch}")
+            raise ConfigError(
+                f"need 1 <= min_dynamic_patch <= max_dynamic_patch, got {d.min_dynamic_patch}, {d.max_dynamic_patch}"
+            )
         if not 1 <= d.min_num_frame <= d.max_num_frame:
             raise ConfigError(f"need 1 <= min_num_frame <= max_num_frame, got {d.min_num_frame}, {d.max_num_frame}")
         if t.per_device_train_batch_size < 1 or t.gradient_accumulation_steps < 1:
@@ -227,7 +231,11 @@ def apply_override(config: Any, override: str) -> None:
             raise ConfigError(f"override {override!r}: unknown section {section_name!r}")
         _set(getattr(config, section_name), name, value, f"override {override!r}")
         return
-    owners = [f.name for f in dataclasses.fields(config) if key in {g.name for g in dataclasses.fields(getattr(config, f.name))}]
+    owners = [
+        f.name
+        for f in dataclasses.fields(config)
+        if key in {g.name for g in dataclasses.fields(getattr(config, f.name))}
+    ]
     if len(owners) != 1:
         problem = "unknown field" if not owners else f"ambiguous field (in {owners}); write section.{key}"
         raise ConfigError(f"override {override!r}: {problem}")
@@ -260,12 +268,9 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 def field_docs(cls: type) -> dict[str, str]:
     """Field docstrings (the string right after each field), for `--help` and the docs."""
-    import ast
-    import inspect
-
     tree = ast.parse(inspect.getsource(cls))
     docs, body = {}, tree.body[0].body
-    for node, nxt in zip(body, body[1:]):
+    for node, nxt in itertools.pairwise(body):
         if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
             docs[node.target.id] = str(nxt.value.value)
     return docs

@@ -15,17 +15,35 @@ from internvl_tune.training.metrics import read_metrics
 def test_two_ranks_equal_one_rank(tmp_path, tiny_model_dir):
     meta = make_colour_dataset(tmp_path / "data", num=12)
     config = tmp_path / "sft.yaml"
-    config.write_text(f"model: {{model_name_or_path: {tiny_model_dir}, grad_checkpoint: false}}\n"
-                      f"data: {{meta_path: {meta}, max_dynamic_patch: 4}}\n"
-                      "train: {max_steps: 4, learning_rate: 2.0e-3, warmup_ratio: 0.0}\n")
-    assert main(["sft", "--config", str(config), f"output_dir={tmp_path / 'one'}", "per_device_train_batch_size=2"]) == 0
+    config.write_text(
+        f"model: {{model_name_or_path: {tiny_model_dir}, grad_checkpoint: false}}\n"
+        f"data: {{meta_path: {meta}, max_dynamic_patch: 4}}\n"
+        "train: {max_steps: 4, learning_rate: 2.0e-3, warmup_ratio: 0.0}\n"
+    )
+    assert (
+        main(["sft", "--config", str(config), f"output_dir={tmp_path / 'one'}", "per_device_train_batch_size=2"]) == 0
+    )
 
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
     result = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "internvl_tune.cli", "sft", "--config",
-         str(config), f"output_dir={tmp_path / 'two'}", "per_device_train_batch_size=1"],
-        capture_output=True, text=True, env=env, timeout=300,
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "internvl_tune.cli",
+            "sft",
+            "--config",
+            str(config),
+            f"output_dir={tmp_path / 'two'}",
+            "per_device_train_batch_size=1",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     one, two = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")

@@ -48,8 +48,9 @@ def test_sft_trains_resumes_and_exports(tmp_path, tiny_model_dir, meta):
     assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.5  # the loss falls
 
     # Resume from step 4 into a fresh folder: the following losses are the same.
-    code, resumed = _run(tmp_path, tiny_model_dir, meta, "max_steps=8", f"resume_from_checkpoint={out}/checkpoint-4",
-                         name="resumed")
+    code, resumed = _run(
+        tmp_path, tiny_model_dir, meta, "max_steps=8", f"resume_from_checkpoint={out}/checkpoint-4", name="resumed"
+    )
     assert code == 0
     assert _losses(resumed) == pytest.approx(losses[4:], abs=1e-6)
 
@@ -61,8 +62,9 @@ def test_sft_trains_resumes_and_exports(tmp_path, tiny_model_dir, meta):
     metadata = json.loads((final / "internvl_tune.json").read_text())
     assert metadata["template"] == "internvl2_5" and metadata["image"]["num_image_token"] == 4
     assert metadata["config"]["train"]["max_steps"] == 8 and metadata["internvl_tune_version"]
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
-                                           add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert prompt.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 8 and summary["num_skipped"] == 0
@@ -71,8 +73,15 @@ def test_sft_trains_resumes_and_exports(tmp_path, tiny_model_dir, meta):
 def test_gradient_accumulation_equals_bigger_batch(tmp_path, tiny_model_dir, meta):
     """bs 2 x accum 1 and bs 1 x accum 2 see the same samples per step; the global token mean makes them equal."""
     _, big = _run(tmp_path, tiny_model_dir, meta, "max_steps=4", name="big")
-    _, accum = _run(tmp_path, tiny_model_dir, meta, "max_steps=4", "per_device_train_batch_size=1",
-                    "gradient_accumulation_steps=2", name="accum")
+    _, accum = _run(
+        tmp_path,
+        tiny_model_dir,
+        meta,
+        "max_steps=4",
+        "per_device_train_batch_size=1",
+        "gradient_accumulation_steps=2",
+        name="accum",
+    )
     assert _losses(accum) == pytest.approx(_losses(big), abs=1e-5)
 
 
@@ -91,29 +100,37 @@ def test_frozen_parameters_do_not_change(tmp_path, tiny_model_dir, meta):
 
 
 def test_lora_run_exports_a_merged_model(tmp_path, tiny_model_dir, meta):
-    code, out = _run(tmp_path, tiny_model_dir, meta, "max_steps=2", "use_llm_lora=4", "freeze_backbone=true",
-                     "learning_rate=1e-2")
+    code, out = _run(
+        tmp_path, tiny_model_dir, meta, "max_steps=2", "use_llm_lora=4", "freeze_backbone=true", "learning_rate=1e-2"
+    )
     assert code == 0
     before = load_file(tiny_model_dir / "model.safetensors")
     after = load_file(out / "final" / "model.safetensors")
     assert before.keys() == after.keys()  # merged: no lora_ keys, original names
-    assert not torch.equal(before["language_model.model.layers.0.self_attn.q_proj.weight"],
-                           after["language_model.model.layers.0.self_attn.q_proj.weight"])
-    assert torch.equal(before["vision_tower.encoder.layer.0.mlp.fc1.weight"],
-                       after["vision_tower.encoder.layer.0.mlp.fc1.weight"])
+    assert not torch.equal(
+        before["language_model.model.layers.0.self_attn.q_proj.weight"],
+        after["language_model.model.layers.0.self_attn.q_proj.weight"],
+    )
+    assert torch.equal(
+        before["vision_tower.encoder.layer.0.mlp.fc1.weight"], after["vision_tower.encoder.layer.0.mlp.fc1.weight"]
+    )
 
 
 def test_bf16_drop_path_and_checkpointing_run(tmp_path, tiny_model_dir, meta):
-    code, out = _run(tmp_path, tiny_model_dir, meta, "max_steps=2", "bf16=true", "drop_path_rate=0.1",
-                     "grad_checkpoint=true")
+    code, out = _run(
+        tmp_path, tiny_model_dir, meta, "max_steps=2", "bf16=true", "drop_path_rate=0.1", "grad_checkpoint=true"
+    )
     assert code == 0 and all(loss == loss for loss in _losses(out))
 
 
 def test_bad_sample_errors_name_file_and_line_or_are_skipped(tmp_path, tiny_model_dir, capsys):
     bad = [
         '{"id": "broken", ',
-        {"id": "noimg", "image": "missing.png", "conversations": [{"from": "human", "value": "a"},
-                                                                    {"from": "gpt", "value": "b"}]},
+        {
+            "id": "noimg",
+            "image": "missing.png",
+            "conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}],
+        },
     ]
     meta = make_colour_dataset(tmp_path / "data", num=6, extra_records=bad)
     code, _ = _run(tmp_path, tiny_model_dir, meta, "max_steps=4", "shuffle=false", name="strict")
@@ -121,8 +138,16 @@ def test_bad_sample_errors_name_file_and_line_or_are_skipped(tmp_path, tiny_mode
     err = capsys.readouterr().err
     assert "train.jsonl:8: malformed JSON line" in err
 
-    code, out = _run(tmp_path, tiny_model_dir, meta, "max_steps=3", "shuffle=false", "on_bad_sample=skip",
-                     "per_device_train_batch_size=3", name="lenient")
+    code, out = _run(
+        tmp_path,
+        tiny_model_dir,
+        meta,
+        "max_steps=3",
+        "shuffle=false",
+        "on_bad_sample=skip",
+        "per_device_train_batch_size=3",
+        name="lenient",
+    )
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["num_skipped"] == 2
@@ -132,14 +157,21 @@ def test_bad_sample_errors_name_file_and_line_or_are_skipped(tmp_path, tiny_mode
 
 def test_check_data_reports_and_fails_on_errors(tmp_path, tiny_model_dir, capsys):
     records = [
-        {"id": "cut", "image": "0.png", "conversations": [{"from": "human", "value": "x"},
-                                                          {"from": "gpt", "value": "y"}]},
+        {
+            "id": "cut",
+            "image": "0.png",
+            "conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}],
+        },
         {"id": "order", "conversations": [{"from": "gpt", "value": "x"}]},
     ]
     meta = make_colour_dataset(tmp_path / "data", num=6, extra_records=records)
     report_file = tmp_path / "report.json"
-    assert main(["check-data", str(meta), "--model", str(tiny_model_dir), "--json", str(report_file),
-                 "max_dynamic_patch=4"]) == 1
+    assert (
+        main(
+            ["check-data", str(meta), "--model", str(tiny_model_dir), "--json", str(report_file), "max_dynamic_patch=4"]
+        )
+        == 1
+    )
     text = capsys.readouterr().out
     assert "records: 9   ok: 8   errors: 1" in text and "role order: 1" in text and "train.jsonl:9" in text
     assert "image tokens per sample:" in text and "padding waste" in text
@@ -147,8 +179,18 @@ def test_check_data_reports_and_fails_on_errors(tmp_path, tiny_model_dir, capsys
     assert report["total_image_tokens"] > 0 and report["num_over_max_length"] == 0
 
     # A tight max_seq_length: image samples become "image tokens cut" errors and are counted as over length.
-    main(["check-data", str(meta), "--model", str(tiny_model_dir), "--json", str(report_file), "max_seq_length=40",
-          "max_dynamic_patch=4"])
+    main(
+        [
+            "check-data",
+            str(meta),
+            "--model",
+            str(tiny_model_dir),
+            "--json",
+            str(report_file),
+            "max_seq_length=40",
+            "max_dynamic_patch=4",
+        ]
+    )
     report = json.loads(report_file.read_text())
     assert report["num_over_max_length"] >= 7 and len(report["problems"]["image tokens cut"]) >= 1
 

@@ -19,7 +19,9 @@ def _sample(ids, labels, tiles=None):
 def test_pad_collate_rows_spelled_out():
     dummy = torch.zeros(3, 4, 4)
     # Token id 0 is a real token ("!" in Qwen2-style vocabularies): it must not be treated as padding.
-    batch = pad_collate([_sample([5, 0, 7], [-100, 0, 7]), _sample([5, 8], [-100, 8])], pad_token_id=9, dummy_tile=dummy)
+    batch = pad_collate(
+        [_sample([5, 0, 7], [-100, 0, 7]), _sample([5, 8], [-100, 8])], pad_token_id=9, dummy_tile=dummy
+    )
     assert batch["input_ids"].tolist() == [[5, 0, 7], [5, 8, 9]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
     assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 1, 0]]
@@ -33,7 +35,9 @@ def test_pad_collate_concatenates_tiles_and_drops_skipped():
     tiles_a, tiles_b = torch.ones(2, 3, 4, 4), torch.full((1, 3, 4, 4), 2.0)
     skipped = {"skipped": "x:3: bad", "where": "x:3"}
     batch = pad_collate(
-        [_sample([1], [1], tiles_a), skipped, _sample([2], [2], tiles_b)], pad_token_id=0, dummy_tile=torch.zeros(3, 4, 4)
+        [_sample([1], [1], tiles_a), skipped, _sample([2], [2], tiles_b)],
+        pad_token_id=0,
+        dummy_tile=torch.zeros(3, 4, 4),
     )
     assert batch["skipped"] == [("x:3", "x:3: bad")] and batch["num_samples"] == 2
     assert batch["pixel_values"][:, 0, 0, 0].tolist() == [1.0, 1.0, 2.0]

@@ -34,8 +34,9 @@ def _yaml(tmp_path, text):
 
 def test_yaml_then_overrides(tmp_path):
     path = _yaml(tmp_path, "model: {model_name_or_path: m}\ndata: {meta_path: d.json}\ntrain: {learning_rate: 1}\n")
-    config = load_config(SFTConfig, path, ["train.bf16=true", "max_dynamic_patch=6", "learning_rate=1e-5",
-                                           "system_message=null"])
+    config = load_config(
+        SFTConfig, path, ["train.bf16=true", "max_dynamic_patch=6", "learning_rate=1e-5", "system_message=null"]
+    )
     assert config.train.learning_rate == 1e-5 and isinstance(config.train.learning_rate, float)
     assert config.train.bf16 is True and config.data.max_dynamic_patch == 6 and config.data.system_message is None
 
@@ -62,5 +63,3 @@ def test_config_requires_model_and_data(tmp_path):
         load_config(SFTConfig, _yaml(tmp_path, "data: {meta_path: d.json}\n"))
     with pytest.raises(ConfigError, match="unknown section 'dat'"):
         load_config(SFTConfig, _yaml(tmp_path, "dat: {meta_path: d.json}\n"))
-
-

@@ -98,7 +98,9 @@ def test_drop_path_in_vit_matches_the_original_block(model):
     keep = 0.6
     attn_mask = torch.empty(6, 1, 1).bernoulli_(keep) / keep
     mlp_mask = torch.empty(6, 1, 1).bernoulli_(keep) / keep
-    h = x + attn_mask * (layer.lambda_1 * layer.attention.projection_layer(_attn_core(layer, layer.layernorm_before(x))))
+    h = x + attn_mask * (
+        layer.lambda_1 * layer.attention.projection_layer(_attn_core(layer, layer.layernorm_before(x)))
+    )
     expected = h + mlp_mask * (layer.lambda_2 * layer.mlp(layer.layernorm_after(h)))
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
@@ -107,8 +109,10 @@ def _attn_core(layer, x):
     attention = layer.attention
     b, n, c = x.shape
     heads = attention.num_heads
-    q, k, v = (proj(x).view(b, n, heads, c // heads).transpose(1, 2) for proj in
-               (attention.q_proj, attention.k_proj, attention.v_proj))
+    q, k, v = (
+        proj(x).view(b, n, heads, c // heads).transpose(1, 2)
+        for proj in (attention.q_proj, attention.k_proj, attention.v_proj)
+    )
     weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(c // heads), dim=-1)
     return (weights @ v).transpose(1, 2).reshape(b, n, c)
 

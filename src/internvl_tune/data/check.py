@@ -102,17 +102,28 @@ def padding_waste(lengths: list[int], batch_size: int, seed: int = 0) -> float:
     """
     order = list(lengths)
     random.Random(seed).shuffle(order)
-    padded = sum(max(order[i : i + batch_size]) * len(order[i : i + batch_size]) for i in range(0, len(order), batch_size))
+    padded = sum(
+        max(order[i : i + batch_size]) * len(order[i : i + batch_size]) for i in range(0, len(order), batch_size)
+    )
     return 1.0 - sum(order) / padded if padded else 0.0
 
 
-def check_data(meta_path: str, tokenizer, settings: SampleSettings, *, batch_size: int = 1, seed: int = 42,
-               require_data_augment: bool = True, progress: bool = True) -> DataReport:
+def check_data(
+    meta_path: str,
+    tokenizer,
+    settings: SampleSettings,
+    *,
+    batch_size: int = 1,
+    seed: int = 42,
+    require_data_augment: bool = True,
+    progress: bool = True,
+) -> DataReport:
     """Validate every record of a meta file and collect the report."""
     # Measure full lengths: a longer limit during the scan tells "over max_seq_length" apart from other errors.
     scan_settings = replace(settings, max_seq_length=10**9)
-    dataset = SFTDataset(meta_path, SampleBuilder(tokenizer, scan_settings), seed=seed,
-                         require_data_augment=require_data_augment)
+    dataset = SFTDataset(
+        meta_path, SampleBuilder(tokenizer, scan_settings), seed=seed, require_data_augment=require_data_augment
+    )
     report = DataReport(max_seq_length=settings.max_seq_length, batch_size=batch_size)
     strict = SampleBuilder(tokenizer, settings)
     for entry in dataset.entries:

@@ -102,7 +102,9 @@ def record_to_conversation(record: dict[str, Any], where: str) -> Conversation:
             raise DataError(f"{where}: a video record needs exactly one '<video>' placeholder", "image count")
     for m in messages:
         if m["role"] != "user" and (IMAGE_PLACEHOLDER in m["content"] or VIDEO_PLACEHOLDER in m["content"]):
-            raise DataError(f"{where}: '<image>' / '<video>' placeholders are only allowed in human turns", "image count")
+            raise DataError(
+                f"{where}: '<image>' / '<video>' placeholders are only allowed in human turns", "image count"
+            )
     return Conversation(messages, images, video, tuple(clip) if clip else None)
 
 

@@ -209,7 +209,9 @@ def accuracy(items: Sequence[dict[str, str]], answers: Sequence[str]) -> dict[st
     """
     correct: dict[str, list[bool]] = {}
     for item, answer in zip(items, answers, strict=True):
-        correct.setdefault(item["question_type"], []).append(normalize_answer(answer) == normalize_answer(item["answer"]))
+        correct.setdefault(item["question_type"], []).append(
+            normalize_answer(answer) == normalize_answer(item["answer"])
+        )
     result = {kind: sum(hits) / len(hits) for kind in QUESTION_TYPES if (hits := correct.get(kind))}
     everything = [hit for hits in correct.values() for hit in hits]
     result["overall"] = sum(everything) / len(everything) if everything else 0.0

@@ -7,7 +7,9 @@ from torch import nn
 
 # Regexes on full module names: plain names like "q_proj" would also hit the ViT (design "known facts").
 LLM_LORA_TARGETS = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
-VIT_LORA_TARGETS = r"model\.vision_tower\.encoder\.layer\.\d+\.(attention\.(q_proj|k_proj|v_proj|projection_layer)|mlp\.fc1|mlp\.fc2)"
+VIT_LORA_TARGETS = (
+    r"model\.vision_tower\.encoder\.layer\.\d+\.(attention\.(q_proj|k_proj|v_proj|projection_layer)|mlp\.fc1|mlp\.fc2)"
+)
 
 
 def apply_lora(

@@ -114,9 +114,7 @@ def train(config: SFTConfig) -> dict[str, Any]:
 
     # Data: meta -> records -> samples -> this rank's padded micro-batches.
     settings = sample_settings(config, model.config)
-    dataset = SFTDataset(
-        d.meta_path, SampleBuilder(tokenizer, settings), seed=t.seed, on_bad_sample=d.on_bad_sample
-    )
+    dataset = SFTDataset(d.meta_path, SampleBuilder(tokenizer, settings), seed=t.seed, on_bad_sample=d.on_bad_sample)
     sampler = ResumableBatchSampler(
         len(dataset),
         t.per_device_train_batch_size,
@@ -133,11 +131,13 @@ def train(config: SFTConfig) -> dict[str, Any]:
 
     forward = InternVLTrainingForward(model)
     optimizer = build_optimizer(
-        forward, lr=t.learning_rate, weight_decay=t.weight_decay, betas=(t.adam_beta1, t.adam_beta2),
+        forward,
+        lr=t.learning_rate,
+        weight_decay=t.weight_decay,
+        betas=(t.adam_beta1, t.adam_beta2),
         eps=t.adam_epsilon,
     )
-    scheduler = build_scheduler(optimizer, kind=t.lr_scheduler_type, warmup_steps=warmup_steps,
-                                total_steps=total_steps)
+    scheduler = build_scheduler(optimizer, kind=t.lr_scheduler_type, warmup_steps=warmup_steps, total_steps=total_steps)
     forward, optimizer = accelerator.prepare(forward, optimizer)
     state = TrainState()
     accelerator.register_for_checkpointing(scheduler, state)
@@ -147,15 +147,17 @@ def train(config: SFTConfig) -> dict[str, Any]:
         accelerator.load_state(str(resume_dir))
         logger.info("resumed from %s at step %d", resume_dir, state.step)
     # The data position is the number of micro-batches consumed, so prefetching workers do not disturb it.
-    sampler.load_state_dict(dict(zip(("epoch", "batch"), divmod(state.micro_batches, sampler.batches_per_epoch))))
+    epoch, batch_in_epoch = divmod(state.micro_batches, sampler.batches_per_epoch)
+    sampler.load_state_dict({"epoch": epoch, "batch": batch_in_epoch})
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=d.dataloader_num_workers)
     micro_batches = iter(loader)
 
     metrics = MetricsWriter(output_dir, enabled=accelerator.is_main_process, tensorboard=t.report_to == "tensorboard")
     if accelerator.is_main_process:
         (output_dir / "config.resolved.json").write_text(json.dumps(to_dict(config), indent=2, ensure_ascii=False))
-        logger.info("trainable parameters %d of %d; %d samples; %d steps", num_trainable, num_total,
-                    len(dataset), total_steps)
+        logger.info(
+            "trainable parameters %d of %d; %d samples; %d steps", num_trainable, num_total, len(dataset), total_steps
+        )
     progress = tqdm(total=total_steps, initial=state.step, desc="sft", disable=not accelerator.is_main_process)
     forward.train()
     last_loss = float("nan")
@@ -215,9 +217,9 @@ def train(config: SFTConfig) -> dict[str, Any]:
                 ],
                 device=accelerator.device,
             )
-            num_samples, num_image_tokens, num_text_tokens, num_pad, num_positions = (
-                accelerator.reduce(counts, "sum").tolist()
-            )
+            num_samples, num_image_tokens, num_text_tokens, num_pad, num_positions = accelerator.reduce(
+                counts, "sum"
+            ).tolist()
             metrics.write(
                 state.step,
                 {
@@ -271,8 +273,7 @@ def train(config: SFTConfig) -> dict[str, Any]:
             for where, message in state.skipped[:20]:
                 logger.warning("  %s", message if message.startswith(where) else f"{where}: {message}")
         if state.num_truncated:
-            logger.warning("%d samples had their text cut to max_seq_length=%d", state.num_truncated,
-                           d.max_seq_length)
+            logger.warning("%d samples had their text cut to max_seq_length=%d", state.num_truncated, d.max_seq_length)
     accelerator.end_training()
     # Forget this run's precision so a later run in the same process (tests, the demo, notebooks) may choose
     # another; the process group (PartialState) is kept.

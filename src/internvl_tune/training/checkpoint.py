@@ -13,8 +13,8 @@ from torch import nn
 
 from internvl_tune import __version__
 from internvl_tune.data.templates import chat_template_jinja, get_template
-from internvl_tune.model.lora import merge_lora
 from internvl_tune.model.load import METADATA_FILE
+from internvl_tune.model.lora import merge_lora
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
@@ -67,8 +67,9 @@ def prune_checkpoints(output_dir: str | Path, keep: int) -> None:
         shutil.rmtree(old)
 
 
-def checkpoint_metadata(config: dict[str, Any], image_settings: dict[str, Any], template_name: str,
-                        system_message: str | None) -> dict[str, Any]:
+def checkpoint_metadata(
+    config: dict[str, Any], image_settings: dict[str, Any], template_name: str, system_message: str | None
+) -> dict[str, Any]:
     """What a checkpoint needs to be used: template, image settings, the resolved run config, the version."""
     template = get_template(template_name)
     return {
