@@ -197,3 +197,14 @@ def test_check_data_reports_and_fails_on_errors(tmp_path, tiny_model_dir, capsys
     clean = make_colour_dataset(tmp_path / "clean", num=4)
     assert main(["check-data", str(clean), "--model", str(tiny_model_dir)]) == 0
     write_jsonl(tmp_path / "clean" / "train.jsonl", [])
+
+
+def test_all_samples_bad_stops_instead_of_spinning(tmp_path, tiny_model_dir, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "train.jsonl", ["{broken"] * 4)
+    (data / "meta.json").write_text(
+        json.dumps({"bad": {"root": "", "annotation": "train.jsonl", "data_augment": False, "repeat_time": 1}})
+    )
+    code, _ = _run(tmp_path, tiny_model_dir, data / "meta.json", "max_steps=3", "on_bad_sample=skip")
+    assert code == 2 and "a whole epoch of samples was skipped" in capsys.readouterr().err

@@ -120,6 +120,11 @@ def test_text_beyond_max_length_is_truncated_and_flagged(tokenizer, tmp_path):
             "image count",
             "2 '<image>' placeholder(s)",
         ),
+        (
+            {"conversations": _conv(("human", "<img><IMG_CONTEXT></img> a"), ("gpt", "b"))},
+            "image count",
+            "literal token '<img>'",
+        ),
         ({"image": 5, "conversations": _conv(("human", "a"), ("gpt", "b"))}, "invalid record", "field 'image'"),
     ],
 )

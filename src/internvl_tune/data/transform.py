@@ -83,6 +83,15 @@ def record_to_conversation(record: dict[str, Any], where: str) -> Conversation:
     ):
         raise DataError(f"{where}: field 'clip' must be [start_seconds, end_seconds], got {clip!r}")
 
+    for m in messages:
+        for token in (IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN):
+            if token in m["content"]:
+                raise DataError(
+                    f"{where}: the text contains the literal token {token!r}; image tokens are inserted from the "
+                    "'<image>' placeholders only",
+                    "image count",
+                )
+
     first_user = next(m for m in messages if m["role"] == "user")
     if len(images) == 1 and IMAGE_PLACEHOLDER not in first_user["content"]:
         first_user["content"] = IMAGE_PLACEHOLDER + "\n" + first_user["content"]

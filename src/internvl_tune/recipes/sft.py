@@ -28,7 +28,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from internvl_tune.config import SFTConfig, to_dict
+from internvl_tune.constants import IGNORE_INDEX
 from internvl_tune.data.collate import pad_collate
+from internvl_tune.data.errors import DataError
 from internvl_tune.data.images import ImageTransform
 from internvl_tune.data.sampler import ResumableBatchSampler
 from internvl_tune.data.sft import SFTDataset
@@ -161,6 +163,7 @@ def train(config: SFTConfig) -> dict[str, Any]:
     progress = tqdm(total=total_steps, initial=state.step, desc="sft", disable=not accelerator.is_main_process)
     forward.train()
     last_loss = float("nan")
+    empty_micro_batches = 0
     while state.step < total_steps:
         step_start = time.perf_counter()
         batches = [next(micro_batches) for _ in range(t.gradient_accumulation_steps)]
@@ -169,11 +172,15 @@ def train(config: SFTConfig) -> dict[str, Any]:
             state.skipped += batch["skipped"]
             state.num_truncated += batch.get("num_truncated", 0)
         # The step's loss denominator: labelled tokens over all its micro-batches on all ranks.
-        local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches if b["num_samples"])
+        local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches if b["num_samples"])
         num_tokens = int(accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum"))
         if num_tokens == 0:
+            empty_micro_batches += len(batches)
+            if empty_micro_batches >= sampler.batches_per_epoch:
+                raise DataError(f"a whole epoch of samples was skipped as bad; first problems: {state.skipped[:3]}")
             logger.warning("step %d: every sample of the step was skipped; no update", state.step)
             continue
+        empty_micro_batches = 0
 
         loss_sum = torch.zeros((), device=accelerator.device)
         for i, batch in enumerate(batches):
