@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_colour_dataset, write_jsonl
+from conftest import draw_image, make_colour_dataset, write_jsonl
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, InternVLForConditionalGeneration
 
@@ -208,3 +208,31 @@ def test_all_samples_bad_stops_instead_of_spinning(tmp_path, tiny_model_dir, cap
     )
     code, _ = _run(tmp_path, tiny_model_dir, data / "meta.json", "max_steps=3", "on_bad_sample=skip")
     assert code == 2 and "a whole epoch of samples was skipped" in capsys.readouterr().err
+
+
+def test_resume_is_exact_with_prefetching_workers_and_video(tmp_path, tiny_model_dir):
+    """Workers prefetch ahead of training; the saved data position counts consumed micro-batches, not fetched."""
+    frames = tmp_path / "data" / "images" / "clip"
+    frames.mkdir(parents=True)
+    for i in range(5):
+        draw_image(frames / f"frame_{i}.png", (56, 56), "blue")
+    video = {
+        "id": "v",
+        "video": "clip",
+        "conversations": [{"from": "human", "value": "Colour?"}, {"from": "gpt", "value": "blue"}],
+    }
+    meta = make_colour_dataset(tmp_path / "data", num=8, extra_records=[video])
+    common = ["max_steps=6", "dataloader_num_workers=2", "min_num_frame=2", "max_num_frame=4"]
+    code, out = _run(tmp_path, tiny_model_dir, meta, *common, "save_steps=3")
+    assert code == 0
+    code, resumed = _run(
+        tmp_path, tiny_model_dir, meta, *common, f"resume_from_checkpoint={out}/checkpoint-3", name="resumed"
+    )
+    assert code == 0
+    assert _losses(resumed) == pytest.approx(_losses(out)[3:], abs=1e-6)
+
+
+def test_tensorboard_logging(tmp_path, tiny_model_dir, meta):
+    pytest.importorskip("tensorboard")
+    code, out = _run(tmp_path, tiny_model_dir, meta, "max_steps=1", "report_to=tensorboard")
+    assert code == 0 and any((out / "tensorboard").iterdir())
