@@ -45,6 +45,57 @@ def _check_data(args: argparse.Namespace) -> int:
     return 1 if report.num_errors else 0
 
 
+def _parse_size(text: str) -> int:
+    units = {"KB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4}
+    for unit, factor in units.items():
+        if text.upper().endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(text)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from internvl_tune.model.checkpoint_io import convert_to_hf, convert_to_original
+
+    convert = convert_to_hf if args.to == "hf" else convert_to_original
+    out = convert(args.src, args.dst, max_shard_bytes=_parse_size(args.max_shard_size))
+    print(f"wrote {out}")
+    if args.to == "original":
+        print(
+            "the original layout loads with trust_remote_code once the original modeling_*.py and "
+            "configuration_*.py files of the model family are copied into it"
+        )
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from internvl_tune.model.checkpoint_io import export_checkpoint
+
+    out = export_checkpoint(
+        args.src,
+        args.dst,
+        to=args.to,
+        merge_lora_adapters=args.merge_lora,
+        base=args.base,
+        max_shard_bytes=_parse_size(args.max_shard_size),
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from internvl_tune.chat import run_chat
+
+    run_chat(
+        args.model,
+        args.question,
+        args.image,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+    )
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from internvl_tune.demo.run import DemoSettings, run_demo
 
@@ -129,10 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = [*getattr(args, "overrides", []), *extra]
     from internvl_tune.config import ConfigError
     from internvl_tune.data.errors import DataError
+    from internvl_tune.model.convert import ConversionError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, ConversionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

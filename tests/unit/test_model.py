@@ -152,6 +152,6 @@ def test_load_model_roundtrip_and_errors(tiny_model_dir, tmp_path):
     assert model.config.image_token_id == tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
     with pytest.raises(ValueError, match="no config.json"):
         load_model(tmp_path)
-    (tmp_path / "config.json").write_text('{"architectures": ["InternVLChatModel"], "model_type": "internvl_chat"}')
-    with pytest.raises(ValueError, match="original remote-code InternVL checkpoint"):
+    (tmp_path / "config.json").write_text('{"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava"}')
+    with pytest.raises(ValueError, match="model_type is 'llava', expected an InternVL checkpoint"):
         load_model(tmp_path)

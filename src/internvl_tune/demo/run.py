@@ -71,6 +71,8 @@ class DemoSettings:
     learning_rate: float = 2e-3
     """Peak learning rate (cosine schedule after warmup); a random tiny model wants a large one."""
     warmup_ratio: float = 0.05
+    freeze_backbone: bool = False
+    """Keep the random ViT fixed (its features already separate colours); train the projector and the LLM."""
     eval_batch_size: int = 16
     """Questions per `generate` call."""
     max_new_tokens: int = 6
@@ -126,7 +128,9 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     if run_dir.exists():
         shutil.rmtree(run_dir)  # metrics.jsonl is appended to, and a stale checkpoint would be resumed from
     config = SFTConfig(
-        model=ModelArgs(model_name_or_path=str(model_dir), grad_checkpoint=False),
+        model=ModelArgs(
+            model_name_or_path=str(model_dir), grad_checkpoint=False, freeze_backbone=settings.freeze_backbone
+        ),
         data=DataArgs(
             meta_path=str(task.meta),
             conv_style=TEMPLATE,

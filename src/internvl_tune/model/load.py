@@ -48,25 +48,26 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "sdpa",
 ) -> tuple[InternVLForConditionalGeneration, PreTrainedTokenizerBase]:
-    """Load an HF-native InternVL checkpoint folder (`InternVLForConditionalGeneration` + tokenizer), offline.
+    """Load an InternVL checkpoint folder in either layout as `InternVLForConditionalGeneration` + tokenizer.
+
+    HF-native folders load directly; original remote-code folders (`InternVLChatModel`) are converted in memory
+    without running their code (`internvl-tune convert` does it once on disk). Nothing is downloaded.
 
     Raises:
-        ValueError: the folder is missing, is not an HF-native InternVL checkpoint, or its tokenizer lacks
-            the InternVL special tokens.
+        ValueError: the folder is missing, is not an InternVL checkpoint, or its tokenizer lacks the InternVL
+            special tokens.
     """
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ValueError(f"{path}: not a checkpoint folder (no config.json); models are loaded from local folders")
     raw = json.loads(config_file.read_text())
+    if "InternVLChatModel" in (raw.get("architectures") or []):
+        from internvl_tune.model.checkpoint_io import load_original  # converts in memory; runs no remote code
+
+        return load_original(path, dtype=dtype, attn_implementation=attn_implementation)
     if raw.get("model_type") != "internvl":
-        archs = raw.get("architectures")
-        hint = (
-            " This is an original remote-code InternVL checkpoint; convert it to the HF-native layout first."
-            if archs == ["InternVLChatModel"]
-            else ""
-        )
-        raise ValueError(f"{config_file}: model_type is {raw.get('model_type')!r}, expected 'internvl'.{hint}")
+        raise ValueError(f"{config_file}: model_type is {raw.get('model_type')!r}, expected an InternVL checkpoint")
     model = InternVLForConditionalGeneration.from_pretrained(
         path, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True
     )

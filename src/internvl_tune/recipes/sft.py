@@ -45,8 +45,10 @@ from internvl_tune.training.checkpoint import (
     TrainState,
     checkpoint_metadata,
     export_model,
+    keep_trainable_weights,
     prune_checkpoints,
     resolve_resume,
+    save_adapter,
 )
 from internvl_tune.training.metrics import MetricsWriter
 from internvl_tune.training.optim import build_optimizer, build_scheduler
@@ -144,9 +146,14 @@ def train(config: SFTConfig) -> dict[str, Any]:
     state = TrainState()
     accelerator.register_for_checkpointing(scheduler, state)
 
+    uses_lora = bool(m.use_llm_lora or m.use_backbone_lora)
+    if uses_lora:
+        # LoRA checkpoints hold the trained weights only; the frozen base comes from model_name_or_path on resume.
+        accelerator.register_save_state_pre_hook(keep_trainable_weights)
+
     resume_dir = resolve_resume(t.resume_from_checkpoint, output_dir)
     if resume_dir is not None:
-        accelerator.load_state(str(resume_dir))
+        accelerator.load_state(str(resume_dir), strict=not uses_lora)
         logger.info("resumed from %s at step %d", resume_dir, state.step)
     # The data position is the number of micro-batches consumed, so prefetching workers do not disturb it.
     epoch, batch_in_epoch = divmod(state.micro_batches, sampler.batches_per_epoch)
@@ -263,7 +270,10 @@ def train(config: SFTConfig) -> dict[str, Any]:
             d.conv_style,
             d.system_message,
         )
-        export_model(accelerator.unwrap_model(forward).model, tokenizer, final_dir, metadata)
+        trained = accelerator.unwrap_model(forward).model
+        if uses_lora:
+            save_adapter(trained, tokenizer, output_dir / "final_adapter", metadata)
+        export_model(trained, tokenizer, final_dir, metadata)
     summary = {
         "steps": state.step,
         "final_loss": last_loss,

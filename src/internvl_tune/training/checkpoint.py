@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
+from safetensors.torch import save_file
 from torch import nn
 
 from internvl_tune import __version__
-from internvl_tune.data.templates import chat_template_jinja, get_template
+from internvl_tune.data.templates import get_template
+from internvl_tune.model.checkpoint_io import EXTRA_WEIGHTS_FILE, save_hf_checkpoint
 from internvl_tune.model.load import METADATA_FILE
-from internvl_tune.model.lora import merge_lora
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
@@ -81,17 +81,29 @@ def checkpoint_metadata(
     }
 
 
-def export_model(model: nn.Module, tokenizer, output_dir: str | Path, metadata: dict[str, Any]) -> Path:
-    """Write an HF-format model folder: weights (LoRA merged), config, tokenizer with chat template, metadata.
+def keep_trainable_weights(models: list[nn.Module], weights: list[dict[str, Any]], output_dir: str) -> None:
+    """accelerate save-state hook: drop frozen parameters from the saved model state (LoRA checkpoints)."""
+    for model, state in zip(models, weights, strict=True):
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        for name in [n for n in state if n not in trainable]:
+            del state[name]
 
-    The folder loads with plain transformers (`InternVLForConditionalGeneration.from_pretrained`).
-    """
+
+def save_adapter(model: nn.Module, tokenizer, output_dir: str | Path, metadata: dict[str, Any]) -> Path:
+    """Write LoRA adapters only (PEFT format) plus the other trained weights (e.g. an unfrozen projector) and the
+    metadata; `internvl-tune export --merge-lora` turns the folder into a full model in either layout."""
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    model = merge_lora(model)
-    model.save_pretrained(output_dir, safe_serialization=True)
-    template = dataclasses.replace(get_template(metadata["template"]), system_message=metadata["system_message"])
-    tokenizer.chat_template = chat_template_jinja(template)
+    model.save_pretrained(output_dir)  # PeftModel: adapter_config.json + adapter_model.safetensors
+    extra = {
+        n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n
+    }
+    if extra:
+        save_file(extra, output_dir / EXTRA_WEIGHTS_FILE)
     tokenizer.save_pretrained(output_dir)
     (output_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2, ensure_ascii=False))
     return output_dir
+
+
+def export_model(model: nn.Module, tokenizer, output_dir: str | Path, metadata: dict[str, Any]) -> Path:
+    """The final model folder (LoRA merged), loadable by plain transformers; see `save_hf_checkpoint`."""
+    return save_hf_checkpoint(model, tokenizer, output_dir, metadata)

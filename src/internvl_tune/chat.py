@@ -1,0 +1,154 @@
+"""`internvl-tune chat`: talk to an InternVL checkpoint (either layout) with the same prompt as training.
+
+The prompt is the checkpoint's template with its system message; images are tiled as in training (the tile
+budget split across images), each `<image>` expanded to `<img>` + `<IMG_CONTEXT>` x (tokens x tiles) + `</img>`.
+With several images and no placeholders, `Image-1: <image>\\nImage-2: <image>\\n` is put before the question, as
+the original `chat()` does for multi-image prompts.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import TextIteratorStreamer
+
+from internvl_tune.constants import IMAGE_PLACEHOLDER
+from internvl_tune.data.images import ImageTransform, dynamic_preprocess, load_image, tiles_budget
+from internvl_tune.data.templates import build_generation_prompt, get_template, stop_token_ids
+from internvl_tune.data.transform import image_token_span
+from internvl_tune.model.checkpoint_io import checkpoint_settings
+from internvl_tune.model.load import image_geometry, load_model
+
+
+@dataclass
+class ChatSession:
+    """A loaded model plus the conversation so far (messages, and the images its `<image>` placeholders stand for)."""
+
+    model_path: str
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    history: list[dict[str, str]] = field(default_factory=list)
+    images: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        self.model, self.tokenizer = load_model(self.model_path, dtype=dtype)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model.to(self.device).eval()
+        self.settings = checkpoint_settings(self.model_path)
+        self.template = get_template(self.settings["template"])
+        self.geometry = image_geometry(self.model.config)
+        self.transform = ImageTransform(self.geometry.image_size, self.settings.get("normalize_type", "imagenet"))
+
+    def _prompt(self, messages: list[dict[str, str]]) -> tuple[list[int], torch.Tensor | None]:
+        """Token ids and tiles for the conversation; the k-th `<image>` is the k-th image of the session."""
+        budget = tiles_budget(self.settings.get("max_dynamic_patch", 12), max(1, len(self.images)))
+        tiles, spans = [], []
+        for path in self.images:
+            image = load_image(path)
+            image_tiles = (
+                dynamic_preprocess(image, 1, budget, self.geometry.image_size, self.settings.get("use_thumbnail", True))
+                if self.settings.get("dynamic_image_size", True)
+                else [image]
+            )
+            tiles += image_tiles
+            spans.append(image_token_span(self.geometry.num_image_token, len(image_tiles)))
+        text = build_generation_prompt(self.template, messages, system_message=self.settings.get("system_message"))
+        parts = text.split(IMAGE_PLACEHOLDER)
+        if len(parts) - 1 != len(spans):
+            raise ValueError(f"{len(parts) - 1} <image> placeholders in the conversation for {len(spans)} images")
+        text = parts[0] + "".join(span + part for span, part in zip(spans, parts[1:], strict=True))
+        input_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if getattr(self.tokenizer, "add_bos_token", False) and self.tokenizer.bos_token_id is not None:
+            input_ids = [self.tokenizer.bos_token_id, *input_ids]
+        pixel_values = torch.stack([self.transform(tile) for tile in tiles]) if tiles else None
+        return input_ids, pixel_values
+
+    def ask(self, question: str, images: list[str] = ()) -> Iterator[str]:
+        """Stream the answer to `question`; `images` join the conversation (all its images go with every turn,
+        as in the original `chat()`), and the turn is added to the history at the end."""
+        images = list(images)
+        if images and IMAGE_PLACEHOLDER not in question:
+            if len(images) == 1:
+                question = f"{IMAGE_PLACEHOLDER}\n{question}"
+            else:
+                question = "".join(f"Image-{i}: {IMAGE_PLACEHOLDER}\n" for i in range(1, len(images) + 1)) + question
+        messages = [*self.history, {"role": "user", "content": question}]
+        self.images += images
+        try:
+            input_ids, pixel_values = self._prompt(messages)
+        except ValueError:
+            del self.images[len(self.images) - len(images) :]
+            raise
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        kwargs = {
+            "input_ids": torch.tensor([input_ids], device=self.device),
+            "attention_mask": torch.ones(1, len(input_ids), dtype=torch.long, device=self.device),
+            "max_new_tokens": self.max_new_tokens,
+            "eos_token_id": stop_token_ids(self.tokenizer, self.template),
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "streamer": streamer,
+            "do_sample": self.temperature > 0,
+        }
+        if self.temperature > 0:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p)
+        if pixel_values is not None:
+            kwargs["pixel_values"] = pixel_values.to(self.device, self.model.dtype)
+        thread = threading.Thread(target=self.model.generate, kwargs=kwargs)
+        thread.start()
+        pieces = []
+        for piece in streamer:
+            pieces.append(piece)
+            yield piece
+        thread.join()
+        self.history += [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": "".join(pieces).strip()},
+        ]
+
+
+def run_chat(
+    model: str,
+    question: str | None,
+    images: list[str],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    out=sys.stdout,
+) -> str:
+    """One question (printed as it streams), or an interactive loop when `question` is None."""
+    session = ChatSession(str(Path(model)), max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    if question is not None:
+        return "".join(_print_stream(session.ask(question, images), out))
+    out.write("interactive chat: empty line or Ctrl-D to quit; '/image PATH' attaches an image to the next turn\n")
+    pending = list(images)
+    answer = ""
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        if line.startswith("/image "):
+            pending.append(line.split(" ", 1)[1])
+            continue
+        out.write("assistant> ")
+        answer = "".join(_print_stream(session.ask(line, pending), out))
+        pending = []
+    return answer
+
+
+def _print_stream(pieces: Iterator[str], out) -> Iterator[str]:
+    for piece in pieces:
+        out.write(piece)
+        out.flush()
+        yield piece
+    out.write("\n")

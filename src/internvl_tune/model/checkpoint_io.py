@@ -1,0 +1,268 @@
+"""Reading and writing whole checkpoints in both layouts: `internvl-tune convert`, and loading original folders.
+
+- original -> hf streams: each original shard is read, converted and written before the next is read, so the
+  process holds one shard (all shards only when unmerged LoRA weights must be merged first).
+- hf -> original reads the HF weights once (q, k and v of a layer may sit in different shards) and writes
+  original shards as they fill: one copy of the model plus one shard.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, InternVLConfig, InternVLForConditionalGeneration, PreTrainedTokenizerBase
+
+from internvl_tune import __version__
+from internvl_tune.constants import IMG_CONTEXT_TOKEN, NORMALIZATION
+from internvl_tune.data.templates import chat_template_jinja, get_template
+from internvl_tune.model.convert import (
+    DEFAULT_MAX_SHARD_BYTES,
+    ConversionError,
+    copy_tokenizer_files,
+    hf_disk_name,
+    hf_module_name,
+    hf_to_original_config,
+    hf_to_original_tensors,
+    is_original_checkpoint,
+    iter_original_as_hf,
+    original_to_hf_config,
+    read_json,
+    read_shard,
+    weight_files,
+    write_shards,
+)
+from internvl_tune.model.load import METADATA_FILE, image_geometry, load_model, read_metadata
+from internvl_tune.model.lora import merge_lora
+
+EXTRA_WEIGHTS_FILE = "trained_non_lora.safetensors"  # trained non-LoRA weights next to LoRA adapters
+
+
+def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # remote-code tokenizers (InternLM2's) cannot load without running their code
+        raise ConversionError(
+            f"{path}: the tokenizer could not be loaded without remote code ({type(e).__name__}: {e}). Save it once "
+            "as a fast tokenizer (tokenizer.json) in that folder, e.g. with transformers' convert_slow_tokenizer."
+        ) from e
+
+
+def checkpoint_settings(path: str | Path) -> dict[str, Any]:
+    """Template, system message and image settings of a checkpoint in either layout (metadata, else defaults)."""
+    path = Path(path)
+    if is_original_checkpoint(path):
+        original = read_json(path / "config.json")
+        return {
+            "template": original.get("template") or "internvl2_5",
+            "system_message": original.get("system_message"),
+            "dynamic_image_size": original.get("dynamic_image_size", True),
+            "use_thumbnail": original.get("use_thumbnail", True),
+            "min_dynamic_patch": original.get("min_dynamic_patch", 1),
+            "max_dynamic_patch": original.get("max_dynamic_patch", 12),
+            "llm_family": original["llm_config"].get("model_type"),
+        }
+    metadata = read_metadata(path)
+    image = metadata.get("image", {})
+    return {
+        "template": metadata.get("template", "internvl2_5"),
+        "system_message": metadata.get("system_message"),
+        "dynamic_image_size": image.get("dynamic_image_size", True),
+        "use_thumbnail": image.get("use_thumbnail", True),
+        "min_dynamic_patch": image.get("min_dynamic_patch", 1),
+        "max_dynamic_patch": image.get("max_dynamic_patch", 12),
+        "normalize_type": image.get("normalize_type", "imagenet"),
+        "llm_family": metadata.get("llm_family"),
+    }
+
+
+def metadata_for(config: InternVLConfig, settings: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """The `internvl_tune.json` content for a checkpoint: template, system message, image settings, version."""
+    template = get_template(settings.get("template") or "internvl2_5")
+    geometry = image_geometry(config)
+    return {
+        "internvl_tune_version": __version__,
+        "template": template.name,
+        "system_message": settings.get("system_message") or template.system_message,
+        "llm_family": settings.get("llm_family") or config.text_config.model_type,
+        "image": {
+            "image_size": geometry.image_size,
+            "patch_size": geometry.patch_size,
+            "num_image_token": geometry.num_image_token,
+            "dynamic_image_size": settings.get("dynamic_image_size", True),
+            "use_thumbnail": settings.get("use_thumbnail", True),
+            "min_dynamic_patch": settings.get("min_dynamic_patch", 1),
+            "max_dynamic_patch": settings.get("max_dynamic_patch", 12),
+            "normalize_type": settings.get("normalize_type", "imagenet"),
+        },
+        **extra,
+    }
+
+
+def _set_chat_template(tokenizer: PreTrainedTokenizerBase, metadata: dict[str, Any]) -> None:
+    template = get_template(metadata["template"])
+    if metadata.get("system_message"):
+        from dataclasses import replace
+
+        template = replace(template, system_message=metadata["system_message"])
+    bos = tokenizer.bos_token if getattr(tokenizer, "add_bos_token", False) else None
+    tokenizer.chat_template = chat_template_jinja(template, bos_token=bos)
+
+
+def write_processor_files(path: Path, metadata: dict[str, Any]) -> None:
+    """Image-processor and processor configs so that `AutoProcessor.from_pretrained(path)` builds transformers'
+    InternVLProcessor (which itself needs torchvision installed)."""
+    image = metadata["image"]
+    mean, std = NORMALIZATION[image.get("normalize_type", "imagenet")]
+    preprocessor = {
+        "image_processor_type": "GotOcr2ImageProcessor",
+        "processor_class": "InternVLProcessor",
+        "crop_to_patches": bool(image["dynamic_image_size"]),
+        "min_patches": image["min_dynamic_patch"],
+        "max_patches": image["max_dynamic_patch"],
+        "size": {"height": image["image_size"], "width": image["image_size"]},
+        "do_resize": True,
+        "resample": 3,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(mean),
+        "image_std": list(std),
+        "do_convert_rgb": True,
+    }
+    (path / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
+    processor = {"processor_class": "InternVLProcessor", "image_seq_length": image["num_image_token"]}
+    (path / "processor_config.json").write_text(json.dumps(processor, indent=2))
+
+
+def save_hf_checkpoint(model, tokenizer: PreTrainedTokenizerBase, dst: str | Path, metadata: dict[str, Any]) -> Path:
+    """Write a full HF-layout folder: weights (LoRA merged), config, tokenizer with the template as its chat
+    template, processor configs and `internvl_tune.json`. Plain transformers loads it."""
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    model = merge_lora(model)
+    model.save_pretrained(dst, safe_serialization=True)
+    _set_chat_template(tokenizer, metadata)
+    tokenizer.save_pretrained(dst)
+    write_processor_files(dst, metadata)
+    (dst / METADATA_FILE).write_text(json.dumps(metadata, indent=2, ensure_ascii=False))
+    return dst
+
+
+def export_checkpoint(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    to: str = "hf",
+    merge_lora_adapters: bool = False,
+    base: str | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """A full model folder in either layout from a model folder (either layout, original unmerged LoRA included)
+    or, with `merge_lora_adapters`, from a LoRA adapter folder written by training (`final_adapter/`)."""
+    src, dst = Path(src), Path(dst)
+    if to not in ("hf", "original"):
+        raise ValueError(f"--to must be hf or original, got {to!r}")
+    if (src / "adapter_config.json").is_file():
+        if not merge_lora_adapters:
+            raise ValueError(f"{src} holds LoRA adapters only: pass --merge-lora (and --base if the base moved)")
+        from peft import PeftModel
+        from safetensors.torch import load_file
+
+        base = base or json.loads((src / "adapter_config.json").read_text())["base_model_name_or_path"]
+        model, _ = load_model(base)
+        model = PeftModel.from_pretrained(model, src)
+        if (src / EXTRA_WEIGHTS_FILE).is_file():
+            incompatible = model.load_state_dict(load_file(src / EXTRA_WEIGHTS_FILE), strict=False)
+            if incompatible.unexpected_keys:
+                raise ConversionError(f"{src / EXTRA_WEIGHTS_FILE}: unknown weights {incompatible.unexpected_keys[:5]}")
+        tokenizer = load_tokenizer(src)
+        metadata = read_metadata(src) or metadata_for(model.config, checkpoint_settings(base))
+    else:
+        model, tokenizer = load_model(src)
+        metadata = metadata_for(model.config, checkpoint_settings(src))
+    if to == "hf":
+        return save_hf_checkpoint(model, tokenizer, dst, metadata)
+    with tempfile.TemporaryDirectory(dir=dst.parent if dst.parent.exists() else None) as tmp:
+        save_hf_checkpoint(model, tokenizer, tmp, metadata)
+        del model
+        return convert_to_original(tmp, dst, max_shard_bytes=max_shard_bytes)
+
+
+def load_original(
+    path: str | Path, *, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"
+) -> tuple[InternVLForConditionalGeneration, PreTrainedTokenizerBase]:
+    """Load an original remote-code InternVL folder as `InternVLForConditionalGeneration`, running none of its code."""
+    path = Path(path)
+    original = read_json(path / "config.json")
+    tokenizer = load_tokenizer(path)
+    config, _ = original_to_hf_config(original, tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN))
+    state_dict = dict(iter_original_as_hf(path, original))
+    _check_complete(config, state_dict, path)
+    model = InternVLForConditionalGeneration.from_pretrained(
+        None, config=config, state_dict=state_dict, dtype=dtype, attn_implementation=attn_implementation
+    )
+    _set_chat_template(tokenizer, metadata_for(config, checkpoint_settings(path)))
+    return model, tokenizer
+
+
+def _check_complete(config: InternVLConfig, names, where: Path) -> None:
+    with torch.device("meta"):
+        expected = set(InternVLForConditionalGeneration(config).state_dict())
+    missing, unexpected = expected - set(names), set(names) - expected
+    if missing or unexpected:
+        raise ConversionError(
+            f"{where}: converted weights do not match the model: missing {sorted(missing)[:8]}, "
+            f"unexpected {sorted(unexpected)[:8]}"
+        )
+
+
+def convert_to_hf(src: str | Path, dst: str | Path, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """Original layout -> transformers' layout (the released `*-hf` checkpoints' names), streaming shards."""
+    src, dst = Path(src), Path(dst)
+    if not is_original_checkpoint(src):
+        raise ConversionError(f"{src}: not an original InternVL checkpoint (architectures != InternVLChatModel)")
+    original = read_json(src / "config.json")
+    tokenizer = load_tokenizer(src)
+    config, _ = original_to_hf_config(original, tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN))
+    names: list[str] = []
+
+    def disk_tensors():
+        for name, tensor in iter_original_as_hf(src, original):
+            names.append(name)
+            yield hf_disk_name(name), tensor
+
+    write_shards(disk_tensors(), dst, max_shard_bytes)
+    _check_complete(config, names, src)
+    config.save_pretrained(dst)
+    metadata = metadata_for(config, checkpoint_settings(src), converted_from="original")
+    _set_chat_template(tokenizer, metadata)
+    tokenizer.save_pretrained(dst)
+    write_processor_files(dst, metadata)
+    (dst / METADATA_FILE).write_text(json.dumps(metadata, indent=2, ensure_ascii=False))
+    return dst
+
+
+def convert_to_original(src: str | Path, dst: str | Path, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """transformers' layout -> original remote-code layout (config keys, fused qkv, InternLM2 names when the
+    checkpoint came from an InternLM2 model). The original's modeling `.py` files are not ours to ship: copy them
+    from the original model repository next to the weights to load with trust_remote_code."""
+    src, dst = Path(src), Path(dst)
+    config = InternVLConfig.from_pretrained(src, local_files_only=True)
+    if config.model_type != "internvl":
+        raise ConversionError(f"{src}: not an HF-native InternVL checkpoint (model_type {config.model_type!r})")
+    settings = checkpoint_settings(src)
+    original = hf_to_original_config(config, settings)
+    tensors: dict[str, torch.Tensor] = {}
+    for file in weight_files(src):
+        tensors.update({hf_module_name(k): v for k, v in read_shard(file).items()})
+    _check_complete(config, tensors, src)
+    write_shards(hf_to_original_tensors(tensors, original["llm_config"]), dst, max_shard_bytes)
+    (dst / "config.json").write_text(json.dumps(original, indent=2, ensure_ascii=False))
+    copy_tokenizer_files(src, dst)
+    metadata = metadata_for(config, settings, converted_from="hf")
+    (dst / METADATA_FILE).write_text(json.dumps(metadata, indent=2, ensure_ascii=False))
+    return dst
