@@ -156,6 +156,47 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("overrides", nargs="*", help="key=value data overrides, e.g. max_dynamic_patch=6")
     check.set_defaults(func=_check_data)
 
+    convert = sub.add_parser(
+        "convert",
+        help="convert a checkpoint between the original and the HF layout",
+        description="Lossless conversion between the original remote-code InternVL layout "
+        "(InternVLChatModel) and transformers' InternVLForConditionalGeneration. Runs no remote "
+        "code and holds at most one copy of the weights.",
+    )
+    convert.add_argument("src", help="checkpoint folder")
+    convert.add_argument("dst", help="output folder")
+    convert.add_argument("--to", choices=["hf", "original"], required=True, help="layout to write")
+    convert.add_argument("--max-shard-size", default="5GB", help="largest weight shard, e.g. 5GB, 500MB")
+    convert.set_defaults(func=_convert)
+
+    export = sub.add_parser(
+        "export",
+        help="write a full model (LoRA merged) in either layout",
+        description="Write a full model folder from a trained model, an original checkpoint "
+        "with unmerged LoRA weights, or (with --merge-lora) a LoRA adapter folder.",
+    )
+    export.add_argument("src", help="model or adapter folder")
+    export.add_argument("dst", help="output folder")
+    export.add_argument("--to", choices=["hf", "original"], default="hf", help="layout to write")
+    export.add_argument("--merge-lora", action="store_true", help="merge the LoRA adapters of SRC into the base")
+    export.add_argument("--base", help="base model folder (default: the one recorded in the adapter config)")
+    export.add_argument("--max-shard-size", default="5GB", help="largest weight shard for --to original")
+    export.set_defaults(func=_export)
+
+    chat = sub.add_parser(
+        "chat",
+        help="chat with a model, with images",
+        description="Chat with an InternVL checkpoint (either layout) using its own template, "
+        "dynamic tiling and streaming output. Without QUESTION: an interactive session.",
+    )
+    chat.add_argument("model", help="model folder")
+    chat.add_argument("question", nargs="?", help="the question (omit for interactive mode)")
+    chat.add_argument("--image", action="append", default=[], help="an image (repeat for several)")
+    chat.add_argument("--max-new-tokens", type=int, default=512)
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    chat.add_argument("--top-p", type=float, default=1.0)
+    chat.set_defaults(func=_chat)
+
     demo = sub.add_parser(
         "demo",
         help="tiny end-to-end run on a synthetic visual task (CPU, minutes)",

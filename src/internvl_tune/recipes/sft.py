@@ -158,7 +158,14 @@ def train(config: SFTConfig) -> dict[str, Any]:
     # The data position is the number of micro-batches consumed, so prefetching workers do not disturb it.
     epoch, batch_in_epoch = divmod(state.micro_batches, sampler.batches_per_epoch)
     sampler.load_state_dict({"epoch": epoch, "batch": batch_in_epoch})
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=d.dataloader_num_workers)
+    # Its own generator: creating the loader's iterator must not draw from the global RNG restored by resume.
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=d.dataloader_num_workers,
+        generator=torch.Generator().manual_seed(t.seed),
+    )
     micro_batches = iter(loader)
 
     metrics = MetricsWriter(output_dir, enabled=accelerator.is_main_process, tensorboard=t.report_to == "tensorboard")

@@ -1,0 +1,138 @@
+"""LoRA training saves adapters only; export merges them (either layout); chat answers like greedy evaluation."""
+
+import json
+
+import pytest
+import torch
+from conftest import draw_image, make_colour_dataset
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from internvl_tune.cli import main
+from internvl_tune.model.checkpoint_io import EXTRA_WEIGHTS_FILE
+from internvl_tune.model.load import load_model
+from internvl_tune.training.metrics import read_metrics
+from unit.test_convert import multimodal_inputs
+
+
+def _logits(model, tokenizer):
+    input_ids, pixel_values = multimodal_inputs(tokenizer)
+    with torch.no_grad():
+        return model.eval()(input_ids=input_ids, pixel_values=pixel_values).logits
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("lora")
+    meta = make_colour_dataset(root / "data", num=8)
+    config = root / "sft.yaml"
+    config.write_text(
+        f"model: {{model_name_or_path: {tiny_model_dir}, grad_checkpoint: false}}\n"
+        f"data: {{meta_path: {meta}, max_dynamic_patch: 4}}\n"
+    )
+    args = [
+        "sft",
+        "--config",
+        str(config),
+        "use_llm_lora=4",
+        "use_backbone_lora=2",
+        "freeze_backbone=true",
+        "learning_rate=1e-2",
+        "warmup_ratio=0",
+        "per_device_train_batch_size=2",
+        "max_steps=4",
+        "save_steps=2",
+        f"output_dir={root / 'run'}",
+    ]
+    assert main(args) == 0
+    return root, args
+
+
+def test_lora_checkpoints_hold_trained_weights_only_and_resume(lora_run, tiny_model_dir):
+    root, args = lora_run
+    saved = load_file(root / "run" / "checkpoint-2" / "model.safetensors")
+    assert saved and all("lora_" in k or "multi_modal_projector" in k for k in saved)
+    assert any("vision_tower" in k and "lora_B" in k for k in saved)
+    assert all(torch.count_nonzero(v) for k, v in saved.items() if "lora_B" in k)  # trained, not zeros
+    assert (
+        main([*args[:-1], f"output_dir={root / 'resumed'}", f"resume_from_checkpoint={root / 'run' / 'checkpoint-2'}"])
+        == 0
+    )
+    full = [r["loss"] for r in read_metrics(root / "run" / "metrics.jsonl")]
+    resumed = [r["loss"] for r in read_metrics(root / "resumed" / "metrics.jsonl")]
+    assert resumed == pytest.approx(full[2:], abs=1e-6)
+
+
+def test_export_merge_lora_equals_the_unmerged_model_in_both_layouts(lora_run, tiny_model_dir):
+    root, _ = lora_run
+    adapter = root / "run" / "final_adapter"
+    assert (adapter / "adapter_config.json").is_file() and (adapter / EXTRA_WEIGHTS_FILE).is_file()
+    assert not (adapter / "model.safetensors").exists()  # adapters only, not the full model
+
+    base, tokenizer = load_model(tiny_model_dir)
+    unmerged = PeftModel.from_pretrained(base, adapter)
+    unmerged.load_state_dict(load_file(adapter / EXTRA_WEIGHTS_FILE), strict=False)
+    expected = _logits(unmerged, tokenizer)
+    assert not torch.allclose(expected, _logits(load_model(tiny_model_dir)[0], tokenizer))  # LoRA changed the model
+
+    assert main(["export", str(adapter), str(root / "merged_hf"), "--merge-lora"]) == 0
+    assert main(["export", str(adapter), str(root / "merged_orig"), "--merge-lora", "--to", "original"]) == 0
+    for folder in ("merged_hf", "merged_orig", "run/final"):
+        model, _ = load_model(root / folder)
+        torch.testing.assert_close(_logits(model, tokenizer), expected, atol=1e-5, rtol=1e-5)
+    assert json.loads((root / "merged_orig" / "config.json").read_text())["architectures"] == ["InternVLChatModel"]
+
+
+def test_export_without_merge_flag_is_refused(lora_run):
+    root, _ = lora_run
+    with pytest.raises(ValueError, match="--merge-lora"):
+        main(["export", str(root / "run" / "final_adapter"), str(root / "refused")])
+
+
+def test_chat_streams_the_greedy_answer(tmp_path, tiny_model_dir, capsys):
+    from internvl_tune.evaluate.generate import answer_questions
+    from internvl_tune.model.load import image_geometry
+
+    draw_image(tmp_path / "a.png", (112, 56), "red")
+    assert (
+        main(
+            [
+                "chat",
+                str(tiny_model_dir),
+                "What colour is the shape?",
+                "--image",
+                str(tmp_path / "a.png"),
+                "--max-new-tokens",
+                "6",
+            ]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out.strip()
+    model, tokenizer = load_model(tiny_model_dir)
+    geometry = image_geometry(model.config)
+    [expected] = answer_questions(
+        model,
+        tokenizer,
+        [{"image": str(tmp_path / "a.png"), "question": "What colour is the shape?"}],
+        image_size=geometry.image_size,
+        num_image_token=geometry.num_image_token,
+        max_dynamic_patch=12,
+        use_thumbnail=True,
+        max_new_tokens=6,
+    )
+    assert printed == expected
+
+
+def test_chat_session_keeps_images_and_history(tmp_path, tiny_model_dir):
+    from internvl_tune.chat import ChatSession
+
+    for name, size in (("a.png", (112, 56)), ("b.png", (56, 56))):
+        draw_image(tmp_path / name, size, "blue")
+    session = ChatSession(str(tiny_model_dir), max_new_tokens=3)
+    "".join(session.ask("Same?", [str(tmp_path / "a.png"), str(tmp_path / "b.png")]))
+    input_ids, pixel_values = session._prompt([*session.history, {"role": "user", "content": "And now?"}])
+    context = session.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    # 12 // 2 = 6 tiles per image at most: a 2x1 grid + thumbnail = 3 tiles, and 1 tile; 4 tokens per tile.
+    assert input_ids.count(context) == (3 + 1) * 4 and pixel_values.shape[0] == 4
+    assert "Image-1: <img>" in session.tokenizer.decode(input_ids)

@@ -1,0 +1,147 @@
+"""Both checkpoint layouts: original checkpoints load with the original model's logits; conversions are lossless.
+
+The expectation is `tests/reference/original_forward.py`, a float64 forward of the original InternVLChatModel
+written from the spec, run on the original-layout weights. Tolerance: max |logit difference| < 1e-4 in fp32
+(values are O(1)); round trips are bit-exact.
+"""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoImageProcessor, AutoTokenizer, InternVLForConditionalGeneration
+
+from internvl_tune.cli import main
+from internvl_tune.constants import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
+from internvl_tune.model.checkpoint_io import convert_to_hf, convert_to_original
+from internvl_tune.model.convert import ConversionError, fuse_internlm2_wqkv, split_internlm2_wqkv, weight_files
+from internvl_tune.model.load import load_model
+from reference.original_checkpoint import build_original_checkpoint
+from reference.original_forward import original_logits
+
+TOKENS_PER_TILE = 4
+FAMILIES = [("qwen2", "300m"), ("llama", "300m"), ("internlm2", "300m"), ("qwen2", "6b"), ("internlm2", "6b")]
+
+
+def multimodal_inputs(tokenizer, seed=0):
+    """Row 0: one image of 3 tiles; row 1: two images of 1 tile each. Both rows 40 tokens, no padding."""
+    ids = tokenizer.convert_tokens_to_ids
+    span = lambda tiles: (
+        [ids(IMG_START_TOKEN)] + [ids(IMG_CONTEXT_TOKEN)] * (TOKENS_PER_TILE * tiles) + [ids(IMG_END_TOKEN)]
+    )  # noqa: E731
+    text = tokenizer("What colour is the shape? There are two shapes.", add_special_tokens=False).input_ids
+    row0 = text[:5] + span(3) + text[5:]
+    row1 = span(1) + text[:4] + span(1) + text[4:]
+    length = max(len(row0), len(row1))
+    row0, row1 = (row + text[: length - len(row)] for row in (row0, row1))
+    generator = torch.Generator().manual_seed(seed)
+    return torch.tensor([row0, row1]), torch.randn(5, 3, 56, 56, generator=generator)
+
+
+def max_logit_diff(model, state_dict, config, tokenizer) -> float:
+    input_ids, pixel_values = multimodal_inputs(tokenizer)
+    with torch.no_grad():
+        ours = model(input_ids=input_ids, pixel_values=pixel_values).logits
+    expected = original_logits(
+        state_dict,
+        config,
+        input_ids,
+        pixel_values,
+        img_context_token_id=tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN),
+    )
+    return (ours.double() - expected).abs().max().item()
+
+
+def _weights(path):
+    tensors = {}
+    for file in weight_files(path):
+        tensors.update(load_file(file))
+    return tensors
+
+
+@pytest.mark.parametrize("llm, vit", FAMILIES, ids=[f"{a}-{b}" for a, b in FAMILIES])
+def test_original_checkpoint_loads_with_the_original_logits(tmp_path, tokenizer, llm, vit):
+    state_dict = build_original_checkpoint(tmp_path / "orig", llm=llm, vit=vit, tokenizer=tokenizer, seed=3)
+    config = json.loads((tmp_path / "orig" / "config.json").read_text())
+    model, loaded_tokenizer = load_model(tmp_path / "orig")
+    assert max_logit_diff(model.eval(), state_dict, config, loaded_tokenizer) < 1e-4
+
+
+@pytest.mark.parametrize("llm, vit", FAMILIES, ids=[f"{a}-{b}" for a, b in FAMILIES])
+def test_conversions_round_trip_bit_exact(tmp_path, tokenizer, llm, vit):
+    state_dict = build_original_checkpoint(tmp_path / "orig", llm=llm, vit=vit, tokenizer=tokenizer, num_shards=3)
+    config = json.loads((tmp_path / "orig" / "config.json").read_text())
+    convert_to_hf(tmp_path / "orig", tmp_path / "hf", max_shard_bytes=200_000)
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()  # sharded output
+
+    # Plain transformers loads the HF output, with the original model's logits.
+    model = InternVLForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert max_logit_diff(model, state_dict, config, hf_tokenizer) < 1e-4
+    assert AutoImageProcessor.from_pretrained(tmp_path / "hf").size["height"] == 56
+    metadata = json.loads((tmp_path / "hf" / "internvl_tune.json").read_text())
+    assert metadata["template"] == "internvl2_5" and metadata["llm_family"] == llm
+    assert "<|im_start|>system\n" in hf_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+
+    # hf -> original -> hf is bit-exact, and so is original -> hf -> original.
+    convert_to_original(tmp_path / "hf", tmp_path / "orig2")
+    convert_to_hf(tmp_path / "orig2", tmp_path / "hf2")
+    hf1, hf2 = _weights(tmp_path / "hf"), _weights(tmp_path / "hf2")
+    assert hf1.keys() == hf2.keys() and all(torch.equal(hf1[k], hf2[k]) for k in hf1)
+    orig2 = _weights(tmp_path / "orig2")
+    assert orig2.keys() == state_dict.keys() and all(torch.equal(orig2[k], state_dict[k]) for k in state_dict)
+    config2 = json.loads((tmp_path / "orig2" / "config.json").read_text())
+    assert config2["architectures"] == ["InternVLChatModel"] and config2["llm_config"]["model_type"] == llm
+    for key in ("hidden_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers", "vocab_size"):
+        assert config2["llm_config"][key] == config["llm_config"][key]
+    for key in ("qkv_bias", "qk_normalization", "norm_type", "hidden_size", "image_size", "patch_size"):
+        assert config2["vision_config"][key] == config["vision_config"][key]
+    assert config2["ps_version"] == "v2" and config2["template"] == config["template"]
+
+
+def test_original_lora_checkpoint_loads_merged(tmp_path, tokenizer):
+    state_dict = build_original_checkpoint(
+        tmp_path / "orig", llm="qwen2", tokenizer=tokenizer, llm_lora_rank=2, vit_lora_rank=2, weight_format="bin"
+    )
+    assert any(".lora_B." in k for k in state_dict)
+    config = json.loads((tmp_path / "orig" / "config.json").read_text())
+    model, loaded_tokenizer = load_model(tmp_path / "orig")
+    assert max_logit_diff(model.eval(), state_dict, config, loaded_tokenizer) < 1e-4
+
+
+def test_select_layer_minus_two(tmp_path, tokenizer):
+    state_dict = build_original_checkpoint(tmp_path / "orig", tokenizer=tokenizer, select_layer=-2)
+    config = json.loads((tmp_path / "orig" / "config.json").read_text())
+    model, loaded_tokenizer = load_model(tmp_path / "orig")
+    assert model.config.vision_feature_layer == -2
+    assert max_logit_diff(model.eval(), state_dict, config, loaded_tokenizer) < 1e-4
+
+
+def test_unsupported_settings_are_refused_clearly(tmp_path, tokenizer):
+    build_original_checkpoint(tmp_path / "v1", tokenizer=tokenizer, ps_version="v1")
+    with pytest.raises(ConversionError, match="ps_version 'v1'"):
+        load_model(tmp_path / "v1")
+    build_original_checkpoint(tmp_path / "sl", tokenizer=tokenizer, select_layer=0)
+    with pytest.raises(ConversionError, match="select_layer=0"):
+        load_model(tmp_path / "sl")
+
+
+def test_internlm2_wqkv_split_worked_example():
+    """4 heads, 2 kv heads (2 query heads per group), head_dim 1: rows [q0 q1 k0 v0 | q2 q3 k1 v1]."""
+    wqkv = torch.tensor([[0.0], [1.0], [10.0], [20.0], [2.0], [3.0], [11.0], [21.0]])
+    q, k, v = split_internlm2_wqkv(wqkv, num_heads=4, num_kv_heads=2)
+    assert (
+        q.flatten().tolist() == [0, 1, 2, 3] and k.flatten().tolist() == [10, 11] and v.flatten().tolist() == [20, 21]
+    )
+    assert torch.equal(fuse_internlm2_wqkv(q, k, v, num_heads=4, num_kv_heads=2), wqkv)
+
+
+def test_convert_cli(tmp_path, tokenizer, capsys):
+    build_original_checkpoint(tmp_path / "orig", tokenizer=tokenizer)
+    assert main(["convert", str(tmp_path / "orig"), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "back"), "--to", "original"]) == 0
+    assert "modeling_" in capsys.readouterr().out
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "x"), "--to", "hf"]) == 2  # hf is not original
