@@ -7,12 +7,12 @@ import torch
 from conftest import draw_image, make_colour_dataset
 from peft import PeftModel
 from safetensors.torch import load_file
+from unit.test_convert import multimodal_inputs
 
 from internvl_tune.cli import main
 from internvl_tune.model.checkpoint_io import EXTRA_WEIGHTS_FILE
 from internvl_tune.model.load import load_model
 from internvl_tune.training.metrics import read_metrics
-from unit.test_convert import multimodal_inputs
 
 
 def _logits(model, tokenizer):

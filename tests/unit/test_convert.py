@@ -27,7 +27,8 @@ FAMILIES = [("qwen2", "300m"), ("llama", "300m"), ("internlm2", "300m"), ("qwen2
 def multimodal_inputs(tokenizer, seed=0):
     """Row 0: one image of 3 tiles; row 1: two images of 1 tile each. Both rows 40 tokens, no padding."""
     ids = tokenizer.convert_tokens_to_ids
-    span = lambda tiles: (
+    def span(tiles):
+        return [ids(IMG_START_TOKEN)] + [ids(IMG_CONTEXT_TOKEN)] * (TOKENS_PER_TILE * tiles) + [ids(IMG_END_TOKEN)]
         [ids(IMG_START_TOKEN)] + [ids(IMG_CONTEXT_TOKEN)] * (TOKENS_PER_TILE * tiles) + [ids(IMG_END_TOKEN)]
     )  # noqa: E731
     text = tokenizer("What colour is the shape? There are two shapes.", add_special_tokens=False).input_ids
