@@ -9,6 +9,8 @@ import json
 
 import pytest
 import torch
+from reference.original_checkpoint import build_original_checkpoint
+from reference.original_forward import original_logits
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoTokenizer, InternVLForConditionalGeneration
 
@@ -17,8 +19,6 @@ from internvl_tune.constants import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_
 from internvl_tune.model.checkpoint_io import convert_to_hf, convert_to_original
 from internvl_tune.model.convert import ConversionError, fuse_internlm2_wqkv, split_internlm2_wqkv, weight_files
 from internvl_tune.model.load import load_model
-from reference.original_checkpoint import build_original_checkpoint
-from reference.original_forward import original_logits
 
 TOKENS_PER_TILE = 4
 FAMILIES = [("qwen2", "300m"), ("llama", "300m"), ("internlm2", "300m"), ("qwen2", "6b"), ("internlm2", "6b")]
@@ -27,10 +27,10 @@ FAMILIES = [("qwen2", "300m"), ("llama", "300m"), ("internlm2", "300m"), ("qwen2
 def multimodal_inputs(tokenizer, seed=0):
     """Row 0: one image of 3 tiles; row 1: two images of 1 tile each. Both rows 40 tokens, no padding."""
     ids = tokenizer.convert_tokens_to_ids
+
     def span(tiles):
         return [ids(IMG_START_TOKEN)] + [ids(IMG_CONTEXT_TOKEN)] * (TOKENS_PER_TILE * tiles) + [ids(IMG_END_TOKEN)]
-        [ids(IMG_START_TOKEN)] + [ids(IMG_CONTEXT_TOKEN)] * (TOKENS_PER_TILE * tiles) + [ids(IMG_END_TOKEN)]
-    )  # noqa: E731
+
     text = tokenizer("What colour is the shape? There are two shapes.", add_special_tokens=False).input_ids
     row0 = text[:5] + span(3) + text[5:]
     row1 = span(1) + text[:4] + span(1) + text[4:]
