@@ -10,7 +10,7 @@ from internvl_tune.model.drop_path import DropPath, add_drop_path
 from internvl_tune.model.forward import InternVLTrainingForward
 from internvl_tune.model.freeze import apply_freezing
 from internvl_tune.model.load import image_geometry, load_model
-from internvl_tune.model.lora import apply_lora
+from internvl_tune.model.lora import apply_lora, merged_state_dict
 from internvl_tune.model.tiny import build_tiny_model
 
 
@@ -71,6 +71,19 @@ def test_backbone_and_llm_lora_ranks(model):
     assert base.model.vision_tower.encoder.layer[0].mlp.fc1.lora_alpha["default"] == 4
     assert base.model.language_model.layers[1].mlp.down_proj.r["default"] == 4
     assert "base_model.model.lm_head.weight" in _trainable(peft_model)
+
+
+def test_merged_state_dict_equals_peft_merge(model):
+    peft_model = apply_lora(model, use_llm_lora=4, use_backbone_lora=2)
+    torch.manual_seed(0)
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_()  # PEFT starts B at zero; make the adapters matter
+    merged = merged_state_dict(peft_model, peft_model.state_dict())
+    expected = peft_model.merge_and_unload().state_dict()
+    assert merged.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(merged[name], tensor, atol=1e-6, rtol=1e-6)
 
 
 def test_drop_path_drops_whole_samples_and_rescales():

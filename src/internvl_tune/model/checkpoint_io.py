@@ -35,8 +35,9 @@ from internvl_tune.model.convert import (
     weight_files,
     write_shards,
 )
+from internvl_tune.model.forward import base_model
 from internvl_tune.model.load import METADATA_FILE, image_geometry, load_model, read_metadata
-from internvl_tune.model.lora import merge_lora
+from internvl_tune.model.lora import merged_state_dict
 
 EXTRA_WEIGHTS_FILE = "trained_non_lora.safetensors"  # trained non-LoRA weights next to LoRA adapters
 
@@ -138,13 +139,24 @@ def write_processor_files(path: Path, metadata: dict[str, Any]) -> None:
     (path / "processor_config.json").write_text(json.dumps(processor, indent=2))
 
 
-def save_hf_checkpoint(model, tokenizer: PreTrainedTokenizerBase, dst: str | Path, metadata: dict[str, Any]) -> Path:
+def save_hf_checkpoint(
+    model,
+    tokenizer: PreTrainedTokenizerBase,
+    dst: str | Path,
+    metadata: dict[str, Any],
+    *,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Write a full HF-layout folder: weights (LoRA merged), config, tokenizer with the template as its chat
-    template, processor configs and `internvl_tune.json`. Plain transformers loads it."""
+    template, processor configs and `internvl_tune.json`. Plain transformers loads it.
+
+    `state_dict` is the model's full (gathered) state; by default the model's own, which is only complete when
+    the model is not sharded.
+    """
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
-    model = merge_lora(model)
-    model.save_pretrained(dst, safe_serialization=True)
+    state_dict = state_dict if state_dict is not None else model.state_dict()
+    base_model(model).save_pretrained(dst, state_dict=merged_state_dict(model, state_dict), safe_serialization=True)
     _set_chat_template(tokenizer, metadata)
     tokenizer.save_pretrained(dst)
     write_processor_files(dst, metadata)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
@@ -68,6 +69,29 @@ def apply_lora(
     return peft_model
 
 
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Merge LoRA adapters into the base weights and return the plain model (identity for a plain model)."""
-    return model.merge_and_unload() if isinstance(model, PeftModel) else model
+_PEFT_PREFIX = "base_model.model."
+
+
+def merged_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The plain model's state dict with LoRA merged, computed from a full `state_dict` of `model`.
+
+    Works from a gathered state dict (`accelerator.get_state_dict`), so it is right under ZeRO-3 / FSDP, where
+    the local parameters are shards (the original saved lora_B as zeros there). W = W0 + scaling * B @ A in fp32,
+    with each layer's own scaling (alpha / r, rank patterns included).
+    """
+    if not isinstance(model, PeftModel):
+        return dict(state_dict)
+    merged = {}
+    for name, tensor in state_dict.items():
+        if ".lora_" not in name:
+            merged[name.removeprefix(_PEFT_PREFIX).replace(".base_layer.", ".")] = tensor
+    for name, lora_a in state_dict.items():
+        if ".lora_A.default.weight" not in name:
+            continue
+        module = name.split(".lora_A.")[0]
+        lora_b = state_dict[f"{module}.lora_B.default.weight"]
+        scaling = model.get_submodule(module).scaling["default"]
+        target = module.removeprefix(_PEFT_PREFIX) + ".weight"
+        base = merged[target]
+        merged[target] = (base.float() + scaling * (lora_b.float() @ lora_a.float())).to(base.dtype)
+    return merged

@@ -36,6 +36,7 @@ from internvl_tune.data.sampler import ResumableBatchSampler
 from internvl_tune.data.sft import SFTDataset
 from internvl_tune.data.transform import SampleBuilder, SampleSettings
 from internvl_tune.losses.sft import token_nll_sum
+from internvl_tune.model.checkpoint_io import save_hf_checkpoint
 from internvl_tune.model.drop_path import add_drop_path
 from internvl_tune.model.forward import InternVLTrainingForward
 from internvl_tune.model.freeze import apply_freezing, count_parameters
@@ -44,7 +45,6 @@ from internvl_tune.model.lora import apply_lora
 from internvl_tune.training.checkpoint import (
     TrainState,
     checkpoint_metadata,
-    export_model,
     keep_trainable_weights,
     prune_checkpoints,
     resolve_resume,
@@ -270,6 +270,8 @@ def train(config: SFTConfig) -> dict[str, Any]:
 
     accelerator.wait_for_everyone()
     final_dir = output_dir / "final"
+    # Gathered on every rank (ZeRO-3 / FSDP shards become whole tensors); written by the main process.
+    final_state = {k.removeprefix("model."): v for k, v in accelerator.get_state_dict(forward).items()}
     if accelerator.is_main_process:
         metadata = checkpoint_metadata(
             to_dict(config),
@@ -279,8 +281,8 @@ def train(config: SFTConfig) -> dict[str, Any]:
         )
         trained = accelerator.unwrap_model(forward).model
         if uses_lora:
-            save_adapter(trained, tokenizer, output_dir / "final_adapter", metadata)
-        export_model(trained, tokenizer, final_dir, metadata)
+            save_adapter(trained, tokenizer, output_dir / "final_adapter", metadata, final_state)
+        save_hf_checkpoint(trained, tokenizer, final_dir, metadata, state_dict=final_state)
     summary = {
         "steps": state.step,
         "final_loss": last_loss,

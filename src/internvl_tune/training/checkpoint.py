@@ -13,7 +13,7 @@ from torch import nn
 
 from internvl_tune import __version__
 from internvl_tune.data.templates import get_template
-from internvl_tune.model.checkpoint_io import EXTRA_WEIGHTS_FILE, save_hf_checkpoint
+from internvl_tune.model.checkpoint_io import EXTRA_WEIGHTS_FILE
 from internvl_tune.model.load import METADATA_FILE
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -89,21 +89,20 @@ def keep_trainable_weights(models: list[nn.Module], weights: list[dict[str, Any]
             del state[name]
 
 
-def save_adapter(model: nn.Module, tokenizer, output_dir: str | Path, metadata: dict[str, Any]) -> Path:
+def save_adapter(
+    model: nn.Module, tokenizer, output_dir: str | Path, metadata: dict[str, Any], state_dict: dict[str, Any]
+) -> Path:
     """Write LoRA adapters only (PEFT format) plus the other trained weights (e.g. an unfrozen projector) and the
-    metadata; `internvl-tune export --merge-lora` turns the folder into a full model in either layout."""
+    metadata; `internvl-tune export --merge-lora` turns the folder into a full model in either layout.
+
+    `state_dict` is the full, gathered state of `model` (so ZeRO-3 / FSDP shards are saved whole).
+    """
     output_dir = Path(output_dir)
-    model.save_pretrained(output_dir)  # PeftModel: adapter_config.json + adapter_model.safetensors
-    extra = {
-        n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n
-    }
+    model.save_pretrained(output_dir, state_dict=state_dict)  # PeftModel: adapter_config.json + adapter weights
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
+    extra = {n: state_dict[n].detach().cpu().contiguous() for n in trainable}
     if extra:
         save_file(extra, output_dir / EXTRA_WEIGHTS_FILE)
     tokenizer.save_pretrained(output_dir)
     (output_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2, ensure_ascii=False))
     return output_dir
-
-
-def export_model(model: nn.Module, tokenizer, output_dir: str | Path, metadata: dict[str, Any]) -> Path:
-    """The final model folder (LoRA merged), loadable by plain transformers; see `save_hf_checkpoint`."""
-    return save_hf_checkpoint(model, tokenizer, output_dir, metadata)
