@@ -137,6 +137,16 @@ def image_token_span(num_image_token: int, tiles: int) -> str:
 
 
 @dataclass
+class ExpandedMedia:
+    """A conversation's messages with image spans expanded, and its tiles."""
+
+    messages: list[dict[str, str]]
+    pixel_values: torch.Tensor | None  # [N, 3, S, S]; None for text, or when pixels were not requested
+    num_tiles: list[int]  # per image, or 1 per video frame
+    num_image_tokens: int
+
+
+@dataclass
 class SampleSettings:
     """How records become samples for one model. Field names follow the original InternVL flags."""
 
@@ -193,13 +203,32 @@ class SampleBuilder:
             `truncated` (text was cut to max_seq_length) and `where`. With `load_pixels=False` images are
             decoded and measured but not transformed, and `pixel_values` is None (for the data checker).
         """
-        s = self.settings
-        conversation = record_to_conversation(record, where)
-        messages = conversation.messages
-        data_augment = entry.data_augment if entry else False
-        transform = ImageTransform(s.image_size, s.normalize_type, data_augment, s.pad2square)
-        resolve = entry.resolve if entry else (lambda p: p)
+        media = self.expand(record_to_conversation(record, where), where, entry, rng, load_pixels=load_pixels)
+        input_ids, labels, truncated = self.tokenize(media.messages, where, media.num_image_tokens)
+        return {
+            "input_ids": torch.tensor(input_ids, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "pixel_values": media.pixel_values,
+            "num_tiles": media.num_tiles,
+            "num_image_tokens": media.num_image_tokens,
+            "num_text_tokens": len(input_ids) - media.num_image_tokens,
+            "truncated": truncated,
+            "where": where,
+        }
 
+    def expand(
+        self,
+        conversation: Conversation,
+        where: str,
+        entry: DatasetEntry | None,
+        rng: random.Random,
+        *,
+        load_pixels: bool = True,
+    ) -> ExpandedMedia:
+        """Load and tile the conversation's images or video frames; expand their placeholders in the user turns."""
+        s = self.settings
+        messages = [dict(m) for m in conversation.messages]
+        resolve = entry.resolve if entry else (lambda p: p)
         tiles: list = []
         num_tiles_per_image: list[int] = []
         if conversation.images:
@@ -234,14 +263,27 @@ class SampleBuilder:
                     content = m["content"].replace(VIDEO_PLACEHOLDER + "\n", prompt)
                     m["content"] = content.replace(VIDEO_PLACEHOLDER, prompt.rstrip("\n"))
                     m["content"] = m["content"].replace(IMAGE_PLACEHOLDER, image_token_span(s.num_image_token, 1))
+        pixel_values = None
+        if load_pixels and tiles:
+            data_augment = entry.data_augment if entry else False
+            transform = ImageTransform(s.image_size, s.normalize_type, data_augment, s.pad2square)
+            pixel_values = torch.stack([transform(tile, rng) for tile in tiles])
+        return ExpandedMedia(messages, pixel_values, num_tiles_per_image, sum(num_tiles_per_image) * s.num_image_token)
 
+    def tokenize(
+        self, messages: list[dict[str, str]], where: str, num_image_tokens: int
+    ) -> tuple[list[int], list[int], bool]:
+        """Template-render and tokenize expanded messages; apply `max_seq_length` (text may be cut, images not).
+
+        Returns:
+            (input_ids, labels, truncated).
+        """
+        s = self.settings
         try:
             tokenized = tokenize_conversation(self.tokenizer, self.template, messages, system_message=s.system_message)
         except DataError as e:
             raise DataError(f"{where}: {e}", "template mismatch") from e
         input_ids, labels = tokenized.input_ids, tokenized.labels
-        num_image_tokens = sum(num_tiles_per_image) * s.num_image_token
-
         truncated = False
         if len(input_ids) > s.max_seq_length:
             kept = input_ids[: s.max_seq_length]
@@ -251,27 +293,14 @@ class SampleBuilder:
                 raise DataError(
                     f"{where}: image tokens would be cut by max_seq_length={s.max_seq_length}: the sample needs "
                     f"{len(input_ids)} tokens, {num_image_tokens} of them image tokens "
-                    f"({sum(num_tiles_per_image)} tiles); raise max_seq_length or lower max_dynamic_patch",
+                    f"({num_image_tokens // s.num_image_token} tiles); raise max_seq_length or lower max_dynamic_patch",
                     "image tokens cut",
                 )
             input_ids, labels, truncated = kept, labels[: s.max_seq_length], True
         if all(label == IGNORE_INDEX for label in labels):
             reason = "after truncation to max_seq_length" if truncated else "(no answer text)"
             raise DataError(f"{where}: the sample has no trained tokens {reason}", "no trained tokens")
-
-        pixel_values = None
-        if load_pixels and tiles:
-            pixel_values = torch.stack([transform(tile, rng) for tile in tiles])
-        return {
-            "input_ids": torch.tensor(input_ids, dtype=torch.long),
-            "labels": torch.tensor(labels, dtype=torch.long),
-            "pixel_values": pixel_values,
-            "num_tiles": num_tiles_per_image,
-            "num_image_tokens": num_image_tokens,
-            "num_text_tokens": len(input_ids) - num_image_tokens,
-            "truncated": truncated,
-            "where": where,
-        }
+        return input_ids, labels, truncated
 
     def _tile(self, image, limit: int) -> list:
         s = self.settings
