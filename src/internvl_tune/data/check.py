@@ -14,8 +14,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from internvl_tune.data.dataset import RecordDataset
 from internvl_tune.data.errors import DataError
-from internvl_tune.data.sft import SFTDataset
 from internvl_tune.data.transform import SampleBuilder, SampleSettings
 
 
@@ -121,7 +121,7 @@ def check_data(
     """Validate every record of a meta file and collect the report."""
     # Measure full lengths: a longer limit during the scan tells "over max_seq_length" apart from other errors.
     scan_settings = replace(settings, max_seq_length=10**9)
-    dataset = SFTDataset(
+    dataset = RecordDataset(
         meta_path, SampleBuilder(tokenizer, scan_settings), seed=seed, require_data_augment=require_data_augment
     )
     report = DataReport(max_seq_length=settings.max_seq_length, batch_size=batch_size)

@@ -64,3 +64,110 @@ def pad_collate(samples: list[dict[str, Any]], pad_token_id: int, dummy_tile: to
         num_truncated=sum(bool(s["truncated"]) for s in samples),
     )
     return batch
+
+
+def pair_collate(
+    samples: list[dict[str, Any]], pad_token_id: int, dummy_tile: torch.Tensor, *, mode: str = "shared"
+) -> dict[str, Any]:
+    """Collate preference pairs for one forward pass, in one of two layouts.
+
+    `shared` (one row per pair): `[prompt | chosen | rejected | pad]`. Rejected tokens attend to the prompt and
+    to themselves, never to the chosen answer, and their position ids restart at the end of the prompt, so each
+    response sees exactly what it would see alone; the tiles go through the ViT once. Example, P=2, Lc=2, Lr=1
+    (rows = queries, columns = keys, 1 = may attend)::
+
+        tokens    p0 p1 c0 c1 r0        position ids  0 1 2 3 2
+        p0         1  .  .  .  .
+        p1         1  1  .  .  .
+        c0         1  1  1  .  .
+        c1         1  1  1  1  .
+        r0         1  1  .  .  1
+
+    `separate` (the original's layout, for checks): rows `[prompt | chosen]` for all pairs, then
+    `[prompt | rejected]`; every tile is in the batch twice.
+
+    Log-probs are read with explicit gather indices (`*_rows`, `*_positions`, `*_targets`, `*_mask`): the token at
+    position a is predicted by the logits at a - 1, except the first rejected token in `shared` layout, which is
+    predicted by the last prompt position.
+
+    Returns:
+        input_ids, position_ids [R, T]; attention_mask ([R, 1, T, T] bool for shared, [R, T] long for separate);
+        pixel_values, image_flags; chosen_/rejected_ rows [B], positions, targets, mask [B, L]; and counts.
+    """
+    if mode not in ("shared", "separate"):
+        raise ValueError(f"pair layout must be 'shared' or 'separate', got {mode!r}")
+    skipped = [(s["where"], s["skipped"]) for s in samples if "skipped" in s]
+    samples = [s for s in samples if "skipped" not in s]
+    batch: dict[str, Any] = {"skipped": skipped, "num_pairs": len(samples)}
+    if not samples:
+        return batch
+    num_pairs = len(samples)
+    if mode == "shared":
+        rows = [torch.cat([s["prompt_ids"], s["chosen_ids"], s["rejected_ids"]]) for s in samples]
+    else:
+        rows = [torch.cat([s["prompt_ids"], s[f"{side}_ids"]]) for side in ("chosen", "rejected") for s in samples]
+    length = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = row
+    gather = {side: _response_gather(samples, side) for side in ("chosen", "rejected")}
+    if mode == "shared":
+        attention_mask = torch.zeros((num_pairs, 1, length, length), dtype=torch.bool)
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        for i, s in enumerate(samples):
+            p, c, r = len(s["prompt_ids"]), len(s["chosen_ids"]), len(s["rejected_ids"])
+            n = p + c + r
+            mask = causal[:n, :n].clone()
+            mask[p + c :, p : p + c] = False  # rejected never sees chosen
+            attention_mask[i, 0, :n, :n] = mask
+            attention_mask[i, 0, n:, n:] = torch.eye(length - n, dtype=torch.bool)  # padding: itself only
+            position_ids[i, :n] = torch.cat([torch.arange(p + c), torch.arange(p, p + r)])
+            gather["rejected"]["positions"][i] += c  # rejected sits after the chosen answer
+            gather["rejected"]["positions"][i, 0] = p - 1  # ... but its first token is predicted from the prompt
+        rows_of = {"chosen": torch.arange(num_pairs), "rejected": torch.arange(num_pairs)}
+        tiles_repeat = 1
+    else:
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, row in enumerate(rows):
+            attention_mask[i, : len(row)] = 1
+            position_ids[i, : len(row)] = torch.arange(len(row))
+        rows_of = {"chosen": torch.arange(num_pairs), "rejected": torch.arange(num_pairs, 2 * num_pairs)}
+        tiles_repeat = 2
+    tiles = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
+    if tiles:
+        pixel_values = torch.cat(tiles).repeat(tiles_repeat, 1, 1, 1)
+        image_flags = torch.ones(len(pixel_values), dtype=torch.bool)
+    else:
+        pixel_values, image_flags = dummy_tile.unsqueeze(0), torch.zeros(1, dtype=torch.bool)
+    batch.update(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        attention_mask=attention_mask,
+        pixel_values=pixel_values,
+        image_flags=image_flags,
+        keys=[s["key"] for s in samples],
+        num_image_tokens=sum(s["num_image_tokens"] for s in samples) * tiles_repeat,
+        num_text_tokens=sum(len(r) for r in rows) - sum(s["num_image_tokens"] for s in samples) * tiles_repeat,
+        num_pad_tokens=len(rows) * length - sum(len(r) for r in rows),
+    )
+    for side in ("chosen", "rejected"):
+        batch[f"{side}_rows"] = rows_of[side]
+        for name, value in gather[side].items():
+            batch[f"{side}_{name}"] = value
+    return batch
+
+
+def _response_gather(samples: list[dict[str, Any]], side: str) -> dict[str, torch.Tensor]:
+    """Gather indices for one response side, as if each response directly followed its prompt."""
+    width = max(len(s[f"{side}_ids"]) for s in samples)
+    positions = torch.zeros((len(samples), width), dtype=torch.long)
+    targets = torch.zeros((len(samples), width), dtype=torch.long)
+    mask = torch.zeros((len(samples), width), dtype=torch.bool)
+    for i, s in enumerate(samples):
+        p, labels = len(s["prompt_ids"]), s[f"{side}_labels"]
+        n = len(labels)
+        positions[i, :n] = torch.arange(p - 1, p - 1 + n)
+        targets[i, :n] = torch.where(labels == IGNORE_INDEX, 0, labels)
+        mask[i, :n] = labels != IGNORE_INDEX
+    return {"positions": positions, "targets": targets, "mask": mask}

@@ -13,7 +13,7 @@ class ResumableBatchSampler:
     Each epoch is a permutation of `range(num_samples)` drawn from `seed + epoch`; global batches of
     `batch_size * num_replicas` consecutive entries are cut from it (a last partial global batch is dropped so
     every rank takes the same number of steps) and rank r takes the r-th slice of each. Indices are
-    `epoch * num_samples + i` so the dataset knows the epoch (see `SFTDataset`).
+    `epoch * num_samples + i` so the dataset knows the epoch (see `RecordDataset`).
 
     Example: 10 samples, batch_size 2, 2 ranks -> 2 global batches of 4 per epoch; rank 0 gets perm[0:2] and
     perm[4:6], rank 1 gets perm[2:4] and perm[6:8]; perm[8:10] is dropped for this epoch.

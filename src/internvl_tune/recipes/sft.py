@@ -30,10 +30,10 @@ from tqdm.auto import tqdm
 from internvl_tune.config import SFTConfig, to_dict
 from internvl_tune.constants import IGNORE_INDEX
 from internvl_tune.data.collate import pad_collate
+from internvl_tune.data.dataset import RecordDataset
 from internvl_tune.data.errors import DataError
 from internvl_tune.data.images import ImageTransform
 from internvl_tune.data.sampler import ResumableBatchSampler
-from internvl_tune.data.sft import SFTDataset
 from internvl_tune.data.transform import SampleBuilder, SampleSettings
 from internvl_tune.losses.sft import token_nll_sum
 from internvl_tune.model.checkpoint_io import save_hf_checkpoint
@@ -118,7 +118,7 @@ def train(config: SFTConfig) -> dict[str, Any]:
 
     # Data: meta -> records -> samples -> this rank's padded micro-batches.
     settings = sample_settings(config, model.config)
-    dataset = SFTDataset(d.meta_path, SampleBuilder(tokenizer, settings), seed=t.seed, on_bad_sample=d.on_bad_sample)
+    dataset = RecordDataset(d.meta_path, SampleBuilder(tokenizer, settings), seed=t.seed, on_bad_sample=d.on_bad_sample)
     sampler = ResumableBatchSampler(
         len(dataset),
         t.per_device_train_batch_size,

@@ -1,8 +1,9 @@
-"""The SFT dataset: meta JSON -> indexed records -> samples, with the bad-sample policy applied."""
+"""Meta JSON -> indexed records -> samples (SFT or preference pairs), with the bad-sample policy applied."""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +12,11 @@ from torch.utils.data import Dataset
 from internvl_tune.data.errors import DataError
 from internvl_tune.data.jsonl import JsonlFile
 from internvl_tune.data.meta import DatasetEntry, load_meta, repeat_indices
-from internvl_tune.data.transform import SampleBuilder
 
 
-class SFTDataset(Dataset):
-    """All datasets of a meta file as one indexable sequence (after `repeat_time`).
+class RecordDataset(Dataset):
+    """All datasets of a meta file as one indexable sequence (after `repeat_time`), each record turned into a
+    sample by `builder(record, where, entry, rng)`: a `SampleBuilder` for SFT, a `PairBuilder` for preference data.
 
     Indices may exceed `len(self)`: index `epoch * len(self) + i` is sample i in that epoch, so the sampler
     alone decides the epoch and each sample's augmentation is a pure function of (seed, epoch, i), which makes
@@ -28,7 +29,7 @@ class SFTDataset(Dataset):
     def __init__(
         self,
         meta_path: str | Path,
-        builder: SampleBuilder,
+        builder: Callable[[dict[str, Any], str, DatasetEntry, random.Random], dict[str, Any]],
         *,
         seed: int = 42,
         on_bad_sample: str = "error",
