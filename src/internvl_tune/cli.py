@@ -26,7 +26,7 @@ def _check_data(args: argparse.Namespace) -> int:
 
     from internvl_tune.config import SFTConfig, load_config
     from internvl_tune.data.check import check_data
-    from internvl_tune.recipes.sft import sample_settings
+    from internvl_tune.model.prepare import sample_settings
 
     overrides = [f"model.model_name_or_path={args.model}", f"data.meta_path={args.meta}", *args.overrides]
     config = load_config(SFTConfig, args.config, overrides)
@@ -35,7 +35,7 @@ def _check_data(args: argparse.Namespace) -> int:
     report = check_data(
         args.meta,
         tokenizer,
-        sample_settings(config, model_config),
+        sample_settings(config.data, model_config),
         batch_size=args.batch_size or config.train.per_device_train_batch_size,
         require_data_augment=not args.preference,
     )

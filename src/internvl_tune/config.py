@@ -165,9 +165,62 @@ class SFTConfig:
             raise ConfigError("set max_steps > 0 or num_train_epochs > 0")
 
 
+@dataclass
+class MPOArgs:
+    loss_type: list[str] | str = field(default_factory=lambda: ["sigmoid", "bco_pair", "sft"])
+    """Loss mix: a list of sigmoid, bco_pair, hinge, ipo, robust, sppo_hard, nca_pair, exo_pair, sft; or the
+    original spelling 'sigmoid,bco_pair' (then sigmoid_loss_weight, bco_pair_loss_weight and rpo_alpha apply)."""
+    loss_weights: list[float] | None = field(default_factory=lambda: [0.8, 0.2, 1.0])
+    """One weight per loss_type entry (MPO: 0.8, 0.2, 1.0)."""
+    sigmoid_loss_weight: float | None = None
+    """Original spelling: weight of sigmoid in 'sigmoid,bco_pair'."""
+    bco_pair_loss_weight: float | None = None
+    """Original spelling: weight of bco_pair in 'sigmoid,bco_pair'."""
+    rpo_alpha: float | None = None
+    """Original spelling: weight of the SFT (chosen NLL) term."""
+    beta: float = 0.1
+    """DPO beta."""
+    label_smoothing: float = 0.0
+    """Label smoothing of sigmoid / robust / exo_pair."""
+    sft_reduction: Literal["token", "sample"] = "token"
+    """SFT term: token mean over the chosen responses (as the original), or the mean of per-pair means."""
+    reference: Literal["copy", "lora_disabled", "precomputed"] = "copy"
+    """Reference model: a frozen copy in eval mode; the policy with its LoRA adapter disabled (no copy; needs
+    use_llm_lora); or log-probs precomputed by `internvl-tune precompute-ref` (one model in memory)."""
+    reference_cache: str | None = None
+    """File of precomputed reference log-probs (default: output_dir/reference_logps.pt)."""
+    pair_layout: Literal["shared", "separate"] = "shared"
+    """shared: one [prompt | chosen | rejected] row per pair (image and prompt encoded once); separate: chosen and
+    rejected as two rows, the original's layout (for checks)."""
+
+
+@dataclass
+class MPOConfig:
+    """MPO run: defaults follow the InternVL 2.5 MPO scripts (spec §5)."""
+
+    model: ModelArgs = field(default_factory=lambda: ModelArgs(drop_path_rate=0.1))
+    data: DataArgs = field(default_factory=DataArgs)
+    train: TrainArgs = field(
+        default_factory=lambda: TrainArgs(output_dir="runs/mpo", learning_rate=1e-6, weight_decay=0.05)
+    )
+    mpo: MPOArgs = field(default_factory=MPOArgs)
+
+    def validate(self) -> None:
+        SFTConfig.validate(self)  # type: ignore[arg-type]
+        if self.mpo.reference == "lora_disabled" and not (self.model.use_llm_lora or self.model.use_backbone_lora):
+            raise ConfigError("mpo.reference=lora_disabled needs a LoRA policy (use_llm_lora or use_backbone_lora)")
+        if self.mpo.beta <= 0:
+            raise ConfigError(f"mpo.beta must be > 0, got {self.mpo.beta}")
+
+
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
     """Check a YAML value against a field's type annotation, converting int -> float where a float is expected."""
     origin = typing.get_origin(annotation)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(annotation)
+        return [_coerce(v, item, where) for v in value]
     if origin is Literal:
         if value not in typing.get_args(annotation):
             raise ConfigError(f"{where}: must be one of {list(typing.get_args(annotation))}, got {value!r}")

@@ -95,7 +95,7 @@ class PreferenceObjective:
         duplicates = sorted({t for t in self.loss_types if self.loss_types.count(t) > 1})
         if duplicates:
             raise ValueError(f"loss_type: {duplicates} listed more than once in {self.loss_types}")
-        for loss_type, weight in zip(self.loss_types, self.loss_weights):
+        for loss_type, weight in zip(self.loss_types, self.loss_weights, strict=True):
             if weight < 0:
                 raise ValueError(f"loss_weights: weight of {loss_type!r} must be >= 0, got {weight}")
         if self.beta <= 0:
@@ -149,7 +149,9 @@ class PreferenceObjective:
             return cls(types, list(loss_weights), **settings)
 
         if SFT_LOSS_TYPE in types:
-            raise ValueError("loss_type: 'sft' needs loss_weights; in the original spelling the SFT weight is rpo_alpha")
+            raise ValueError(
+                "loss_type: 'sft' needs loss_weights; in the original spelling the SFT weight is rpo_alpha"
+            )
         if len(types) == 1:
             ignored = [name for name in ("sigmoid_loss_weight", "bco_pair_loss_weight") if name in given_original]
             if ignored:
@@ -213,7 +215,7 @@ class PreferenceObjective:
             raise ValueError("bco_pair needs delta, the RunningRewardMean value after this micro-batch's update")
         per_pair = torch.zeros_like(policy_chosen_logps)
         terms: dict[str, torch.Tensor] = {}
-        for loss_type, weight in zip(self.loss_types, self.loss_weights):
+        for loss_type, weight in zip(self.loss_types, self.loss_weights, strict=True):
             if loss_type == SFT_LOSS_TYPE:
                 continue
             losses = preference_loss(

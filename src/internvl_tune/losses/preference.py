@@ -110,7 +110,7 @@ def bco_pair_loss(
 
     L = −log σ(β·Δc − δ) − log σ(−(β·Δr − δ)), δ the running mean reward (spec §1.6, `RunningRewardMean`).
 
-    Example: Δc = 1, Δr = −1, β = 0.5, δ = 0.25 -> −log σ(0.25) − log σ(0.75) = 0.57594 + 0.38685 = 0.96279.
+    Example: Δc = 1, Δr = −1, β = 0.5, δ = 0.25 -> −log σ(0.25) − log σ(0.75) = 0.57594 + 0.38687 = 0.96281.
 
     Paper: https://arxiv.org/abs/2404.04656 (Binary Classifier Optimization).
 

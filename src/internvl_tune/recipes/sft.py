@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import time
 from dataclasses import asdict
 from functools import partial
@@ -21,10 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from internvl_tune.config import SFTConfig, to_dict
@@ -32,141 +28,60 @@ from internvl_tune.constants import IGNORE_INDEX
 from internvl_tune.data.collate import pad_collate
 from internvl_tune.data.dataset import RecordDataset
 from internvl_tune.data.errors import DataError
-from internvl_tune.data.images import ImageTransform
-from internvl_tune.data.sampler import ResumableBatchSampler
-from internvl_tune.data.transform import SampleBuilder, SampleSettings
+from internvl_tune.data.transform import SampleBuilder
 from internvl_tune.losses.sft import token_nll_sum
-from internvl_tune.model.checkpoint_io import save_hf_checkpoint
-from internvl_tune.model.drop_path import add_drop_path
 from internvl_tune.model.forward import InternVLTrainingForward
-from internvl_tune.model.freeze import apply_freezing, count_parameters
-from internvl_tune.model.load import image_geometry, load_model
-from internvl_tune.model.lora import apply_lora
+from internvl_tune.model.freeze import count_parameters
+from internvl_tune.model.load import image_geometry
+from internvl_tune.model.prepare import prepare_policy, sample_settings
 from internvl_tune.training.checkpoint import (
-    TrainState,
     checkpoint_metadata,
-    keep_trainable_weights,
-    prune_checkpoints,
-    resolve_resume,
-    save_adapter,
+)
+from internvl_tune.training.engine import (
+    blank_tile,
+    data_stream,
+    finish,
+    make_accelerator,
+    make_sampler,
+    prepare_optimization,
+    save_final,
+    save_step_checkpoint,
+    schedule_lengths,
 )
 from internvl_tune.training.metrics import MetricsWriter
-from internvl_tune.training.optim import build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
-
-
-def sample_settings(config: SFTConfig, model_config) -> SampleSettings:
-    """Data settings for this model: tile size and image tokens come from the model config."""
-    geometry = image_geometry(model_config)
-    d = config.data
-    if d.force_image_size is not None and d.force_image_size != geometry.image_size:
-        raise ValueError(
-            f"data.force_image_size={d.force_image_size} but the model's vision image_size is {geometry.image_size}; "
-            "resizing the ViT position embeddings is not supported: leave force_image_size unset"
-        )
-    return SampleSettings(
-        template=d.conv_style,
-        system_message=d.system_message,
-        max_seq_length=d.max_seq_length,
-        image_size=geometry.image_size,
-        num_image_token=geometry.num_image_token,
-        dynamic_image_size=d.dynamic_image_size,
-        use_thumbnail=d.use_thumbnail,
-        min_dynamic_patch=d.min_dynamic_patch,
-        max_dynamic_patch=d.max_dynamic_patch,
-        min_num_frame=d.min_num_frame,
-        max_num_frame=d.max_num_frame,
-        video_sample=d.video_sample,
-        normalize_type=d.normalize_type,
-        pad2square=d.pad2square,
-    )
 
 
 def train(config: SFTConfig) -> dict[str, Any]:
     """Run SFT as configured; returns a summary (final loss, steps, skipped samples, paths)."""
     m, d, t = config.model, config.data, config.train
-    # cpu=True on machines without an accelerator makes torchrun / accelerate launch give DDP over gloo.
-    accelerator = Accelerator(mixed_precision="bf16" if t.bf16 else "no", cpu=not torch.accelerator.is_available())
+    accelerator = make_accelerator(t)
     set_seed(t.seed)
     output_dir = Path(t.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
 
     # Model: load, then the original order of DropPath, freezing, LoRA, checkpointing.
-    model, tokenizer = load_model(m.model_name_or_path, attn_implementation=m.attn_implementation)
-    add_drop_path(model, m.drop_path_rate)
-    apply_freezing(
-        model,
-        freeze_backbone=m.freeze_backbone,
-        freeze_mlp=m.freeze_mlp,
-        freeze_llm=m.freeze_llm,
-        unfreeze_vit_layers=m.unfreeze_vit_layers,
-        unfreeze_lm_head=m.unfreeze_lm_head,
-    )
-    model = apply_lora(
-        model,
-        use_llm_lora=m.use_llm_lora,
-        use_backbone_lora=m.use_backbone_lora,
-        lora_dropout=m.lora_dropout,
-        unfreeze_lm_head=m.unfreeze_lm_head,
-    )
-    if m.grad_checkpoint:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    model, tokenizer = prepare_policy(m)
     num_trainable, num_total = count_parameters(model)
 
     # Data: meta -> records -> samples -> this rank's padded micro-batches.
-    settings = sample_settings(config, model.config)
+    settings = sample_settings(d, model.config)
     dataset = RecordDataset(d.meta_path, SampleBuilder(tokenizer, settings), seed=t.seed, on_bad_sample=d.on_bad_sample)
-    sampler = ResumableBatchSampler(
-        len(dataset),
-        t.per_device_train_batch_size,
-        seed=t.seed,
-        shuffle=t.shuffle,
-        rank=accelerator.process_index,
-        num_replicas=accelerator.num_processes,
+    sampler = make_sampler(len(dataset), t, accelerator)
+    collate = partial(
+        pad_collate,
+        pad_token_id=tokenizer.pad_token_id,
+        dummy_tile=blank_tile(settings.image_size, settings.normalize_type),
     )
-    blank = ImageTransform(settings.image_size, settings.normalize_type)(_white_tile(settings.image_size))
-    collate = partial(pad_collate, pad_token_id=tokenizer.pad_token_id, dummy_tile=blank)
-    steps_per_epoch = max(1, sampler.batches_per_epoch // t.gradient_accumulation_steps)
-    total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * steps_per_epoch)
-    warmup_steps = math.ceil(t.warmup_ratio * total_steps)
-
-    forward = InternVLTrainingForward(model)
-    optimizer = build_optimizer(
-        forward,
-        lr=t.learning_rate,
-        weight_decay=t.weight_decay,
-        betas=(t.adam_beta1, t.adam_beta2),
-        eps=t.adam_epsilon,
-    )
-    scheduler = build_scheduler(optimizer, kind=t.lr_scheduler_type, warmup_steps=warmup_steps, total_steps=total_steps)
-    forward, optimizer = accelerator.prepare(forward, optimizer)
-    state = TrainState()
-    accelerator.register_for_checkpointing(scheduler, state)
+    total_steps, warmup_steps = schedule_lengths(sampler, t)
 
     uses_lora = bool(m.use_llm_lora or m.use_backbone_lora)
-    if uses_lora:
-        # LoRA checkpoints hold the trained weights only; the frozen base comes from model_name_or_path on resume.
-        accelerator.register_save_state_pre_hook(keep_trainable_weights)
-
-    resume_dir = resolve_resume(t.resume_from_checkpoint, output_dir)
-    if resume_dir is not None:
-        accelerator.load_state(str(resume_dir), strict=not uses_lora)
-        logger.info("resumed from %s at step %d", resume_dir, state.step)
-    # The data position is the number of micro-batches consumed, so prefetching workers do not disturb it.
-    epoch, batch_in_epoch = divmod(state.micro_batches, sampler.batches_per_epoch)
-    sampler.load_state_dict({"epoch": epoch, "batch": batch_in_epoch})
-    # Its own generator: creating the loader's iterator must not draw from the global RNG restored by resume.
-    loader = DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        collate_fn=collate,
-        num_workers=d.dataloader_num_workers,
-        generator=torch.Generator().manual_seed(t.seed),
+    forward, optimizer, scheduler, state = prepare_optimization(
+        accelerator, InternVLTrainingForward(model), t, total_steps, warmup_steps, uses_lora=uses_lora
     )
-    micro_batches = iter(loader)
+    micro_batches = data_stream(dataset, sampler, collate, state, t, d.dataloader_num_workers)
 
     metrics = MetricsWriter(output_dir, enabled=accelerator.is_main_process, tensorboard=t.report_to == "tensorboard")
     if accelerator.is_main_process:
@@ -259,30 +174,17 @@ def train(config: SFTConfig) -> dict[str, Any]:
                 },
             )
         if t.save_steps and state.step % t.save_steps == 0 and state.step < total_steps:
-            accelerator.save_state(str(output_dir / f"checkpoint-{state.step}"))
-            if accelerator.is_main_process:
-                (output_dir / f"checkpoint-{state.step}" / "train_state.json").write_text(
-                    json.dumps(state.state_dict())
-                )
-                prune_checkpoints(output_dir, t.save_total_limit)
+            save_step_checkpoint(accelerator, state, t)
     progress.close()
     metrics.close()
 
-    accelerator.wait_for_everyone()
-    final_dir = output_dir / "final"
-    # Gathered on every rank (ZeRO-3 / FSDP shards become whole tensors); written by the main process.
-    final_state = {k.removeprefix("model."): v for k, v in accelerator.get_state_dict(forward).items()}
-    if accelerator.is_main_process:
-        metadata = checkpoint_metadata(
-            to_dict(config),
-            {**asdict(settings), "patch_size": image_geometry(model.config).patch_size},
-            d.conv_style,
-            d.system_message,
-        )
-        trained = accelerator.unwrap_model(forward).model
-        if uses_lora:
-            save_adapter(trained, tokenizer, output_dir / "final_adapter", metadata, final_state)
-        save_hf_checkpoint(trained, tokenizer, final_dir, metadata, state_dict=final_state)
+    metadata = checkpoint_metadata(
+        to_dict(config),
+        {**asdict(settings), "patch_size": image_geometry(model.config).patch_size},
+        d.conv_style,
+        d.system_message,
+    )
+    final_dir = save_final(accelerator, forward, tokenizer, output_dir, metadata, uses_lora=uses_lora)
     summary = {
         "steps": state.step,
         "final_loss": last_loss,
@@ -300,14 +202,5 @@ def train(config: SFTConfig) -> dict[str, Any]:
                 logger.warning("  %s", message if message.startswith(where) else f"{where}: {message}")
         if state.num_truncated:
             logger.warning("%d samples had their text cut to max_seq_length=%d", state.num_truncated, d.max_seq_length)
-    accelerator.end_training()
-    # Forget this run's precision so a later run in the same process (tests, the demo, notebooks) may choose
-    # another; the process group (PartialState) is kept.
-    AcceleratorState._reset_state()
+    finish(accelerator)
     return summary
-
-
-def _white_tile(size: int):
-    from PIL import Image
-
-    return Image.new("RGB", (size, size), (255, 255, 255))

@@ -1,0 +1,63 @@
+"""The policy model of a run: load, then the original order of DropPath, freezing, LoRA and checkpointing."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from internvl_tune.config import DataArgs, ModelArgs
+from internvl_tune.data.transform import SampleSettings
+from internvl_tune.model.drop_path import add_drop_path
+from internvl_tune.model.freeze import apply_freezing
+from internvl_tune.model.load import image_geometry, load_model
+from internvl_tune.model.lora import apply_lora
+
+
+def prepare_policy(m: ModelArgs) -> tuple[nn.Module, object]:
+    """Load `m.model_name_or_path` (either layout) and set it up for training as the flags say."""
+    model, tokenizer = load_model(m.model_name_or_path, attn_implementation=m.attn_implementation)
+    add_drop_path(model, m.drop_path_rate)
+    apply_freezing(
+        model,
+        freeze_backbone=m.freeze_backbone,
+        freeze_mlp=m.freeze_mlp,
+        freeze_llm=m.freeze_llm,
+        unfreeze_vit_layers=m.unfreeze_vit_layers,
+        unfreeze_lm_head=m.unfreeze_lm_head,
+    )
+    model = apply_lora(
+        model,
+        use_llm_lora=m.use_llm_lora,
+        use_backbone_lora=m.use_backbone_lora,
+        lora_dropout=m.lora_dropout,
+        unfreeze_lm_head=m.unfreeze_lm_head,
+    )
+    if m.grad_checkpoint:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model, tokenizer
+
+
+def sample_settings(d: DataArgs, model_config) -> SampleSettings:
+    """Data settings for this model: tile size and image tokens come from the model config."""
+    geometry = image_geometry(model_config)
+    if d.force_image_size is not None and d.force_image_size != geometry.image_size:
+        raise ValueError(
+            f"data.force_image_size={d.force_image_size} but the model's vision image_size is {geometry.image_size}; "
+            "resizing the ViT position embeddings is not supported: leave force_image_size unset"
+        )
+    return SampleSettings(
+        template=d.conv_style,
+        system_message=d.system_message,
+        max_seq_length=d.max_seq_length,
+        image_size=geometry.image_size,
+        num_image_token=geometry.num_image_token,
+        dynamic_image_size=d.dynamic_image_size,
+        use_thumbnail=d.use_thumbnail,
+        min_dynamic_patch=d.min_dynamic_patch,
+        max_dynamic_patch=d.max_dynamic_patch,
+        min_num_frame=d.min_num_frame,
+        max_num_frame=d.max_num_frame,
+        video_sample=d.video_sample,
+        normalize_type=d.normalize_type,
+        pad2square=d.pad2square,
+    )
