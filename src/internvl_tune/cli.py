@@ -21,6 +21,23 @@ def _sft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mpo(args: argparse.Namespace) -> int:
+    from internvl_tune.config import MPOConfig, load_config
+    from internvl_tune.recipes.mpo import train
+
+    summary = train(load_config(MPOConfig, args.config, args.overrides))
+    print(json.dumps({k: v for k, v in summary.items() if k != "skipped"}, indent=2))
+    return 0
+
+
+def _precompute_ref(args: argparse.Namespace) -> int:
+    from internvl_tune.config import MPOConfig, load_config
+    from internvl_tune.recipes.mpo import precompute_reference
+
+    print(f"wrote {precompute_reference(load_config(MPOConfig, args.config, args.overrides))}")
+    return 0
+
+
 def _check_data(args: argparse.Namespace) -> int:
     from transformers import AutoConfig, AutoTokenizer
 
@@ -109,13 +126,14 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if report["passed"] else 1
 
 
-def _fields_help() -> str:
+def _fields_help(mpo: bool = False) -> str:
     import dataclasses
 
-    from internvl_tune.config import DataArgs, ModelArgs, TrainArgs, field_docs
+    from internvl_tune.config import DataArgs, ModelArgs, MPOArgs, TrainArgs, field_docs
 
     lines = ["fields (section.field=value):"]
-    for section, cls in (("model", ModelArgs), ("data", DataArgs), ("train", TrainArgs)):
+    sections = [("model", ModelArgs), ("data", DataArgs), ("train", TrainArgs)] + ([("mpo", MPOArgs)] if mpo else [])
+    for section, cls in sections:
         docs = field_docs(cls)
         for f in dataclasses.fields(cls):
             lines.append(f"  {section}.{f.name} [{f.default!r}]: {docs[f.name]}")
@@ -139,6 +157,28 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("--config", required=True, help="YAML run file (sections model, data, train)")
     sft.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.learning_rate=1e-5")
     sft.set_defaults(func=_sft)
+
+    mpo = sub.add_parser(
+        "mpo",
+        help="Mixed Preference Optimization",
+        description="MPO (sigmoid + bco_pair + sft by default) on MMPR-style preference data. Settings come from the "
+        "YAML file (sections model, data, train, mpo), then key=value overrides; see configs/mpo/.",
+        epilog=_fields_help(mpo=True),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    mpo.add_argument("--config", required=True, help="YAML run file (sections model, data, train, mpo)")
+    mpo.add_argument("overrides", nargs="*", help="key=value overrides, e.g. mpo.beta=0.1")
+    mpo.set_defaults(func=_mpo)
+
+    precompute = sub.add_parser(
+        "precompute-ref",
+        help="compute the reference log-probs of every pair once",
+        description="Run the reference model over the MPO run's data once and write its log-probs to "
+        "mpo.reference_cache; then `mpo` with mpo.reference=precomputed holds one model.",
+    )
+    precompute.add_argument("--config", required=True, help="the MPO run file")
+    precompute.add_argument("overrides", nargs="*", help="key=value overrides")
+    precompute.set_defaults(func=_precompute_ref)
 
     check = sub.add_parser(
         "check-data",

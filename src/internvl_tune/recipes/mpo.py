@@ -1,0 +1,374 @@
+"""Mixed Preference Optimization of InternVL: the whole loop, top to bottom.
+
+Launch: `internvl-tune mpo --config configs/mpo/FILE.yaml [key=value ...]` (or under `accelerate launch` /
+`torchrun`). The same shape, names and order as `sft.py`; what differs is the pair forward, the reference and
+the objective (spec §0, §1).
+
+The step's loss is normalised globally: the preference terms are summed over the step's pairs on all ranks and
+divided by their number, and the SFT term is the chosen-response NLL summed and divided by the step's chosen
+tokens. With one pair per step and one process this is exactly the original; with more it does not depend on how
+pairs fall into micro-batches and ranks. The BCO shift delta is updated on every training micro-batch with the
+mean reward over all ranks, read after the update, and saved in checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import gather_object, set_seed
+from tqdm.auto import tqdm
+
+from internvl_tune.config import MPOConfig, to_dict
+from internvl_tune.data.collate import pair_collate
+from internvl_tune.data.dataset import RecordDataset
+from internvl_tune.data.errors import DataError
+from internvl_tune.data.preference import PairBuilder
+from internvl_tune.data.transform import SampleBuilder
+from internvl_tune.losses.objective import PreferenceObjective
+from internvl_tune.losses.running import RunningRewardMean
+from internvl_tune.model.forward import InternVLTrainingForward
+from internvl_tune.model.freeze import count_parameters
+from internvl_tune.model.load import image_geometry, load_model
+from internvl_tune.model.prepare import prepare_policy, sample_settings
+from internvl_tune.model.reference import LiveReference, ReferenceCache, frozen_copy, pair_logps, weights_fingerprint
+from internvl_tune.training.checkpoint import checkpoint_metadata
+from internvl_tune.training.engine import (
+    blank_tile,
+    data_stream,
+    finish,
+    make_accelerator,
+    make_sampler,
+    prepare_optimization,
+    save_final,
+    save_step_checkpoint,
+    schedule_lengths,
+)
+from internvl_tune.training.metrics import MetricsWriter
+
+logger = logging.getLogger(__name__)
+
+
+def build_objective(config: MPOConfig) -> PreferenceObjective:
+    o = config.mpo
+    return PreferenceObjective.from_config(
+        o.loss_type,
+        loss_weights=o.loss_weights if not isinstance(o.loss_type, str) or "," not in o.loss_type else None,
+        rpo_alpha=o.rpo_alpha,
+        sigmoid_loss_weight=o.sigmoid_loss_weight,
+        bco_pair_loss_weight=o.bco_pair_loss_weight,
+        beta=o.beta,
+        label_smoothing=o.label_smoothing,
+        sft_reduction=o.sft_reduction,
+    )
+
+
+def reference_cache_path(config: MPOConfig) -> Path:
+    return Path(config.mpo.reference_cache or Path(config.train.output_dir) / "reference_logps.pt")
+
+
+def cache_settings(settings) -> dict[str, Any]:
+    """What precomputed reference log-probs depend on, besides the records and the weights."""
+    return asdict(settings)
+
+
+def update_delta(running: RunningRewardMean, accelerator, rewards: tuple[torch.Tensor, torch.Tensor] | None) -> float:
+    """Fold this micro-batch's mean reward of every rank into delta (spec §1.6); a rank whose pairs were all
+    skipped passes None and still joins the all-reduce."""
+    if rewards is None:
+        local = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
+    else:
+        local = torch.tensor(
+            [RunningRewardMean.local_mean(*rewards), 1.0], device=accelerator.device, dtype=torch.float64
+        )
+    rank_means_sum, num_ranks = accelerator.reduce(local, "sum").tolist()
+    return running.update(rank_means_sum, int(num_ranks)) if num_ranks else running.mean
+
+
+def _now(accelerator) -> float:
+    """Wall time after the device finished its queued work, so GPU stages are timed, not just launched."""
+    if accelerator.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def train(config: MPOConfig) -> dict[str, Any]:
+    """Run MPO as configured; returns a summary (final loss, steps, skipped pairs, paths)."""
+    m, d, t, o = config.model, config.data, config.train, config.mpo
+    accelerator = make_accelerator(t)
+    set_seed(t.seed)
+    output_dir = Path(t.output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    objective = build_objective(config)
+
+    # Model: load, then the original order of DropPath, freezing, LoRA, checkpointing.
+    model, tokenizer = prepare_policy(m)
+    num_trainable, num_total = count_parameters(model)
+
+    # Data: meta -> records -> pairs -> this rank's [prompt | chosen | rejected] micro-batches.
+    settings = sample_settings(d, model.config)
+    builder = PairBuilder(SampleBuilder(tokenizer, settings))
+    dataset = RecordDataset(
+        d.meta_path, builder, seed=t.seed, on_bad_sample=d.on_bad_sample, require_data_augment=False
+    )
+    sampler = make_sampler(len(dataset), t, accelerator)
+    collate = partial(
+        pair_collate,
+        pad_token_id=tokenizer.pad_token_id,
+        dummy_tile=blank_tile(settings.image_size, settings.normalize_type),
+        mode=o.pair_layout,
+    )
+    total_steps, warmup_steps = schedule_lengths(sampler, t)
+
+    # Reference: a frozen copy, the LoRA-disabled policy, or precomputed log-probs (no second model).
+    if o.reference == "precomputed":
+        reference = ReferenceCache.load(
+            reference_cache_path(config),
+            fingerprint=weights_fingerprint(m.model_name_or_path),
+            settings=cache_settings(settings),
+        )
+    elif o.reference == "lora_disabled":
+        reference = LiveReference(model, disable_lora_of=model)
+    else:
+        reference_model, _ = load_model(
+            m.model_name_or_path,
+            dtype=torch.bfloat16 if t.bf16 else torch.float32,
+            attn_implementation=m.attn_implementation,
+        )
+        reference = LiveReference(frozen_copy(reference_model).to(accelerator.device))
+
+    uses_lora = bool(m.use_llm_lora or m.use_backbone_lora)
+    running = RunningRewardMean()
+    forward, optimizer, scheduler, state = prepare_optimization(
+        accelerator,
+        InternVLTrainingForward(model),
+        t,
+        total_steps,
+        warmup_steps,
+        uses_lora=uses_lora,
+        checkpointed=[running],
+    )
+    micro_batches = data_stream(dataset, sampler, collate, state, t, d.dataloader_num_workers)
+
+    metrics = MetricsWriter(output_dir, enabled=accelerator.is_main_process, tensorboard=t.report_to == "tensorboard")
+    if accelerator.is_main_process:
+        (output_dir / "config.resolved.json").write_text(json.dumps(to_dict(config), indent=2, ensure_ascii=False))
+        logger.info(
+            "trainable parameters %d of %d; %d pairs; %d steps; reference: %s",
+            num_trainable,
+            num_total,
+            len(dataset),
+            total_steps,
+            o.reference,
+        )
+    progress = tqdm(total=total_steps, initial=state.step, desc="mpo", disable=not accelerator.is_main_process)
+    forward.train()
+    last_loss = float("nan")
+    empty_micro_batches = 0
+    while state.step < total_steps:
+        step_start = time.perf_counter()
+        batches = [next(micro_batches) for _ in range(t.gradient_accumulation_steps)]
+        state.micro_batches += len(batches)
+        for batch in batches:
+            state.skipped += batch["skipped"]
+        # The step's denominators: pairs and chosen tokens over all its micro-batches on all ranks.
+        local = torch.tensor(
+            [sum(b["num_pairs"] for b in batches), sum(int(b["chosen_mask"].sum()) for b in batches if b["num_pairs"])],
+            device=accelerator.device,
+        )
+        num_pairs, num_chosen_tokens = accelerator.reduce(local, "sum").tolist()
+        if num_pairs == 0:
+            empty_micro_batches += len(batches)
+            if empty_micro_batches >= sampler.batches_per_epoch:
+                raise DataError(f"a whole epoch of pairs was skipped as bad; first problems: {state.skipped[:3]}")
+            logger.warning("step %d: every pair of the step was skipped; no update", state.step)
+            continue
+        empty_micro_batches = 0
+
+        sums: dict[str, float] = {}
+        timing = {"reference_s": 0.0, "policy_s": 0.0}
+        for i, batch in enumerate(batches):
+            sync = i == len(batches) - 1
+            with contextlib.nullcontext() if sync else accelerator.no_sync(forward):
+                if batch["num_pairs"] == 0:
+                    # All its pairs were skipped (counted above); a zero loss keeps ranks in step.
+                    loss = sum(p.sum() for p in forward.parameters() if p.requires_grad) * 0.0
+                    accelerator.backward(loss)
+                    if objective.needs_delta:
+                        update_delta(running, accelerator, None)
+                    continue
+                start = _now(accelerator)
+                policy = pair_logps(forward, batch, accelerator.device)
+                timing["policy_s"] += _now(accelerator) - start
+                start = _now(accelerator)
+                ref_chosen, ref_rejected = reference(batch, accelerator.device)
+                timing["reference_s"] += _now(accelerator) - start
+                delta = None
+                if objective.needs_delta:
+                    chosen_rewards = o.beta * (policy["chosen_logps"].detach() - ref_chosen)
+                    rejected_rewards = o.beta * (policy["rejected_logps"].detach() - ref_rejected)
+                    delta = update_delta(running, accelerator, (chosen_rewards, rejected_rewards))
+                out = objective(
+                    policy["chosen_logps"],
+                    policy["rejected_logps"],
+                    ref_chosen,
+                    ref_rejected,
+                    delta=delta,
+                    chosen_nll_sum=-policy["chosen_logps"],
+                    chosen_num_tokens=policy["chosen_num_tokens"],
+                    chosen_lengths=policy["chosen_num_tokens"],
+                    rejected_lengths=policy["rejected_num_tokens"],
+                )
+                sft_sum = -policy["chosen_logps"].sum() if objective.sft_weight else 0.0
+                # DDP averages gradients over ranks; multiplying by the world size makes it a global sum.
+                loss = (
+                    out.per_pair.sum() / num_pairs + objective.sft_weight * sft_sum / max(1, num_chosen_tokens)
+                ) * accelerator.num_processes
+                accelerator.backward(loss)
+                pairs = batch["num_pairs"]
+                for name, value in {
+                    "loss": float(loss.detach()) / accelerator.num_processes,
+                    **{f"loss/{k}": float(v) * pairs for k, v in out.terms.items()},
+                    "rewards/chosen": float(out.chosen_rewards.sum()),
+                    "rewards/rejected": float(out.rejected_rewards.sum()),
+                    "rewards/accuracies": float(out.reward_accuracy) * pairs,
+                    "rewards/margins": float(out.reward_margin) * pairs,
+                    "logps/chosen": float(policy["chosen_logps"].detach().sum()),
+                    "logps/rejected": float(policy["rejected_logps"].detach().sum()),
+                }.items():
+                    sums[name] = sums.get(name, 0.0) + value
+        grad_norm = accelerator.clip_grad_norm_(forward.parameters(), t.max_grad_norm) if t.max_grad_norm > 0 else None
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+
+        names = sorted(sums)
+        totals = dict(
+            zip(
+                names,
+                accelerator.reduce(
+                    torch.tensor([sums[n] for n in names], device=accelerator.device, dtype=torch.float64), "sum"
+                ).tolist(),
+                strict=True,
+            )
+        )
+        last_loss = totals.get("loss", float("nan"))
+        progress.update(1)
+        progress.set_postfix(loss=f"{last_loss:.4f}", acc=f"{totals.get('rewards/accuracies', 0) / num_pairs:.2f}")
+        if state.step % t.logging_steps == 0 or state.step == total_steps:
+            elapsed = time.perf_counter() - step_start
+            real = [b for b in batches if b["num_pairs"]]
+            counts = accelerator.reduce(
+                torch.tensor(
+                    [sum(b["num_image_tokens"] for b in real), sum(b["num_text_tokens"] for b in real)],
+                    device=accelerator.device,
+                ),
+                "sum",
+            ).tolist()
+            metrics.write(
+                state.step,
+                {
+                    "loss": last_loss,
+                    **{k: v / num_pairs for k, v in totals.items() if k != "loss"},
+                    "delta": running.mean,
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                    "epoch": state.micro_batches / sampler.batches_per_epoch,
+                    "num_pairs": num_pairs,
+                    "pairs_per_s": num_pairs / elapsed,
+                    "vision_tokens_per_s": counts[0] / elapsed,
+                    "text_tokens_per_s": counts[1] / elapsed,
+                    "reference_time_share": timing["reference_s"] / elapsed,
+                    "policy_forward_time_share": timing["policy_s"] / elapsed,
+                    "step_time_s": elapsed,
+                },
+            )
+        if t.save_steps and state.step % t.save_steps == 0 and state.step < total_steps:
+            save_step_checkpoint(accelerator, state, t)
+    progress.close()
+    metrics.close()
+
+    metadata = checkpoint_metadata(
+        to_dict(config),
+        {**asdict(settings), "patch_size": image_geometry(model.config).patch_size},
+        d.conv_style,
+        d.system_message,
+    )
+    final_dir = save_final(accelerator, forward, tokenizer, output_dir, metadata, uses_lora=uses_lora)
+    summary = {
+        "steps": state.step,
+        "final_loss": last_loss,
+        "delta": running.mean,
+        "num_skipped": len(state.skipped),
+        "skipped": state.skipped,
+        "output_dir": str(output_dir),
+        "final_model": str(final_dir),
+    }
+    if accelerator.is_main_process:
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+        if state.skipped:
+            logger.warning("%d bad pairs were skipped:", len(state.skipped))
+            for where, message in state.skipped[:20]:
+                logger.warning("  %s", message if message.startswith(where) else f"{where}: {message}")
+    finish(accelerator)
+    return summary
+
+
+@torch.no_grad()
+def precompute_reference(config: MPOConfig) -> Path:
+    """Write the reference log-probs of every pair of the run's data to the reference cache, once."""
+    m, d, t = config.model, config.data, config.train
+    accelerator = make_accelerator(t)
+    model, tokenizer = load_model(m.model_name_or_path, attn_implementation=m.attn_implementation)
+    settings = sample_settings(d, model.config)
+    random_frames = d.video_sample == "rand" or d.min_num_frame != d.max_num_frame
+    dataset = RecordDataset(
+        d.meta_path,
+        PairBuilder(SampleBuilder(tokenizer, settings)),
+        seed=t.seed,
+        on_bad_sample=d.on_bad_sample,
+        require_data_augment=False,
+    )
+    augmented = [e.name for e in dataset.entries if e.data_augment]
+    if augmented:
+        raise ValueError(f"precomputed reference log-probs need data_augment false; it is on for {augmented}")
+    reference = LiveReference(frozen_copy(model).to(accelerator.device))
+    collate = partial(
+        pair_collate,
+        pad_token_id=tokenizer.pad_token_id,
+        dummy_tile=blank_tile(settings.image_size, settings.normalize_type),
+        mode="shared",
+    )
+    indices = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
+    batch_size = t.per_device_train_batch_size
+    logps: dict[str, tuple[float, float]] = {}
+    for start in tqdm(range(0, len(indices), batch_size), desc="reference", disable=not accelerator.is_main_process):
+        chunk = indices[start : start + batch_size]
+        if random_frames and any("video" in dataset.record(i)[0] for i in chunk):
+            raise ValueError(
+                "precomputed reference log-probs need the frames training will see: set data.video_sample=middle "
+                "and min_num_frame == max_num_frame for video pairs"
+            )
+        batch = collate([dataset[i] for i in chunk])
+        if not batch["num_pairs"]:
+            continue
+        chosen, rejected = reference(batch, accelerator.device)
+        logps.update(zip(batch["keys"], zip(chosen.tolist(), rejected.tolist(), strict=True), strict=True))
+    gathered: dict[str, tuple[float, float]] = {}
+    for part in gather_object([logps]):
+        gathered.update(part)
+    path = reference_cache_path(config)
+    if accelerator.is_main_process:
+        ReferenceCache(weights_fingerprint(m.model_name_or_path), cache_settings(settings), gathered).save(path)
+        logger.info("wrote reference log-probs of %d pairs to %s", len(gathered), path)
+    finish(accelerator)
+    return path
