@@ -136,7 +136,8 @@ def _fields_help(mpo: bool = False) -> str:
     for section, cls in sections:
         docs = field_docs(cls)
         for f in dataclasses.fields(cls):
-            lines.append(f"  {section}.{f.name} [{f.default!r}]: {docs[f.name]}")
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {section}.{f.name} [{default!r}]: {' '.join(docs[f.name].split())}")
     return "\n".join(lines)
 
 

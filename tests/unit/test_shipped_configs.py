@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from internvl_tune.config import DataArgs, ModelArgs, SFTConfig, TrainArgs, field_docs, load_config
+from internvl_tune.config import DataArgs, ModelArgs, MPOArgs, MPOConfig, SFTConfig, TrainArgs, field_docs, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -15,10 +15,20 @@ def test_shipped_sft_configs_load(path):
     assert path.read_text().startswith("#") and "Launch:" in path.read_text()
 
 
-@pytest.mark.parametrize("cls", [ModelArgs, DataArgs, TrainArgs])
+@pytest.mark.parametrize("cls", [ModelArgs, DataArgs, TrainArgs, MPOArgs])
 def test_every_field_has_a_docstring_and_is_in_the_docs(cls):
     docs = field_docs(cls)
     reference = (ROOT / "docs" / "config.md").read_text()
     for f in dataclasses.fields(cls):
         assert docs.get(f.name), f"{cls.__name__}.{f.name} has no docstring"
         assert f"`{f.name}`" in reference, f"docs/config.md misses {f.name}"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "mpo").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_mpo_configs_load(path):
+    from internvl_tune.recipes.mpo import build_objective
+
+    config = load_config(MPOConfig, path)
+    objective = build_objective(config)
+    assert objective.loss_types == ["sigmoid", "bco_pair", "sft"] and objective.loss_weights == [0.8, 0.2, 1.0]
+    assert config.mpo.beta == 0.1 and config.train.weight_decay == 0.05 and config.train.num_train_epochs == 1
