@@ -152,3 +152,25 @@ def test_pair_collate_rows_spelled_out():
     ]
     assert batch["chosen_positions"].tolist() == [[1, 2]] and batch["chosen_mask"].tolist() == [[True, False]]
     assert batch["rejected_positions"].tolist() == [[1]] and batch["rejected_targets"].tolist() == [[30]]
+
+
+def test_video_pairs_work(tokenizer, tmp_path):
+    (tmp_path / "clip").mkdir()
+    for i in range(4):
+        draw_image(tmp_path / "clip" / f"frame_{i}.png", (56, 56), "green")
+    settings = SampleSettings(image_size=56, num_image_token=4, min_num_frame=3, max_num_frame=3)
+    builder = PairBuilder(SampleBuilder(tokenizer, settings))
+    record = {"video": "clip", "question": "What happens?", "chosen": "Nothing.", "rejected": "A cat jumps."}
+    pair = builder(record, "p.jsonl:1", _entry(tmp_path), random.Random(0))
+    assert pair["num_tiles"] == [1, 1, 1] and pair["pixel_values"].shape[0] == 3
+    assert "Frame-3: <img>" in tokenizer.decode(pair["prompt_ids"])
+
+
+def test_pair_image_tokens_cut_is_an_error(tokenizer, tmp_path):
+    draw_image(tmp_path / "wide.png", (168, 56), "red")
+    settings = SampleSettings(image_size=56, num_image_token=4, max_dynamic_patch=6, max_seq_length=30)
+    builder = PairBuilder(SampleBuilder(tokenizer, settings))
+    record = {"image": "wide.png", "question": "Colour?", "chosen": "red", "rejected": "blue"}
+    with pytest.raises(DataError) as e:
+        builder(record, "p.jsonl:9", _entry(tmp_path), random.Random(0))
+    assert e.value.kind == "image tokens cut" and str(e.value).startswith("p.jsonl:9: ")
