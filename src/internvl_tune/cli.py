@@ -54,7 +54,7 @@ def _check_data(args: argparse.Namespace) -> int:
         tokenizer,
         sample_settings(config.data, model_config),
         batch_size=args.batch_size or config.train.per_device_train_batch_size,
-        require_data_augment=not args.preference,
+        pairs=args.preference,
     )
     print(report.format(max_listed=args.max_listed))
     if args.json:
@@ -191,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--model", required=True, help="model folder (its tokenizer and image geometry are used)")
     check.add_argument("--config", help="YAML run file whose data settings to use")
     check.add_argument("--batch-size", type=int, default=0, help="batch size for the padding estimate")
-    check.add_argument("--preference", action="store_true", help="preference data: data_augment is optional")
+    check.add_argument(
+        "--preference", action="store_true", help="preference (MMPR) data: question / chosen / rejected records"
+    )
     check.add_argument("--max-listed", type=int, default=10, help="problems listed per kind")
     check.add_argument("--json", help="also write the report as JSON to this file")
     check.add_argument("overrides", nargs="*", help="key=value data overrides, e.g. max_dynamic_patch=6")

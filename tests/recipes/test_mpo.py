@@ -158,3 +158,15 @@ def test_original_loss_spelling(tmp_path, tiny_model_dir, meta):
     assert row["loss"] == pytest.approx(
         0.8 * row["loss/sigmoid"] + 0.2 * row["loss/bco_pair"] + row["loss/sft"], rel=1e-5
     )
+
+
+def test_check_data_on_preference_pairs(tmp_path, tiny_model_dir, meta, capsys):
+    assert main(["check-data", str(meta), "--model", str(tiny_model_dir), "--preference", "max_dynamic_patch=4"]) == 0
+    assert "records: 12   ok: 12   errors: 0" in capsys.readouterr().out
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    write_jsonl(bad / "pairs.jsonl", [{"question": "q", "chosen": "a", "rejected": "a"}, {"question": "q"}])
+    bad_meta = write_meta(bad / "meta.json", {"bad": {"root": "", "annotation": "pairs.jsonl"}})
+    assert main(["check-data", str(bad_meta), "--model", str(tiny_model_dir), "--preference"]) == 1
+    out = capsys.readouterr().out
+    assert "invalid pair: 1" in out and "missing field: 1" in out and "pairs.jsonl:2" in out

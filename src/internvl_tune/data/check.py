@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from internvl_tune.data.dataset import RecordDataset
 from internvl_tune.data.errors import DataError
+from internvl_tune.data.preference import PairBuilder
 from internvl_tune.data.transform import SampleBuilder, SampleSettings
 
 
@@ -115,17 +116,25 @@ def check_data(
     *,
     batch_size: int = 1,
     seed: int = 42,
-    require_data_augment: bool = True,
+    pairs: bool = False,
     progress: bool = True,
 ) -> DataReport:
-    """Validate every record of a meta file and collect the report."""
+    """Validate every record of a meta file (SFT conversations, or preference pairs) and collect the report.
+
+    For pairs, a sample's length is its longer sequence, prompt + max(chosen, rejected) (what max_seq_length
+    limits), and padding is estimated on shared-prefix rows, prompt + chosen + rejected.
+    """
+
+    def make_builder(sample_settings: SampleSettings):
+        builder = SampleBuilder(tokenizer, sample_settings)
+        return PairBuilder(builder) if pairs else builder
+
     # Measure full lengths: a longer limit during the scan tells "over max_seq_length" apart from other errors.
-    scan_settings = replace(settings, max_seq_length=10**9)
-    dataset = RecordDataset(
-        meta_path, SampleBuilder(tokenizer, scan_settings), seed=seed, require_data_augment=require_data_augment
-    )
+    scan = make_builder(replace(settings, max_seq_length=10**9))
+    strict = make_builder(settings)
+    dataset = RecordDataset(meta_path, scan, seed=seed, require_data_augment=not pairs)
     report = DataReport(max_seq_length=settings.max_seq_length, batch_size=batch_size)
-    strict = SampleBuilder(tokenizer, settings)
+    row_lengths = []
     for entry in dataset.entries:
         report.per_dataset[entry.name] = Counter()
     for d, file in enumerate(tqdm(dataset.files, desc="datasets", disable=not progress)):
@@ -136,8 +145,14 @@ def check_data(
             rng = random.Random(f"{seed}-check-{d}-{line}")
             try:
                 record, where = file[line]
-                sample = dataset.builder(record, where, entry, rng, load_pixels=False)
-                if len(sample["input_ids"]) > settings.max_seq_length:
+                sample = scan(record, where, entry, rng, load_pixels=False)
+                if pairs:
+                    prompt = len(sample["prompt_ids"])
+                    responses = (len(sample["chosen_ids"]), len(sample["rejected_ids"]))
+                    length, row = prompt + max(responses), prompt + sum(responses)
+                else:
+                    length = row = len(sample["input_ids"])
+                if length > settings.max_seq_length:
                     report.num_over_max_length += 1
                     strict(record, where, entry, rng, load_pixels=False)  # raises if image tokens would be cut
             except DataError as e:
@@ -146,9 +161,10 @@ def check_data(
                 continue
             report.num_ok += 1
             counts["image" if record.get("image") else "video" if record.get("video") else "text"] += 1
-            report.text_tokens.append(sample["num_text_tokens"])
+            report.text_tokens.append(row - sample["num_image_tokens"])
             report.image_tokens.append(sample["num_image_tokens"])
             report.tiles.append(sum(sample["num_tiles"]))
-            report.lengths.append(min(len(sample["input_ids"]), settings.max_seq_length))
-    report.padding_waste = padding_waste(report.lengths, batch_size, seed)
+            report.lengths.append(min(length, settings.max_seq_length))
+            row_lengths.append(row)
+    report.padding_waste = padding_waste(row_lengths, batch_size, seed)
     return report

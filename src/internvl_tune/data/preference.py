@@ -68,7 +68,13 @@ class PairBuilder:
         self.builder = builder
 
     def __call__(
-        self, record: dict[str, Any], where: str, entry: DatasetEntry | None, rng: random.Random
+        self,
+        record: dict[str, Any],
+        where: str,
+        entry: DatasetEntry | None,
+        rng: random.Random,
+        *,
+        load_pixels: bool = True,
     ) -> dict[str, Any]:
         """Build one pair.
 
@@ -79,7 +85,7 @@ class PairBuilder:
             `meta` (the record's extra keys).
         """
         conversation, chosen, rejected = record_to_pair(record, where)
-        media = self.builder.expand(conversation, where, entry, rng)
+        media = self.builder.expand(conversation, where, entry, rng, load_pixels=load_pixels)
         sequences = []
         for answer in (chosen, rejected):
             messages = [*media.messages, {"role": "assistant", "content": answer}]
