@@ -114,6 +114,9 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    import yaml
+
+    from internvl_tune.config import ConfigError
     from internvl_tune.demo.run import DemoSettings, run_demo
 
     settings = DemoSettings(output_dir=args.output_dir)
@@ -121,7 +124,9 @@ def _demo(args: argparse.Namespace) -> int:
         settings = settings.quick()
     for override in args.overrides:
         key, value = override.split("=", 1)
-        setattr(settings, key, type(getattr(settings, key))(value))
+        if not hasattr(settings, key):
+            raise ConfigError(f"override {override!r}: DemoSettings has no field {key!r}")
+        setattr(settings, key, type(getattr(settings, key))(yaml.safe_load(value)))
     report = run_demo(settings)
     return 0 if report["passed"] else 1
 

@@ -9,6 +9,11 @@ Stages, each timed:
 3. eval_before: greedy answers to every held-out question, exact match after normalisation.
 4. train: the SFT recipe (`recipes/sft.py`) on `data/meta.json`, writing `run/final` and `run/metrics.jsonl`.
 5. eval_after: the same questions for `run/final`.
+6. mpo: preference pairs from the task's ground truth (the right answer chosen, a wrong one of the same type
+   rejected), MPO (`recipes/mpo.py`, sigmoid + bco_pair + sft) from the SFT model with it as the reference,
+   writing `mpo_run/final`.
+7. eval_mpo: reward accuracy of the MPO model against the SFT model on held-out pairs (0 before MPO: a policy
+   equal to its reference has zero rewards), and the held-out questions again.
 
 `report.json` holds the accuracies per question type before and after, the per-step loss curve, the stage times
 and the settings. The demo passes when the colour accuracy after training reaches `pass_threshold`; in quick mode
@@ -29,12 +34,13 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from internvl_tune.config import DataArgs, ModelArgs, SFTConfig, TrainArgs
-from internvl_tune.demo.task import QUESTION_TYPES, make_task, normalize_answer, read_eval, task_texts
+from internvl_tune.config import DataArgs, ModelArgs, MPOArgs, MPOConfig, SFTConfig, TrainArgs
+from internvl_tune.demo.task import QUESTION_TYPES, make_pairs, make_task, normalize_answer, read_eval, task_texts
 from internvl_tune.evaluate.generate import answer_questions
+from internvl_tune.evaluate.preference import reward_accuracy
 from internvl_tune.model.load import image_geometry, load_model
 from internvl_tune.model.tiny import save_tiny_model
-from internvl_tune.recipes.sft import train
+from internvl_tune.recipes import mpo, sft
 from internvl_tune.training.metrics import read_metrics
 
 TEMPLATE = "internvl2_5"
@@ -83,14 +89,19 @@ class DemoSettings:
     """Questions per `generate` call."""
     max_new_tokens: int = 6
     """Longest answer in tokens."""
+    mpo_steps: int = 150
+    """MPO optimizer steps on the ground-truth pairs (0 = skip the MPO stage)."""
+    mpo_learning_rate: float = 5e-5
+    """MPO peak learning rate."""
     pass_criterion: str = "colour_accuracy"
-    """colour_accuracy: colour accuracy after training >= pass_threshold; loss_decrease: last loss < first."""
+    """colour_accuracy: colour accuracy after SFT >= pass_threshold and, with MPO, held-out reward accuracy > 0.5;
+    loss_decrease: last SFT loss < first."""
     pass_threshold: float = 0.9
 
     def quick(self) -> DemoSettings:
         """A shortened copy for tests: a few steps on a few images; passes when the loss falls."""
         return dataclasses.replace(
-            self, num_train=24, num_eval=4, max_steps=6, batch_size=4, pass_criterion="loss_decrease"
+            self, num_train=24, num_eval=4, max_steps=6, batch_size=4, mpo_steps=3, pass_criterion="loss_decrease"
         )
 
 
@@ -156,17 +167,23 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         ),
     )
     config.validate()
-    summary = train(config)
+    summary = sft.train(config)
     times["train"] = time.perf_counter() - stage
 
     stage = time.perf_counter()
     after = evaluate(Path(summary["final_model"]), items, settings, desc="eval after")
     times["eval_after"] = time.perf_counter() - stage
+
+    preference = (
+        run_mpo_stage(task, Path(summary["final_model"]), output_dir, settings, times) if settings.mpo_steps else {}
+    )
     times["total"] = time.perf_counter() - start
 
     losses = [row["loss"] for row in read_metrics(run_dir / "metrics.jsonl") if "loss" in row]
     if settings.pass_criterion == "colour_accuracy":
         passed = after["accuracy"].get("colour", 0.0) >= settings.pass_threshold
+        if preference:  # and MPO must prefer the right answers on held-out pairs
+            passed = passed and preference["reward_accuracy_after"]["reward_accuracy"] > 0.5
     else:
         passed = len(losses) >= 2 and losses[-1] < losses[0]
     report = {
@@ -183,11 +200,64 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
             for item, b, a in zip(items[:9], before["answers"], after["answers"], strict=False)
         ],
         "final_model": summary["final_model"],
+        "mpo": preference,
     }
     (output_dir / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     print(format_report(report))
     print(f"report: {output_dir / 'report.json'}")
     return report
+
+
+def run_mpo_stage(task, sft_model: Path, output_dir: Path, settings: DemoSettings, times: dict[str, float]) -> dict:
+    """MPO from the SFT model on ground-truth pairs; reward accuracy on held-out pairs and QA accuracy after."""
+    stage = time.perf_counter()
+    pairs = make_pairs(task, settings.seed)
+    run_dir = output_dir / "mpo_run"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    data = DataArgs(
+        meta_path=str(pairs.train_meta),
+        conv_style=TEMPLATE,
+        system_message=settings.system_message,
+        max_dynamic_patch=settings.max_dynamic_patch,
+    )
+    config = MPOConfig(
+        model=ModelArgs(
+            model_name_or_path=str(sft_model), grad_checkpoint=False, freeze_backbone=True, drop_path_rate=0.0
+        ),
+        data=data,
+        train=TrainArgs(
+            output_dir=str(run_dir),
+            max_steps=settings.mpo_steps,
+            per_device_train_batch_size=settings.batch_size,
+            learning_rate=settings.mpo_learning_rate,
+            weight_decay=0.05,
+            warmup_ratio=settings.warmup_ratio,
+            seed=settings.seed,
+        ),
+        mpo=MPOArgs(),
+    )
+    config.validate()
+    summary = mpo.train(config)
+    times["mpo"] = time.perf_counter() - stage
+
+    stage = time.perf_counter()
+    held_out = dataclasses.replace(data, meta_path=str(pairs.eval_meta))
+    before = reward_accuracy(sft_model, sft_model, held_out, beta=config.mpo.beta, batch_size=settings.eval_batch_size)
+    after = reward_accuracy(
+        Path(summary["final_model"]), sft_model, held_out, beta=config.mpo.beta, batch_size=settings.eval_batch_size
+    )
+    questions = evaluate(Path(summary["final_model"]), read_eval(task), settings, desc="eval after mpo")
+    times["eval_mpo"] = time.perf_counter() - stage
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    return {
+        "reward_accuracy_before": before,
+        "reward_accuracy_after": after,
+        "accuracy_after_mpo": questions["accuracy"],
+        "losses": [row["loss"] for row in rows],
+        "train_reward_accuracy": [row["rewards/accuracies"] for row in rows],
+        "final_model": summary["final_model"],
+    }
 
 
 def evaluate(model_dir: Path, items: Sequence[dict[str, str]], settings: DemoSettings, *, desc: str) -> dict[str, Any]:
@@ -239,5 +309,12 @@ def format_report(report: dict[str, Any]) -> str:
     if losses:
         lines.append(f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps")
     lines.append("time " + ", ".join(f"{name} {seconds:.0f}s" for name, seconds in report["seconds"].items()))
+    if report.get("mpo"):
+        m = report["mpo"]
+        lines.append(
+            f"MPO: held-out reward accuracy {m['reward_accuracy_before']['reward_accuracy']:.1%} -> "
+            f"{m['reward_accuracy_after']['reward_accuracy']:.1%}; colour accuracy after MPO "
+            f"{m['accuracy_after_mpo'].get('colour', 0):.1%}"
+        )
     lines.append(f"{'PASSED' if report['passed'] else 'FAILED'} ({report['pass_criterion']})")
     return "\n".join(lines)

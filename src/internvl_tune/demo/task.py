@@ -193,3 +193,48 @@ def _record(record_id: str, image: str, question: str, answer: str) -> dict[str,
 
 def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+_ANSWERS = {"colour": tuple(COLOURS), "count": NUMBER_WORDS, "shape": SHAPES}
+
+
+@dataclass(frozen=True)
+class PairPaths:
+    train_meta: Path
+    eval_meta: Path
+
+
+def make_pairs(paths: TaskPaths, seed: int) -> PairPaths:
+    """Preference pairs (MMPR format) from the task's own ground truth: the right answer is chosen, a wrong answer
+    of the same question type is rejected. One pair per training question (`pairs_train.jsonl`) and per held-out
+    question (`pairs_eval.jsonl`), each with its meta file.
+
+    Example: "What colour is the shape?" on a red image -> chosen "red", rejected e.g. "blue".
+    """
+    rng = random.Random(seed)
+    written = []
+    for name, source in (("train", paths.train), ("eval", paths.eval)):
+        records = []
+        for line in source.read_text().splitlines():
+            record = json.loads(line)
+            human, gpt = record["conversations"]
+            answer = gpt["value"]
+            kind = next(k for k, options in _ANSWERS.items() if answer in options)
+            wrong = rng.choice([option for option in _ANSWERS[kind] if option != answer])
+            records.append(
+                {
+                    "id": record["id"],
+                    "image": record["image"],
+                    "question": human["value"],
+                    "chosen": answer,
+                    "rejected": wrong,
+                    "question_type": kind,
+                }
+            )
+        _write_jsonl(paths.root / f"pairs_{name}.jsonl", records)
+        meta = paths.root / f"pairs_{name}_meta.json"
+        meta.write_text(
+            json.dumps({f"{DATASET_NAME}_pairs_{name}": {"root": "images", "annotation": f"pairs_{name}.jsonl"}})
+        )
+        written.append(meta)
+    return PairPaths(*written)
