@@ -70,6 +70,7 @@ def test_mpo_trains_logs_every_term_and_resumes_with_delta(tmp_path, tiny_model_
         "pairs_per_s",
         "vision_tokens_per_s",
         "reference_time_share",
+        "vit_time_share",
     ):
         assert key in rows[0], key
     assert rows[0]["loss/sigmoid"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at step 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 from peft import PeftModel
 from torch import nn
@@ -24,6 +26,7 @@ class InternVLTrainingForward(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        self.vit_seconds = 0.0  # time spent in the ViT + projector since the recipe last reset it (telemetry)
 
     def forward(
         self,
@@ -38,12 +41,14 @@ class InternVLTrainingForward(nn.Module):
         config = internvl.config
         inputs_embeds = internvl.get_input_embeddings()(input_ids)  # [B, T, D]
         if pixel_values is not None:
+            start = synchronized_time(pixel_values.device)
             features = internvl.model.get_image_features(
                 pixel_values=pixel_values,
                 vision_feature_layer=config.vision_feature_layer,
                 vision_feature_select_strategy=config.vision_feature_select_strategy,
             ).pooler_output  # [N, tokens_per_tile, D]
             features = features.to(inputs_embeds.dtype)
+            self.vit_seconds += synchronized_time(pixel_values.device) - start
             image_flags = image_flags if image_flags is not None else torch.ones(len(features), dtype=torch.bool)
             real = features[image_flags].reshape(-1, features.shape[-1])
             placeholder = input_ids == config.image_token_id
@@ -57,3 +62,10 @@ class InternVLTrainingForward(nn.Module):
                 inputs_embeds = inputs_embeds + features[~image_flags].sum() * 0.0
         outputs = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids)
         return outputs.logits
+
+
+def synchronized_time(device: torch.device) -> float:
+    """Wall time once the device has finished its queued work, so GPU stages are timed, not just launched."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

@@ -34,7 +34,7 @@ from internvl_tune.data.preference import PairBuilder
 from internvl_tune.data.transform import SampleBuilder
 from internvl_tune.losses.objective import PreferenceObjective
 from internvl_tune.losses.running import RunningRewardMean
-from internvl_tune.model.forward import InternVLTrainingForward
+from internvl_tune.model.forward import InternVLTrainingForward, synchronized_time
 from internvl_tune.model.freeze import count_parameters
 from internvl_tune.model.load import image_geometry, load_model
 from internvl_tune.model.prepare import prepare_policy, sample_settings
@@ -90,13 +90,6 @@ def update_delta(running: RunningRewardMean, accelerator, rewards: tuple[torch.T
         )
     rank_means_sum, num_ranks = accelerator.reduce(local, "sum").tolist()
     return running.update(rank_means_sum, int(num_ranks)) if num_ranks else running.mean
-
-
-def _now(accelerator) -> float:
-    """Wall time after the device finished its queued work, so GPU stages are timed, not just launched."""
-    if accelerator.device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter()
 
 
 def train(config: MPOConfig) -> dict[str, Any]:
@@ -195,6 +188,8 @@ def train(config: MPOConfig) -> dict[str, Any]:
 
         sums: dict[str, float] = {}
         timing = {"reference_s": 0.0, "policy_s": 0.0}
+        policy_forward = accelerator.unwrap_model(forward)
+        policy_forward.vit_seconds = 0.0
         for i, batch in enumerate(batches):
             sync = i == len(batches) - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(forward):
@@ -205,12 +200,12 @@ def train(config: MPOConfig) -> dict[str, Any]:
                     if objective.needs_delta:
                         update_delta(running, accelerator, None)
                     continue
-                start = _now(accelerator)
+                start = synchronized_time(accelerator.device)
                 policy = pair_logps(forward, batch, accelerator.device)
-                timing["policy_s"] += _now(accelerator) - start
-                start = _now(accelerator)
+                timing["policy_s"] += synchronized_time(accelerator.device) - start
+                start = synchronized_time(accelerator.device)
                 ref_chosen, ref_rejected = reference(batch, accelerator.device)
-                timing["reference_s"] += _now(accelerator) - start
+                timing["reference_s"] += synchronized_time(accelerator.device) - start
                 delta = None
                 if objective.needs_delta:
                     chosen_rewards = o.beta * (policy["chosen_logps"].detach() - ref_chosen)
@@ -289,6 +284,7 @@ def train(config: MPOConfig) -> dict[str, Any]:
                     "text_tokens_per_s": counts[1] / elapsed,
                     "reference_time_share": timing["reference_s"] / elapsed,
                     "policy_forward_time_share": timing["policy_s"] / elapsed,
+                    "vit_time_share": policy_forward.vit_seconds / elapsed,
                     "step_time_s": elapsed,
                 },
             )

@@ -112,6 +112,8 @@ def train(config: SFTConfig) -> dict[str, Any]:
         empty_micro_batches = 0
 
         loss_sum = torch.zeros((), device=accelerator.device)
+        policy_forward = accelerator.unwrap_model(forward)
+        policy_forward.vit_seconds = 0.0
         for i, batch in enumerate(batches):
             sync = i == len(batches) - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(forward):
@@ -170,6 +172,7 @@ def train(config: SFTConfig) -> dict[str, Any]:
                     "padding_share": num_pad / max(1, num_positions),
                     "samples_per_s": num_samples / elapsed,
                     "tokens_per_s": (num_image_tokens + num_text_tokens) / elapsed,
+                    "vit_time_share": policy_forward.vit_seconds / elapsed,
                     "step_time_s": elapsed,
                 },
             )
