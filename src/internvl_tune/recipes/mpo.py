@@ -36,18 +36,17 @@ from internvl_tune.losses.objective import PreferenceObjective
 from internvl_tune.losses.running import RunningRewardMean
 from internvl_tune.model.forward import InternVLTrainingForward, synchronized_time
 from internvl_tune.model.freeze import count_parameters
-from internvl_tune.model.load import image_geometry, load_model
+from internvl_tune.model.load import load_model
 from internvl_tune.model.prepare import prepare_policy, sample_settings
 from internvl_tune.model.reference import LiveReference, ReferenceCache, frozen_copy, pair_logps, weights_fingerprint
-from internvl_tune.training.checkpoint import checkpoint_metadata
 from internvl_tune.training.engine import (
     blank_tile,
     data_stream,
     finish,
+    finish_run,
     make_accelerator,
     make_sampler,
     prepare_optimization,
-    save_final,
     save_step_checkpoint,
     schedule_lengths,
 )
@@ -293,30 +292,16 @@ def train(config: MPOConfig) -> dict[str, Any]:
     progress.close()
     metrics.close()
 
-    metadata = checkpoint_metadata(
-        to_dict(config),
-        {**asdict(settings), "patch_size": image_geometry(model.config).patch_size},
-        d.conv_style,
-        d.system_message,
+    return finish_run(
+        accelerator,
+        forward,
+        tokenizer,
+        config,
+        settings,
+        state,
+        uses_lora=uses_lora,
+        extra={"final_loss": last_loss, "delta": running.mean},
     )
-    final_dir = save_final(accelerator, forward, tokenizer, output_dir, metadata, uses_lora=uses_lora)
-    summary = {
-        "steps": state.step,
-        "final_loss": last_loss,
-        "delta": running.mean,
-        "num_skipped": len(state.skipped),
-        "skipped": state.skipped,
-        "output_dir": str(output_dir),
-        "final_model": str(final_dir),
-    }
-    if accelerator.is_main_process:
-        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
-        if state.skipped:
-            logger.warning("%d bad pairs were skipped:", len(state.skipped))
-            for where, message in state.skipped[:20]:
-                logger.warning("  %s", message if message.startswith(where) else f"{where}: {message}")
-    finish(accelerator)
-    return summary
 
 
 @torch.no_grad()

@@ -14,7 +14,6 @@ import contextlib
 import json
 import logging
 import time
-from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -32,19 +31,14 @@ from internvl_tune.data.transform import SampleBuilder
 from internvl_tune.losses.sft import token_nll_sum
 from internvl_tune.model.forward import InternVLTrainingForward
 from internvl_tune.model.freeze import count_parameters
-from internvl_tune.model.load import image_geometry
 from internvl_tune.model.prepare import prepare_policy, sample_settings
-from internvl_tune.training.checkpoint import (
-    checkpoint_metadata,
-)
 from internvl_tune.training.engine import (
     blank_tile,
     data_stream,
-    finish,
+    finish_run,
     make_accelerator,
     make_sampler,
     prepare_optimization,
-    save_final,
     save_step_checkpoint,
     schedule_lengths,
 )
@@ -181,29 +175,13 @@ def train(config: SFTConfig) -> dict[str, Any]:
     progress.close()
     metrics.close()
 
-    metadata = checkpoint_metadata(
-        to_dict(config),
-        {**asdict(settings), "patch_size": image_geometry(model.config).patch_size},
-        d.conv_style,
-        d.system_message,
+    return finish_run(
+        accelerator,
+        forward,
+        tokenizer,
+        config,
+        settings,
+        state,
+        uses_lora=uses_lora,
+        extra={"final_loss": last_loss, "num_truncated": state.num_truncated},
     )
-    final_dir = save_final(accelerator, forward, tokenizer, output_dir, metadata, uses_lora=uses_lora)
-    summary = {
-        "steps": state.step,
-        "final_loss": last_loss,
-        "num_skipped": len(state.skipped),
-        "skipped": state.skipped,
-        "num_truncated": state.num_truncated,
-        "output_dir": str(output_dir),
-        "final_model": str(final_dir),
-    }
-    if accelerator.is_main_process:
-        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
-        if state.skipped:
-            logger.warning("%d bad samples were skipped:", len(state.skipped))
-            for where, message in state.skipped[:20]:
-                logger.warning("  %s", message if message.startswith(where) else f"{where}: {message}")
-        if state.num_truncated:
-            logger.warning("%d samples had their text cut to max_seq_length=%d", state.num_truncated, d.max_seq_length)
-    finish(accelerator)
-    return summary

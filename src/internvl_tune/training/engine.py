@@ -10,6 +10,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +20,14 @@ from accelerate.state import AcceleratorState
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from internvl_tune.config import TrainArgs
+from internvl_tune.config import TrainArgs, to_dict
 from internvl_tune.data.images import ImageTransform
 from internvl_tune.data.sampler import ResumableBatchSampler
 from internvl_tune.model.checkpoint_io import save_hf_checkpoint
+from internvl_tune.model.load import image_geometry
 from internvl_tune.training.checkpoint import (
     TrainState,
+    checkpoint_metadata,
     keep_trainable_weights,
     prune_checkpoints,
     resolve_resume,
@@ -147,6 +150,43 @@ def save_final(
             save_adapter(trained, tokenizer, output_dir / "final_adapter", metadata, final_state)
         save_hf_checkpoint(trained, tokenizer, final_dir, metadata, state_dict=final_state)
     return final_dir
+
+
+def finish_run(
+    accelerator: Accelerator,
+    forward: nn.Module,
+    tokenizer,
+    config,
+    settings,
+    state: TrainState,
+    *,
+    uses_lora: bool,
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    """Save the final model with its metadata, write `summary.json`, report skipped samples, tear down."""
+    d, output_dir = config.data, Path(config.train.output_dir)
+    model = accelerator.unwrap_model(forward).model
+    image = {**asdict(settings), "patch_size": image_geometry(model.config).patch_size}
+    metadata = checkpoint_metadata(to_dict(config), image, d.conv_style, d.system_message)
+    final_dir = save_final(accelerator, forward, tokenizer, output_dir, metadata, uses_lora=uses_lora)
+    summary = {
+        "steps": state.step,
+        **extra,
+        "num_skipped": len(state.skipped),
+        "skipped": state.skipped,
+        "output_dir": str(output_dir),
+        "final_model": str(final_dir),
+    }
+    if accelerator.is_main_process:
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+        if state.skipped:
+            logger.warning("%d bad samples were skipped:", len(state.skipped))
+            for where, message in state.skipped[:20]:
+                logger.warning("  %s", message if message.startswith(where) else f"{where}: {message}")
+        if state.num_truncated:
+            logger.warning("%d samples had their text cut to max_seq_length=%d", state.num_truncated, d.max_seq_length)
+    finish(accelerator)
+    return summary
 
 
 def finish(accelerator: Accelerator) -> None:
