@@ -1,10 +1,8 @@
 """The MPO recipe end to end through the CLI on a tiny model, with the three kinds of reference."""
 
-import json
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import COLOURS, draw_image, write_jsonl, write_meta
 
 from internvl_tune.cli import main
