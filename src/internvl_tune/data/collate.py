@@ -44,13 +44,7 @@ def pad_collate(samples: list[dict[str, Any]], pad_token_id: int, dummy_tile: to
         labels[row, :n] = s["labels"]
         attention_mask[row, :n] = 1
         position_ids[row, :n] = torch.arange(n)
-    tiles = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
-    if tiles:
-        pixel_values = torch.cat(tiles)
-        image_flags = torch.ones(len(pixel_values), dtype=torch.bool)
-    else:
-        pixel_values = dummy_tile.unsqueeze(0)
-        image_flags = torch.zeros(1, dtype=torch.bool)
+    pixel_values, image_flags = _tiles(samples, dummy_tile)
     batch.update(
         input_ids=input_ids,
         labels=labels,
@@ -134,12 +128,7 @@ def pair_collate(
             position_ids[i, : len(row)] = torch.arange(len(row))
         rows_of = {"chosen": torch.arange(num_pairs), "rejected": torch.arange(num_pairs, 2 * num_pairs)}
         tiles_repeat = 2
-    tiles = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
-    if tiles:
-        pixel_values = torch.cat(tiles).repeat(tiles_repeat, 1, 1, 1)
-        image_flags = torch.ones(len(pixel_values), dtype=torch.bool)
-    else:
-        pixel_values, image_flags = dummy_tile.unsqueeze(0), torch.zeros(1, dtype=torch.bool)
+    pixel_values, image_flags = _tiles(samples, dummy_tile, repeat=tiles_repeat)
     batch.update(
         input_ids=input_ids,
         position_ids=position_ids,
@@ -156,6 +145,18 @@ def pair_collate(
         for name, value in gather[side].items():
             batch[f"{side}_{name}"] = value
     return batch
+
+
+def _tiles(
+    samples: list[dict[str, Any]], dummy_tile: torch.Tensor, repeat: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All samples' tiles in order (the whole list `repeat` times), or one dummy tile flagged False when the
+    batch has none, so that the ViT runs on every rank. Returns pixel_values [N, 3, S, S] and image_flags [N]."""
+    tiles = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
+    if not tiles:
+        return dummy_tile.unsqueeze(0), torch.zeros(1, dtype=torch.bool)
+    pixel_values = torch.cat(tiles).repeat(repeat, 1, 1, 1)
+    return pixel_values, torch.ones(len(pixel_values), dtype=torch.bool)
 
 
 def _response_gather(samples: list[dict[str, Any]], side: str) -> dict[str, torch.Tensor]:

@@ -80,15 +80,15 @@ def checkpoint_settings(path: str | Path) -> dict[str, Any]:
     }
 
 
-def metadata_for(config: InternVLConfig, settings: dict[str, Any], **extra: Any) -> dict[str, Any]:
+def metadata_for(model_config: InternVLConfig, settings: dict[str, Any], **extra: Any) -> dict[str, Any]:
     """The `internvl_tune.json` content for a checkpoint: template, system message, image settings, version."""
     template = get_template(settings.get("template") or "internvl2_5")
-    geometry = image_geometry(config)
+    geometry = image_geometry(model_config)
     return {
         "internvl_tune_version": __version__,
         "template": template.name,
         "system_message": settings.get("system_message") or template.system_message,
-        "llm_family": settings.get("llm_family") or config.text_config.model_type,
+        "llm_family": settings.get("llm_family") or model_config.text_config.model_type,
         "image": {
             "image_size": geometry.image_size,
             "patch_size": geometry.patch_size,

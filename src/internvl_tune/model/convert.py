@@ -37,7 +37,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -506,9 +506,9 @@ TOKENIZER_FILES = (
 )
 
 
-def copy_tokenizer_files(src: Path, dst: Path, keep: Callable[[str], bool] = lambda name: True) -> None:
+def copy_tokenizer_files(src: Path, dst: Path) -> None:
     for name in TOKENIZER_FILES:
-        if (src / name).is_file() and keep(name):
+        if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
 
 

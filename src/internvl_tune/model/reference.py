@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftModel
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -144,9 +143,3 @@ class ReferenceCache:
             )
         values = torch.tensor([self.logps[k] for k in batch["keys"]], dtype=torch.float32, device=device)
         return values[:, 0], values[:, 1]
-
-
-def adapter_owner(model: nn.Module) -> PeftModel:
-    if not isinstance(model, PeftModel):
-        raise ValueError("mpo.reference=lora_disabled needs a LoRA policy")
-    return model

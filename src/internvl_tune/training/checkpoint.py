@@ -11,8 +11,6 @@ from typing import Any
 from safetensors.torch import save_file
 from torch import nn
 
-from internvl_tune import __version__
-from internvl_tune.data.templates import get_template
 from internvl_tune.model.checkpoint_io import EXTRA_WEIGHTS_FILE
 from internvl_tune.model.load import METADATA_FILE
 
@@ -65,20 +63,6 @@ def prune_checkpoints(output_dir: str | Path, keep: int) -> None:
         return
     for old in list_checkpoints(output_dir)[:-keep]:
         shutil.rmtree(old)
-
-
-def checkpoint_metadata(
-    config: dict[str, Any], image_settings: dict[str, Any], template_name: str, system_message: str | None
-) -> dict[str, Any]:
-    """What a checkpoint needs to be used: template, image settings, the resolved run config, the version."""
-    template = get_template(template_name)
-    return {
-        "internvl_tune_version": __version__,
-        "template": template_name,
-        "system_message": system_message if system_message is not None else template.system_message,
-        "image": image_settings,
-        "config": config,
-    }
 
 
 def keep_trainable_weights(models: list[nn.Module], weights: list[dict[str, Any]], output_dir: str) -> None:

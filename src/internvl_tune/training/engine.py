@@ -23,11 +23,10 @@ from torch.utils.data import DataLoader, Dataset
 from internvl_tune.config import TrainArgs, to_dict
 from internvl_tune.data.images import ImageTransform
 from internvl_tune.data.sampler import ResumableBatchSampler
-from internvl_tune.model.checkpoint_io import save_hf_checkpoint
-from internvl_tune.model.load import image_geometry
+from internvl_tune.model.checkpoint_io import checkpoint_settings, metadata_for, save_hf_checkpoint
+from internvl_tune.model.forward import base_model
 from internvl_tune.training.checkpoint import (
     TrainState,
-    checkpoint_metadata,
     keep_trainable_weights,
     prune_checkpoints,
     resolve_resume,
@@ -166,8 +165,11 @@ def finish_run(
     """Save the final model with its metadata, write `summary.json`, report skipped samples, tear down."""
     d, output_dir = config.data, Path(config.train.output_dir)
     model = accelerator.unwrap_model(forward).model
-    image = {**asdict(settings), "patch_size": image_geometry(model.config).patch_size}
-    metadata = checkpoint_metadata(to_dict(config), image, d.conv_style, d.system_message)
+    # The family of the starting checkpoint (InternLM2 models train as Llama) travels on for `convert --to original`.
+    family = checkpoint_settings(config.model.model_name_or_path).get("llm_family")
+    metadata = metadata_for(
+        base_model(model).config, {**asdict(settings), "llm_family": family}, config=to_dict(config)
+    )
     final_dir = save_final(accelerator, forward, tokenizer, output_dir, metadata, uses_lora=uses_lora)
     summary = {
         "steps": state.step,
