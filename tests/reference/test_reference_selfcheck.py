@@ -279,7 +279,8 @@ def test_image_features_fill_context_tokens(tmp_path, tokenizer, context_id, llm
     with_extra = torch.cat([pixels[:2], torch.randn(1, 3, 56, 56, generator=generator), pixels[2:]])
     flags = torch.tensor([1, 1, 0, 1, 1])
     skipped = original_logits(state_dict, config, input_ids, with_extra, flags, img_context_token_id=context_id)
-    torch.testing.assert_close(skipped, logits, atol=0, rtol=0)
+    # 5 tiles through the ViT instead of 4 changes the matmul blocking: equal to float64 rounding, not bitwise
+    torch.testing.assert_close(skipped, logits, atol=1e-12, rtol=0)
 
     with pytest.raises(ValueError, match="IMG_CONTEXT"):
         original_logits(state_dict, config, input_ids, pixels[:3], img_context_token_id=context_id)
