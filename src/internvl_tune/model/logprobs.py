@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 
 
 def gather_logps(
@@ -23,3 +24,93 @@ def gather_logps(
     picked = logits[rows.unsqueeze(1), positions].float()  # [B, L, V]
     token_logps = torch.log_softmax(picked, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [B, L]
     return (token_logps * mask).sum(-1), mask.sum(-1)
+
+
+DEFAULT_LOGPROB_CHUNK = 1024  # rows of [chunk, vocab] logits alive at once: 1024 x 151,674 fp32 = 0.6 GiB
+
+
+class _LinearTargetLogps(torch.autograd.Function):
+    """log_softmax(h @ W.T + b)[target] per row, in chunks of rows, never holding [N, V] logits.
+
+    Forward keeps only the per-row logsumexp; backward recomputes one chunk's logits at a time and forms
+    d logp / d logits = onehot(target) - softmax in fp32, so peak logit memory is chunk x V in both passes.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size):  # hidden [N, D], weight [V, D], targets [N]
+        out = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+        lse = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk_size):
+            end = start + chunk_size
+            logits = torch.nn.functional.linear(hidden[start:end], weight, bias).float()  # [c, V]
+            lse[start:end] = torch.logsumexp(logits, dim=-1)
+            out[start:end] = logits.gather(-1, targets[start:end, None]).squeeze(-1) - lse[start:end]
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.chunk_size = chunk_size
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # grad_out [N]
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            end = start + ctx.chunk_size
+            h = hidden[start:end]
+            logits = torch.nn.functional.linear(h, weight, bias).float()
+            g = grad_out[start:end, None].float()
+            grad_logits = torch.exp(logits - lse[start:end, None]).mul_(-g)  # -g * softmax
+            grad_logits.scatter_add_(-1, targets[start:end, None], g)  # + g * onehot
+            if need_bias:
+                grad_bias += grad_logits.sum(0)
+            grad_logits = grad_logits.to(h.dtype)
+            if need_hidden:
+                grad_hidden[start:end] = grad_logits @ weight
+            if need_weight:
+                grad_weight += (grad_logits.t() @ h).float()  # [V, D], summed over chunks in fp32
+        return (
+            grad_hidden,
+            grad_weight.to(weight.dtype) if need_weight else None,
+            grad_bias.to(bias.dtype) if need_bias else None,
+            None,
+            None,
+        )
+
+
+def target_logps(
+    hidden: torch.Tensor,  # [N, D]
+    lm_head: torch.nn.Module,
+    targets: torch.Tensor,  # [N]
+    chunk_size: int = DEFAULT_LOGPROB_CHUNK,
+) -> torch.Tensor:
+    """log p(target | hidden) per row, fp32 [N]: the LM head applied only to the rows a loss reads, in chunks.
+
+    Equal (values and gradients) to `log_softmax(lm_head(hidden).float())[arange(N), targets]`, but no
+    [N, vocab] tensor exists at once: peak logit memory is `chunk_size x vocab` fp32, in forward and backward.
+    A plain `nn.Linear` head uses one fused autograd function (forward: one matmul per chunk; backward: the chunk's
+    logits recomputed, then the two gradient matmuls). Any other head (a LoRA-wrapped one, a head whose weight is
+    partitioned by ZeRO-3) is called as a module per chunk under activation checkpointing, with the same bound.
+
+    Example: hidden [3, D], targets [7, 9, 2] -> [log_softmax(W h0)[7], log_softmax(W h1)[9], log_softmax(W h2)[2]].
+    """
+    if chunk_size < 1:
+        raise ValueError(f"logprob chunk size must be >= 1, got {chunk_size}")
+    if hidden.shape[0] == 0:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    weight = getattr(lm_head, "weight", None)
+    if type(lm_head) is torch.nn.Linear and weight is not None and weight.dim() == 2:
+        return _LinearTargetLogps.apply(hidden, lm_head.weight, lm_head.bias, targets, chunk_size)
+
+    def chunk_logps(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        logits = lm_head(h).float()
+        return logits.gather(-1, t[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+    parts = [
+        torch.utils.checkpoint.checkpoint(
+            chunk_logps, hidden[s : s + chunk_size], targets[s : s + chunk_size], use_reentrant=False
+        )
+        for s in range(0, hidden.shape[0], chunk_size)
+    ]
+    return torch.cat(parts)

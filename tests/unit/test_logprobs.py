@@ -1,0 +1,78 @@
+"""Chunked target log-probs == log_softmax of the full logits, values and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from internvl_tune.model.logprobs import target_logps
+
+
+def full_logps(hidden, head, targets):
+    return torch.log_softmax(head(hidden).float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+class WrappedHead(nn.Module):
+    """Not a plain nn.Linear: takes the generic (checkpointed module) path, as a LoRA-wrapped head would."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x):
+        return self.linear(x)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("wrapped", [False, True])
+@pytest.mark.parametrize("chunk_size", [1, 4, 7, 64])  # 7 puts chunk boundaries inside the 10 rows
+def test_target_logps_equal_full_logits(bias, wrapped, chunk_size):
+    generator = torch.Generator().manual_seed(0)
+    head = nn.Linear(16, 50, bias=bias)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(50, 16, generator=generator))
+        if bias:
+            head.bias.copy_(torch.randn(50, generator=generator))
+    hidden = torch.randn(10, 16, generator=generator, requires_grad=True)
+    targets = torch.randint(0, 50, (10,), generator=generator)
+    upstream = torch.randn(10, generator=generator)  # per-token weights, as a DPO loss gives
+
+    expected = full_logps(hidden, head, targets)
+    (expected * upstream).sum().backward()
+    grads = [hidden.grad.clone(), head.weight.grad.clone()] + ([head.bias.grad.clone()] if bias else [])
+    hidden.grad = None
+    head.zero_grad()
+
+    got = target_logps(hidden, WrappedHead(head) if wrapped else head, targets, chunk_size=chunk_size)
+    assert got.dtype == torch.float32 and got.shape == (10,)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    (got * upstream).sum().backward()
+    ours = [hidden.grad, head.weight.grad] + ([head.bias.grad] if bias else [])
+    for a, b in zip(ours, grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_target_logps_frozen_head_and_empty():
+    head = nn.Linear(8, 20, bias=False).requires_grad_(False)
+    hidden = torch.randn(5, 8, requires_grad=True)
+    targets = torch.tensor([0, 3, 19, 7, 7])
+    got = target_logps(hidden, head, targets, chunk_size=2)
+    got.sum().backward()
+    assert head.weight.grad is None and hidden.grad is not None
+    expected_grad = torch.autograd.grad(full_logps(hidden, head, targets).sum(), hidden)[0]
+    torch.testing.assert_close(hidden.grad, expected_grad, atol=1e-6, rtol=1e-5)
+    assert target_logps(hidden[:0], head, targets[:0]).shape == (0,)
+    with pytest.raises(ValueError, match="chunk"):
+        target_logps(hidden, head, targets, chunk_size=0)
+
+
+def test_target_logps_bf16_close_to_fp32():
+    torch.manual_seed(1)
+    head = nn.Linear(32, 300, bias=False)
+    hidden = torch.randn(12, 32)
+    targets = torch.randint(0, 300, (12,))
+    exact = full_logps(hidden, head, targets)
+    got = target_logps(hidden.bfloat16(), head.bfloat16(), targets, chunk_size=5)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, exact, atol=0.15, rtol=0.02)  # bf16 inputs: ~3 significant digits
