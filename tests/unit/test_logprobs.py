@@ -76,3 +76,33 @@ def test_target_logps_bf16_close_to_fp32():
     got = target_logps(hidden.bfloat16(), head.bfloat16(), targets, chunk_size=5)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, exact, atol=0.15, rtol=0.02)  # bf16 inputs: ~3 significant digits
+
+
+def test_training_forward_gathered_logps_equal_full_logits(tokenizer):
+    """The hidden-state path (LM head on K gathered rows) == log_softmax of the stock logits at those positions,
+    values and every parameter's gradient (fp32, atol 1e-5), with an image and a dummy tile in the batch."""
+    from internvl_tune.model.forward import InternVLTrainingForward
+    from internvl_tune.model.tiny import build_tiny_model
+
+    model = build_tiny_model(tokenizer, seed=0)[0].eval()
+    image_id = model.config.image_token_id
+    ids = torch.tensor([[1, 2, image_id, image_id, image_id, image_id, 3, 4, 5], [6, 7, 8, 9, 10, 11, 12, 13, 14]])
+    mask, positions = torch.ones_like(ids), torch.arange(9).expand(2, 9)
+    pixels, flags = torch.randn(2, 3, 56, 56), torch.tensor([True, False])
+    rows, cols = torch.tensor([0, 0, 1, 1, 1]), torch.tensor([5, 7, 0, 3, 8])
+    targets = torch.tensor([3, 5, 7, 10, 2])
+    forward = InternVLTrainingForward(model, logprob_chunk_size=2)
+
+    logits = forward(ids, mask, positions, pixels, flags)
+    expected = torch.log_softmax(logits[rows, cols], dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+    expected.sum().backward()
+    full_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+
+    got = forward(ids, mask, positions, pixels, flags, logp_index=rows * 9 + cols, logp_targets=targets)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    got.sum().backward()
+    ours = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert ours.keys() == full_grads.keys()
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(ours[name], grad, atol=1e-5, rtol=1e-4, msg=name)

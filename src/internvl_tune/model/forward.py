@@ -9,6 +9,8 @@ from peft import PeftModel
 from torch import nn
 from transformers import InternVLForConditionalGeneration
 
+from internvl_tune.model.logprobs import DEFAULT_LOGPROB_CHUNK, target_logps
+
 
 def base_model(model: nn.Module) -> InternVLForConditionalGeneration:
     """The InternVL model under an optional PEFT wrapper (LoRA layers stay injected in it)."""
@@ -23,9 +25,12 @@ class InternVLTrainingForward(nn.Module):
     graph with weight zero rather than being skipped, so DDP sees a gradient (of zeros) for every ViT parameter.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, *, logprob_chunk_size: int = DEFAULT_LOGPROB_CHUNK):
         super().__init__()
         self.model = model
+        self.logprob_chunk_size = logprob_chunk_size
+        # Stage timing waits for the device, so it is off unless a recipe turns it on for a logging step.
+        self.time_stages = False
         self.vit_seconds = 0.0  # time spent in the ViT + projector since the recipe last reset it (telemetry)
 
     def forward(
@@ -35,33 +40,57 @@ class InternVLTrainingForward(nn.Module):
         position_ids: torch.Tensor,  # [B, T]
         pixel_values: torch.Tensor | None = None,  # [N, 3, S, S]
         image_flags: torch.Tensor | None = None,  # [N] bool
+        logp_index: torch.Tensor | None = None,  # [K] flat positions b * T + t whose next token a loss reads
+        logp_targets: torch.Tensor | None = None,  # [K] the token to score at each of them
     ) -> torch.Tensor:
-        """Returns logits [B, T, V]."""
+        """Logits [B, T, V]; or, with `logp_index`, only log p(target) at those positions, fp32 [K].
+
+        The second form never builds the [B, T, V] logits: the LM head runs on the K gathered hidden states, in
+        chunks (`target_logps`). Pass `image_flags` on the CPU (as collators make them): the tile split is then
+        computed without waiting for the device.
+        """
         internvl = base_model(self.model)
-        config = internvl.config
         inputs_embeds = internvl.get_input_embeddings()(input_ids)  # [B, T, D]
         if pixel_values is not None:
-            start = synchronized_time(pixel_values.device)
-            features = internvl.model.get_image_features(
-                pixel_values=pixel_values,
-                vision_feature_layer=config.vision_feature_layer,
-                vision_feature_select_strategy=config.vision_feature_select_strategy,
-            ).pooler_output  # [N, tokens_per_tile, D]
-            features = features.to(inputs_embeds.dtype)
+            inputs_embeds = self._place_image_features(internvl, input_ids, inputs_embeds, pixel_values, image_flags)
+        if logp_index is None:
+            return self.model(
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids
+            ).logits
+        # internvl.model is the backbone without the head; LoRA layers injected by PEFT live inside it.
+        hidden = internvl.model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids
+        ).last_hidden_state  # [B, T, D]
+        picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, logp_index)  # [K, D]
+        return target_logps(picked, internvl.lm_head, logp_targets, self.logprob_chunk_size)
+
+    def _place_image_features(self, internvl, input_ids, inputs_embeds, pixel_values, image_flags) -> torch.Tensor:
+        config = internvl.config
+        start = synchronized_time(pixel_values.device) if self.time_stages else 0.0
+        features = internvl.model.get_image_features(
+            pixel_values=pixel_values,
+            vision_feature_layer=config.vision_feature_layer,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+        ).pooler_output  # [N, tokens_per_tile, D]
+        features = features.to(inputs_embeds.dtype)
+        if self.time_stages:
             self.vit_seconds += synchronized_time(pixel_values.device) - start
-            image_flags = image_flags if image_flags is not None else torch.ones(len(features), dtype=torch.bool)
-            real = features[image_flags].reshape(-1, features.shape[-1])
-            placeholder = input_ids == config.image_token_id
-            if int(placeholder.sum()) != real.shape[0]:
-                raise ValueError(
-                    f"{int(placeholder.sum())} <IMG_CONTEXT> tokens but {real.shape[0]} image features; "
-                    "the data pipeline must keep them equal"
-                )
-            inputs_embeds = inputs_embeds.masked_scatter(placeholder.unsqueeze(-1), real)
-            if not bool(image_flags.all()):
-                inputs_embeds = inputs_embeds + features[~image_flags].sum() * 0.0
-        outputs = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids)
-        return outputs.logits
+        flags = image_flags if image_flags is not None else torch.ones(len(features), dtype=torch.bool)
+        real_index = flags.nonzero().squeeze(1).to(features.device, non_blocking=True)
+        real = features.index_select(0, real_index).reshape(-1, features.shape[-1])
+        placeholder = input_ids == config.image_token_id
+        if placeholder.device.type == "cpu" and int(placeholder.sum()) != real.shape[0]:
+            # On an accelerator this check would stall the step; collators check the same counts on CPU data.
+            raise ValueError(
+                f"{int(placeholder.sum())} <IMG_CONTEXT> tokens but {real.shape[0]} image features; "
+                "the data pipeline must keep them equal"
+            )
+        inputs_embeds = inputs_embeds.masked_scatter(placeholder.unsqueeze(-1), real)
+        if flags.device.type != "cpu" or not bool(flags.all()):
+            # Dummy tiles enter with weight 0, so every ViT parameter gets a (zero) gradient on every rank.
+            dummy_index = (~flags).nonzero().squeeze(1).to(features.device, non_blocking=True)
+            inputs_embeds = inputs_embeds + features.index_select(0, dummy_index).sum() * 0.0
+        return inputs_embeds
 
 
 def synchronized_time(device: torch.device) -> float:
