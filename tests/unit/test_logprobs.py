@@ -106,3 +106,20 @@ def test_training_forward_gathered_logps_equal_full_logits(tokenizer):
     assert ours.keys() == full_grads.keys()
     for name, grad in full_grads.items():
         torch.testing.assert_close(ours[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_gather_lists_by_hand():
+    from internvl_tune.model.logprobs import label_gather, response_gather, segment_sum
+
+    index, targets, segment = response_gather(
+        torch.tensor([1, 0]),
+        torch.tensor([[3, 4, 0], [5, 0, 0]]),
+        torch.tensor([[7, 8, 0], [9, 0, 0]]),
+        torch.tensor([[True, True, False], [True, False, False]]),
+        seq_len=10,
+    )
+    assert index.tolist() == [13, 14, 5] and targets.tolist() == [7, 8, 9] and segment.tolist() == [0, 0, 1]
+    index, targets, segment = label_gather(torch.tensor([[-100, 5, 7], [-100, -100, 4]]))
+    assert index.tolist() == [0, 1, 4] and targets.tolist() == [5, 7, 4] and segment.tolist() == [0, 0, 1]
+    sums = segment_sum(torch.tensor([1.0, 2.0, 4.0]), torch.tensor([0, 0, 2]), 3)
+    assert sums.tolist() == [3.0, 0.0, 4.0]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.utils.checkpoint
 
+from internvl_tune.constants import IGNORE_INDEX
+
 
 def gather_logps(
     logits: torch.Tensor,  # [R, T, V]
@@ -114,3 +116,39 @@ def target_logps(
         for s in range(0, hidden.shape[0], chunk_size)
     ]
     return torch.cat(parts)
+
+
+def response_gather(
+    rows: torch.Tensor,  # [B]
+    positions: torch.Tensor,  # [B, L]
+    targets: torch.Tensor,  # [B, L]
+    mask: torch.Tensor,  # [B, L] bool
+    seq_len: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A collator's per-response gather ([B, L] padded) as flat lists for `InternVLTrainingForward`: the positions
+    `row * seq_len + position`, their targets and the response each belongs to, masked tokens dropped. Call it on
+    CPU tensors (collator output): selecting by the mask on an accelerator would wait for the device.
+
+    Example: rows [1], positions [[3, 4, 0]], mask [[1, 1, 0]], seq_len 10 -> index [13, 14], segment [0, 0].
+    """
+    segment = torch.arange(len(rows)).unsqueeze(1).expand_as(positions)
+    flat = rows.unsqueeze(1) * seq_len + positions
+    return flat[mask], targets[mask], segment[mask]
+
+
+def label_gather(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SFT labels [B, T] (IGNORE_INDEX where no loss is taken) as flat gather lists: position t of row b predicts
+    labels[b, t + 1]; returns (index b * T + t, target, sample b). On CPU tensors, like `response_gather`.
+
+    Example: labels [[-100, 5, 7]] -> index [0, 1], targets [5, 7], segment [0, 0].
+    """
+    batch, seq_len = labels.shape
+    next_labels = labels[:, 1:]
+    keep = next_labels != IGNORE_INDEX  # [B, T - 1]
+    rows, cols = keep.nonzero(as_tuple=True)
+    return rows * seq_len + cols, next_labels[keep], rows
+
+
+def segment_sum(values: torch.Tensor, segment: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """Sum of `values` [K] per segment id [K] -> [num_segments] (a response's summed log-prob)."""
+    return values.new_zeros(num_segments).index_add(0, segment, values)
