@@ -1,4 +1,5 @@
-"""Max |logit difference| between converted original checkpoints and the spec-written reference forward.
+"""Max |logit difference| between converted original checkpoints and the reference forward of the original
+(tests/reference/original_forward.py, docs/original-differences.md §4).
 
     python tools/logit_parity.py
 

@@ -196,7 +196,7 @@ class MPOArgs:
 
 @dataclass
 class MPOConfig:
-    """MPO run: defaults follow the InternVL 2.5 MPO scripts (spec §5)."""
+    """MPO run: defaults follow the InternVL 2.5 MPO scripts (docs/original-differences.md §7.3)."""
 
     model: ModelArgs = field(default_factory=lambda: ModelArgs(drop_path_rate=0.1))
     data: DataArgs = field(default_factory=DataArgs)

@@ -8,7 +8,7 @@ IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"
 IMAGE_PLACEHOLDER = "<image>"
 VIDEO_PLACEHOLDER = "<video>"
 
-# Added as special tokens by the original SFT entry (spec §2.1), in this order.
+# Added as special tokens by the original SFT entry (docs/original-differences.md §1.1), in this order.
 INTERNVL_SPECIAL_TOKENS = (
     IMG_START_TOKEN,
     IMG_END_TOKEN,
@@ -21,7 +21,7 @@ INTERNVL_SPECIAL_TOKENS = (
     "</box>",
 )
 
-# Per-channel (mean, std) for `normalize_type` (spec §2.4).
+# Per-channel (mean, std) for `normalize_type` (docs/original-differences.md §3.1).
 NORMALIZATION = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "clip": ((0.4814546, 0.4578275, 0.40821073), (0.2686295, 0.2613025, 0.2757711)),

@@ -1,11 +1,12 @@
 """Tiny random checkpoints in the ORIGINAL InternVL remote-code layout (`InternVLChatModel`), for converter tests.
 
-The folder looks like one written by the original tools (spec §4.1, §4.7): a `config.json` with `vision_config`
-and `llm_config`, float32 weights named `vision_model.*`, `mlp1.*` and `language_model.*` (sharded with an index
-file, or in a single file), and the tokenizer files. With `llm_lora_rank` / `vit_lora_rank` the weights stay in
-the unmerged PEFT layout that the original SFT scripts save, e.g.
+The folder looks like one written by the original tools (docs/original-differences.md §4.1, §4.4): a
+`config.json` with `vision_config` and `llm_config`, float32 weights named `vision_model.*`, `mlp1.*` and
+`language_model.*` (sharded with an index file, or in a single file), and the tokenizer files. With
+`llm_lora_rank` / `vit_lora_rank` the weights stay in the unmerged PEFT layout that the original SFT scripts save,
+e.g.
 `language_model.base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight` plus `...q_proj.lora_A.default.weight`
-[r, in] and `...q_proj.lora_B.default.weight` [out, r], with alpha = 2r (spec §4.6).
+[r, in] and `...q_proj.lora_B.default.weight` [out, r], with alpha = 2r (docs/original-differences.md §4.6).
 
 Base weights come from one generator seeded with `seed` and the LoRA factors from a second one, so a LoRA build
 and a plain build with the same seed share their base weights.
@@ -33,7 +34,8 @@ LLM_FAMILIES = ("qwen2", "llama", "internlm2")
 VIT_STYLES = ("300m", "6b")
 WEIGHT_FORMATS = ("safetensors", "bin")
 
-# PEFT target modules of the original training entry (spec §4.6); alpha = 2r, so the merge scaling alpha/r is 2.
+# PEFT target modules of the original training entry (docs/original-differences.md §4.6); alpha = 2r, so the merge
+# scaling alpha/r is 2.
 LLM_LORA_TARGETS = {
     "qwen2": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
     + ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),

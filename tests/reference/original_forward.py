@@ -1,13 +1,13 @@
-"""An independent forward pass of the ORIGINAL InternVL model (`InternVLChatModel`), written from the spec.
+"""An independent forward pass of the ORIGINAL InternVL model (`InternVLChatModel`).
 
-Converter tests compare transformers' `InternVLForConditionalGeneration` after conversion against this oracle. It
-takes the original-layout state dict and the `config.json` dict as they are, uses plain torch ops only (no
-transformers model classes) and computes in float64, so its own rounding is far below any test tolerance. Section
-numbers refer to /work/shared/spec/internvl-reference.md.
+Written from docs/original-differences.md §4. Converter tests compare transformers'
+`InternVLForConditionalGeneration` after conversion against this oracle. It takes the original-layout state dict and
+the `config.json` dict as they are, uses plain torch ops only (no transformers model classes) and computes in
+float64, so its own rounding is far below any test tolerance.
 
-The image-context token id is not in the original `config.json` (the original sets it from the tokenizer, §4.3),
-so `original_logits` takes it as a required keyword argument `img_context_token_id`, e.g.
-`tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")`.
+The image-context token id is not in the original `config.json` (the original sets it from the tokenizer,
+docs/original-differences.md §4.3), so `original_logits` takes it as a required keyword argument
+`img_context_token_id`, e.g. `tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")`.
 
 Example:
     >>> state_dict, config = read_original_checkpoint(path)
@@ -24,7 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-LORA_SCALING = 2.0  # alpha = 2r in the original (spec §4.6)
+LORA_SCALING = 2.0  # alpha = 2r in the original (docs/original-differences.md §4.6)
 PEFT_PREFIX = "base_model.model."
 PROJECTOR_NORM_EPS = 1e-5  # mlp1.0 is nn.LayerNorm with its default eps
 _LLM_FAMILIES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama", "InternLM2ForCausalLM": "internlm2"}
@@ -40,7 +40,7 @@ def original_logits(
     img_context_token_id: int,
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Logits of the original InternVL chat model (spec §4.3), in float64.
+    """Logits of the original InternVL chat model (docs/original-differences.md §4.3), in float64.
 
     Args:
         state_dict: original-layout weights (`vision_model.*`, `mlp1.*`, `language_model.*`), any float dtype;
@@ -58,7 +58,7 @@ def original_logits(
 
     Raises:
         ValueError: if the number of `<IMG_CONTEXT>` tokens differs from the number of image features (the
-            original only warns and fills what it can, §4.4; an oracle should not).
+            original only warns and fills what it can, docs/original-differences.md §4.3; an oracle should not).
     """
     weights = merge_lora({k: v.to(torch.float64) for k, v in state_dict.items()})
     llm_weights = _subdict(weights, "language_model.")
@@ -108,7 +108,7 @@ def merge_lora(state_dict: dict[str, torch.Tensor], scaling: float = LORA_SCALIN
     return merged
 
 
-# ---------------------------------------------------------------- vision path (spec §4.2)
+# ---------------------------------------------------------------- vision path (docs/original-differences.md §4.2)
 
 
 def vision_hidden_states(
@@ -151,7 +151,7 @@ def vision_hidden_states(
 
 
 def pixel_shuffle(x: torch.Tensor, scale_factor: float = 0.5, ps_version: str = "v2") -> torch.Tensor:
-    """The original `pixel_shuffle` (spec §4.2): [N, H, W, C] -> [N, H*s, W*s, C/s^2].
+    """The original `pixel_shuffle` (docs/original-differences.md §4.2): [N, H, W, C] -> [N, H*s, W*s, C/s^2].
 
     v2 with s = 0.5: output token (i, j) is the 2x2 block at rows 2i..2i+1, columns 2j..2j+1, with channels
     [TL, TR, BL, BR] (each C wide). v1 skips the last permute, so the block at (i, j) lands at (j, i).
@@ -171,7 +171,8 @@ def extract_feature(weights: dict[str, torch.Tensor], config: dict, pixel_values
     """The original `extract_feature`: ViT, drop CLS, pixel shuffle, `mlp1`. Returns [N, tokens, D].
 
     `weights` are the full (merged) original state dict; `config` the original `config.json` dict, whose absent
-    fields take the `InternVLChatConfig` defaults (§4.1: select_layer -1, downsample_ratio 0.5, ps_version v1).
+    fields take the `InternVLChatConfig` defaults (select_layer -1, downsample_ratio 0.5, ps_version v1;
+    docs/original-differences.md §4.1).
     """
     vision_weights = _subdict(weights, "vision_model.")
     states = vision_hidden_states(vision_weights, config["vision_config"], pixel_values)

@@ -1,8 +1,8 @@
 """Both checkpoint layouts: original checkpoints load with the original model's logits; conversions are lossless.
 
 The expectation is `tests/reference/original_forward.py`, a float64 forward of the original InternVLChatModel
-written from the spec, run on the original-layout weights. Tolerance: max |logit difference| < 1e-4 in fp32
-(values are O(1)); round trips are bit-exact.
+written from docs/original-differences.md §4, run on the original-layout weights. Tolerance: max |logit
+difference| < 1e-4 in fp32 (values are O(1)); round trips are bit-exact.
 """
 
 import json

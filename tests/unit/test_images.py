@@ -1,4 +1,5 @@
-"""Tiling, transforms and image loading (spec §2.4), against numbers worked out by hand and a brute-force rule."""
+"""Tiling, transforms and image loading (docs/original-differences.md §3.2, §3.3), against numbers worked out by hand
+and a brute-force rule."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Conversation rendering and label masking (spec §2.6, §9.8).
+"""Conversation rendering and label masking (docs/original-differences.md §1.2, §1.3).
 
 Expected ids are built by tokenizing the expected pieces by hand, one piece at a time, so that the test
 states which tokens are trained instead of re-running the module's own logic.

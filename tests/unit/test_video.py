@@ -1,4 +1,5 @@
-"""Frame index rules (spec §2.5) by hand, and reading real tiny videos, GIFs and frame folders written by the tests."""
+"""Frame index rules (docs/original-differences.md §3.5) by hand, and reading real tiny videos, GIFs and frame folders
+written by the tests."""
 
 from __future__ import annotations
 

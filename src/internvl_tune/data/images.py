@@ -1,4 +1,4 @@
-"""Image loading, InternVL dynamic tiling and the per-tile tensor transform (spec §2.4).
+"""Image loading, InternVL dynamic tiling and the per-tile tensor transform (docs/original-differences.md §3.2, §3.3).
 
 An image becomes a grid of `image_size` x `image_size` tiles (plus an optional thumbnail), and each tile becomes a
 normalised `[3, S, S]` tensor worth 256 vision tokens. The grid depends only on the image size, so the data checker

@@ -1,4 +1,5 @@
-"""The InternVL meta JSON: which annotation files to read, from where, and how often (spec §2.2).
+"""The InternVL meta JSON: which annotation files to read, from where, and how often
+(docs/original-differences.md §2.1, §2.2).
 
 This module is the one place that owns `repeat_time`, for SFT and preference data alike.
 

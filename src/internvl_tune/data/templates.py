@@ -4,11 +4,12 @@ A conversation is a list of messages `{"role": "system" | "user" | "assistant", 
 system turn, then user and assistant turns alternating, starting with a user turn. Image placeholders are
 already expanded in the content (`<img><IMG_CONTEXT>...</img>`); those are special tokens and never trained.
 
-Rendering follows the original MPT-style templates (spec §2.6): a system segment
+Rendering follows the original MPT-style templates (docs/original-differences.md §1.2): a system segment
 `system_template.format(system_message=...) + sep`, then one segment `role + content + sep` per turn. For
 training, every segment is tokenized on its own (the `preprocess_internvl2_5` rule, applied to all templates),
 so no BPE merge crosses a segment boundary and the label mask can be computed per segment instead of by
-string search with hard-coded offsets (the legacy preprocessors that silently zero the labels, spec §9.8).
+string search with hard-coded offsets (the legacy preprocessors that silently zero the labels,
+docs/original-differences.md §1.3).
 
 Worked example (`internvl2_5`, no system turn, so the default system message is used)::
 
@@ -264,7 +265,7 @@ def _check_assistant_segment(
     through_stop: list[int],
     stop_id: int,
 ) -> None:
-    """Fail loudly where the original would silently train on nothing (spec §9.8)."""
+    """Fail loudly where the original would silently train on nothing (docs/original-differences.md §1.3)."""
     where = f"template {template.name!r}, segment {segment_index} (role 'assistant')"
     if ids[: len(role_ids)] != role_ids:
         raise TemplateMismatchError(

@@ -50,7 +50,7 @@ class Conversation:
 
 
 def record_to_conversation(record: dict[str, Any], where: str) -> Conversation:
-    """Validate an SFT record (spec §2.3) and convert it to chat messages.
+    """Validate an SFT record (docs/original-differences.md §2.3) and convert it to chat messages.
 
     Raises:
         DataError: for a missing or malformed `conversations`, an unknown role, a wrong role order, or a
@@ -132,7 +132,7 @@ def check_role_order(messages: list[dict[str, str]], where: str, *, allow_traili
 
 
 def image_token_span(num_image_token: int, tiles: int) -> str:
-    """`<img>` + `<IMG_CONTEXT>` x (num_image_token * tiles) + `</img>` (spec §2.6)."""
+    """`<img>` + `<IMG_CONTEXT>` x (num_image_token * tiles) + `</img>` (docs/original-differences.md §1.4)."""
     return IMG_START_TOKEN + IMG_CONTEXT_TOKEN * (num_image_token * tiles) + IMG_END_TOKEN
 
 

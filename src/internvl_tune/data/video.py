@@ -1,4 +1,5 @@
-"""Video frame sampling and reading (spec §2.5): video files and GIFs through PyAV, folders of frame images.
+"""Video frame sampling and reading: video files and GIFs through PyAV, folders of frame images
+(docs/original-differences.md §3.5).
 
 A video item becomes `T ~ randint(min_num_frames, max_num_frames)` frames, each one 448 tile (no dynamic tiling), and
 `<video>\\n` in the first turn becomes one `Frame-k: <image>` line per frame (`video_prompt`).

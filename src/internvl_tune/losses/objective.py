@@ -1,4 +1,5 @@
-"""The MPO objective as data: a weighted mix of preference losses plus an SFT term on the chosen response (spec §0, §1.7).
+"""The MPO objective as data: a weighted mix of preference losses plus an SFT term on the chosen response
+(docs/original-differences.md §6.1, §6.5).
 
 MPO (https://arxiv.org/abs/2411.10442) is `PreferenceObjective(["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0])`:
 
@@ -21,7 +22,8 @@ from internvl_tune.losses.preference import PREFERENCE_LOSS_TYPES, preference_lo
 SFT_LOSS_TYPE = "sft"
 LOSS_TYPES = (*PREFERENCE_LOSS_TYPES, SFT_LOSS_TYPE)
 
-# The original has a weight field only for these two (spec §1.7); other types cannot be weighted in its spelling.
+# The original has a weight field only for these two (docs/original-differences.md §6.5); other types cannot be
+# weighted in its spelling.
 _ORIGINAL_WEIGHT_FIELDS = ("sigmoid", "bco_pair")
 _USES_LABEL_SMOOTHING = ("sigmoid", "robust", "exo_pair")
 
@@ -36,7 +38,8 @@ class ObjectiveOutput:
         terms: each term's UNWEIGHTED mean over the micro-batch, detached, keyed by loss type ("sigmoid",
             "bco_pair", "sft", ...), for logging.
         chosen_rewards: β·Δc, detached, [B]. Not weighted: the original sums the rewards of each sub-loss times its
-            weight (spec §1.7), which equals these when the preference weights sum to 1 (0.8 + 0.2 in MPO).
+            weight (docs/original-differences.md §6.5), which equals these when the preference weights sum to 1
+            (0.8 + 0.2 in MPO).
         rejected_rewards: β·Δr, detached, [B].
         reward_accuracy: mean of (chosen_rewards > rejected_rewards), scalar.
         reward_margin: mean of (chosen_rewards − rejected_rewards), scalar.
@@ -127,10 +130,10 @@ class PreferenceObjective:
         """Build from either spelling of the loss mix.
 
         Ours: `loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0]` (a comma-separated string works
-        too). The original's (spec §1.7): `loss_type="sigmoid,bco_pair", sigmoid_loss_weight=0.8,
-        bco_pair_loss_weight=0.2, rpo_alpha=1.0`, where rpo_alpha becomes the weight of an appended "sft" term. Both
-        give the same objective. As in the original, `*_loss_weight` default to 1.0 in a combination and are
-        ignored (with a warning) for a single loss type.
+        too). The original's (docs/original-differences.md §6.5): `loss_type="sigmoid,bco_pair",
+        sigmoid_loss_weight=0.8, bco_pair_loss_weight=0.2, rpo_alpha=1.0`, where rpo_alpha becomes the weight of an
+        appended "sft" term. Both give the same objective. As in the original, `*_loss_weight` default to 1.0 in a
+        combination and are ignored (with a warning) for a single loss type.
         """
         types = [t.strip() for t in loss_type.split(",")] if isinstance(loss_type, str) else list(loss_type)
         original_fields = {

@@ -1,9 +1,10 @@
-"""Pairwise preference losses on summed response log-probs (the trl 0.10.1 `dpo_loss` family, spec §1.5).
+"""Pairwise preference losses on summed response log-probs: the trl 0.10.1 `dpo_loss` family
+(docs/original-differences.md §6.3).
 
 Every loss here takes per-pair tensors [B] and returns per-pair losses [B]; reduction (a mean over the micro-batch,
 or a sum divided by the number of pairs in the whole step) is the caller's choice.
 
-Notation (spec §0): `π` the policy, `π0` the frozen reference, `β` beta, and for one pair
+Notation (docs/original-differences.md §6.1): `π` the policy, `π0` the frozen reference, `β` beta, and for one pair
 
     Δc = log π(yc|x) − log π0(yc|x)        Δr = log π(yr|x) − log π0(yr|x)        s = β·(Δc − Δr)
 
@@ -14,7 +15,7 @@ Worked example used across the docstrings and tests: log π(yc) = −1, log π(y
 β = 0.5. Then Δc = 1, Δr = −1, s = 0.5·(1 − (−1)) = 1 and the DPO loss is −log σ(1) = log(1 + e^−1) = 0.31326.
 
 Not supported: `aot` / `aot_pair` (they sort log-ratios over the batch, so a pair's loss depends on the other pairs
-in its micro-batch) and `apo_*` (not offered by the original, spec §1.5).
+in its micro-batch) and `apo_*` (not offered by the original, docs/original-differences.md §6.3).
 """
 
 from __future__ import annotations
@@ -108,7 +109,8 @@ def bco_pair_loss(
 ) -> torch.Tensor:
     """BCO on pairs: each response is classified on its own, chosen as "good" and rejected as "bad".
 
-    L = −log σ(β·Δc − δ) − log σ(−(β·Δr − δ)), δ the running mean reward (spec §1.6, `RunningRewardMean`).
+    L = −log σ(β·Δc − δ) − log σ(−(β·Δr − δ)), δ the running mean reward (`RunningRewardMean`,
+    docs/original-differences.md §6.4).
 
     Example: Δc = 1, Δr = −1, β = 0.5, δ = 0.25 -> −log σ(0.25) − log σ(0.75) = 0.57594 + 0.38687 = 0.96281.
 
@@ -198,7 +200,7 @@ def preference_loss(
     chosen_lengths: torch.Tensor | None = None,
     rejected_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-pair loss of one type, from summed response log-probs (spec §1.5).
+    """Per-pair loss of one type, from summed response log-probs (docs/original-differences.md §6.3).
 
     Example (the worked example in the module docstring): `preference_loss("sigmoid", t(-1.), t(-3.), t(-2.), t(-2.),
     beta=0.5)` is −log σ(1) = 0.31326.
@@ -252,7 +254,8 @@ def rewards(
     ref_rejected_logps: torch.Tensor,
     beta: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Implicit DPO rewards β·Δc and β·Δr, detached (spec §1.5, reported for every loss type).
+    """Implicit DPO rewards β·Δc and β·Δr, detached, reported for every loss type
+    (docs/original-differences.md §6.3).
 
     Example: the worked example gives chosen 0.5·1 = 0.5 and rejected 0.5·(−1) = −0.5.
 

@@ -1,4 +1,7 @@
-"""The BCO reward shift δ: a cumulative mean of per-rank mean rewards (spec §1.6), as a small checkpointable object."""
+"""The BCO reward shift δ: a cumulative mean of per-rank mean rewards, as a small checkpointable object.
+
+What the original does and what we change: docs/original-differences.md §6.4.
+"""
 
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ class RunningRewardMean:
     Example: two ranks with r = 1 and 3 -> update(4, 2) = 2.0; then r = 2 and 2 -> update(4, 2) = 2.0; then one
     rank with r = 5 -> update(5, 1) = 2 + (5 − 2)·1/5 = 2.6 = (1 + 3 + 2 + 2 + 5) / 5.
 
-    Fixes against the original (spec §9.4): the recipe updates it on training micro-batches only (the original also
+    Fixes against the original: the recipe updates it on training micro-batches only (the original also
     moves it on every eval batch), and it is saved in checkpoints through `state_dict` (the original resets δ to 0
     on resume).
 

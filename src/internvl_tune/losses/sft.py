@@ -13,7 +13,7 @@ def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
 
     Position t predicts labels[t + 1]; positions whose next label is IGNORE_INDEX do not count. Dividing the sum
     by the number of labelled tokens in the whole optimizer step (all micro-batches, all ranks) gives the global
-    token mean (the original takes a mean per micro-batch and then averages those, spec §9.9).
+    token mean (the original takes a mean per micro-batch and then averages those, docs/original-differences.md §5).
 
     Example: labels [-100, 5, 7] score logits[0] against 5 and logits[1] against 7: count 2.
 

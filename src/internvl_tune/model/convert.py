@@ -1,10 +1,10 @@
 """Lossless conversion between the original InternVL checkpoint layout and transformers' native InternVL.
 
-The original remote-code layout (`InternVLChatModel`, spec §4.7) names weights `vision_model.*`, `mlp1.*` and
-`language_model.*`, fuses the ViT's q/k/v into one `attn.qkv`, and for InternLM2 LLMs fuses the LLM's q/k/v into
-`attention.wqkv` in a grouped order. transformers' `InternVLForConditionalGeneration` has separate projections
-and a Llama/Qwen2 LLM. Every mapping here is a rename, a split or a concatenation, so values are copied bit for
-bit in both directions.
+The original remote-code layout (`InternVLChatModel`, docs/original-differences.md §4.4) names weights
+`vision_model.*`, `mlp1.*` and `language_model.*`, fuses the ViT's q/k/v into one `attn.qkv`, and for InternLM2
+LLMs fuses the LLM's q/k/v into `attention.wqkv` in a grouped order. transformers'
+`InternVLForConditionalGeneration` has separate projections and a Llama/Qwen2 LLM. Every mapping here is a rename,
+a split or a concatenation, so values are copied bit for bit in both directions.
 
 Key table (original -> HF module names; `L` = a ViT layer, `N` = an LLM layer)::
 

@@ -1,7 +1,8 @@
 """Stochastic depth (DropPath) for the InternViT encoder, which transformers' InternVL does not have.
 
 The original layer computes `x = x + DropPath(ls1 * attn(norm1(x)))` and `x = x + DropPath(ls2 * mlp(norm2(x)))`
-with the rate rising linearly over the layers: `linspace(0, drop_path_rate, num_layers)` (spec §4.2).
+with the rate rising linearly over the layers: `linspace(0, drop_path_rate, num_layers)`
+(docs/original-differences.md §4.2).
 
 transformers' `InternVLVisionLayer` applies `attention.projection_dropout` to the attention branch right before
 `lambda_1 *` and `dropout` to the MLP branch right before `lambda_2 *`. DropPath scales a whole sample's branch

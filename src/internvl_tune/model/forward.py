@@ -21,8 +21,9 @@ class InternVLTrainingForward(nn.Module):
     """Wraps an InternVL model so that one `forward` call (what DDP/FSDP hook) does the whole multimodal pass.
 
     Unlike the stock forward it accepts tiles whose features are dropped (`image_flags == False`): a text-only
-    batch carries one dummy tile so that every rank runs the same graph (spec §2.4), and its features enter the
-    graph with weight zero rather than being skipped, so DDP sees a gradient (of zeros) for every ViT parameter.
+    batch carries one dummy tile so that every rank runs the same graph (docs/original-differences.md §3.4), and its
+    features enter the graph with weight zero rather than being skipped, so DDP sees a gradient (of zeros) for
+    every ViT parameter.
     """
 
     def __init__(self, model: nn.Module, *, logprob_chunk_size: int = DEFAULT_LOGPROB_CHUNK):

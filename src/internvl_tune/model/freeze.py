@@ -1,4 +1,7 @@
-"""Which parameters train: the original freezing flags (spec §4.6), with `unfreeze_lm_head` that works."""
+"""Which parameters train: the original freezing flags, with `unfreeze_lm_head` that works.
+
+See docs/original-differences.md §4.5.
+"""
 
 from __future__ import annotations
 
@@ -18,8 +21,8 @@ def apply_freezing(
 
     `unfreeze_vit_layers=k` makes ViT layers `[k:]` trainable: -2 means the last two layers, 2 all but the first
     two (Python slicing, as the original). Unlike the original, `unfreeze_lm_head` sets `requires_grad` on the
-    head's parameters, so it takes effect (spec §9.2). A frozen ViT stays in train mode (DropPath still fires
-    when set), as in the original; that is documented, not changed.
+    head's parameters, so it takes effect. A frozen ViT stays in train mode (DropPath still fires when set), as in
+    the original; that is documented, not changed (docs/original-differences.md §4.5).
     """
     core = model.model
     if freeze_backbone:

@@ -1,4 +1,7 @@
-"""LoRA on the LLM and on the ViT through PEFT, with the original ranks and alpha = 2 x rank (spec §4.6)."""
+"""LoRA on the LLM and on the ViT through PEFT, with the original ranks and alpha = 2 x rank.
+
+See docs/original-differences.md §4.6.
+"""
 
 from __future__ import annotations
 

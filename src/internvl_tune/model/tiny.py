@@ -3,7 +3,7 @@
 The tokenizer is a byte-level BPE (the Qwen2 family's scheme) trained in-process on a small built-in corpus,
 with the chat-template and InternVL special tokens added the way the original SFT entry adds them. Byte "!"
 gets id 0, as in Qwen2 tokenizers, so any code that still detects padding with `input_ids != 0` breaks visibly
-in tests (spec §9.1).
+in tests (docs/original-differences.md §2.6).
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def build_tiny_config(
         image_token_id=image_token_id,
         image_seq_length=int(num_patches * downsample_ratio**2),
         downsample_ratio=downsample_ratio,
-        tie_word_embeddings=False,  # InternVL 2.5 / 3 never tie (spec §4.1)
+        tie_word_embeddings=False,  # InternVL 2.5 / 3 never tie (docs/original-differences.md §4.1)
     )
 
 

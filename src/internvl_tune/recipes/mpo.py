@@ -2,7 +2,7 @@
 
 Launch: `internvl-tune mpo --config configs/mpo/FILE.yaml [key=value ...]` (or under `accelerate launch` /
 `torchrun`). The same shape, names and order as `sft.py`; what differs is the pair forward, the reference and
-the objective (spec §0, §1).
+the objective (docs/original-differences.md §6).
 
 The step's loss is normalised globally: the preference terms are summed over the step's pairs on all ranks and
 divided by their number, and the SFT term is the chosen-response NLL summed and divided by the step's chosen
@@ -79,8 +79,8 @@ def cache_settings(settings) -> dict[str, Any]:
 
 
 def update_delta(running: RunningRewardMean, accelerator, rewards: tuple[torch.Tensor, torch.Tensor] | None) -> float:
-    """Fold this micro-batch's mean reward of every rank into delta (spec §1.6); a rank whose pairs were all
-    skipped passes None and still joins the all-reduce."""
+    """Fold this micro-batch's mean reward of every rank into delta (docs/original-differences.md §6.4); a rank whose
+    pairs were all skipped passes None and still joins the all-reduce."""
     if rewards is None:
         local = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
     else:

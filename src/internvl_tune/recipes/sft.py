@@ -4,8 +4,8 @@ Launch: `internvl-tune sft --config configs/sft/FILE.yaml [key=value ...]`, or u
 `torchrun` for several processes (the same code path gives DDP, FSDP or DeepSpeed from the accelerate config).
 
 The loss is the global token mean over an optimizer step: each micro-batch's summed NLL is divided by the
-number of labelled tokens in all micro-batches of the step on all ranks (spec §9.9 fixes the original's mean of
-per-micro-batch means).
+number of labelled tokens in all micro-batches of the step on all ranks. This fixes the original's mean of
+per-micro-batch means (docs/original-differences.md §5).
 """
 
 from __future__ import annotations

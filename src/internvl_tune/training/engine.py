@@ -115,7 +115,8 @@ def data_stream(
 
 
 def blank_tile(image_size: int, normalize_type: str) -> torch.Tensor:
-    """The dummy tile of text-only batches: a white image, normalised like real tiles (spec §2.4)."""
+    """The dummy tile of text-only batches: a white image, normalised like real tiles
+    (docs/original-differences.md §3.4)."""
     from PIL import Image
 
     return ImageTransform(image_size, normalize_type)(Image.new("RGB", (image_size, image_size), (255, 255, 255)))
