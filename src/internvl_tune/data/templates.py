@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from internvl_tune.constants import IGNORE_INDEX
+from internvl_tune.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER
 from internvl_tune.data.errors import DataError
 
 Message = dict[str, str]
@@ -294,15 +294,27 @@ def chat_template_jinja(template: Template, *, bos_token: str | None = None) -> 
     `apply_chat_template` overrides the system turn and the default, as the `system_message` argument does.
     `bos_token`, if given, is put first: pass it for tokenizers that add a BOS, because `apply_chat_template`
     tokenizes without special tokens.
+
+    A message's content is a string, or transformers' list of parts: `{"type": "text", "text": ...}` renders
+    its text, `{"type": "image"}` the placeholder `<image>` and a newline, as the data records put it::
+
+        [{"type": "image"}, {"type": "text", "text": "What is it?"}]   ->   "<image>\\nWhat is it?"
     """
     q = _jinja_str
     lines = []
     if bos_token is not None:
         lines.append("{{- " + q(bos_token) + " -}}")
     lines += [
+        "{%- macro text(content) -%}",
+        "{%- if content is string -%}{{- content -}}{%- else -%}{%- for part in content -%}",
+        "{%- if part['type'] == 'image' -%}{{- " + q(IMAGE_PLACEHOLDER + "\n") + " -}}",
+        "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}",
+        "{%- else -%}{{- raise_exception('content parts must have type text or image') -}}",
+        "{%- endif -%}{%- endfor -%}{%- endif -%}",
+        "{%- endmacro -%}",
         "{%- set has_system = messages and messages[0]['role'] == 'system' -%}",
         "{%- set turns = messages[1:] if has_system else messages -%}",
-        "{%- set system = messages[0]['content'] if has_system else " + q(template.system_message) + " -%}",
+        "{%- set system = text(messages[0]['content']) if has_system else " + q(template.system_message) + " -%}",
         "{%- if system_message is defined and system_message is not none -%}",
         "{%- set system = system_message -%}",
         "{%- endif -%}",
@@ -315,9 +327,9 @@ def chat_template_jinja(template: Template, *, bos_token: str | None = None) -> 
     lines += [
         "{%- for message in turns -%}",
         "{%- if message['role'] == 'user' -%}",
-        "{{- " + q(template.user_role) + " + message['content'] + " + q(template.sep) + " -}}",
+        "{{- " + q(template.user_role) + " + text(message['content']) + " + q(template.sep) + " -}}",
         "{%- elif message['role'] == 'assistant' -%}",
-        "{{- " + q(template.assistant_role) + " + message['content'] + " + q(template.sep) + " -}}",
+        "{{- " + q(template.assistant_role) + " + text(message['content']) + " + q(template.sep) + " -}}",
         "{%- else -%}",
         "{{- raise_exception('roles must be system (first only), user or assistant') -}}",
         "{%- endif -%}",

@@ -8,15 +8,19 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer, InternVLConfig, InternVLForConditionalGeneration, PreTrainedTokenizerBase
+from transformers import InternVLConfig, InternVLForConditionalGeneration, PreTrainedTokenizerBase
 
 from internvl_tune import __version__
+from internvl_tune.atomic import TMP_MARK, atomic_dir
 from internvl_tune.constants import IMG_CONTEXT_TOKEN, NORMALIZATION
 from internvl_tune.data.templates import chat_template_jinja, get_template
 from internvl_tune.model.convert import (
@@ -36,20 +40,22 @@ from internvl_tune.model.convert import (
     write_shards,
 )
 from internvl_tune.model.forward import base_model
-from internvl_tune.model.load import METADATA_FILE, image_geometry, load_model, read_metadata
-from internvl_tune.model.lora import merged_state_dict
+from internvl_tune.model.load import (
+    METADATA_FILE,
+    checkpoint_dtype,
+    image_geometry,
+    load_model,
+    load_tokenizer,
+    read_config_json,
+    read_metadata,
+    resolve_dtype,
+)
+from internvl_tune.model.lora import load_adapter, merged_state_dict
+from internvl_tune.model.reference import weights_fingerprint
+
+logger = logging.getLogger(__name__)
 
 EXTRA_WEIGHTS_FILE = "trained_non_lora.safetensors"  # trained non-LoRA weights next to LoRA adapters
-
-
-def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
-    try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception as e:  # remote-code tokenizers (InternLM2's) cannot load without running their code
-        raise ConversionError(
-            f"{path}: the tokenizer could not be loaded without remote code ({type(e).__name__}: {e}). Save it once "
-            "as a fast tokenizer (tokenizer.json) in that folder, e.g. with transformers' convert_slow_tokenizer."
-        ) from e
 
 
 def checkpoint_settings(path: str | Path) -> dict[str, Any]:
@@ -146,22 +152,81 @@ def save_hf_checkpoint(
     metadata: dict[str, Any],
     *,
     state_dict: dict[str, torch.Tensor] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Write a full HF-layout folder: weights (LoRA merged), config, tokenizer with the template as its chat
-    template, processor configs and `internvl_tune.json`. Plain transformers loads it.
+    template, processor configs and `internvl_tune.json`. Plain transformers loads it. The folder appears under
+    its name only when complete (an existing one is replaced then).
 
     `state_dict` is the model's full (gathered) state; by default the model's own, which is only complete when
-    the model is not sharded.
+    the model is not sharded. `dtype` is the dtype the floating weights are written in (None: as they are).
     """
     dst = Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    state_dict = state_dict if state_dict is not None else model.state_dict()
-    base_model(model).save_pretrained(dst, state_dict=merged_state_dict(model, state_dict), safe_serialization=True)
-    _set_chat_template(tokenizer, metadata)
-    tokenizer.save_pretrained(dst)
-    write_processor_files(dst, metadata)
-    (dst / METADATA_FILE).write_text(json.dumps(metadata, indent=2, ensure_ascii=False))
+    state_dict = merged_state_dict(model, state_dict if state_dict is not None else model.state_dict())
+    if dtype is not None:
+        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    config = copy.deepcopy(base_model(model).config)
+    config.dtype = next((v.dtype for v in state_dict.values() if v.is_floating_point()), torch.float32)
+    with atomic_dir(dst) as tmp:
+        base_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        config.save_pretrained(tmp)  # the dtype written, not the dtype the model was trained in
+        _set_chat_template(tokenizer, metadata)
+        tokenizer.save_pretrained(tmp)
+        write_processor_files(tmp, metadata)
+        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, ensure_ascii=False))
     return dst
+
+
+def check_output_dir(src: str | Path, dst: str | Path) -> Path:
+    """`dst` as the output folder of a conversion or export of `src`: an existing folder there is replaced once
+    the new one is complete, so it must be a model folder (never, say, a home directory) and not `src` itself."""
+    src, dst = Path(src), Path(dst)
+    if dst.resolve() == src.resolve():
+        raise ConversionError(f"{dst}: the output folder must differ from the input folder")
+    if dst.exists() and not dst.is_dir():
+        raise ConversionError(f"{dst}: exists and is not a folder")
+    if dst.is_dir() and any(dst.iterdir()) and not (dst / "config.json").is_file():
+        raise ConversionError(f"{dst}: exists and is not a model folder; refusing to replace it")
+    return dst
+
+
+BASE_RECORD = "base_model"  # in an adapter folder's internvl_tune.json: {"path": absolute, "fingerprint": ...}
+
+
+def base_model_record(path: str | Path) -> dict[str, str]:
+    """What an adapter folder records of its base model: the absolute path and a fingerprint of its weights."""
+    return {"path": str(Path(path).resolve()), "fingerprint": weights_fingerprint(path)}
+
+
+def adapter_base(adapter: Path, base: str | Path | None) -> Path:
+    """The base model folder of a LoRA adapter folder: `base` when given, else the one training recorded.
+
+    The recorded base must exist and hold the weights it held in training (same fingerprint), else the merge
+    would silently produce another model: that is an error. An explicit `base` is the user's choice: a changed
+    fingerprint is only a warning then (e.g. the base was re-saved in another dtype).
+    """
+    record = read_metadata(adapter).get(BASE_RECORD, {})
+    if base is None:
+        recorded = record.get("path") or read_json(adapter / "adapter_config.json").get("base_model_name_or_path")
+        if not recorded or recorded == "None":
+            raise ConversionError(f"{adapter}: the adapter does not record its base model; pass --base BASE_FOLDER")
+        path = Path(recorded)
+        if not (path / "config.json").is_file():
+            where = "" if path.is_absolute() else " (a relative path, from the directory training ran in)"
+            raise ConversionError(
+                f"{adapter}: its base model {recorded}{where} is not a model folder (moved or deleted?); "
+                "pass --base BASE_FOLDER"
+            )
+    else:
+        path = Path(base)
+        if not (path / "config.json").is_file():
+            raise ConversionError(f"--base {base}: not a model folder (no config.json)")
+    if record.get("fingerprint") and record["fingerprint"] != weights_fingerprint(path):
+        message = f"{adapter}: the weights of its base model {path} changed since training (fingerprint differs)"
+        if base is None:
+            raise ConversionError(f"{message}; pass --base {path} to merge into them anyway")
+        logger.warning("%s; merging into --base %s as asked", message, base)
+    return path
 
 
 def export_checkpoint(
@@ -171,37 +236,44 @@ def export_checkpoint(
     to: str = "hf",
     merge_lora_adapters: bool = False,
     base: str | None = None,
+    dtype: str = "auto",
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> Path:
     """A full model folder in either layout from a model folder (either layout, original unmerged LoRA included)
-    or, with `merge_lora_adapters`, from a LoRA adapter folder written by training (`final_adapter/`)."""
-    src, dst = Path(src), Path(dst)
+    or, with `merge_lora_adapters`, from a LoRA adapter folder written by training (`final_adapter/`).
+
+    `dtype`: auto (the dtype of the source's, or the adapter's base's, weights), bf16, fp16 or fp32.
+    """
+    src, dst = Path(src), check_output_dir(src, dst)
     if to not in ("hf", "original"):
         raise ValueError(f"--to must be hf or original, got {to!r}")
     if (src / "adapter_config.json").is_file():
         if not merge_lora_adapters:
             raise ValueError(f"{src} holds LoRA adapters only: pass --merge-lora (and --base if the base moved)")
-        from peft import PeftModel
         from safetensors.torch import load_file
 
-        base = base or json.loads((src / "adapter_config.json").read_text())["base_model_name_or_path"]
-        model, _ = load_model(base)
-        model = PeftModel.from_pretrained(model, src)
+        base_dir = adapter_base(src, base)
+        save_dtype = resolve_dtype(dtype, base_dir)
+        model, _ = load_model(base_dir)
+        model = load_adapter(model, src)
         if (src / EXTRA_WEIGHTS_FILE).is_file():
             incompatible = model.load_state_dict(load_file(src / EXTRA_WEIGHTS_FILE), strict=False)
             if incompatible.unexpected_keys:
                 raise ConversionError(f"{src / EXTRA_WEIGHTS_FILE}: unknown weights {incompatible.unexpected_keys[:5]}")
         tokenizer = load_tokenizer(src)
-        metadata = read_metadata(src) or metadata_for(model.config, checkpoint_settings(base))
+        metadata = read_metadata(src) or metadata_for(model.config, checkpoint_settings(base_dir))
     else:
+        save_dtype = resolve_dtype(dtype, src)
         model, tokenizer = load_model(src)
         metadata = metadata_for(model.config, checkpoint_settings(src))
     if to == "hf":
-        return save_hf_checkpoint(model, tokenizer, dst, metadata)
-    with tempfile.TemporaryDirectory(dir=dst.parent if dst.parent.exists() else None) as tmp:
-        save_hf_checkpoint(model, tokenizer, tmp, metadata)
+        return save_hf_checkpoint(model, tokenizer, dst, metadata, dtype=save_dtype)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    # The HF intermediate is named like atomic_dir's temporaries, so a crash leaves nothing that looks whole.
+    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=f".{dst.name}.hf{TMP_MARK}") as tmp:
+        save_hf_checkpoint(model, tokenizer, Path(tmp) / "model", metadata, dtype=save_dtype)
         del model
-        return convert_to_original(tmp, dst, max_shard_bytes=max_shard_bytes)
+        return convert_to_original(Path(tmp) / "model", dst, max_shard_bytes=max_shard_bytes)
 
 
 def load_original(
@@ -232,49 +304,76 @@ def _check_complete(config: InternVLConfig, names, where: Path) -> None:
         )
 
 
-def convert_to_hf(src: str | Path, dst: str | Path, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
-    """Original layout -> transformers' layout (the released `*-hf` checkpoints' names), streaming shards."""
-    src, dst = Path(src), Path(dst)
+def _cast(tensors: Iterator[tuple[str, torch.Tensor]], dtype: torch.dtype | None):
+    """The floating tensors in `dtype` (None: unchanged), one at a time."""
+    for name, tensor in tensors:
+        yield name, tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+
+def _written_dtype(src: Path, dtype: str) -> torch.dtype | None:
+    """The cast a conversion applies: None for auto, which copies every tensor as it is (bit for bit)."""
+    return None if dtype == "auto" else resolve_dtype(dtype, src)
+
+
+def convert_to_hf(
+    src: str | Path, dst: str | Path, *, dtype: str = "auto", max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+) -> Path:
+    """Original layout -> transformers' layout (the released `*-hf` checkpoints' names), streaming shards.
+
+    `dtype`: auto keeps every tensor's dtype; bf16, fp16 or fp32 cast the floating weights.
+    """
+    src, dst = Path(src), check_output_dir(src, dst)
     if not is_original_checkpoint(src):
         raise ConversionError(f"{src}: not an original InternVL checkpoint (architectures != InternVLChatModel)")
     original = read_json(src / "config.json")
     tokenizer = load_tokenizer(src)
     config, _ = original_to_hf_config(original, tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN))
+    cast = _written_dtype(src, dtype)
+    config.dtype = cast or checkpoint_dtype(src)
     names: list[str] = []
 
     def disk_tensors():
-        for name, tensor in iter_original_as_hf(src, original):
+        for name, tensor in _cast(iter_original_as_hf(src, original), cast):
             names.append(name)
             yield hf_disk_name(name), tensor
 
-    write_shards(disk_tensors(), dst, max_shard_bytes)
-    _check_complete(config, names, src)
-    config.save_pretrained(dst)
-    metadata = metadata_for(config, checkpoint_settings(src), converted_from="original")
-    _set_chat_template(tokenizer, metadata)
-    tokenizer.save_pretrained(dst)
-    write_processor_files(dst, metadata)
-    (dst / METADATA_FILE).write_text(json.dumps(metadata, indent=2, ensure_ascii=False))
+    with atomic_dir(dst) as tmp:
+        write_shards(disk_tensors(), tmp, max_shard_bytes)
+        _check_complete(config, names, src)
+        config.save_pretrained(tmp)
+        metadata = metadata_for(config, checkpoint_settings(src), converted_from="original")
+        _set_chat_template(tokenizer, metadata)
+        tokenizer.save_pretrained(tmp)
+        write_processor_files(tmp, metadata)
+        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, ensure_ascii=False))
     return dst
 
 
-def convert_to_original(src: str | Path, dst: str | Path, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+def convert_to_original(
+    src: str | Path, dst: str | Path, *, dtype: str = "auto", max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+) -> Path:
     """transformers' layout -> original remote-code layout (config keys, fused qkv, InternLM2 names when the
     checkpoint came from an InternLM2 model). The original's modeling `.py` files are not ours to ship: copy them
-    from the original model repository next to the weights to load with trust_remote_code."""
-    src, dst = Path(src), Path(dst)
+    from the original model repository next to the weights to load with trust_remote_code.
+
+    `dtype`: auto keeps every tensor's dtype; bf16, fp16 or fp32 cast the floating weights.
+    """
+    src, dst = Path(src), check_output_dir(src, dst)
+    if is_original_checkpoint(src) or read_config_json(src).get("model_type") != "internvl":
+        raise ConversionError(f"{src}: not an HF-native InternVL checkpoint (model_type internvl)")
     config = InternVLConfig.from_pretrained(src, local_files_only=True)
-    if config.model_type != "internvl":
-        raise ConversionError(f"{src}: not an HF-native InternVL checkpoint (model_type {config.model_type!r})")
     settings = checkpoint_settings(src)
     original = hf_to_original_config(config, settings)
+    cast = _written_dtype(src, dtype)
+    original["torch_dtype"] = str(cast or checkpoint_dtype(src)).removeprefix("torch.")
     tensors: dict[str, torch.Tensor] = {}
     for file in weight_files(src):
         tensors.update({hf_module_name(k): v for k, v in read_shard(file).items()})
     _check_complete(config, tensors, src)
-    write_shards(hf_to_original_tensors(tensors, original["llm_config"]), dst, max_shard_bytes)
-    (dst / "config.json").write_text(json.dumps(original, indent=2, ensure_ascii=False))
-    copy_tokenizer_files(src, dst)
-    metadata = metadata_for(config, settings, converted_from="hf")
-    (dst / METADATA_FILE).write_text(json.dumps(metadata, indent=2, ensure_ascii=False))
+    with atomic_dir(dst) as tmp:
+        write_shards(_cast(hf_to_original_tensors(tensors, original["llm_config"]), cast), tmp, max_shard_bytes)
+        (tmp / "config.json").write_text(json.dumps(original, indent=2, ensure_ascii=False))
+        copy_tokenizer_files(src, tmp)
+        metadata = metadata_for(config, settings, converted_from="hf")
+        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, ensure_ascii=False))
     return dst

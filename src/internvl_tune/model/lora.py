@@ -5,6 +5,11 @@ See docs/original-differences.md §4.6.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
@@ -55,7 +60,8 @@ def apply_lora(
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
     )
-    peft_model = get_peft_model(model, config)
+    with _quiet_peft():
+        peft_model = get_peft_model(model, config)
     adapted = []
     if use_llm_lora:
         adapted += ["model.language_model.", "lm_head."]
@@ -70,6 +76,21 @@ def apply_lora(
         if unfreeze_lm_head and name.startswith("lm_head."):
             p.requires_grad_(True)
     return peft_model
+
+
+def load_adapter(model: nn.Module, folder: str | Path) -> PeftModel:
+    """`model` with the LoRA adapter saved in `folder` (by `PeftModel.save_pretrained`)."""
+    with _quiet_peft():
+        return PeftModel.from_pretrained(model, folder)
+
+
+@contextlib.contextmanager
+def _quiet_peft() -> Iterator[None]:
+    # PeftModel() reads transformers' deprecated `is_gradient_checkpointing`: a FutureWarning on every LoRA run
+    # that tells the user nothing they can act on.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+        yield
 
 
 _PEFT_PREFIX = "base_model.model."
