@@ -18,6 +18,7 @@ import inspect
 import itertools
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -168,22 +169,24 @@ class SFTConfig:
 @dataclass
 class MPOArgs:
     loss_type: list[str] | str = field(default_factory=lambda: ["sigmoid", "bco_pair", "sft"])
-    """Loss mix: a list of sigmoid, bco_pair, hinge, ipo, robust, sppo_hard, nca_pair, exo_pair, sft; or the
-    original spelling 'sigmoid,bco_pair' (then sigmoid_loss_weight, bco_pair_loss_weight and rpo_alpha apply)."""
-    loss_weights: list[float] | None = field(default_factory=lambda: [0.8, 0.2, 1.0])
-    """One weight per loss_type entry (MPO: 0.8, 0.2, 1.0)."""
+    """Loss mix: a list (or comma-separated string) of sigmoid, bco_pair, hinge, ipo, robust, sppo_hard, nca_pair,
+    exo_pair, sft. Every accepted spelling, the original's included: docs/losses.md."""
+    loss_weights: list[float] | None = None
+    """One weight per loss_type entry; unset: MPO's 0.8, 0.2, 1.0 for [sigmoid, bco_pair, sft], 1.0 for a single
+    type, else the original's sigmoid_loss_weight, bco_pair_loss_weight and rpo_alpha."""
     sigmoid_loss_weight: float | None = None
-    """Original spelling: weight of sigmoid in 'sigmoid,bco_pair'."""
+    """Original spelling (loss_weights unset): weight of sigmoid in a combination such as 'sigmoid,bco_pair'."""
     bco_pair_loss_weight: float | None = None
-    """Original spelling: weight of bco_pair in 'sigmoid,bco_pair'."""
+    """Original spelling (loss_weights unset): weight of bco_pair in a combination such as 'sigmoid,bco_pair'."""
     rpo_alpha: float | None = None
-    """Original spelling: weight of the SFT (chosen NLL) term."""
+    """Original spelling (loss_weights unset): adds the SFT (chosen NLL) term with this weight."""
     beta: float = 0.1
     """DPO beta."""
     label_smoothing: float = 0.0
     """Label smoothing of sigmoid / robust / exo_pair."""
     sft_reduction: Literal["token", "sample"] = "token"
-    """SFT term: token mean over the chosen responses (as the original), or the mean of per-pair means."""
+    """SFT term over the step's chosen responses: token mean (as the original), or the mean over pairs of each
+    response's per-token mean NLL (the paper's)."""
     reference: Literal["copy", "lora_disabled", "precomputed"] = "copy"
     """Reference model: a frozen copy in eval mode; the policy with its LoRA adapter disabled (no copy; needs
     use_llm_lora); or log-probs precomputed by `internvl-tune precompute-ref` (one model in memory)."""
@@ -192,6 +195,11 @@ class MPOArgs:
     pair_layout: Literal["shared", "separate"] = "shared"
     """shared: one [prompt | chosen | rejected] row per pair (image and prompt encoded once); separate: chosen and
     rejected as two rows, the original's layout (for checks)."""
+
+    def loss_settings(self) -> dict[str, Any]:
+        """The fields `PreferenceObjective.from_config` takes: the loss mix, beta, label_smoothing, sft_reduction."""
+        names = ("loss_type", "loss_weights", "rpo_alpha", "sigmoid_loss_weight", "bco_pair_loss_weight")
+        return {name: getattr(self, name) for name in (*names, "beta", "label_smoothing", "sft_reduction")}
 
 
 @dataclass
@@ -209,8 +217,15 @@ class MPOConfig:
         SFTConfig.validate(self)  # type: ignore[arg-type]
         if self.mpo.reference == "lora_disabled" and not (self.model.use_llm_lora or self.model.use_backbone_lora):
             raise ConfigError("mpo.reference=lora_disabled needs a LoRA policy (use_llm_lora or use_backbone_lora)")
-        if self.mpo.beta <= 0:
-            raise ConfigError(f"mpo.beta must be > 0, got {self.mpo.beta}")
+        # The recipe builds the objective through the same function, so a spelling accepted here trains as read.
+        from internvl_tune.losses.objective import PreferenceObjective
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the recipe warns about ignored settings when it builds the objective
+            try:
+                PreferenceObjective.from_config(**self.mpo.loss_settings())
+            except ValueError as e:
+                raise ConfigError(f"mpo.{e}") from e
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:

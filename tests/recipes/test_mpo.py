@@ -1,5 +1,7 @@
 """The MPO recipe end to end through the CLI on a tiny model, with the three kinds of reference."""
 
+import math
+import os
 from pathlib import Path
 
 import pytest
@@ -110,17 +112,61 @@ def test_precomputed_reference_equals_live_reference(tmp_path, tiny_model_dir, m
         assert a["rewards/chosen"] == pytest.approx(b["rewards/chosen"], abs=1e-5)
 
     # A cache for other data settings is stale and refused.
-    with pytest.raises(ValueError, match="stale cache: data settings changed"):
-        _run(
-            tmp_path,
-            tiny_model_dir,
-            meta,
-            "max_steps=1",
-            "reference=precomputed",
-            f"reference_cache={cache}",
-            "max_dynamic_patch=2",
-            name="stale",
-        )
+    code, _ = _run(
+        tmp_path,
+        tiny_model_dir,
+        meta,
+        "max_steps=1",
+        "reference=precomputed",
+        f"reference_cache={cache}",
+        "max_dynamic_patch=2",
+        name="stale",
+    )
+    assert code == 2
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    return line
+
+
+def test_precomputed_reference_is_checked_against_the_images_before_training(tmp_path, tiny_model_dir, capsys):
+    """New pixels under an old file name, or a pair the cache lacks, stop `mpo` at start-up with one error line."""
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    records = []
+    for i, colour in enumerate(["red", "green", "blue", "red"]):
+        draw_image(root / "images" / f"{i}.png", (56, 56), colour)
+        records.append({"image": f"{i}.png", "question": "What colour?", "chosen": colour, "rejected": "grey"})
+    write_jsonl(root / "pairs.jsonl", records)
+    meta = write_meta(root / "meta.json", {"c": {"root": "images", "annotation": "pairs.jsonl"}})
+    cache = tmp_path / "ref.pt"
+    cached = ("max_steps=1", "reference=precomputed", f"reference_cache={cache}")
+    assert _run(tmp_path, tiny_model_dir, meta, f"reference_cache={cache}", command="precompute-ref")[0] == 0
+    assert _run(tmp_path, tiny_model_dir, meta, *cached, name="unchanged")[0] == 0
+    # Touched but the same bytes: read again, still matches.
+    os.utime(root / "images" / "1.png")
+    assert _run(tmp_path, tiny_model_dir, meta, *cached, name="touched")[0] == 0
+    capsys.readouterr()
+
+    draw_image(root / "images" / "1.png", (56, 56), "blue")  # same name, same size, other pixels
+    code, out = _run(tmp_path, tiny_model_dir, meta, *cached, name="new-pixels")
+    assert code == 2 and not (out / "metrics.jsonl").exists()
+    assert _error_line(capsys) == (
+        f"error: {cache}: stale reference cache: 1 of 4 pairs do not match it: {root / 'pairs.jsonl'}:2 (image or "
+        "video content changed); recompute it with `internvl-tune precompute-ref`"
+    )
+
+    draw_image(root / "images" / "1.png", (56, 56), "green")  # back as it was
+    write_jsonl(root / "pairs.jsonl", [*records, {**records[0], "question": "Which colour?"}])
+    code, out = _run(tmp_path, tiny_model_dir, meta, *cached, name="new-pair")
+    assert code == 2 and not (out / "metrics.jsonl").exists()
+    assert _error_line(capsys) == (
+        f"error: {cache}: stale reference cache: 1 of 5 pairs do not match it: {root / 'pairs.jsonl'}:5 (not in the "
+        "cache); recompute it with `internvl-tune precompute-ref`"
+    )
 
 
 def test_separate_layout_gives_the_same_training(tmp_path, tiny_model_dir, meta):
@@ -156,6 +202,116 @@ def test_original_loss_spelling(tmp_path, tiny_model_dir, meta):
     row = read_metrics(out / "metrics.jsonl")[0]
     assert row["loss"] == pytest.approx(
         0.8 * row["loss/sigmoid"] + 0.2 * row["loss/bco_pair"] + row["loss/sft"], rel=1e-5
+    )
+
+
+@pytest.fixture(scope="module")
+def two_lengths(tmp_path_factory) -> Path:
+    """Two pairs whose chosen responses differ in length, so a token mean and a mean of per-pair means differ."""
+    root = tmp_path_factory.mktemp("two_lengths")
+    (root / "images").mkdir()
+    draw_image(root / "images" / "0.png", (56, 56), "red")
+    draw_image(root / "images" / "1.png", (112, 56), "green")
+    records = [
+        {"image": "0.png", "question": "What colour is the shape?", "chosen": "red", "rejected": "blue"},
+        {
+            "image": "1.png",
+            "question": "What colour is the shape?",
+            "chosen": "The shape is green, a wide green ellipse on white.",
+            "rejected": "red",
+        },
+    ]
+    write_jsonl(root / "pairs.jsonl", records)
+    return write_meta(root / "meta.json", {"two": {"root": "images", "annotation": "pairs.jsonl"}})
+
+
+def _sft_step_by_hand(model_dir: Path, meta: Path, reduction: str) -> tuple[float, float]:
+    """The SFT loss of one step over every pair of `meta`, and its gradient norm, computed here pair by pair:
+    token: Σ NLL(yc) / Σ |yc|; sample: mean over pairs of NLL(yc) / |yc|."""
+    import torch
+
+    from internvl_tune.config import DataArgs, ModelArgs
+    from internvl_tune.data.collate import pair_collate
+    from internvl_tune.data.dataset import RecordDataset
+    from internvl_tune.data.preference import PairBuilder
+    from internvl_tune.data.transform import SampleBuilder
+    from internvl_tune.model.forward import InternVLTrainingForward
+    from internvl_tune.model.prepare import prepare_policy, sample_settings
+    from internvl_tune.model.reference import pair_logps
+    from internvl_tune.training.engine import blank_tile
+
+    model, tokenizer = prepare_policy(ModelArgs(model_name_or_path=str(model_dir), drop_path_rate=0.0))
+    settings = sample_settings(DataArgs(meta_path=str(meta), max_dynamic_patch=4, max_seq_length=512), model.config)
+    dataset = RecordDataset(meta, PairBuilder(SampleBuilder(tokenizer, settings)), require_data_augment=False)
+    forward = InternVLTrainingForward(model).train()
+    dummy = blank_tile(settings.image_size, settings.normalize_type)
+    nll, num_tokens = [], []
+    for i in range(len(dataset)):
+        out = pair_logps(
+            forward, pair_collate([dataset[i]], pad_token_id=tokenizer.pad_token_id, dummy_tile=dummy), "cpu"
+        )
+        nll.append(-out["chosen_logps"][0])
+        num_tokens.append(int(out["chosen_num_tokens"][0]))
+    assert len(set(num_tokens)) > 1
+    if reduction == "token":
+        loss = sum(nll) / sum(num_tokens)
+    else:
+        loss = sum(n / t for n, t in zip(nll, num_tokens, strict=True)) / len(nll)
+    loss.backward()
+    grad_norm = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).norm()
+    return loss.item(), grad_norm.item()
+
+
+def test_sft_reduction_sample_and_token_train_differently(tmp_path, tiny_model_dir, two_lengths):
+    # One step of both pairs as two micro-batches of one pair: the loss and the gradient are the step's, normalised
+    # over its 2 pairs (sample) or its chosen tokens (token), as computed pair by pair in _sft_step_by_hand.
+    rows = {}
+    for reduction in ("token", "sample"):
+        code, out = _run(
+            tmp_path,
+            tiny_model_dir,
+            two_lengths,
+            "max_steps=1",
+            "per_device_train_batch_size=1",
+            "gradient_accumulation_steps=2",
+            "loss_type=[sft]",
+            "loss_weights=[1.0]",
+            f"sft_reduction={reduction}",
+            name=reduction,
+        )
+        assert code == 0
+        (rows[reduction],) = read_metrics(out / "metrics.jsonl")
+        loss, grad_norm = _sft_step_by_hand(tiny_model_dir, two_lengths, reduction)
+        assert rows[reduction]["loss"] == pytest.approx(loss, rel=1e-5)
+        assert rows[reduction]["loss/sft"] == pytest.approx(loss, rel=1e-5)
+        assert rows[reduction]["grad_norm"] == pytest.approx(grad_norm, rel=1e-4)
+    assert rows["sample"]["grad_norm"] != pytest.approx(rows["token"]["grad_norm"], rel=1e-3)
+
+
+def test_one_pair_per_step_is_the_original_formula(tmp_path, tiny_model_dir, two_lengths):
+    # One pair per step: the token mean of one response is its per-token mean, so both reductions train alike, and
+    # the first step's loss is 0.8·log 2 + 0.2·2·log 2 + NLL(yc)/|yc| (policy == reference, δ = 0).
+    runs = {}
+    for reduction in ("token", "sample"):
+        code, out = _run(
+            tmp_path,
+            tiny_model_dir,
+            two_lengths,
+            "max_steps=2",
+            "per_device_train_batch_size=1",
+            "shuffle=false",
+            f"sft_reduction={reduction}",
+            name=f"one-{reduction}",
+        )
+        assert code == 0
+        runs[reduction] = read_metrics(out / "metrics.jsonl")
+    for a, b in zip(runs["token"], runs["sample"], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["grad_norm"] == pytest.approx(b["grad_norm"])
+    first = runs["sample"][0]
+    assert first["loss/sigmoid"] == pytest.approx(math.log(2), abs=1e-5)
+    assert first["loss/bco_pair"] == pytest.approx(2 * math.log(2), abs=1e-5)
+    assert first["loss"] == pytest.approx(
+        0.8 * first["loss/sigmoid"] + 0.2 * first["loss/bco_pair"] + first["loss/sft"]
     )
 
 

@@ -143,33 +143,31 @@ def test_running_reward_mean_local_mean_and_state_dict():
 
 
 MPO = PreferenceObjective(["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0], beta=BETA)
-# Chosen responses: summed NLL 3 over 2 tokens (pair A), 1 over 4 tokens (pair B).
-CHOSEN_NLL_SUM = torch.tensor([3.0, 1.0], dtype=torch.float64)
+# Chosen responses: 2 tokens (pair A) and 4 tokens (pair B); their NLLs are −log π(yc) = 1 and 4.
 CHOSEN_NUM_TOKENS = torch.tensor([2, 4])
 
 
 def test_mpo_objective_by_hand():
-    """L = mean_pairs(0.8·L_sigmoid + 0.2·L_bco) + 1.0·L_sft.
+    """L = (1/P)·Σ_pairs (0.8·L_sigmoid + 0.2·L_bco) + 1.0·L_sft, here the micro-batch is the whole step (P = 2).
 
     δ comes from the running mean as a recipe would read it: rewards [0.5, −0.5] and [−0.5, 0.5] have mean 0, so
     after the first update δ = 0.
     L_sigmoid = [0.3132617, 1.3132617], mean 0.8132617.
     L_bco (δ = 0) = [0.9481540, 1.9481540], mean 1.4481540.
-    per pair: A 0.8·0.3132617 + 0.2·0.9481540 = 0.4402401; B 0.8·1.3132617 + 0.2·1.9481540 = 1.4402401.
-    L_sft (token mean) = (3 + 1) / (2 + 4) = 0.6666667.
-    L = (0.4402401 + 1.4402401) / 2 + 0.6666667 = 0.9402401 + 0.6666667 = 1.6069068.
+    preference part: 0.8·0.8132617 + 0.2·1.4481540 = 0.9402401.
+    L_sft (token mean) = (1 + 4) / (2 + 4) = 0.8333333.
+    L = 0.9402401 + 0.8333333 = 1.7735734.
     """
     policy_chosen, policy_rejected, ref_chosen, ref_rejected = pairs = _pairs(requires_grad=True)
     assert MPO.needs_delta and MPO.sft_weight == 1.0
     running = RunningRewardMean()
-    delta = running.update(RunningRewardMean.local_mean(*rewards(*pairs, beta=BETA)), num_ranks=1)
+    delta = running.update(RunningRewardMean.local_mean(*MPO.rewards(*pairs)), num_ranks=1)
     assert delta == 0.0
 
-    out = MPO(*pairs, delta=delta, chosen_nll_sum=CHOSEN_NLL_SUM, chosen_num_tokens=CHOSEN_NUM_TOKENS)
-    assert out.loss.item() == pytest.approx(1.6069068, abs=1e-6)
-    assert out.per_pair.tolist() == pytest.approx([0.4402401, 1.4402401], abs=1e-6)
+    out = MPO(*pairs, delta=delta, chosen_num_tokens=CHOSEN_NUM_TOKENS)
+    assert out.loss.item() == pytest.approx(1.7735734, abs=1e-6)
     assert {k: v.item() for k, v in out.terms.items()} == pytest.approx(
-        {"sigmoid": 0.8132617, "bco_pair": 1.4481540, "sft": 0.6666667}, abs=1e-6
+        {"sigmoid": 0.8132617, "bco_pair": 1.4481540, "sft": 0.8333333}, abs=1e-6
     )
     assert out.loss.item() == pytest.approx(
         0.8 * out.terms["sigmoid"].item() + 0.2 * out.terms["bco_pair"].item() + 1.0 * out.terms["sft"].item()
@@ -182,22 +180,94 @@ def test_mpo_objective_by_hand():
     assert policy_chosen.grad is not None and policy_rejected.grad is not None
 
 
+def test_rewards_for_delta_are_the_rewards_the_objective_reports():
+    # One formula: the objective's rewards, those a recipe folds into δ, and preference.rewards agree exactly.
+    out = MPO(*_pairs(), delta=0.0, chosen_num_tokens=CHOSEN_NUM_TOKENS)
+    for a, b in zip(MPO.rewards(*_pairs()), rewards(*_pairs(), beta=BETA), strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(out.chosen_rewards, MPO.rewards(*_pairs())[0])
+
+
 def test_mpo_objective_with_delta_and_sample_reduction():
     # δ = 0.25: L_bco = [0.9628104, 1.9628104], mean 1.4628104.
-    out = MPO(*_pairs(), delta=0.25, chosen_nll_sum=CHOSEN_NLL_SUM, chosen_num_tokens=CHOSEN_NUM_TOKENS)
+    out = MPO(*_pairs(), delta=0.25, chosen_num_tokens=CHOSEN_NUM_TOKENS)
     assert out.terms["bco_pair"].item() == pytest.approx(1.4628104, abs=1e-6)
-    # Sample mean of per-pair token means: (3/2 + 1/4) / 2 = 0.875; L = 0.9402401 + 0.875 = 1.8152401.
+    # Sample mean of per-pair token means: (1/2 + 4/4) / 2 = 0.75; L = 0.9402401 + 0.75 = 1.6902401.
     per_sample = PreferenceObjective(["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0], beta=BETA, sft_reduction="sample")
-    out = per_sample(*_pairs(), delta=0.0, chosen_nll_sum=CHOSEN_NLL_SUM, chosen_num_tokens=CHOSEN_NUM_TOKENS)
-    assert out.terms["sft"].item() == pytest.approx(0.875)
-    assert out.loss.item() == pytest.approx(1.8152401, abs=1e-6)
+    out = per_sample(*_pairs(), delta=0.0, chosen_num_tokens=CHOSEN_NUM_TOKENS)
+    assert out.terms["sft"].item() == pytest.approx(0.75)
+    assert out.loss.item() == pytest.approx(1.6902401, abs=1e-6)
+
+
+@pytest.mark.parametrize("sft_reduction", ["token", "sample"])
+def test_micro_batch_shares_add_up_to_the_step_loss(sft_reduction):
+    """Pairs A and B as two micro-batches of one pair, told the step has P = 2 pairs and 2 + 4 = 6 chosen tokens.
+
+    token: sft shares −log π(yc)/6 = 1/6 and 4/6 (sum 0.8333333); sample: (1/2)/2 = 0.25 and (4/4)/2 = 0.5 (sum 0.75).
+    The preference shares are each pair's loss / 2. Losses, terms and gradients add up to the whole step's.
+    """
+    objective = PreferenceObjective(
+        ["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0], beta=BETA, sft_reduction=sft_reduction
+    )
+    whole = _pairs(requires_grad=True)
+    step = objective(*whole, delta=0.0, chosen_num_tokens=CHOSEN_NUM_TOKENS)
+    step.loss.backward()
+
+    split = _pairs(requires_grad=True)
+    shares = [
+        objective(
+            *(t[i : i + 1] for t in split),
+            delta=0.0,
+            chosen_num_tokens=CHOSEN_NUM_TOKENS[i : i + 1],
+            num_pairs_in_step=2,
+            num_chosen_tokens_in_step=6,
+        )
+        for i in (0, 1)
+    ]
+    sum(out.loss for out in shares).backward()
+    expected_sft = {"token": [1 / 6, 4 / 6], "sample": [0.25, 0.5]}[sft_reduction]
+    assert [out.terms["sft"].item() for out in shares] == pytest.approx(expected_sft)
+    assert sum(out.loss.item() for out in shares) == pytest.approx(step.loss.item(), abs=1e-12)
+    for name in objective.loss_types:
+        assert sum(out.terms[name].item() for out in shares) == pytest.approx(step.terms[name].item(), abs=1e-12)
+    for a, b in zip(whole[:2], split[:2], strict=True):
+        assert torch.allclose(a.grad, b.grad, atol=1e-12)
+
+
+def test_sft_reduction_sample_and_token_give_different_gradients():
+    """The SFT term alone, d L / d log π(yc) per pair (lengths 2 and 4, one step of 2 pairs):
+
+    token: L = −Σ log π(yc) / 6 -> [−1/6, −1/6]; sample: L = −(1/2)·Σ log π(yc)/|yc| -> [−1/4, −1/8].
+    """
+    grads = {}
+    for reduction in ("token", "sample"):
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected = _pairs(requires_grad=True)
+        sft = PreferenceObjective(["sft"], [1.0], sft_reduction=reduction)
+        sft(
+            policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_num_tokens=CHOSEN_NUM_TOKENS
+        ).loss.backward()
+        grads[reduction] = policy_chosen.grad.tolist()
+    assert grads["token"] == pytest.approx([-1 / 6, -1 / 6])
+    assert grads["sample"] == pytest.approx([-1 / 4, -1 / 8])
+
+
+def test_one_pair_per_step_is_the_original_formula():
+    """Pair A alone: 0.8·L_sigmoid + 0.2·L_bco + 1.0·NLL/|yc| = 0.8·0.3132617 + 0.2·0.9628104 + 1/2 = 0.9431714
+    (δ = 0.25), with either reduction (one response: its token mean is the per-pair mean)."""
+    pair_a = [t[:1] for t in _pairs()]
+    for reduction in ("token", "sample"):
+        objective = PreferenceObjective(
+            ["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0], beta=BETA, sft_reduction=reduction
+        )
+        out = objective(*pair_a, delta=0.25, chosen_num_tokens=CHOSEN_NUM_TOKENS[:1], num_pairs_in_step=1)
+        assert out.loss.item() == pytest.approx(0.9431714, abs=1e-6)
 
 
 def test_objective_passes_lengths_to_ipo():
-    # IPO alone: mean of [0.0625, 6.25] = 3.15625; no delta needed, no SFT inputs needed.
+    # IPO alone: mean of [0.0625, 6.25] = 3.15625; no delta needed.
     ipo = PreferenceObjective(["ipo"], [1.0], beta=BETA)
     assert not ipo.needs_delta and ipo.sft_weight == 0.0
-    out = ipo(*_pairs(), chosen_lengths=torch.tensor([2, 1]), rejected_lengths=torch.tensor([4, 2]))
+    out = ipo(*_pairs(), chosen_num_tokens=torch.tensor([2, 1]), rejected_num_tokens=torch.tensor([4, 2]))
     assert out.loss.item() == pytest.approx(3.15625)
 
 
@@ -208,6 +278,7 @@ def test_original_spelling_gives_the_same_objective():
     )
     assert ours == original == MPO
     assert PreferenceObjective.from_config("sigmoid, bco_pair, sft", [0.8, 0.2, 1.0], beta=BETA) == MPO
+    assert PreferenceObjective.from_config(["sigmoid", "bco_pair", "sft"], beta=BETA) == MPO  # weights unset: MPO's
     # The original defaults both weights to 1.0 in a combination, and has no SFT term without rpo_alpha.
     assert PreferenceObjective.from_config("sigmoid,bco_pair") == PreferenceObjective(["sigmoid", "bco_pair"], [1, 1])
     # ... and ignores the per-type weights for a single loss type.
@@ -223,25 +294,20 @@ def test_original_spelling_gives_the_same_objective():
         ({"loss_type": ["sigmoid"], "loss_weights": [-1.0]}, "weight of 'sigmoid' must be >= 0"),
         ({"loss_type": ["sft", "sigmoid", "sft"], "loss_weights": [1, 1, 1]}, r"\['sft'\] listed more than once"),
         ({"loss_type": [], "loss_weights": []}, "at least one loss type"),
-        ({"loss_type": "sigmoid", "loss_weights": [1.0], "rpo_alpha": 1.0}, r"cannot be combined with \['rpo_alpha'\]"),
-        (
-            {"loss_type": "sigmoid,sft"},
-            "'sft' needs loss_weights; in the original spelling the SFT weight is rpo_alpha",
-        ),
-        ({"loss_type": "sigmoid,hinge"}, r"\['hinge'\] have no \*_loss_weight field"),
-        ({"loss_type": "sigmoid", "beta": 0.0}, "beta must be > 0"),
-        ({"loss_type": "sigmoid", "sft_reduction": "mean"}, "sft_reduction must be 'token' or 'sample'"),
+        ({"loss_type": "sigmoid", "beta": 0.0}, "beta: must be > 0"),
+        ({"loss_type": "sigmoid", "sft_reduction": "mean"}, "sft_reduction: must be 'token' or 'sample'"),
     ],
 )
 def test_objective_config_errors(kwargs, message):
+    # The spellings of the loss mix are tested row by row against docs/losses.md in test_loss_spellings.py.
     with pytest.raises(ValueError, match=message):
         PreferenceObjective.from_config(**kwargs)
 
 
 def test_objective_call_errors_and_warnings():
     with pytest.raises(ValueError, match="bco_pair needs delta"):
-        MPO(*_pairs(), chosen_nll_sum=CHOSEN_NLL_SUM, chosen_num_tokens=CHOSEN_NUM_TOKENS)
-    with pytest.raises(ValueError, match="'sft' term needs chosen_nll_sum and chosen_num_tokens"):
+        MPO(*_pairs(), chosen_num_tokens=CHOSEN_NUM_TOKENS)
+    with pytest.raises(ValueError, match="'sft' term needs chosen_num_tokens"):
         MPO(*_pairs(), delta=0.0)
     with pytest.warns(UserWarning, match="label_smoothing=0.1 is ignored"):
         PreferenceObjective(["bco_pair"], [1.0], label_smoothing=0.1)

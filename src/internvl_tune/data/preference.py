@@ -61,6 +61,21 @@ def record_key(record: dict[str, Any], entry_name: str) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
+def pair_media_paths(record: dict[str, Any], where: str, entry: DatasetEntry | None) -> list[str]:
+    """The media a pair's pixels come from, resolved against the dataset root: its images, or its video (a file or
+    a folder of frames). The reference cache keys a pair by these files' bytes as well as by its record.
+
+    A record that is not a valid pair names no media here: it is refused when it is built, and its record alone
+    keys it.
+    """
+    try:
+        conversation, _, _ = record_to_pair(record, where)
+    except DataError:
+        return []
+    paths = conversation.images or ([conversation.video] if conversation.video is not None else [])
+    return [entry.resolve(p) if entry else p for p in paths]
+
+
 class PairBuilder:
     """Turns preference records into pair samples, sharing the media expansion of `SampleBuilder`."""
 

@@ -14,6 +14,7 @@ from internvl_tune.data.collate import pair_collate
 from internvl_tune.data.dataset import RecordDataset
 from internvl_tune.data.preference import PairBuilder
 from internvl_tune.data.transform import SampleBuilder
+from internvl_tune.losses.preference import rewards
 from internvl_tune.model.forward import InternVLTrainingForward
 from internvl_tune.model.load import load_model
 from internvl_tune.model.prepare import sample_settings
@@ -47,8 +48,13 @@ def reward_accuracy(
         indices = range(start, min(start + batch_size, len(dataset)))
         batch = collate([dataset[i] for i in indices])
         (policy_logps, reference_logps) = (pair_logps(f, batch, "cpu") for f in forwards)
-        chosen = beta * (policy_logps["chosen_logps"] - reference_logps["chosen_logps"])
-        rejected = beta * (policy_logps["rejected_logps"] - reference_logps["rejected_logps"])
+        chosen, rejected = rewards(
+            policy_logps["chosen_logps"],
+            policy_logps["rejected_logps"],
+            reference_logps["chosen_logps"],
+            reference_logps["rejected_logps"],
+            beta,
+        )
         wins += (chosen > rejected).tolist()
         margins += (chosen - rejected).tolist()
         kinds += [dataset.record(i)[0].get("question_type", "all") for i in indices]

@@ -1,11 +1,23 @@
 """The MPO objective as data: a weighted mix of preference losses plus an SFT term on the chosen response
 (docs/original-differences.md §6.1, §6.5).
 
-MPO (https://arxiv.org/abs/2411.10442) is `PreferenceObjective(["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0])`:
+MPO (https://arxiv.org/abs/2411.10442) is `PreferenceObjective(["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0])`.
+Over the P pairs of one optimizer step (every micro-batch, every rank):
 
-    L = mean_pairs(0.8·L_sigmoid + 0.2·L_bco_pair) + 1.0·L_sft
+    L = (1/P)·Σ_pairs (0.8·L_sigmoid + 0.2·L_bco_pair) + 1.0·L_sft
 
-with L_sft the chosen-response NLL, a token mean over the micro-batch as in the original (`sft_reduction="token"`).
+    L_sft = Σ_pairs NLL(yc) / Σ_pairs |yc|          sft_reduction="token" (the original: a token mean)
+    L_sft = (1/P)·Σ_pairs NLL(yc) / |yc|             sft_reduction="sample" (the paper's −log π(yc|x)/|yc|)
+
+with NLL(yc) = −log π(yc|x), the chosen response's summed negative log-likelihood, and |yc| its token count. Each
+micro-batch returns its share of L (its pairs' sums over the step's P and Σ|yc|), so the backward passes of a step add
+up to L. With one pair per step this is exactly the original's per-micro-batch mean.
+
+Example (the SFT term): two pairs with NLL(yc) = 1 over 2 tokens and 4 over 4 tokens. token: L_sft = (1 + 4) / (2 + 4) = 0.8333; sample: (1/2 + 4/4) / 2 = 0.75. As two micro-batches
+of one pair each, told P = 2 and Σ|yc| = 6, the token shares are 1/6 and 4/6, the sample shares 0.25 and 0.5.
+
+The loss-mix settings (`loss_type`, `loss_weights` and the original's `sigmoid_loss_weight`, `bco_pair_loss_weight`,
+`rpo_alpha`) are read in one place, `resolve_loss_mix`; docs/losses.md has the table of accepted spellings.
 """
 
 from __future__ import annotations
@@ -22,10 +34,85 @@ from internvl_tune.losses.preference import PREFERENCE_LOSS_TYPES, preference_lo
 SFT_LOSS_TYPE = "sft"
 LOSS_TYPES = (*PREFERENCE_LOSS_TYPES, SFT_LOSS_TYPE)
 
+# The default mix: loss_type [sigmoid, bco_pair, sft] with loss_weights unset means these weights.
+MPO_LOSS_TYPES = ("sigmoid", "bco_pair", "sft")
+MPO_LOSS_WEIGHTS = (0.8, 0.2, 1.0)
+
 # The original has a weight field only for these two (docs/original-differences.md §6.5); other types cannot be
 # weighted in its spelling.
 _ORIGINAL_WEIGHT_FIELDS = ("sigmoid", "bco_pair")
 _USES_LABEL_SMOOTHING = ("sigmoid", "robust", "exo_pair")
+
+
+def resolve_loss_mix(
+    loss_type: str | Sequence[str],
+    loss_weights: Sequence[float] | None = None,
+    *,
+    rpo_alpha: float | None = None,
+    sigmoid_loss_weight: float | None = None,
+    bco_pair_loss_weight: float | None = None,
+) -> tuple[list[str], list[float]]:
+    """The loss types and their weights from either spelling of the mix; config validation and the recipe both
+    read the settings through here (docs/losses.md, "Accepted spellings", lists every case).
+
+    - `loss_weights` given: one weight per entry of `loss_type` (a list or a comma-separated string), "sft"
+      included; the original's weight fields must then be unset.
+    - `loss_weights` unset and none of the original's fields set: the MPO mix [sigmoid, bco_pair, sft] gets
+      MPO's weights [0.8, 0.2, 1.0]; a single type gets 1.0.
+    - Otherwise the original's spelling: `sigmoid_loss_weight` / `bco_pair_loss_weight` weigh those types in a
+      combination (1.0 when unset; ignored, with a warning, for a single type, as the original does), and
+      `rpo_alpha` appends an "sft" term with that weight.
+
+    Example: `resolve_loss_mix("sigmoid", rpo_alpha=1.0)` is `(["sigmoid", "sft"], [1.0, 1.0])` (RPO).
+
+    Raises:
+        ValueError: a spelling the table does not accept; the message names the field to change.
+    """
+    types = [t.strip() for t in (loss_type.split(",") if isinstance(loss_type, str) else loss_type)]
+    original_fields = {
+        "rpo_alpha": rpo_alpha,
+        "sigmoid_loss_weight": sigmoid_loss_weight,
+        "bco_pair_loss_weight": bco_pair_loss_weight,
+    }
+    given_original = sorted(name for name, value in original_fields.items() if value is not None)
+    if loss_weights is not None:
+        if given_original:
+            raise ValueError(
+                f"loss_weights: cannot be combined with {given_original} (the original spelling); give every "
+                "weight, 'sft' included, in loss_weights, or unset loss_weights (null)"
+            )
+        return types, [float(w) for w in loss_weights]
+    if not given_original and tuple(types) == MPO_LOSS_TYPES:
+        return types, list(MPO_LOSS_WEIGHTS)
+    if SFT_LOSS_TYPE in types:
+        if rpo_alpha is not None:
+            raise ValueError(
+                f"loss_type: {types} lists 'sft' and rpo_alpha gives its weight too; drop 'sft' from loss_type "
+                "(the original spelling) or give loss_weights instead of rpo_alpha"
+            )
+        raise ValueError(
+            f"loss_type: {types} lists 'sft' but loss_weights is unset; give one weight per type in loss_weights, "
+            "or drop 'sft' and give its weight as rpo_alpha (the original spelling)"
+        )
+    if len(types) == 1:
+        ignored = [name for name in ("sigmoid_loss_weight", "bco_pair_loss_weight") if name in given_original]
+        if ignored:
+            # The original applies the per-type weights only when loss_type is a comma-separated combination.
+            warnings.warn(f"{ignored} ignored for the single loss_type {types[0]!r}", stacklevel=2)
+        weights = [1.0]
+    else:
+        unweighted = [t for t in types if t not in _ORIGINAL_WEIGHT_FIELDS]
+        if unweighted:
+            raise ValueError(
+                f"loss_type: {unweighted} have no *_loss_weight field in the original spelling "
+                f"(only {', '.join(_ORIGINAL_WEIGHT_FIELDS)}); give loss_weights, one per type"
+            )
+        per_type = {"sigmoid": sigmoid_loss_weight, "bco_pair": bco_pair_loss_weight}
+        weights = [1.0 if per_type[t] is None else float(per_type[t]) for t in types]
+    if rpo_alpha is not None:
+        types.append(SFT_LOSS_TYPE)
+        weights.append(float(rpo_alpha))
+    return types, weights
 
 
 @dataclass
@@ -33,20 +120,19 @@ class ObjectiveOutput:
     """What one micro-batch's objective returns.
 
     Attributes:
-        loss: scalar to backpropagate: mean over pairs of Σ_t w_t·loss_t, plus w_sft·sft_term.
-        per_pair: Σ_t w_t·loss_t per pair without the SFT term, [B] (for recipes that normalise globally).
-        terms: each term's UNWEIGHTED mean over the micro-batch, detached, keyed by loss type ("sigmoid",
-            "bco_pair", "sft", ...), for logging.
+        loss: this micro-batch's share of the step's loss, to backpropagate: Σ_t w_t·terms[t] (with gradients).
+        terms: each term's share of the step's value, unweighted and detached, keyed by loss type ("sigmoid",
+            "bco_pair", "sft", ...): Σ_pairs loss_t / num_pairs_in_step for a preference type, the SFT share for
+            "sft". Summed over the step's micro-batches and ranks they are the step's terms, for logging.
         chosen_rewards: β·Δc, detached, [B]. Not weighted: the original sums the rewards of each sub-loss times its
             weight (docs/original-differences.md §6.5), which equals these when the preference weights sum to 1
             (0.8 + 0.2 in MPO).
         rejected_rewards: β·Δr, detached, [B].
-        reward_accuracy: mean of (chosen_rewards > rejected_rewards), scalar.
-        reward_margin: mean of (chosen_rewards − rejected_rewards), scalar.
+        reward_accuracy: mean over this micro-batch of (chosen_rewards > rejected_rewards), scalar.
+        reward_margin: mean over this micro-batch of (chosen_rewards − rejected_rewards), scalar.
     """
 
     loss: torch.Tensor
-    per_pair: torch.Tensor
     terms: dict[str, torch.Tensor]
     chosen_rewards: torch.Tensor
     rejected_rewards: torch.Tensor
@@ -58,22 +144,19 @@ class ObjectiveOutput:
 class PreferenceObjective:
     """A weighted mix of preference losses (`preference.py`) and optionally an SFT term on the chosen response.
 
-    Global normalisation: `loss` is a micro-batch mean, like the original. A recipe that wants the optimizer step's
-    loss not to depend on how pairs fall into micro-batches and ranks backpropagates, per micro-batch,
-
-        out.per_pair.sum() / num_pairs_in_step + objective.sft_weight * chosen_nll_sum.sum() / num_chosen_tokens_in_step
-
-    where both totals run over every micro-batch of the step and every rank (multiply by the world size when DDP
-    averages gradients over ranks). With `sft_reduction="sample"` the SFT part is instead
-    `(chosen_nll_sum / chosen_num_tokens).sum() / num_pairs_in_step`.
+    Called once per micro-batch with the step's totals (`num_pairs_in_step`, `num_chosen_tokens_in_step`, over every
+    micro-batch of the step and every rank), it returns the micro-batch's share of the step's loss, normalised as in
+    the module docstring, so the loss of a step does not depend on how its pairs fall into micro-batches and ranks
+    (multiply by the world size when DDP averages gradients over ranks). Without the totals the micro-batch is the
+    whole step: a micro-batch mean, like the original.
 
     Attributes:
         loss_types: preference loss types from PREFERENCE_LOSS_TYPES, and optionally "sft".
         loss_weights: one non-negative weight per loss type.
         beta: β of every preference loss.
         label_smoothing: ls of `sigmoid`, `robust` and `exo_pair` (other types ignore it).
-        sft_reduction: "token" (the original: Σ NLL / Σ tokens over the micro-batch's chosen responses) or
-            "sample" (mean over pairs of each chosen response's per-token mean NLL, the paper's −log π(yc)/|yc|).
+        sft_reduction: "token" (the original: Σ NLL / Σ tokens over the step's chosen responses) or "sample" (mean
+            over the step's pairs of each chosen response's per-token mean NLL, the paper's −log π(yc|x)/|yc|).
     """
 
     loss_types: list[str]
@@ -102,11 +185,11 @@ class PreferenceObjective:
             if weight < 0:
                 raise ValueError(f"loss_weights: weight of {loss_type!r} must be >= 0, got {weight}")
         if self.beta <= 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
+            raise ValueError(f"beta: must be > 0, got {self.beta}")
         if self.label_smoothing < 0:
-            raise ValueError(f"label_smoothing must be >= 0, got {self.label_smoothing}")
+            raise ValueError(f"label_smoothing: must be >= 0, got {self.label_smoothing}")
         if self.sft_reduction not in ("token", "sample"):
-            raise ValueError(f"sft_reduction must be 'token' or 'sample', got {self.sft_reduction!r}")
+            raise ValueError(f"sft_reduction: must be 'token' or 'sample', got {self.sft_reduction!r}")
         if self.label_smoothing and not any(t in _USES_LABEL_SMOOTHING for t in self.loss_types):
             warnings.warn(
                 f"label_smoothing={self.label_smoothing} is ignored: none of {self.loss_types} uses it "
@@ -127,53 +210,19 @@ class PreferenceObjective:
         label_smoothing: float = 0.0,
         sft_reduction: Literal["token", "sample"] = "token",
     ) -> PreferenceObjective:
-        """Build from either spelling of the loss mix.
+        """Build from the settings of `MPOArgs`, the loss mix read by `resolve_loss_mix` (either spelling).
 
-        Ours: `loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0]` (a comma-separated string works
-        too). The original's (docs/original-differences.md §6.5): `loss_type="sigmoid,bco_pair",
-        sigmoid_loss_weight=0.8, bco_pair_loss_weight=0.2, rpo_alpha=1.0`, where rpo_alpha becomes the weight of an
-        appended "sft" term. Both give the same objective. As in the original, `*_loss_weight` default to 1.0 in a
-        combination and are ignored (with a warning) for a single loss type.
+        Ours: `loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0]`. The original's: `loss_type=
+        "sigmoid,bco_pair", sigmoid_loss_weight=0.8, bco_pair_loss_weight=0.2, rpo_alpha=1.0`. Both give MPO.
         """
-        types = [t.strip() for t in loss_type.split(",")] if isinstance(loss_type, str) else list(loss_type)
-        original_fields = {
-            "rpo_alpha": rpo_alpha,
-            "sigmoid_loss_weight": sigmoid_loss_weight,
-            "bco_pair_loss_weight": bco_pair_loss_weight,
-        }
-        given_original = sorted(name for name, value in original_fields.items() if value is not None)
-        settings = {"beta": beta, "label_smoothing": label_smoothing, "sft_reduction": sft_reduction}
-        if loss_weights is not None:
-            if given_original:
-                raise ValueError(
-                    f"loss_weights cannot be combined with {given_original} (the original spelling); "
-                    "give every weight, 'sft' included, in loss_weights"
-                )
-            return cls(types, list(loss_weights), **settings)
-
-        if SFT_LOSS_TYPE in types:
-            raise ValueError(
-                "loss_type: 'sft' needs loss_weights; in the original spelling the SFT weight is rpo_alpha"
-            )
-        if len(types) == 1:
-            ignored = [name for name in ("sigmoid_loss_weight", "bco_pair_loss_weight") if name in given_original]
-            if ignored:
-                # The original applies the per-type weights only when loss_type is a comma-separated combination.
-                warnings.warn(f"{ignored} ignored for the single loss_type {types[0]!r}", stacklevel=2)
-            weights = [1.0]
-        else:
-            unweighted = [t for t in types if t not in _ORIGINAL_WEIGHT_FIELDS]
-            if unweighted:
-                raise ValueError(
-                    f"loss_type: {unweighted} have no *_loss_weight field in the original spelling "
-                    f"(only {', '.join(_ORIGINAL_WEIGHT_FIELDS)}); give loss_weights instead"
-                )
-            per_type = {"sigmoid": sigmoid_loss_weight, "bco_pair": bco_pair_loss_weight}
-            weights = [1.0 if per_type[t] is None else per_type[t] for t in types]
-        if rpo_alpha is not None:
-            types.append(SFT_LOSS_TYPE)
-            weights.append(rpo_alpha)
-        return cls(types, weights, **settings)
+        types, weights = resolve_loss_mix(
+            loss_type,
+            loss_weights,
+            rpo_alpha=rpo_alpha,
+            sigmoid_loss_weight=sigmoid_loss_weight,
+            bco_pair_loss_weight=bco_pair_loss_weight,
+        )
+        return cls(types, weights, beta=beta, label_smoothing=label_smoothing, sft_reduction=sft_reduction)
 
     @property
     def needs_delta(self) -> bool:
@@ -187,6 +236,17 @@ class PreferenceObjective:
             return 0.0
         return self.loss_weights[self.loss_types.index(SFT_LOSS_TYPE)]
 
+    def rewards(
+        self,
+        policy_chosen_logps: torch.Tensor,
+        policy_rejected_logps: torch.Tensor,
+        ref_chosen_logps: torch.Tensor,
+        ref_rejected_logps: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """β·Δc and β·Δr, detached, [B] each: `preference.rewards` with this objective's β, the rewards `__call__`
+        reports; the recipe folds them into δ before calling the objective."""
+        return rewards(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, self.beta)
+
     def __call__(
         self,
         policy_chosen_logps: torch.Tensor,
@@ -194,61 +254,62 @@ class PreferenceObjective:
         ref_chosen_logps: torch.Tensor,
         ref_rejected_logps: torch.Tensor,
         *,
-        delta: float | torch.Tensor | None = None,
-        chosen_nll_sum: torch.Tensor | None = None,
         chosen_num_tokens: torch.Tensor | None = None,
-        chosen_lengths: torch.Tensor | None = None,
-        rejected_lengths: torch.Tensor | None = None,
+        rejected_num_tokens: torch.Tensor | None = None,
+        delta: float | torch.Tensor | None = None,
+        num_pairs_in_step: int | None = None,
+        num_chosen_tokens_in_step: int | None = None,
     ) -> ObjectiveOutput:
-        """The objective of one micro-batch.
+        """This micro-batch's share of the step's objective.
 
         Args:
-            policy_chosen_logps: log π(yc|x) summed over response tokens, [B].
+            policy_chosen_logps: log π(yc|x) summed over response tokens, [B]; −policy_chosen_logps is the chosen
+                NLL of the SFT term.
             policy_rejected_logps: log π(yr|x), [B].
             ref_chosen_logps: log π0(yc|x), [B].
             ref_rejected_logps: log π0(yr|x), [B].
-            delta: the BCO shift, `RunningRewardMean.update(...)` after folding in THIS micro-batch's rewards;
-                required when `needs_delta`.
-            chosen_nll_sum: per-pair summed NLL of the chosen response, [B]; required with "sft".
-            chosen_num_tokens: per-pair number of chosen response tokens, [B]; required with "sft".
-            chosen_lengths: per-pair number of chosen response tokens, [B]; required with "ipo".
-            rejected_lengths: per-pair number of rejected response tokens, [B]; required with "ipo".
+            chosen_num_tokens: response tokens of each chosen response, [B]; required with "sft" and "ipo".
+            rejected_num_tokens: the same for the rejected responses, [B]; required with "ipo".
+            delta: the BCO shift, `RunningRewardMean.update(...)` after folding in THIS micro-batch's
+                `self.rewards(...)`; required when `needs_delta`.
+            num_pairs_in_step: pairs in the whole step, all micro-batches and ranks (default: B, this micro-batch).
+            num_chosen_tokens_in_step: chosen response tokens in the whole step, all micro-batches and ranks
+                (default: this micro-batch's); used by sft_reduction="token".
         """
         if self.needs_delta and delta is None:
             raise ValueError("bco_pair needs delta, the RunningRewardMean value after this micro-batch's update")
-        per_pair = torch.zeros_like(policy_chosen_logps)
+        if SFT_LOSS_TYPE in self.loss_types and chosen_num_tokens is None:
+            raise ValueError("the 'sft' term needs chosen_num_tokens")
+        num_pairs = policy_chosen_logps.shape[0] if num_pairs_in_step is None else num_pairs_in_step
+        loss = policy_chosen_logps.new_zeros(())
         terms: dict[str, torch.Tensor] = {}
         for loss_type, weight in zip(self.loss_types, self.loss_weights, strict=True):
             if loss_type == SFT_LOSS_TYPE:
-                continue
-            losses = preference_loss(
-                loss_type,
-                policy_chosen_logps,
-                policy_rejected_logps,
-                ref_chosen_logps,
-                ref_rejected_logps,
-                beta=self.beta,
-                delta=0.0 if delta is None else delta,
-                label_smoothing=self.label_smoothing,
-                chosen_lengths=chosen_lengths,
-                rejected_lengths=rejected_lengths,
-            )  # [B]
-            terms[loss_type] = losses.detach().mean()
-            per_pair = per_pair + weight * losses
-        loss = per_pair.mean()
-        if SFT_LOSS_TYPE in self.loss_types:
-            if chosen_nll_sum is None or chosen_num_tokens is None:
-                raise ValueError("the 'sft' term needs chosen_nll_sum and chosen_num_tokens")
-            sft = self._sft_term(chosen_nll_sum, chosen_num_tokens)
-            terms[SFT_LOSS_TYPE] = sft.detach()
-            loss = loss + self.sft_weight * sft
+                term = self._sft_term(-policy_chosen_logps, chosen_num_tokens, num_pairs, num_chosen_tokens_in_step)
+            else:
+                term = (
+                    preference_loss(
+                        loss_type,
+                        policy_chosen_logps,
+                        policy_rejected_logps,
+                        ref_chosen_logps,
+                        ref_rejected_logps,
+                        beta=self.beta,
+                        delta=0.0 if delta is None else delta,
+                        label_smoothing=self.label_smoothing,
+                        chosen_lengths=chosen_num_tokens,
+                        rejected_lengths=rejected_num_tokens,
+                    ).sum()
+                    / num_pairs
+                )
+            terms[loss_type] = term.detach()
+            loss = loss + weight * term
 
-        chosen_rewards, rejected_rewards = rewards(
-            policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, self.beta
+        chosen_rewards, rejected_rewards = self.rewards(
+            policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
         )
         return ObjectiveOutput(
             loss=loss,
-            per_pair=per_pair,
             terms=terms,
             chosen_rewards=chosen_rewards,
             rejected_rewards=rejected_rewards,
@@ -256,8 +317,16 @@ class PreferenceObjective:
             reward_margin=(chosen_rewards - rejected_rewards).mean(),
         )
 
-    def _sft_term(self, chosen_nll_sum: torch.Tensor, chosen_num_tokens: torch.Tensor) -> torch.Tensor:
+    def _sft_term(
+        self,
+        chosen_nll: torch.Tensor,
+        chosen_num_tokens: torch.Tensor,
+        num_pairs_in_step: int,
+        num_chosen_tokens_in_step: int | None,
+    ) -> torch.Tensor:
         # clamp: a chosen response with no labelled token (cut by truncation) contributes 0, not 0/0 = nan.
         if self.sft_reduction == "token":
-            return chosen_nll_sum.sum() / chosen_num_tokens.sum().clamp(min=1)
-        return (chosen_nll_sum / chosen_num_tokens.clamp(min=1)).mean()
+            if num_chosen_tokens_in_step is None:
+                return chosen_nll.sum() / chosen_num_tokens.sum().clamp(min=1)
+            return chosen_nll.sum() / max(num_chosen_tokens_in_step, 1)
+        return (chosen_nll / chosen_num_tokens.clamp(min=1)).sum() / num_pairs_in_step

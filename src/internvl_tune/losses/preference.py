@@ -187,6 +187,17 @@ def exo_pair_loss(logratio_margin: torch.Tensor, beta: float, label_smoothing: f
     )
 
 
+def logratios(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Δc = log π(yc|x) − log π0(yc|x) and Δr = log π(yr|x) − log π0(yr|x), [B] each: what every loss and the
+    rewards are made of (one place, so the rewards that move the BCO shift δ are the ones the loss sees)."""
+    return policy_chosen_logps - ref_chosen_logps, policy_rejected_logps - ref_rejected_logps
+
+
 def preference_loss(
     loss_type: str,
     policy_chosen_logps: torch.Tensor,
@@ -222,8 +233,9 @@ def preference_loss(
     """
     if label_smoothing < 0:
         raise ValueError(f"label_smoothing must be >= 0, got {label_smoothing}")
-    chosen_logratios = policy_chosen_logps - ref_chosen_logps  # Δc [B]
-    rejected_logratios = policy_rejected_logps - ref_rejected_logps  # Δr [B]
+    chosen_logratios, rejected_logratios = logratios(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    )  # Δc, Δr [B]
     margin = chosen_logratios - rejected_logratios  # [B]
     if loss_type == "sigmoid":
         return sigmoid_loss(margin, beta, label_smoothing)
@@ -257,11 +269,15 @@ def rewards(
     """Implicit DPO rewards β·Δc and β·Δr, detached, reported for every loss type
     (docs/original-differences.md §6.3).
 
+    The one reward formula: the objective's logged rewards, the BCO shift δ the recipe folds them into, and the
+    reward accuracy of `evaluate/preference.py` all come from here.
+
     Example: the worked example gives chosen 0.5·1 = 0.5 and rejected 0.5·(−1) = −0.5.
 
     Returns:
         (chosen_rewards [B], rejected_rewards [B]).
     """
-    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
-    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
-    return chosen_rewards, rejected_rewards
+    chosen_logratios, rejected_logratios = logratios(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    )
+    return beta * chosen_logratios.detach(), beta * rejected_logratios.detach()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import time
 from dataclasses import asdict
 from functools import partial
@@ -38,7 +39,15 @@ from internvl_tune.model.forward import InternVLTrainingForward, synchronized_ti
 from internvl_tune.model.freeze import count_parameters
 from internvl_tune.model.load import load_model
 from internvl_tune.model.prepare import prepare_policy, sample_settings
-from internvl_tune.model.reference import LiveReference, ReferenceCache, frozen_copy, pair_logps, weights_fingerprint
+from internvl_tune.model.reference import (
+    LiveReference,
+    MediaDigests,
+    ReferenceCache,
+    frozen_copy,
+    pair_keys,
+    pair_logps,
+    weights_fingerprint,
+)
 from internvl_tune.training.engine import (
     blank_tile,
     data_stream,
@@ -56,17 +65,8 @@ logger = logging.getLogger(__name__)
 
 
 def build_objective(config: MPOConfig) -> PreferenceObjective:
-    o = config.mpo
-    return PreferenceObjective.from_config(
-        o.loss_type,
-        loss_weights=o.loss_weights if not isinstance(o.loss_type, str) or "," not in o.loss_type else None,
-        rpo_alpha=o.rpo_alpha,
-        sigmoid_loss_weight=o.sigmoid_loss_weight,
-        bco_pair_loss_weight=o.bco_pair_loss_weight,
-        beta=o.beta,
-        label_smoothing=o.label_smoothing,
-        sft_reduction=o.sft_reduction,
-    )
+    """The objective of `config.mpo`, as `MPOConfig.validate` checked it (one reading of the loss spellings)."""
+    return PreferenceObjective.from_config(**config.mpo.loss_settings())
 
 
 def reference_cache_path(config: MPOConfig) -> Path:
@@ -127,6 +127,8 @@ def train(config: MPOConfig) -> dict[str, Any]:
             fingerprint=weights_fingerprint(m.model_name_or_path),
             settings=cache_settings(settings),
         )
+        # Every pair, its images' and videos' bytes included, before the first step: a stale cache stops here.
+        reference.check(dataset, progress=accelerator.is_main_process)
     elif o.reference == "lora_disabled":
         reference = LiveReference(model, disable_lora_of=model)
     else:
@@ -205,32 +207,25 @@ def train(config: MPOConfig) -> dict[str, Any]:
                 start = synchronized_time(accelerator.device)
                 ref_chosen, ref_rejected = reference(batch, accelerator.device)
                 timing["reference_s"] += synchronized_time(accelerator.device) - start
+                logps = (policy["chosen_logps"], policy["rejected_logps"], ref_chosen, ref_rejected)
                 delta = None
                 if objective.needs_delta:
-                    chosen_rewards = o.beta * (policy["chosen_logps"].detach() - ref_chosen)
-                    rejected_rewards = o.beta * (policy["rejected_logps"].detach() - ref_rejected)
-                    delta = update_delta(running, accelerator, (chosen_rewards, rejected_rewards))
+                    delta = update_delta(running, accelerator, objective.rewards(*logps))
+                # This micro-batch's share of the step's loss, normalised by the step's pairs and chosen tokens.
                 out = objective(
-                    policy["chosen_logps"],
-                    policy["rejected_logps"],
-                    ref_chosen,
-                    ref_rejected,
-                    delta=delta,
-                    chosen_nll_sum=-policy["chosen_logps"],
+                    *logps,
                     chosen_num_tokens=policy["chosen_num_tokens"],
-                    chosen_lengths=policy["chosen_num_tokens"],
-                    rejected_lengths=policy["rejected_num_tokens"],
+                    rejected_num_tokens=policy["rejected_num_tokens"],
+                    delta=delta,
+                    num_pairs_in_step=num_pairs,
+                    num_chosen_tokens_in_step=num_chosen_tokens,
                 )
-                sft_sum = -policy["chosen_logps"].sum() if objective.sft_weight else 0.0
                 # DDP averages gradients over ranks; multiplying by the world size makes it a global sum.
-                loss = (
-                    out.per_pair.sum() / num_pairs + objective.sft_weight * sft_sum / max(1, num_chosen_tokens)
-                ) * accelerator.num_processes
-                accelerator.backward(loss)
+                accelerator.backward(out.loss * accelerator.num_processes)
                 pairs = batch["num_pairs"]
                 for name, value in {
-                    "loss": float(loss.detach()) / accelerator.num_processes,
-                    **{f"loss/{k}": float(v) * pairs for k, v in out.terms.items()},
+                    "loss": float(out.loss.detach()),
+                    **{f"loss/{k}": float(v) for k, v in out.terms.items()},
                     "rewards/chosen": float(out.chosen_rewards.sum()),
                     "rewards/rejected": float(out.rejected_rewards.sum()),
                     "rewards/accuracies": float(out.reward_accuracy) * pairs,
@@ -272,7 +267,8 @@ def train(config: MPOConfig) -> dict[str, Any]:
                 state.step,
                 {
                     "loss": last_loss,
-                    **{k: v / num_pairs for k, v in totals.items() if k != "loss"},
+                    # loss/* are already the step's values (shares summed); the rest are sums over its pairs.
+                    **{k: v if k.startswith("loss/") else v / num_pairs for k, v in totals.items() if k != "loss"},
                     "delta": running.mean,
                     "lr": scheduler.get_last_lr()[0],
                     "grad_norm": float(grad_norm) if grad_norm is not None else None,
@@ -330,8 +326,12 @@ def precompute_reference(config: MPOConfig) -> Path:
         mode="shared",
     )
     indices = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
+    digests = MediaDigests()  # every media file read and hashed: the keys must see the bytes the model sees
+    keys = pair_keys(dataset, digests, indices, progress=accelerator.is_main_process)
+    pair_of = {key: pair for key, pair, _ in keys}
     batch_size = t.per_device_train_batch_size
-    logps: dict[str, tuple[float, float]] = {}
+    # A pair skipped as bad keeps NaN, so the cache covers every pair of the data and training can check that.
+    logps: dict[str, tuple[float, float]] = {pair: (math.nan, math.nan) for _, pair, _ in keys}
     for start in tqdm(range(0, len(indices), batch_size), desc="reference", disable=not accelerator.is_main_process):
         chunk = indices[start : start + batch_size]
         if random_frames and any("video" in dataset.record(i)[0] for i in chunk):
@@ -343,13 +343,24 @@ def precompute_reference(config: MPOConfig) -> Path:
         if not batch["num_pairs"]:
             continue
         chosen, rejected = reference(batch, accelerator.device)
-        logps.update(zip(batch["keys"], zip(chosen.tolist(), rejected.tolist(), strict=True), strict=True))
+        pairs = [pair_of[key] for key in batch["keys"]]
+        logps.update(zip(pairs, zip(chosen.tolist(), rejected.tolist(), strict=True), strict=True))
     gathered: dict[str, tuple[float, float]] = {}
-    for part in gather_object([logps]):
-        gathered.update(part)
+    record_keys: dict[str, str] = {}
+    media: dict[str, list] = {}
+    for part_logps, part_keys, part_media in gather_object([(logps, keys, digests.stamps)]):
+        gathered.update(part_logps)
+        record_keys.update((pair, key) for key, pair, _ in part_keys)
+        media.update(part_media)
     path = reference_cache_path(config)
     if accelerator.is_main_process:
-        ReferenceCache(weights_fingerprint(m.model_name_or_path), cache_settings(settings), gathered).save(path)
+        ReferenceCache(
+            weights_fingerprint(m.model_name_or_path),
+            cache_settings(settings),
+            gathered,
+            record_keys=record_keys,
+            media=media,
+        ).save(path)
         logger.info("wrote reference log-probs of %d pairs to %s", len(gathered), path)
     finish(accelerator)
     return path
