@@ -4,15 +4,19 @@ The prompt is the checkpoint's template with its system message; images are tile
 budget split across images), each `<image>` expanded to `<img>` + `<IMG_CONTEXT>` x (tokens x tiles) + `</img>`.
 With several images and no placeholders, `Image-1: <image>\\nImage-2: <image>\\n` is put before the question, as
 the original `chat()` does for multi-image prompts.
+
+A LoRA adapter folder (`final_adapter/`) is refused with a message: chat with the merged `final/` that training
+writes next to it, or merge the adapters into a model folder first with `internvl-tune export --merge-lora`.
 """
 
 from __future__ import annotations
 
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import torch
 from transformers import TextIteratorStreamer
@@ -37,6 +41,15 @@ class ChatSession:
     images: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
+        if (Path(self.model_path) / "adapter_config.json").is_file():
+            raise ValueError(
+                f"{self.model_path} holds LoRA adapters only: chat with the merged model training wrote next to it "
+                f"(final/), or merge them first: internvl-tune export {self.model_path} MERGED_DIR --merge-lora"
+            )
         dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
         self.model, self.tokenizer = load_model(self.model_path, dtype=dtype)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -46,11 +59,15 @@ class ChatSession:
         self.geometry = image_geometry(self.model.config)
         self.transform = ImageTransform(self.geometry.image_size, self.settings.get("normalize_type", "imagenet"))
 
-    def _prompt(self, messages: list[dict[str, str]]) -> tuple[list[int], torch.Tensor | None]:
-        """Token ids and tiles for the conversation; the k-th `<image>` is the k-th image of the session."""
-        budget = tiles_budget(self.settings.get("max_dynamic_patch", 12), max(1, len(self.images)))
+    def _prompt(
+        self, messages: list[dict[str, str]], images: Sequence[str] | None = None
+    ) -> tuple[list[int], torch.Tensor | None]:
+        """Token ids and tiles for the conversation; the k-th `<image>` is the k-th of `images` (default: the
+        session's)."""
+        images = self.images if images is None else images
+        budget = tiles_budget(self.settings.get("max_dynamic_patch", 12), max(1, len(images)))
         tiles, spans = [], []
-        for path in self.images:
+        for path in images:
             image = load_image(path)
             image_tiles = (
                 dynamic_preprocess(image, 1, budget, self.geometry.image_size, self.settings.get("use_thumbnail", True))
@@ -70,22 +87,30 @@ class ChatSession:
         pixel_values = torch.stack([self.transform(tile) for tile in tiles]) if tiles else None
         return input_ids, pixel_values
 
-    def ask(self, question: str, images: list[str] = ()) -> Iterator[str]:
-        """Stream the answer to `question`; `images` join the conversation (all its images go with every turn,
-        as in the original `chat()`), and the turn is added to the history at the end."""
+    def ask(self, question: str, images: Sequence[str] = ()) -> Iterator[str]:
+        """The answer to `question` as a stream of text pieces; `images` join the conversation (all its images go
+        with every turn, as in the original `chat()`). The turn joins the history once its answer is complete.
+
+        Raises:
+            OSError, ValueError: here, for a missing or unreadable image or an `<image>` count that does not match
+                the images; from the stream, for an error during generation.
+        """
         images = list(images)
+        for path in images:
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"{path}: no such image file")
         if images and IMAGE_PLACEHOLDER not in question:
             if len(images) == 1:
                 question = f"{IMAGE_PLACEHOLDER}\n{question}"
             else:
                 question = "".join(f"Image-{i}: {IMAGE_PLACEHOLDER}\n" for i in range(1, len(images) + 1)) + question
         messages = [*self.history, {"role": "user", "content": question}]
-        self.images += images
-        try:
-            input_ids, pixel_values = self._prompt(messages)
-        except ValueError:
-            del self.images[len(self.images) - len(images) :]
-            raise
+        input_ids, pixel_values = self._prompt(messages, [*self.images, *images])
+        return self._stream(messages, images, input_ids, pixel_values)
+
+    def _stream(
+        self, messages: list[dict[str, str]], images: list[str], input_ids: list[int], pixel_values: torch.Tensor | None
+    ) -> Iterator[str]:
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         kwargs = {
             "input_ids": torch.tensor([input_ids], device=self.device),
@@ -100,17 +125,26 @@ class ChatSession:
             kwargs.update(temperature=self.temperature, top_p=self.top_p)
         if pixel_values is not None:
             kwargs["pixel_values"] = pixel_values.to(self.device, self.model.dtype)
-        thread = threading.Thread(target=self.model.generate, kwargs=kwargs)
+        errors = []
+
+        def generate() -> None:
+            try:
+                self.model.generate(**kwargs)
+            except Exception as e:  # raised again below, in the caller's thread
+                errors.append(e)
+                streamer.end()  # else the loop below waits for tokens that never come
+
+        thread = threading.Thread(target=generate, daemon=True)
         thread.start()
         pieces = []
         for piece in streamer:
             pieces.append(piece)
             yield piece
         thread.join()
-        self.history += [
-            {"role": "user", "content": question},
-            {"role": "assistant", "content": "".join(pieces).strip()},
-        ]
+        if errors:
+            raise errors[0]
+        self.images += images
+        self.history += [messages[-1], {"role": "assistant", "content": "".join(pieces).strip()}]
 
 
 def run_chat(
@@ -121,9 +155,11 @@ def run_chat(
     max_new_tokens: int,
     temperature: float,
     top_p: float,
-    out=sys.stdout,
+    out: TextIO | None = None,
 ) -> str:
-    """One question (printed as it streams), or an interactive loop when `question` is None."""
+    """One question (printed to `out`, default stdout, as it streams), or an interactive loop when `question` is
+    None."""
+    out = out or sys.stdout  # looked up per call: a default bound at import keeps a stream that may be closed since
     session = ChatSession(str(Path(model)), max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
     if question is not None:
         return "".join(_print_stream(session.ask(question, images), out))
@@ -138,15 +174,26 @@ def run_chat(
         if not line:
             break
         if line.startswith("/image "):
-            pending.append(line.split(" ", 1)[1])
+            path = line.split(" ", 1)[1].strip()
+            if Path(path).is_file():
+                pending.append(path)
+            else:
+                print(f"error: {path}: no such image file", file=sys.stderr)
             continue
-        out.write("assistant> ")
-        answer = "".join(_print_stream(session.ask(line, pending), out))
+        # A turn that fails (a bad image, an `<image>` count that does not match) is reported and dropped, with
+        # the images attached for it; the conversation goes on.
+        try:
+            stream = session.ask(line, pending)
+        except (ValueError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+        else:
+            out.write("assistant> ")
+            answer = "".join(_print_stream(stream, out))
         pending = []
     return answer
 
 
-def _print_stream(pieces: Iterator[str], out) -> Iterator[str]:
+def _print_stream(pieces: Iterator[str], out: TextIO) -> Iterator[str]:
     for piece in pieces:
         out.write(piece)
         out.flush()

@@ -11,44 +11,61 @@ from pathlib import Path
 from internvl_tune import __version__
 
 
+def _run_config(cls: type, args: argparse.Namespace):
+    """The run's config from --config and the overrides, its model folder and meta file checked before any work."""
+    from internvl_tune.config import check_paths, load_config
+
+    config = load_config(cls, args.config, args.overrides)
+    check_paths(config)
+    return config
+
+
+# Each command checks its arguments before importing its machinery: a mistake is reported in a second.
+
+
 def _sft(args: argparse.Namespace) -> int:
-    from internvl_tune.config import SFTConfig, load_config
+    from internvl_tune.config import SFTConfig
+
+    config = _run_config(SFTConfig, args)
     from internvl_tune.recipes.sft import train
 
-    config = load_config(SFTConfig, args.config, args.overrides)
     summary = train(config)
     print(json.dumps({k: v for k, v in summary.items() if k != "skipped"}, indent=2))
     return 0
 
 
 def _mpo(args: argparse.Namespace) -> int:
-    from internvl_tune.config import MPOConfig, load_config
+    from internvl_tune.config import MPOConfig
+
+    config = _run_config(MPOConfig, args)
     from internvl_tune.recipes.mpo import train
 
-    summary = train(load_config(MPOConfig, args.config, args.overrides))
+    summary = train(config)
     print(json.dumps({k: v for k, v in summary.items() if k != "skipped"}, indent=2))
     return 0
 
 
 def _precompute_ref(args: argparse.Namespace) -> int:
-    from internvl_tune.config import MPOConfig, load_config
+    from internvl_tune.config import MPOConfig
+
+    config = _run_config(MPOConfig, args)
     from internvl_tune.recipes.mpo import precompute_reference
 
-    print(f"wrote {precompute_reference(load_config(MPOConfig, args.config, args.overrides))}")
+    print(f"wrote {precompute_reference(config)}")
     return 0
 
 
 def _check_data(args: argparse.Namespace) -> int:
-    from transformers import AutoConfig, AutoTokenizer
-
-    from internvl_tune.config import SFTConfig, load_config
+    from internvl_tune.config import MPOConfig, SFTConfig, read_run_file
     from internvl_tune.data.check import check_data
+    from internvl_tune.model.load import load_tokenizer, read_model_config
     from internvl_tune.model.prepare import sample_settings
 
-    overrides = [f"model.model_name_or_path={args.model}", f"data.meta_path={args.meta}", *args.overrides]
-    config = load_config(SFTConfig, args.config, overrides)
-    model_config = AutoConfig.from_pretrained(args.model, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    args.overrides = [f"model.model_name_or_path={args.model}", f"data.meta_path={args.meta}", *args.overrides]
+    mpo = args.preference or (args.config is not None and "mpo" in read_run_file(args.config))
+    config = _run_config(MPOConfig if mpo else SFTConfig, args)
+    model_config = read_model_config(args.model)  # either layout, as plain JSON: no remote code
+    tokenizer = load_tokenizer(args.model)
     report = check_data(
         args.meta,
         tokenizer,
@@ -63,18 +80,33 @@ def _check_data(args: argparse.Namespace) -> int:
 
 
 def _parse_size(text: str) -> int:
+    """`5GB`, `500MB`, `1.5GB` or a byte count -> bytes (an argparse type)."""
     units = {"KB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4}
-    for unit, factor in units.items():
+    number, factor = text, 1
+    for unit, unit_factor in units.items():
         if text.upper().endswith(unit):
-            return int(float(text[: -len(unit)]) * factor)
-    return int(text)
+            number, factor = text[: -len(unit)], unit_factor
+    try:
+        size = int(float(number) * factor)
+    except ValueError:
+        size = 0
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: write a positive number of bytes, KB, MB, GB or TB")
+    return size
+
+
+def _existing_folder(path: str) -> None:
+    """A mistyped folder is "no such folder", not whatever the command would say of a folder without its files."""
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"{path}: no such folder")
 
 
 def _convert(args: argparse.Namespace) -> int:
+    _existing_folder(args.src)
     from internvl_tune.model.checkpoint_io import convert_to_hf, convert_to_original
 
     convert = convert_to_hf if args.to == "hf" else convert_to_original
-    out = convert(args.src, args.dst, max_shard_bytes=_parse_size(args.max_shard_size))
+    out = convert(args.src, args.dst, max_shard_bytes=args.max_shard_size)
     print(f"wrote {out}")
     if args.to == "original":
         print(
@@ -85,6 +117,9 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    if args.base and not args.merge_lora:
+        raise ValueError("--base names the base model of a LoRA adapter folder; it is used with --merge-lora only")
+    _existing_folder(args.src)
     from internvl_tune.model.checkpoint_io import export_checkpoint
 
     out = export_checkpoint(
@@ -93,13 +128,14 @@ def _export(args: argparse.Namespace) -> int:
         to=args.to,
         merge_lora_adapters=args.merge_lora,
         base=args.base,
-        max_shard_bytes=_parse_size(args.max_shard_size),
+        max_shard_bytes=args.max_shard_size,
     )
     print(f"wrote {out}")
     return 0
 
 
 def _chat(args: argparse.Namespace) -> int:
+    _existing_folder(args.model)
     from internvl_tune.chat import run_chat
 
     run_chat(
@@ -114,19 +150,15 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import yaml
-
-    from internvl_tune.config import ConfigError
+    from internvl_tune.config import set_field, split_override
     from internvl_tune.demo.run import DemoSettings, run_demo
 
     settings = DemoSettings(output_dir=args.output_dir)
     if args.quick:
         settings = settings.quick()
     for override in args.overrides:
-        key, value = override.split("=", 1)
-        if not hasattr(settings, key):
-            raise ConfigError(f"override {override!r}: DemoSettings has no field {key!r}")
-        setattr(settings, key, type(getattr(settings, key))(yaml.safe_load(value)))
+        key, value = split_override(override)
+        set_field(settings, key, value, f"override {override!r}")
     report = run_demo(settings)
     return 0 if report["passed"] else 1
 
@@ -214,7 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("src", help="checkpoint folder")
     convert.add_argument("dst", help="output folder")
     convert.add_argument("--to", choices=["hf", "original"], required=True, help="layout to write")
-    convert.add_argument("--max-shard-size", default="5GB", help="largest weight shard, e.g. 5GB, 500MB")
+    convert.add_argument(
+        "--max-shard-size", type=_parse_size, default="5GB", help="largest weight shard, e.g. 5GB, 500MB"
+    )
     convert.set_defaults(func=_convert)
 
     export = sub.add_parser(
@@ -228,7 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--to", choices=["hf", "original"], default="hf", help="layout to write")
     export.add_argument("--merge-lora", action="store_true", help="merge the LoRA adapters of SRC into the base")
     export.add_argument("--base", help="base model folder (default: the one recorded in the adapter config)")
-    export.add_argument("--max-shard-size", default="5GB", help="largest weight shard for --to original")
+    export.add_argument(
+        "--max-shard-size", type=_parse_size, default="5GB", help="largest weight shard for --to original"
+    )
     export.set_defaults(func=_export)
 
     chat = sub.add_parser(
@@ -263,18 +299,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # key=value overrides may come before or after options; argparse alone only takes them in one place.
     args, extra = parser.parse_known_args(argv)
-    unknown = [a for a in extra if "=" not in a or a.startswith("-")]
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    args.overrides = [*getattr(args, "overrides", []), *extra]
-    from internvl_tune.config import ConfigError
-    from internvl_tune.data.errors import DataError
-    from internvl_tune.model.convert import ConversionError
-
+    if "overrides" in vars(args):
+        # key=value overrides may come before or after options; argparse alone only takes them in one place.
+        unknown = [a for a in extra if "=" not in a or a.startswith("-")]
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.overrides = [*args.overrides, *extra]
+    elif args.command == "chat" and args.question is None and len(extra) == 1 and not extra[0].startswith("-"):
+        # argparse takes positionals only up to the first option: `chat MODEL --image P "question"` leaves it over.
+        args.question = extra[0]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
-    except (ConfigError, DataError, ConversionError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:
+        # A user's mistake: our errors (ConfigError, DataError, ConversionError) are ValueErrors, as are the
+        # argument checks of the libraries we call; a missing file is an OSError.
+        print(f"error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return 2
 
 

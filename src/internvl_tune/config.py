@@ -151,7 +151,24 @@ class SFTConfig:
             raise ConfigError("model.model_name_or_path is required")
         if not self.data.meta_path:
             raise ConfigError("data.meta_path is required")
-        d, t = self.data, self.train
+        from internvl_tune.data.templates import TEMPLATES  # lazily: it imports transformers
+
+        m, d, t = self.model, self.data, self.train
+        if d.conv_style not in TEMPLATES:
+            raise ConfigError(f"data.conv_style: unknown template {d.conv_style!r}; known: {', '.join(TEMPLATES)}")
+        if d.max_seq_length < 1:
+            raise ConfigError(f"data.max_seq_length must be >= 1, got {d.max_seq_length}")
+        for name in ("learning_rate", "weight_decay", "max_grad_norm", "save_steps", "save_total_limit"):
+            if getattr(t, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(t, name)}")
+        if t.logging_steps < 1:
+            raise ConfigError(f"train.logging_steps must be >= 1, got {t.logging_steps}")
+        for name in ("use_llm_lora", "use_backbone_lora"):
+            if getattr(m, name) < 0:
+                raise ConfigError(f"model.{name} (a LoRA rank) must be >= 0, got {getattr(m, name)}")
+        for name in ("drop_path_rate", "lora_dropout"):
+            if not 0 <= getattr(m, name) < 1:
+                raise ConfigError(f"model.{name} must be in [0, 1), got {getattr(m, name)}")
         if not 1 <= d.min_dynamic_patch <= d.max_dynamic_patch:
             raise ConfigError(
                 f"need 1 <= min_dynamic_patch <= max_dynamic_patch, got {d.min_dynamic_patch}, {d.max_dynamic_patch}"
@@ -267,7 +284,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
-def _set(section: Any, name: str, value: Any, where: str) -> None:
+def set_field(section: Any, name: str, value: Any, where: str) -> None:
+    """Set a dataclass field to a (YAML-parsed) value checked against its type; `where` starts the error message."""
     hints = typing.get_type_hints(type(section))
     if name not in hints:
         known = ", ".join(f.name for f in dataclasses.fields(section))
@@ -284,20 +302,28 @@ def apply_values(config: Any, values: dict[str, Any], where: str) -> None:
             raise ConfigError(f"{where}: section {section_name!r} must be a mapping")
         section = getattr(config, section_name)
         for name, value in section_values.items():
-            _set(section, name, value, f"{where}: {section_name}.{name}")
+            set_field(section, name, value, f"{where}: {section_name}.{name}")
+
+
+def split_override(override: str) -> tuple[str, Any]:
+    """`key=value` -> (key, value parsed as YAML); a value YAML cannot parse (`a: b: c`) stays a string."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like key=value")
+    key, raw = override.split("=", 1)
+    try:
+        return key, yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        return key, raw
 
 
 def apply_override(config: Any, override: str) -> None:
     """Apply one `section.field=value` or unique `field=value` override."""
-    if "=" not in override:
-        raise ConfigError(f"override {override!r} must look like key=value")
-    key, raw = override.split("=", 1)
-    value = yaml.safe_load(raw) if raw else ""
+    key, value = split_override(override)
     if "." in key:
         section_name, name = key.split(".", 1)
         if section_name not in {f.name for f in dataclasses.fields(config)}:
             raise ConfigError(f"override {override!r}: unknown section {section_name!r}")
-        _set(getattr(config, section_name), name, value, f"override {override!r}")
+        set_field(getattr(config, section_name), name, value, f"override {override!r}")
         return
     owners = [
         f.name
@@ -307,23 +333,41 @@ def apply_override(config: Any, override: str) -> None:
     if len(owners) != 1:
         problem = "unknown field" if not owners else f"ambiguous field (in {owners}); write section.{key}"
         raise ConfigError(f"override {override!r}: {problem}")
-    _set(getattr(config, owners[0]), key, value, f"override {override!r}")
+    set_field(getattr(config, owners[0]), key, value, f"override {override!r}")
+
+
+def check_paths(config: Any) -> None:
+    """The model folder and the meta file a run reads exist: a mistyped path is reported before any work starts.
+
+    Separate from `validate()`, so a config can be loaded and checked where its model and data are not.
+    """
+    model = Path(config.model.model_name_or_path)
+    if not (model / "config.json").is_file():
+        problem = "no such folder" if not model.is_dir() else "the folder has no config.json"
+        raise ConfigError(f"model.model_name_or_path: {model}: {problem} (models are loaded from local folders)")
+    if not Path(config.data.meta_path).is_file():
+        raise ConfigError(f"data.meta_path: {config.data.meta_path}: no such file")
+
+
+def read_run_file(path: str | Path) -> dict[str, Any]:
+    """The sections of a YAML run file, `{section: {field: value}}`, not yet checked against a config class."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from e
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: a config file must be a mapping of sections")
+    return values
 
 
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] = ()) -> Any:
     """Build a config: defaults, then the YAML file, then the overrides, then `validate()`."""
     config = cls()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {e}") from e
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: a config file must be a mapping of sections")
-        apply_values(config, values, str(path))
+        apply_values(config, read_run_file(path), str(path))
     for override in overrides:
         apply_override(config, override)
     config.validate()

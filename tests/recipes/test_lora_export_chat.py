@@ -83,10 +83,18 @@ def test_export_merge_lora_equals_the_unmerged_model_in_both_layouts(lora_run, t
     assert json.loads((root / "merged_orig" / "config.json").read_text())["architectures"] == ["InternVLChatModel"]
 
 
-def test_export_without_merge_flag_is_refused(lora_run):
+def test_adapter_folder_without_merge_flag_is_refused_in_one_line(lora_run, capsys):
     root, _ = lora_run
-    with pytest.raises(ValueError, match="--merge-lora"):
-        main(["export", str(root / "run" / "final_adapter"), str(root / "refused")])
+    adapter = str(root / "run" / "final_adapter")
+    for argv, message in (
+        (["export", adapter, str(root / "refused")], "pass --merge-lora"),
+        (["export", adapter, str(root / "refused"), "--base", str(root)], "used with --merge-lora only"),
+        (["chat", adapter, "Hi?"], "holds LoRA adapters only: chat with the merged model"),
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and "\n" not in err, err
+    assert not (root / "refused").exists()
 
 
 def test_chat_streams_the_greedy_answer(tmp_path, tiny_model_dir, capsys):

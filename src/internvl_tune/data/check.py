@@ -79,21 +79,32 @@ class DataReport:
 
 
 def histogram(values: list[int], bins: int = 8, width: int = 40) -> list[str]:
-    """Text histogram lines `[lo, hi)  count  ####`; equal-width bins over the value range."""
+    """Text histogram lines `lo-hi  count  ####` over at most `bins` integer ranges of equal width, each holding at
+    least one integer; a run of empty ranges is one line.
+
+    Example: [1, 2, 2, 9] with bins=4: width ceil(9 / 4) = 3, so ranges 1-3, 4-6, 7-9 with counts 3, 0, 1::
+
+                      1-3        3  ########################################
+                      4-6        0
+                      7-9        1  #############
+    """
     if not values:
         return ["  (none)"]
     lo, hi = min(values), max(values)
-    if lo == hi:
-        return [f"  {lo:>8}          {len(values):>7}  {'#' * width}"]
-    step = (hi - lo) / bins
-    counts = [0] * bins
-    for v in values:
-        counts[min(bins - 1, int((v - lo) / step))] += 1
-    top = max(counts)
-    return [
-        f"  [{lo + i * step:>8.0f}, {lo + (i + 1) * step:>8.0f})  {c:>7}  {'#' * round(width * c / top)}"
-        for i, c in enumerate(counts)
-    ]
+    step = -(-(hi - lo + 1) // bins)  # ceil
+    num_bins = (hi - lo) // step + 1
+    counts = Counter((v - lo) // step for v in values)
+    top = max(counts.values())
+    lines, i = [], 0
+    while i < num_bins:
+        j = i
+        while not counts[i] and j + 1 < num_bins and not counts[j + 1]:
+            j += 1
+        first, last = lo + i * step, min(hi, lo + (j + 1) * step - 1)
+        label = str(first) if first == last else f"{first}-{last}"
+        lines.append(f"  {label:>19}  {counts[i]:>7}  {'#' * round(width * counts[i] / top)}".rstrip())
+        i = j + 1
+    return lines
 
 
 def padding_waste(lengths: list[int], batch_size: int, seed: int = 0) -> float:

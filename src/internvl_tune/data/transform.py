@@ -53,8 +53,8 @@ def record_to_conversation(record: dict[str, Any], where: str) -> Conversation:
     """Validate an SFT record (docs/original-differences.md §2.3) and convert it to chat messages.
 
     Raises:
-        DataError: for a missing or malformed `conversations`, an unknown role, a wrong role order, or a
-            `<image>` count that does not match the images.
+        DataError: for a missing or malformed `conversations`, an unknown role, a wrong role order, an empty or
+            whitespace-only answer, or a `<image>` count that does not match the images.
     """
     turns = record.get("conversations")
     if not isinstance(turns, list) or not turns:
@@ -68,6 +68,10 @@ def record_to_conversation(record: dict[str, Any], where: str) -> Conversation:
             )
         messages.append({"role": _ROLES[turn["from"]], "content": turn["value"]})
     check_role_order(messages, where)
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant" and not m["content"].strip():
+            # Its labels would be the end-of-turn token alone: training would teach the model to say nothing.
+            raise DataError(f"{where}: conversations[{i}] is an empty 'gpt' answer", "empty answer")
 
     images = record.get("image") or []
     if isinstance(images, str):

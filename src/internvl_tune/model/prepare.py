@@ -32,9 +32,23 @@ def prepare_policy(m: ModelArgs) -> tuple[nn.Module, object]:
         unfreeze_lm_head=m.unfreeze_lm_head,
     )
     if m.grad_checkpoint:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        enable_activation_checkpointing(model)
     return model, tokenizer
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute activations in the backward pass, non-reentrant (works with frozen inputs and LoRA).
+
+    transformers 5.23 renamed `gradient_checkpointing_enable` (deprecated there, removed in v6) to
+    `activation_checkpointing_enable`; the 5.x releases before it have only the old name.
+    """
+    kwargs = {"use_reentrant": False}
+    enable = getattr(model, "activation_checkpointing_enable", None)  # a PeftModel forwards to its base model
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.enable_input_require_grads()
 
 
 def sample_settings(d: DataArgs, model_config) -> SampleSettings:

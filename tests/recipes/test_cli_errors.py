@@ -1,0 +1,152 @@
+"""A user's mistake ends in one `error: ...` line and exit code 2, never a traceback; `chat` parses its question
+wherever it stands and survives bad turns."""
+
+import subprocess
+import sys
+import threading
+
+import pytest
+from conftest import draw_image, make_colour_dataset
+
+from internvl_tune.cli import main
+
+
+@pytest.fixture(scope="module")
+def run_file(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("cli_errors")
+    meta = make_colour_dataset(root / "data", num=4)
+    path = root / "sft.yaml"
+    path.write_text(
+        f"model: {{model_name_or_path: {tiny_model_dir}, grad_checkpoint: false}}\n"
+        f"data: {{meta_path: {meta}, max_dynamic_patch: 2}}\ntrain: {{max_steps: 1, output_dir: {root / 'run'}}}\n"
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    path = tmp_path_factory.mktemp("chat_image") / "a.png"
+    draw_image(path, (112, 56), "red")
+    return path
+
+
+def _cli(*argv: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """The command in a fresh interpreter, stdin closed unless text is given."""
+    return subprocess.run(
+        [sys.executable, "-m", "internvl_tune.cli", *map(str, argv)],
+        input=stdin,
+        stdin=subprocess.DEVNULL if stdin is None else None,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def _one_error_line(err: str, message: str) -> None:
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert "Traceback" not in err and len(errors) == 1 and message in errors[0], err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["sft", "--config", "{run_file}", "model_name_or_path=/no/such/model"], "/no/such/model: no such folder"),
+        (["convert", "/no/such/folder", "{out}", "--to", "hf"], "/no/such/folder: no such folder"),
+        (["convert", "{model}", "{out}", "--to", "original", "--max-shard-size", "10XB"], "'10XB' is not a size"),
+        (["demo", "num_train=abc", "--output-dir", "{out}"], "override 'num_train=abc': expected int, got 'abc'"),
+    ],
+    ids=["missing-model", "convert-missing-folder", "shard-size", "demo-setting"],
+)
+def test_user_errors_in_a_subprocess(argv, message, run_file, tiny_model_dir, tmp_path):
+    names = {"run_file": run_file, "model": tiny_model_dir, "out": tmp_path / "out"}
+    result = _cli(*(a.format(**names) for a in argv))
+    assert result.returncode == 2
+    _one_error_line(result.stderr, message)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["sft", "--config", "{run_file}", "learning_rate=-1e-5"], "train.learning_rate must be >= 0"),
+        (["mpo", "--config", "{run_file}", "conv_style=chatml"], "data.conv_style: unknown template 'chatml'"),
+        (["sft", "--config", "{run_file}", "resume_from_checkpoint={tmp}"], "train_state.json"),
+        (["export", "{model}", "{tmp}/out", "--base", "{model}"], "used with --merge-lora only"),
+        (["chat", "{model}", "Hi?", "--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
+        (["chat", "{model}", "--image", "{tmp}/no.png", "Hi?"], "no.png: no such image file"),
+        (["chat", "{model}", "--image", "{image}", "<image> and <image>?"], "2 <image> placeholders"),
+        (["chat", "{tmp}/no_model", "Hi?"], "no_model: no such folder"),
+    ],
+    ids=[
+        "negative-lr",
+        "conv-style",
+        "resume-without-state",
+        "base-without-merge",
+        "max-new-tokens",
+        "no-image",
+        "image-count",
+        "chat-no-model",
+    ],
+)
+def test_user_errors_in_process(argv, message, run_file, tiny_model_dir, image, tmp_path, capsys):
+    names = {"run_file": run_file, "model": tiny_model_dir, "tmp": tmp_path, "image": image}
+    assert main([a.format(**names) for a in argv]) == 2
+    _one_error_line(capsys.readouterr().err, message)
+
+
+def test_chat_question_after_options_and_with_equals_sign(tiny_model_dir, image, capsys):
+    """The README's order, `chat MODEL --image P "question"`, was "unrecognized arguments"; a question with `=`
+    after an option was taken for an override and chat went interactive."""
+    answers = []
+    model, question = str(tiny_model_dir), "What is 1+1=?"
+    for argv in (
+        [model, question, "--image", str(image), "--max-new-tokens", "4"],
+        [model, "--image", str(image), question, "--max-new-tokens", "4"],
+        [model, "--image", str(image), "--max-new-tokens", "4", question],
+    ):
+        assert main(["chat", *argv]) == 0
+        captured = capsys.readouterr()
+        assert "interactive" not in captured.out and "Traceback" not in captured.err
+        answers.append(captured.out)
+    assert answers[0].strip() and answers[0] == answers[1] == answers[2]
+
+
+def test_generation_error_reaches_the_caller_instead_of_hanging(tiny_model_dir):
+    from internvl_tune.chat import ChatSession
+
+    session = ChatSession(str(tiny_model_dir), max_new_tokens=2)
+
+    def broken_generate(**kwargs):
+        raise RuntimeError("generation failed")
+
+    session.model.generate = broken_generate
+    outcome = []
+
+    def consume():
+        try:
+            "".join(session.ask("Hi?"))
+        except RuntimeError as e:
+            outcome.append(str(e))
+
+    thread = threading.Thread(target=consume, daemon=True)
+    thread.start()
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "the stream waited forever for a dead generation thread"
+    assert outcome == ["generation failed"] and session.history == []
+
+
+def test_interactive_chat_reports_bad_turns_and_goes_on(tiny_model_dir, image, tmp_path):
+    """A missing `/image` path, and a turn whose `<image>` count does not match, are reported; the chat goes on."""
+    turns = [
+        f"/image {tmp_path / 'missing.png'}",
+        "What colour?",
+        f"/image {image}",
+        "<image> and <image>?",
+        "Hello?",
+        "",
+    ]
+    result = _cli("chat", tiny_model_dir, "--max-new-tokens", "2", stdin="\n".join(turns) + "\n")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and "missing.png: no such image file" in errors[0] and "placeholders" in errors[1]
+    assert result.stdout.count("assistant> ") == 2  # "What colour?" and "Hello?" were answered
