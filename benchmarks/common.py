@@ -150,7 +150,8 @@ def add_common_args(p: argparse.ArgumentParser, *, configs: tuple[str, ...], wor
         help=f"record one more step of each run with torch.profiler ({PROFILE_STEPS} untimed steps are added: the "
         "profiler's warm-up, then the recorded one) and add a profile section to the report",
     )
-    p.add_argument("--workdir", default=workdir, help="model folders (cached per shape), data and run outputs")
+    p.add_argument("--workdir", default=workdir, help="data and run outputs")
+    p.add_argument("--models", help="folder of the random model folders, cached per shape (default: WORKDIR/models)")
 
 
 def finish_common_args(p: argparse.ArgumentParser, args: argparse.Namespace, configs: tuple[str, ...]) -> None:
@@ -166,6 +167,7 @@ def finish_common_args(p: argparse.ArgumentParser, args: argparse.Namespace, con
     if unknown:
         p.error(f"--configs: unknown configuration(s) {unknown}; known: {configs}")
     args.steps = args.warmup_steps + args.timed_steps + (PROFILE_STEPS if args.profile else 0)
+    args.models = args.models or str(Path(args.workdir) / "models")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -178,13 +180,17 @@ def build_tokenizer():
     return build_tiny_tokenizer(TOKENIZER_TEXTS)
 
 
-def model_dir_for(shape: ModelShape, root: Path, bf16: bool) -> Path:
-    """A random InternVL of `shape` under `root/models/`, built once per shape and dtype (and reused after).
+def model_dir_for(shape: ModelShape, models: str | Path, bf16: bool) -> Path:
+    """A random InternVL of `shape` in the folder `models`, built once per shape and dtype (and reused after).
 
     The config is the tiny one of `internvl_tune.model.tiny` with the shape's FFN widths, a vocabulary padded to
     `shape.vocab_size` (embedding and LM head rows past the tokenizer's ids are never produced by it) and room
     for long rows in the position settings. The folder appears only once complete.
     """
+    key = json.dumps([dataclasses.asdict(shape), TOKENIZER_TEXTS, MODEL_SEED, bf16], sort_keys=True)
+    path = Path(models) / f"model-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    if (path / "config.json").is_file():
+        return path
     import torch
     from transformers import InternVLForConditionalGeneration
 
@@ -192,10 +198,6 @@ def model_dir_for(shape: ModelShape, root: Path, bf16: bool) -> Path:
     from internvl_tune.constants import IMG_CONTEXT_TOKEN
     from internvl_tune.model.tiny import build_tiny_config
 
-    key = json.dumps([dataclasses.asdict(shape), TOKENIZER_TEXTS, MODEL_SEED, bf16], sort_keys=True)
-    path = root / "models" / f"model-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
-    if (path / "config.json").is_file():
-        return path
     tokenizer = build_tokenizer()
     if len(tokenizer) > shape.vocab_size:
         raise SystemExit(f"error: --vocab-size {shape.vocab_size} is below the tokenizer's {len(tokenizer)} ids")

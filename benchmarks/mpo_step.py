@@ -92,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_workload(args: argparse.Namespace, workdir: Path) -> dict[str, Path]:
     """The model folder (cached per shape) and images + pairs + meta.json."""
-    model_dir = common.model_dir_for(args.shape, workdir, args.bf16)
+    model_dir = common.model_dir_for(args.shape, args.models, args.bf16)
     tokenizer = common.build_tokenizer()
     records = [
         {
@@ -146,7 +146,7 @@ def our_config(args: argparse.Namespace, name: str):
     layout = "separate" if name == "separate" else "shared"
     reference = "precomputed" if name in ("precomputed", "precompute") else "copy"
     overrides = [
-        f"model.model_name_or_path={common.model_dir_for(args.shape, workdir, args.bf16)}",
+        f"model.model_name_or_path={common.model_dir_for(args.shape, args.models, args.bf16)}",
         f"model.grad_checkpoint={str(args.grad_checkpoint).lower()}",
         "model.drop_path_rate=0.0",  # TRL's model has no DropPath; the same math on both sides
         f"data.meta_path={workdir / 'data' / 'meta.json'}",
@@ -250,7 +250,7 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
     from internvl_tune.model.load import load_model
 
     workdir = Path(args.workdir)
-    model_dir = common.model_dir_for(args.shape, workdir, args.bf16)
+    model_dir = common.model_dir_for(args.shape, args.models, args.bf16)
     model, tokenizer = load_model(model_dir)
     pairs = our_pair_dataset(args, model_dir, workdir / "data" / "meta.json")
     # The "image" column tells TRL the data is multimodal; our collator reads the pair by index.

@@ -74,7 +74,7 @@ def sft_record(tokenizer, i: int, answer_tokens: int) -> dict[str, Any]:
 def build_workload(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """The model folder (cached per shape), the samples per step (from one probe sample's length unless given) and
     images + records + meta.json for every step."""
-    model_dir = common.model_dir_for(args.shape, workdir, args.bf16)
+    model_dir = common.model_dir_for(args.shape, args.models, args.bf16)
     tokenizer = common.build_tokenizer()
     samples_per_step = args.samples_per_step
     if samples_per_step is None:
@@ -136,7 +136,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
 
     workdir = Path(args.workdir)
     overrides = [
-        f"model.model_name_or_path={common.model_dir_for(args.shape, workdir, args.bf16)}",
+        f"model.model_name_or_path={common.model_dir_for(args.shape, args.models, args.bf16)}",
         f"model.grad_checkpoint={str(args.grad_checkpoint).lower()}",
         "model.drop_path_rate=0.0",  # TRL's model has no DropPath; the same math on both sides
         f"data.meta_path={workdir / 'data' / 'meta.json'}",
@@ -204,7 +204,7 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
     from internvl_tune.model.load import load_model
 
     workdir = Path(args.workdir)
-    model_dir = common.model_dir_for(args.shape, workdir, args.bf16)
+    model_dir = common.model_dir_for(args.shape, args.models, args.bf16)
     model, tokenizer = load_model(model_dir)
     samples = our_sample_dataset(args, model_dir, workdir / "data" / "meta.json")
     # The "image" column tells TRL the data is multimodal (and skips its preparation); our collator reads the sample.
