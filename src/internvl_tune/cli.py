@@ -317,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
         # argument checks of the libraries we call; a missing file is an OSError.
         print(f"error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # a training run's TrainingInterrupted says what it saved
+        print(str(e) or "interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -135,7 +135,9 @@ class TrainArgs:
     save_total_limit: int = 2
     """Keep at most this many step checkpoints (0 = keep all)."""
     resume_from_checkpoint: str | None = None
-    """A checkpoint folder to resume from, or 'auto' for the latest one in output_dir."""
+    """A checkpoint folder to resume from, or 'auto' for the newest complete one in output_dir (none: start afresh)."""
+    overwrite_output_dir: bool = False
+    """Delete the files of an earlier run in output_dir first (without it, such a folder is refused unless resuming)."""
     report_to: Literal["none", "tensorboard"] = "none"
     """Also log metrics to TensorBoard (needs the tensorboard extra)."""
 
@@ -181,6 +183,8 @@ class SFTConfig:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
         if t.max_steps <= 0 and t.num_train_epochs <= 0:
             raise ConfigError("set max_steps > 0 or num_train_epochs > 0")
+        if t.overwrite_output_dir and t.resume_from_checkpoint:
+            raise ConfigError("train.overwrite_output_dir deletes what train.resume_from_checkpoint would resume; set one")
 
 
 @dataclass

@@ -8,8 +8,25 @@ from pathlib import Path
 import pytest
 from conftest import make_colour_dataset
 
-from internvl_tune.cli import main
+from internvl_tune.training.checkpoint import checkpoint_problem
 from internvl_tune.training.metrics import read_metrics
+
+
+def _launch(num_processes: int, config: Path, *overrides: str) -> None:
+    """`internvl-tune sft` under torchrun, its ranks pinned to the CPU (gloo): on a machine with one GPU, NCCL
+    refuses two ranks on the same device, and both runs compared here must run on the same device."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    env |= {"CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "true"}
+    result = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", str(num_processes), "-m", "internvl_tune.cli", "sft"]
+        + ["--config", str(config), *overrides],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def test_two_ranks_equal_one_rank(tmp_path, tiny_model_dir):
@@ -18,36 +35,17 @@ def test_two_ranks_equal_one_rank(tmp_path, tiny_model_dir):
     config.write_text(
         f"model: {{model_name_or_path: {tiny_model_dir}, grad_checkpoint: false}}\n"
         f"data: {{meta_path: {meta}, max_dynamic_patch: 4}}\n"
-        "train: {max_steps: 4, learning_rate: 2.0e-3, warmup_ratio: 0.0}\n"
+        "train: {max_steps: 4, learning_rate: 2.0e-3, warmup_ratio: 0.0, save_steps: 2}\n"
     )
-    assert (
-        main(["sft", "--config", str(config), f"output_dir={tmp_path / 'one'}", "per_device_train_batch_size=2"]) == 0
-    )
-
-    torchrun = Path(sys.executable).with_name("torchrun")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
-    result = subprocess.run(
-        [
-            str(torchrun),
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "internvl_tune.cli",
-            "sft",
-            "--config",
-            str(config),
-            f"output_dir={tmp_path / 'two'}",
-            "per_device_train_batch_size=1",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    _launch(1, config, f"output_dir={tmp_path / 'one'}", "per_device_train_batch_size=2")
+    _launch(2, config, f"output_dir={tmp_path / 'two'}", "per_device_train_batch_size=1")
     one, two = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
     assert len(two) == 4  # only the main process writes metrics
     assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], abs=1e-5)
     assert [r["grad_norm"] for r in two] == pytest.approx([r["grad_norm"] for r in one], rel=1e-4)
     assert [r["num_samples"] for r in two] == [2] * 4  # counted over both ranks
+    # Both ranks wrote into the main process's temporary folder, renamed once whole.
+    checkpoint = tmp_path / "two" / "checkpoint-2"
+    assert checkpoint_problem(checkpoint) is None
+    assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
+    assert not [p for p in (tmp_path / "two").iterdir() if p.name.startswith(".")]

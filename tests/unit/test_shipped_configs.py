@@ -2,6 +2,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import yaml
 
 from internvl_tune.config import DataArgs, ModelArgs, MPOArgs, MPOConfig, SFTConfig, TrainArgs, field_docs, load_config
 
@@ -32,3 +33,10 @@ def test_shipped_mpo_configs_load(path):
     objective = build_objective(config)
     assert objective.loss_types == ["sigmoid", "bco_pair", "sft"] and objective.loss_weights == [0.8, 0.2, 1.0]
     assert config.mpo.beta == 0.1 and config.train.weight_decay == 0.05 and config.train.num_train_epochs == 1
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*/*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_save_resumable_checkpoints(path):
+    """Every shipped run saves checkpoints to resume from (an MPO run without save_steps had none)."""
+    train = yaml.safe_load(path.read_text())["train"]
+    assert train["save_steps"] > 0 and train["save_total_limit"] >= 1

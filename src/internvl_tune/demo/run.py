@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -144,8 +143,6 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
 
     stage = time.perf_counter()
     run_dir = output_dir / "run"
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # metrics.jsonl is appended to, and a stale checkpoint would be resumed from
     config = SFTConfig(
         model=ModelArgs(
             model_name_or_path=str(model_dir), grad_checkpoint=False, freeze_backbone=settings.freeze_backbone
@@ -158,6 +155,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         ),
         train=TrainArgs(
             output_dir=str(run_dir),
+            overwrite_output_dir=True,  # the stage of an earlier demo in the same folder
             max_steps=settings.max_steps,
             per_device_train_batch_size=settings.batch_size,
             learning_rate=settings.learning_rate,
@@ -213,8 +211,6 @@ def run_mpo_stage(task, sft_model: Path, output_dir: Path, settings: DemoSetting
     stage = time.perf_counter()
     pairs = make_pairs(task, settings.seed)
     run_dir = output_dir / "mpo_run"
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
     data = DataArgs(
         meta_path=str(pairs.train_meta),
         conv_style=TEMPLATE,
@@ -228,6 +224,7 @@ def run_mpo_stage(task, sft_model: Path, output_dir: Path, settings: DemoSetting
         data=data,
         train=TrainArgs(
             output_dir=str(run_dir),
+            overwrite_output_dir=True,
             max_steps=settings.mpo_steps,
             per_device_train_batch_size=settings.batch_size,
             learning_rate=settings.mpo_learning_rate,

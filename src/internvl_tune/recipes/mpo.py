@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
@@ -49,13 +50,16 @@ from internvl_tune.model.reference import (
     weights_fingerprint,
 )
 from internvl_tune.training.engine import (
+    StopRequest,
     blank_tile,
     data_stream,
-    finish,
     finish_run,
-    make_accelerator,
     make_sampler,
+    micro_batches_in_step,
     prepare_optimization,
+    prepare_output_dir,
+    run_session,
+    save_and_stop,
     save_step_checkpoint,
     schedule_lengths,
 )
@@ -92,13 +96,16 @@ def update_delta(running: RunningRewardMean, accelerator, rewards: tuple[torch.T
 
 
 def train(config: MPOConfig) -> dict[str, Any]:
-    """Run MPO as configured; returns a summary (final loss, steps, skipped pairs, paths)."""
+    """Run MPO as configured; returns a summary (final loss, steps, skipped pairs, paths). Raises
+    `TrainingInterrupted` after saving a checkpoint when stopped by SIGINT / SIGTERM."""
+    with run_session(config.train) as accelerator, StopRequest() as stop:
+        return _train(config, accelerator, stop)
+
+
+def _train(config: MPOConfig, accelerator: Accelerator, stop: StopRequest) -> dict[str, Any]:
     m, d, t, o = config.model, config.data, config.train, config.mpo
-    accelerator = make_accelerator(t)
     set_seed(t.seed)
-    output_dir = Path(t.output_dir)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir, resume_dir = prepare_output_dir(accelerator, t)
     objective = build_objective(config)
 
     # Model: load, then the original order of DropPath, freezing, LoRA, checkpointing.
@@ -148,11 +155,17 @@ def train(config: MPOConfig) -> dict[str, Any]:
         total_steps,
         warmup_steps,
         uses_lora=uses_lora,
+        resume_dir=resume_dir,
         checkpointed=[running],
     )
     micro_batches = data_stream(dataset, sampler, collate, state, t, d.dataloader_num_workers)
 
-    metrics = MetricsWriter(output_dir, enabled=accelerator.is_main_process, tensorboard=t.report_to == "tensorboard")
+    metrics = MetricsWriter(
+        output_dir,
+        enabled=accelerator.is_main_process,
+        tensorboard=t.report_to == "tensorboard",
+        start_step=state.step,
+    )
     if accelerator.is_main_process:
         (output_dir / "config.resolved.json").write_text(json.dumps(to_dict(config), indent=2, ensure_ascii=False))
         logger.info(
@@ -168,8 +181,11 @@ def train(config: MPOConfig) -> dict[str, Any]:
     last_loss = float("nan")
     empty_micro_batches = 0
     while state.step < total_steps:
+        if stop.requested(accelerator):  # Ctrl-C or SIGTERM: save this step boundary and exit
+            progress.close()  # before the exit line is printed
+            save_and_stop(accelerator, state, t)
         step_start = time.perf_counter()
-        batches = [next(micro_batches) for _ in range(t.gradient_accumulation_steps)]
+        batches = [next(micro_batches) for _ in range(micro_batches_in_step(state, sampler, t))]
         state.micro_batches += len(batches)
         for batch in batches:
             state.skipped += batch["skipped"]
@@ -300,11 +316,15 @@ def train(config: MPOConfig) -> dict[str, Any]:
     )
 
 
-@torch.no_grad()
 def precompute_reference(config: MPOConfig) -> Path:
     """Write the reference log-probs of every pair of the run's data to the reference cache, once."""
+    with run_session(config.train) as accelerator:
+        return _precompute_reference(config, accelerator)
+
+
+@torch.no_grad()
+def _precompute_reference(config: MPOConfig, accelerator: Accelerator) -> Path:
     m, d, t = config.model, config.data, config.train
-    accelerator = make_accelerator(t)
     model, tokenizer = load_model(m.model_name_or_path, attn_implementation=m.attn_implementation)
     settings = sample_settings(d, model.config)
     random_frames = d.video_sample == "rand" or d.min_num_frame != d.max_num_frame
@@ -362,5 +382,4 @@ def precompute_reference(config: MPOConfig) -> Path:
             media=media,
         ).save(path)
         logger.info("wrote reference log-probs of %d pairs to %s", len(gathered), path)
-    finish(accelerator)
     return path

@@ -15,10 +15,10 @@ import json
 import logging
 import time
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
@@ -33,12 +33,16 @@ from internvl_tune.model.forward import InternVLTrainingForward
 from internvl_tune.model.freeze import count_parameters
 from internvl_tune.model.prepare import prepare_policy, sample_settings
 from internvl_tune.training.engine import (
+    StopRequest,
     blank_tile,
     data_stream,
     finish_run,
-    make_accelerator,
     make_sampler,
+    micro_batches_in_step,
     prepare_optimization,
+    prepare_output_dir,
+    run_session,
+    save_and_stop,
     save_step_checkpoint,
     schedule_lengths,
 )
@@ -48,13 +52,16 @@ logger = logging.getLogger(__name__)
 
 
 def train(config: SFTConfig) -> dict[str, Any]:
-    """Run SFT as configured; returns a summary (final loss, steps, skipped samples, paths)."""
+    """Run SFT as configured; returns a summary (final loss, steps, skipped samples, paths). Raises
+    `TrainingInterrupted` after saving a checkpoint when stopped by SIGINT / SIGTERM."""
+    with run_session(config.train) as accelerator, StopRequest() as stop:
+        return _train(config, accelerator, stop)
+
+
+def _train(config: SFTConfig, accelerator: Accelerator, stop: StopRequest) -> dict[str, Any]:
     m, d, t = config.model, config.data, config.train
-    accelerator = make_accelerator(t)
     set_seed(t.seed)
-    output_dir = Path(t.output_dir)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir, resume_dir = prepare_output_dir(accelerator, t)
 
     # Model: load, then the original order of DropPath, freezing, LoRA, checkpointing.
     model, tokenizer = prepare_policy(m)
@@ -73,11 +80,22 @@ def train(config: SFTConfig) -> dict[str, Any]:
 
     uses_lora = bool(m.use_llm_lora or m.use_backbone_lora)
     forward, optimizer, scheduler, state = prepare_optimization(
-        accelerator, InternVLTrainingForward(model), t, total_steps, warmup_steps, uses_lora=uses_lora
+        accelerator,
+        InternVLTrainingForward(model),
+        t,
+        total_steps,
+        warmup_steps,
+        uses_lora=uses_lora,
+        resume_dir=resume_dir,
     )
     micro_batches = data_stream(dataset, sampler, collate, state, t, d.dataloader_num_workers)
 
-    metrics = MetricsWriter(output_dir, enabled=accelerator.is_main_process, tensorboard=t.report_to == "tensorboard")
+    metrics = MetricsWriter(
+        output_dir,
+        enabled=accelerator.is_main_process,
+        tensorboard=t.report_to == "tensorboard",
+        start_step=state.step,
+    )
     if accelerator.is_main_process:
         (output_dir / "config.resolved.json").write_text(json.dumps(to_dict(config), indent=2, ensure_ascii=False))
         logger.info(
@@ -88,8 +106,11 @@ def train(config: SFTConfig) -> dict[str, Any]:
     last_loss = float("nan")
     empty_micro_batches = 0
     while state.step < total_steps:
+        if stop.requested(accelerator):  # Ctrl-C or SIGTERM: save this step boundary and exit
+            progress.close()  # before the exit line is printed
+            save_and_stop(accelerator, state, t)
         step_start = time.perf_counter()
-        batches = [next(micro_batches) for _ in range(t.gradient_accumulation_steps)]
+        batches = [next(micro_batches) for _ in range(micro_batches_in_step(state, sampler, t))]
         state.micro_batches += len(batches)
         for batch in batches:
             state.skipped += batch["skipped"]

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
+import struct
+import zipfile
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import save_file
 from torch import nn
 
+from internvl_tune.config import ConfigError
 from internvl_tune.model.checkpoint_io import EXTRA_WEIGHTS_FILE
 from internvl_tune.model.load import METADATA_FILE
 
+logger = logging.getLogger(__name__)
+
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "train_state.json"  # written last: a checkpoint without it is not whole
 
 
 class TrainState:
@@ -45,16 +52,55 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why `folder` is not a whole checkpoint, or None when it is.
+
+    Whole: `train_state.json` (written last), model weights, and no truncated file. Checkpoints are renamed into
+    place only when complete, so this catches what a crash of an older version or a damaged disk left behind; the
+    checks read file ends and headers only (a torch file is a zip with its directory at the end; a safetensors
+    header gives the data's length).
+    """
+    if not folder.is_dir():
+        return "not a folder"
+    if not (folder / STATE_FILE).is_file():
+        return f"no {STATE_FILE}"
+    if not any(folder.glob("model*.safetensors")) and not any(folder.glob("pytorch_model*")):
+        return "no model weights"
+    for path in sorted(folder.iterdir()):
+        if path.suffix in (".bin", ".pkl") and path.is_file() and not zipfile.is_zipfile(path):
+            return f"{path.name} is truncated"
+        if path.suffix == ".safetensors" and not _whole_safetensors(path):
+            return f"{path.name} is truncated"
+    return None
+
+
+def _whole_safetensors(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            (header_size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_size))
+    except (OSError, struct.error, ValueError):
+        return False
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    return path.stat().st_size >= 8 + header_size + end
+
+
 def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
-    """The checkpoint to resume from: an explicit folder, the latest one for 'auto', or None."""
+    """The checkpoint to resume from: an explicit folder (refused unless whole), the newest whole one in
+    `output_dir` for 'auto' (logging each newer one it skips), or None."""
     if not resume:
         return None
     if resume == "auto":
-        checkpoints = list_checkpoints(output_dir)
-        return checkpoints[-1] if checkpoints else None
+        for folder in reversed(list_checkpoints(output_dir)):
+            problem = checkpoint_problem(folder)
+            if problem is None:
+                return folder
+            logger.warning("resume: skipping incomplete checkpoint %s (%s)", folder, problem)
+        return None
     path = Path(resume)
-    if not (path / "train_state.json").is_file():
-        raise ValueError(f"{path}: not an internvl-tune checkpoint (no train_state.json)")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise ConfigError(f"train.resume_from_checkpoint: {path} is not a whole checkpoint ({problem})")
     return path
 
 

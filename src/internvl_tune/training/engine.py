@@ -6,9 +6,14 @@ around it lives here, so `sft.py` and `mpo.py` differ only in their method.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
+import shutil
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -17,16 +22,21 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from accelerate.utils import broadcast_object_list
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from internvl_tune.config import TrainArgs, to_dict
+from internvl_tune.atomic import atomic_dir, remove_stale_temporaries
+from internvl_tune.config import ConfigError, TrainArgs, to_dict
 from internvl_tune.data.images import ImageTransform
 from internvl_tune.data.sampler import ResumableBatchSampler
 from internvl_tune.model.checkpoint_io import checkpoint_settings, metadata_for, save_hf_checkpoint
 from internvl_tune.model.forward import base_model
 from internvl_tune.training.checkpoint import (
+    CHECKPOINT_PATTERN,
+    STATE_FILE,
     TrainState,
+    checkpoint_problem,
     keep_trainable_weights,
     prune_checkpoints,
     resolve_resume,
@@ -37,9 +47,102 @@ from internvl_tune.training.optim import build_optimizer, build_scheduler
 logger = logging.getLogger(__name__)
 
 
+# What a run writes into output_dir (beside checkpoint-N/): a folder holding any of them holds a run. Other files
+# (a precomputed reference cache) are not the run's: they are neither a reason to refuse nor deleted on overwrite.
+RUN_FILES = ("metrics.jsonl", "summary.json", "config.resolved.json", "final", "final_adapter", "tensorboard")
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """A run stopped by SIGINT / SIGTERM; the message says what was saved (the CLI prints it as one line)."""
+
+
+class StopRequest:
+    """The first SIGINT / SIGTERM asks the loop to save a checkpoint and stop at the next step boundary (a step
+    cut in half cannot be resumed); a second one stops at once, with a plain KeyboardInterrupt.
+
+    Installed before the data loader starts, so its forked workers inherit it and ignore the signals: a Ctrl-C
+    reaches the whole process group, and workers ended by it would fail the loop before its checkpoint.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+        self._pid = os.getpid()
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if os.getpid() != self._pid:  # a data loader worker: the loop ends it
+            return
+        if self.signal_name is not None:
+            self.__exit__()
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        logger.warning("%s: stopping after this step with a checkpoint (again: stop at once)", self.signal_name)
+
+    def requested(self, accelerator: Accelerator) -> bool:
+        """Whether any rank was signalled; every rank calls it at every step boundary, so all stop at the same one."""
+        if accelerator.num_processes == 1:
+            return self.signal_name is not None
+        flag = torch.tensor(int(self.signal_name is not None), device=accelerator.device)
+        return bool(accelerator.reduce(flag, "sum").item())
+
+
+@contextlib.contextmanager
+def run_session(t: TrainArgs) -> Iterator[Accelerator]:
+    """The accelerator of one run; afterwards, whether the run finished or raised, accelerate's global state is gone
+    (see `finish`), so the next run in the process may choose another precision."""
+    accelerator = make_accelerator(t)
+    try:
+        yield accelerator
+    finally:
+        finish(accelerator)
+
+
 def make_accelerator(t: TrainArgs) -> Accelerator:
     # cpu=True on machines without an accelerator makes torchrun / accelerate launch give DDP over gloo.
     return Accelerator(mixed_precision="bf16" if t.bf16 else "no", cpu=not torch.accelerator.is_available())
+
+
+def prepare_output_dir(accelerator: Accelerator, t: TrainArgs) -> tuple[Path, Path | None]:
+    """Check and prepare `output_dir` before anything is loaded; returns it and the checkpoint to resume from.
+
+    A folder that holds another run is refused unless the run resumes (`resume_from_checkpoint`) or replaces it
+    (`overwrite_output_dir`, which deletes the run's files): reusing it silently would append to its metrics, replace
+    its final model and leave its checkpoints for a later `auto` resume. Leftovers of saves that were killed are
+    removed.
+    """
+    output_dir = Path(t.output_dir)
+    found = sorted(p.name for p in output_dir.glob("*") if p.name in RUN_FILES or CHECKPOINT_PATTERN.match(p.name))
+    if found and not (t.resume_from_checkpoint or t.overwrite_output_dir):
+        listed = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+        raise ConfigError(
+            f"{output_dir} holds another run ({listed}): resume it with train.resume_from_checkpoint=auto, replace "
+            "it with train.overwrite_output_dir=true, or pick another train.output_dir"
+        )
+    resume_dir = resolve_resume(t.resume_from_checkpoint, output_dir)
+    accelerator.wait_for_everyone()  # every rank has looked before the main process deletes anything
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for path in remove_stale_temporaries(output_dir):
+            logger.info("removed %s, left by an interrupted save", path)
+        if t.overwrite_output_dir and found:
+            logger.warning("overwrite_output_dir: deleting %s in %s", ", ".join(found), output_dir)
+            for name in found:
+                path = output_dir / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    accelerator.wait_for_everyone()
+    return output_dir, resume_dir
 
 
 def make_sampler(num_samples: int, t: TrainArgs, accelerator: Accelerator) -> ResumableBatchSampler:
@@ -54,10 +157,18 @@ def make_sampler(num_samples: int, t: TrainArgs, accelerator: Accelerator) -> Re
 
 
 def schedule_lengths(sampler: ResumableBatchSampler, t: TrainArgs) -> tuple[int, int]:
-    """(total optimizer steps, warmup steps)."""
-    steps_per_epoch = max(1, sampler.batches_per_epoch // t.gradient_accumulation_steps)
+    """(total optimizer steps, warmup steps). An epoch's last step takes its remaining micro-batches (see
+    `micro_batches_in_step`): 3 micro-batches with accumulation 2 are 2 steps."""
+    steps_per_epoch = math.ceil(sampler.batches_per_epoch / t.gradient_accumulation_steps)
     total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * steps_per_epoch)
     return total_steps, math.ceil(t.warmup_ratio * total_steps)
+
+
+def micro_batches_in_step(state: TrainState, sampler: ResumableBatchSampler, t: TrainArgs) -> int:
+    """`gradient_accumulation_steps`, or what is left of the epoch: its remainder is a last, smaller step rather
+    than dropped (the step's loss is normalised by its own token or pair count, so a smaller step is no different)."""
+    left_in_epoch = sampler.batches_per_epoch - state.micro_batches % sampler.batches_per_epoch
+    return min(t.gradient_accumulation_steps, left_in_epoch)
 
 
 def prepare_optimization(
@@ -68,10 +179,12 @@ def prepare_optimization(
     warmup_steps: int,
     *,
     uses_lora: bool,
+    resume_dir: Path | None,
     checkpointed: list = (),
 ):
     """AdamW + schedule, wrapped by accelerate; the scheduler, the train state and `checkpointed` objects
-    (with state_dict / load_state_dict) are saved in every checkpoint. Returns (forward, optimizer, scheduler, state)."""
+    (with state_dict / load_state_dict) are saved in every checkpoint and restored from `resume_dir`.
+    Returns (forward, optimizer, scheduler, state)."""
     optimizer = build_optimizer(
         forward, lr=t.learning_rate, weight_decay=t.weight_decay, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon
     )
@@ -82,7 +195,6 @@ def prepare_optimization(
     if uses_lora:
         # LoRA checkpoints hold the trained weights only; the frozen base comes from model_name_or_path on resume.
         accelerator.register_save_state_pre_hook(keep_trainable_weights)
-    resume_dir = resolve_resume(t.resume_from_checkpoint, t.output_dir)
     if resume_dir is not None:
         accelerator.load_state(str(resume_dir), strict=not uses_lora)
         logger.info("resumed from %s at step %d", resume_dir, state.step)
@@ -122,12 +234,32 @@ def blank_tile(image_size: int, normalize_type: str) -> torch.Tensor:
     return ImageTransform(image_size, normalize_type)(Image.new("RGB", (image_size, image_size), (255, 255, 255)))
 
 
-def save_step_checkpoint(accelerator: Accelerator, state: TrainState, t: TrainArgs) -> None:
+def save_step_checkpoint(accelerator: Accelerator, state: TrainState, t: TrainArgs) -> Path:
+    """`output_dir/checkpoint-N`, written by every rank into the main process's temporary folder, which the main
+    process renames once all parts and, last, `train_state.json` are written: a crash leaves no checkpoint-N."""
     folder = Path(t.output_dir) / f"checkpoint-{state.step}"
-    accelerator.save_state(str(folder))
+    with atomic_dir(folder) if accelerator.is_main_process else contextlib.nullcontext() as tmp:
+        (tmp,) = broadcast_object_list([tmp])  # its name holds the main process's pid
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (tmp / STATE_FILE).write_text(json.dumps(state.state_dict()))
     if accelerator.is_main_process:
-        (folder / "train_state.json").write_text(json.dumps(state.state_dict()))
         prune_checkpoints(t.output_dir, t.save_total_limit)
+    return folder
+
+
+def save_and_stop(accelerator: Accelerator, state: TrainState, t: TrainArgs) -> None:
+    """Answer a stop request at a step boundary: save the step's checkpoint (unless it is already there) and raise
+    `TrainingInterrupted` with the line to print."""
+    if state.step == 0:
+        raise TrainingInterrupted("interrupted before the first step: nothing to save")
+    folder = Path(t.output_dir) / f"checkpoint-{state.step}"
+    if checkpoint_problem(folder) is not None:
+        folder = save_step_checkpoint(accelerator, state, t)
+    raise TrainingInterrupted(
+        f"interrupted at step {state.step}: saved {folder}; resume with train.resume_from_checkpoint=auto"
+    )
 
 
 def save_final(
@@ -163,7 +295,7 @@ def finish_run(
     uses_lora: bool,
     extra: dict[str, Any],
 ) -> dict[str, Any]:
-    """Save the final model with its metadata, write `summary.json`, report skipped samples, tear down."""
+    """Save the final model with its metadata, write `summary.json`, report skipped samples."""
     d, output_dir = config.data, Path(config.train.output_dir)
     model = accelerator.unwrap_model(forward).model
     # The family of the starting checkpoint (InternLM2 models train as Llama) travels on for `convert --to original`.
@@ -188,7 +320,6 @@ def finish_run(
                 logger.warning("  %s", message if message.startswith(where) else f"{where}: {message}")
         if state.num_truncated:
             logger.warning("%d samples had their text cut to max_seq_length=%d", state.num_truncated, d.max_seq_length)
-    finish(accelerator)
     return summary
 
 
