@@ -313,7 +313,14 @@ class Work:
 
 
 def causal_pairs(length: int) -> int:
+    """(query, key) pairs of a causal row of `length` tokens."""
     return length * (length + 1) // 2
+
+
+def shared_row_pairs(prompt: int, chosen: int, rejected: int) -> int:
+    """(query, key) pairs of a shared-prefix row `[prompt | chosen | rejected]`: causal over prompt + chosen, then
+    the rejected answer sees the prompt and itself. P=2, C=2, R=1 (the mask drawn in `pair_collate`): 10 + 2 + 1."""
+    return causal_pairs(prompt + chosen) + rejected * prompt + causal_pairs(rejected)
 
 
 def forward_flops(shape: ModelShape, work: Work) -> float:

@@ -118,8 +118,8 @@ def describe_pairs(args: argparse.Namespace, model_dir: Path, meta: Path) -> dic
     for s in samples:
         tiles, p, c, r = len(s["pixel_values"]), len(s["prompt_ids"]), len(s["chosen_ids"]), len(s["rejected_ids"])
         scored = int((s["chosen_labels"] != IGNORE_INDEX).sum() + (s["rejected_labels"] != IGNORE_INDEX).sum())
-        # shared: rejected sees the prompt and itself; separate: two causal rows, the tiles twice.
-        shared = Work(tiles, p + c + r, causal_pairs(p + c) + r * p + causal_pairs(r), scored)
+        # separate: two causal rows, the tiles twice.
+        shared = Work(tiles, p + c + r, common.shared_row_pairs(p, c, r), scored)
         separate = Work(2 * tiles, 2 * p + c + r, causal_pairs(p + c) + causal_pairs(p + r), scored)
         flops["shared"].append(common.step_flops(args.shape, shared, reference=shared))
         flops["separate"].append(common.step_flops(args.shape, separate, reference=separate))

@@ -1,0 +1,152 @@
+"""The step benchmarks' shared parts (benchmarks/common.py): counted FLOPs, the profile summary, the profiler hook,
+presets, and the padded-vocabulary model folder."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import common  # noqa: E402
+
+# 28 px tiles, patch 14: 4 patches + 1 class token through the ViT, 4 * 0.5^2 = 1 image token per tile.
+SMALL = common.ModelShape(
+    vision_hidden=4,
+    vision_layers=1,
+    vision_heads=1,
+    vision_ffn=8,
+    text_hidden=8,
+    text_layers=1,
+    text_heads=2,
+    text_kv_heads=1,
+    text_ffn=16,
+    vocab_size=10,
+    image_size=28,
+)
+
+
+def test_forward_flops_worked_example():
+    """One tile, 3 LLM tokens, 6 causal attention pairs (a row of 3), 2 scored positions:
+
+    - ViT: weights 4*4^2 + 2*4*8 = 128 on 5 tokens, patch embedding 3*14^2*4 = 2352 on 4 patches:
+      2 * (640 + 9408) = 20096; attention 4 * d=4 * 5^2 = 400.                                     -> 20496
+    - projector: (4 / 0.5^2 = 16) x 8 + 8 x 8 = 192 on 1 token: 2 * 192                            -> 384
+    - LLM: Q, O 2 * 8^2 = 128, K, V 2 * 8 * (1 KV head * 4 head dim) = 64, MLP 3 * 8 * 16 = 384: 576 on 3 tokens
+      -> 3456; attention 4 * 8 * 6 = 192                                                           -> 3648
+    - LM head: 2 * 8 * 10 on 2 positions                                                           -> 320
+    Forward 24848; trained 3x = 74544; with a reference forward 99392.
+    """
+    work = common.Work(tiles=1, llm_tokens=3, attention_pairs=6, scored=2)
+    assert common.forward_flops(SMALL, work) == 24848
+    assert common.step_flops(SMALL, work) == 74544
+    assert common.step_flops(SMALL, work, reference=work) == 99392
+
+
+@pytest.mark.parametrize(("prompt", "chosen", "rejected"), [(2, 2, 1), (5, 3, 4), (1, 1, 1)])
+def test_shared_row_pairs_counts_the_shared_prefix_mask(prompt, chosen, rejected):
+    """The closed form against the mask rule enumerated: a query sees earlier keys, and rejected never sees chosen."""
+    n = prompt + chosen + rejected
+    is_chosen = [prompt <= k < prompt + chosen for k in range(n)]
+    enumerated = sum(1 for q in range(n) for k in range(q + 1) if not (q >= prompt + chosen and is_chosen[k]))
+    assert common.shared_row_pairs(prompt, chosen, rejected) == enumerated
+
+
+def test_summarize_trace_busy_gaps_and_top_kernels():
+    """The docstring example: window [0, 10] us, kernels [1, 3], [2, 4], [6, 7]; a host op [4.5, 5.5] runs in the
+    middle of the gap [4, 6]."""
+    events = [
+        {"ph": "X", "cat": "user_annotation", "name": "ProfilerStep#5", "ts": 0, "dur": 10},
+        {"ph": "X", "cat": "kernel", "name": "gemm", "ts": 1, "dur": 2},
+        {"ph": "X", "cat": "kernel", "name": "gemm", "ts": 2, "dur": 2},
+        {"ph": "X", "cat": "kernel", "name": "softmax", "ts": 6, "dur": 1},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::linear", "ts": 0.5, "dur": 0.5},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::item", "ts": 4.5, "dur": 1},
+        {"ph": "X", "cat": "kernel", "name": "next_step", "ts": 12, "dur": 1},  # outside the window
+    ]
+    s = common.summarize_trace({"traceEvents": events}, "cuda")
+    assert s["wall_ms"] == pytest.approx(0.010)
+    assert s["busy_ms"] == pytest.approx(0.004)
+    assert s["gap_ms"] == pytest.approx(0.006)
+    assert [(g["at_ms"], g["ms"]) for g in s["largest_gaps"]] == [
+        pytest.approx((0.007, 0.003)),
+        pytest.approx((0.004, 0.002)),
+        pytest.approx((0.0, 0.001)),
+    ]
+    assert s["largest_gaps"][1]["host"] == "during aten::item"
+    assert s["largest_gaps"][0]["host"] == "after aten::item"
+    assert s["num_kernels"] == 3
+    assert [(t["name"], t["calls"]) for t in s["top"]] == [("gemm", 2), ("softmax", 1)]
+    assert s["top"][0]["ms"] == pytest.approx(0.004)
+
+
+def test_step_profiler_records_one_optimizer_step(tmp_path):
+    """Driven by optimizer steps alone (no loop changes): the recorded step is step 4 of 5, and its summary has
+    the step's matmuls."""
+    model = torch.nn.Linear(16, 16)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    profiler = common.StepProfiler(4, "cpu", tmp_path / "trace.json")
+    with profiler:
+        for _ in range(5):
+            model(torch.randn(8, 16)).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    summary = profiler.summary
+    assert summary is not None and (tmp_path / "trace.json").is_file()
+    assert 0 < summary["busy_ms"] <= summary["wall_ms"]
+    assert any(row["name"] in ("aten::addmm", "aten::mm") for row in summary["top"])
+    assert profiler.num_steps == 5
+
+
+def test_presets_and_field_overrides():
+    import argparse
+
+    p = argparse.ArgumentParser()
+    common.add_common_args(p, configs=("a", "b"), workdir="/tmp/w", answer_tokens=10)
+    args = p.parse_args(["--preset", "internvl3-2b", "--text-layers", "2", "--configs", "b", "--profile"])
+    common.finish_common_args(p, args, ("a", "b"))
+    assert args.shape == common.ModelShape(
+        vision_hidden=1024,
+        vision_layers=24,
+        vision_heads=16,
+        vision_ffn=4096,
+        text_hidden=1536,
+        text_layers=2,
+        text_heads=12,
+        text_kv_heads=2,
+        text_ffn=8960,
+    )
+    assert args.shape.vocab_size == 151_674 and args.shape.image_tokens_per_tile == 256
+    assert args.names == ["b"] and args.steps == 2 + 4 + common.PROFILE_STEPS
+    assert args.models == "/tmp/w/models"
+
+
+def test_model_folder_pads_the_vocabulary_and_is_cached(tmp_path):
+    from internvl_tune.model.load import load_model
+
+    shape = common.ModelShape(
+        vision_hidden=16,
+        vision_layers=1,
+        vision_heads=2,
+        vision_ffn=24,
+        text_hidden=16,
+        text_layers=1,
+        text_heads=2,
+        text_kv_heads=1,
+        text_ffn=40,
+        vocab_size=1000,
+        image_size=28,
+    )
+    path = common.model_dir_for(shape, tmp_path, bf16=False)
+    model, tokenizer = load_model(path)
+    assert model.get_input_embeddings().weight.shape[0] == 1000
+    assert model.lm_head.weight.shape[0] == 1000
+    assert model.config.text_config.intermediate_size == 40 and model.config.vision_config.intermediate_size == 24
+    assert len(tokenizer) < 1000  # the padded rows are never produced
+    ids = tokenizer(common.QUESTION + " " + " ".join(common.WORDS)).input_ids
+    assert max(ids) < len(tokenizer)
+    stamp = (path / "config.json").stat().st_mtime_ns
+    assert common.model_dir_for(shape, tmp_path, bf16=False) == path
+    assert (path / "config.json").stat().st_mtime_ns == stamp
