@@ -4,11 +4,13 @@ Launch: `internvl-tune mpo --config configs/mpo/FILE.yaml [key=value ...]` (or u
 `torchrun`). The same shape, names and order as `sft.py`; what differs is the pair forward, the reference and
 the objective (docs/original-differences.md §6).
 
-The step's loss is normalised globally: the preference terms are summed over the step's pairs on all ranks and
-divided by their number, and the SFT term is the chosen-response NLL summed and divided by the step's chosen
-tokens. With one pair per step and one process this is exactly the original; with more it does not depend on how
-pairs fall into micro-batches and ranks. The BCO shift delta is updated on every training micro-batch with the
-mean reward over all ranks, read after the update, and saved in checkpoints.
+The step's loss is normalised globally: the recipe counts the step's pairs and chosen tokens on all ranks, and the
+objective returns each micro-batch's share (preference terms summed over its pairs and divided by the step's pairs;
+the SFT term its chosen NLL over the step's chosen tokens, or with `mpo.sft_reduction=sample` its per-pair token means
+over the step's pairs). With one pair per step and one process this is exactly the original; with more it does not
+depend on how pairs fall into micro-batches and ranks. The BCO shift delta is updated on every training micro-batch
+with the mean reward over all ranks (`objective.rewards`), read after the update, and saved in checkpoints. A
+precomputed reference is checked against every pair of the data, images' bytes included, before the first step.
 """
 
 from __future__ import annotations
