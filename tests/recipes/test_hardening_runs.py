@@ -69,7 +69,16 @@ def test_no_command_runs_a_model_folders_code(tmp_path, data):
         ["export", str(model), str(tmp_path / "export")],
         ["chat", str(model), "Hello!", "--max-new-tokens", "2"],
         ["check-data", str(sft_meta), "--model", str(model)],
-        ["sft", "--config", str(sft_yaml), *TINY, f"output_dir={tmp_path / 'sft'}"],
+        # LoRA with gradient checkpointing: the two warnings such runs printed are checked below too.
+        [
+            "sft",
+            "--config",
+            str(sft_yaml),
+            *TINY,
+            "grad_checkpoint=true",
+            "use_llm_lora=2",
+            f"output_dir={tmp_path / 'sft'}",
+        ],
         ["mpo", "--config", str(mpo_yaml), *TINY, "drop_path_rate=0", f"output_dir={tmp_path / 'mpo'}"],
     ]
     # One interpreter runs the commands one after another through the CLI's entry point (a process per command
@@ -95,6 +104,7 @@ def test_no_command_runs_a_model_folders_code(tmp_path, data):
     assert [f"=== {c[0]}: rc 0" for c in commands] == [line for line in output.splitlines() if line.startswith("===")]
     assert "custom code" not in output and "[y/N]" not in output
     assert "to instantiate a model of type" not in output
+    assert "is_gradient_checkpointing` is deprecated" not in output and "use_cache=True` is incompatible" not in output
     assert not marker.exists(), f"imported: {marker.read_text()}"
 
 

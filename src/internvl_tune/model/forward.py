@@ -54,13 +54,14 @@ class InternVLTrainingForward(nn.Module):
         inputs_embeds = internvl.get_input_embeddings()(input_ids)  # [B, T, D]
         if pixel_values is not None:
             inputs_embeds = self._place_image_features(internvl, input_ids, inputs_embeds, pixel_values, image_flags)
+        # No KV cache in training (and no "use_cache=True is incompatible with gradient checkpointing" warning).
         if logp_index is None:
             return self.model(
-                inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
             ).logits
         # internvl.model is the backbone without the head; LoRA layers injected by PEFT live inside it.
         hidden = internvl.model(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state  # [B, T, D]
         picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, logp_index)  # [K, D]
         return target_logps(picked, internvl.lm_head, logp_targets, self.logprob_chunk_size)
