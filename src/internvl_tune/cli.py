@@ -106,7 +106,7 @@ def _convert(args: argparse.Namespace) -> int:
     from internvl_tune.model.checkpoint_io import convert_to_hf, convert_to_original
 
     convert = convert_to_hf if args.to == "hf" else convert_to_original
-    out = convert(args.src, args.dst, max_shard_bytes=args.max_shard_size)
+    out = convert(args.src, args.dst, dtype=args.dtype, max_shard_bytes=args.max_shard_size)
     print(f"wrote {out}")
     if args.to == "original":
         print(
@@ -128,6 +128,7 @@ def _export(args: argparse.Namespace) -> int:
         to=args.to,
         merge_lora_adapters=args.merge_lora,
         base=args.base,
+        dtype=args.dtype,
         max_shard_bytes=args.max_shard_size,
     )
     print(f"wrote {out}")
@@ -179,6 +180,11 @@ def _fields_help(mpo: bool = False) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import typing
+
+    from internvl_tune.config import SaveDtype
+
+    dtypes = typing.get_args(SaveDtype)
     parser = argparse.ArgumentParser(prog="internvl-tune", description="Post-train InternVL models: SFT and MPO.")
     parser.add_argument("--version", action="version", version=f"internvl-tune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -249,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument(
         "--max-shard-size", type=_parse_size, default="5GB", help="largest weight shard, e.g. 5GB, 500MB"
     )
+    convert.add_argument("--dtype", choices=dtypes, default="auto", help="weights' dtype (auto: keep each tensor's)")
     convert.set_defaults(func=_convert)
 
     export = sub.add_parser(
@@ -265,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--max-shard-size", type=_parse_size, default="5GB", help="largest weight shard for --to original"
     )
+    export.add_argument("--dtype", choices=dtypes, default="auto", help="weights' dtype (auto: the source's or base's)")
     export.set_defaults(func=_export)
 
     chat = sub.add_parser(

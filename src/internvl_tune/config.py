@@ -25,6 +25,8 @@ from typing import Any, Literal
 
 import yaml
 
+SaveDtype = Literal["auto", "bf16", "fp16", "fp32"]
+
 
 class ConfigError(ValueError):
     """A bad configuration value; the message names the file or override and the field."""
@@ -124,6 +126,9 @@ class TrainArgs:
     """Gradient clipping by global norm (0 = off)."""
     bf16: bool = False
     """bfloat16 autocast (mixed precision); weights and optimizer state stay fp32."""
+    save_dtype: SaveDtype = "auto"
+    """Dtype of the weights in final/ (auto = the dtype the starting checkpoint's weights are stored in, so a bf16
+    model is saved in bf16, not in the fp32 it trained in; or bf16, fp16, fp32)."""
     seed: int = 42
     """Seed for weights' dropout, data order, augmentation and repeat_time subsets."""
     shuffle: bool = True

@@ -14,8 +14,9 @@ from typing import Any
 from safetensors.torch import save_file
 from torch import nn
 
+from internvl_tune.atomic import atomic_dir
 from internvl_tune.config import ConfigError
-from internvl_tune.model.checkpoint_io import EXTRA_WEIGHTS_FILE
+from internvl_tune.model.checkpoint_io import BASE_RECORD, EXTRA_WEIGHTS_FILE, base_model_record
 from internvl_tune.model.load import METADATA_FILE
 
 logger = logging.getLogger(__name__)
@@ -128,11 +129,14 @@ def save_adapter(
     `state_dict` is the full, gathered state of `model` (so ZeRO-3 / FSDP shards are saved whole).
     """
     output_dir = Path(output_dir)
-    model.save_pretrained(output_dir, state_dict=state_dict)  # PeftModel: adapter_config.json + adapter weights
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
-    extra = {n: state_dict[n].detach().cpu().contiguous() for n in trainable}
-    if extra:
-        save_file(extra, output_dir / EXTRA_WEIGHTS_FILE)
-    tokenizer.save_pretrained(output_dir)
-    (output_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2, ensure_ascii=False))
+    # The base's absolute path and weights' fingerprint, so that export --merge-lora finds and checks it.
+    metadata = {**metadata, BASE_RECORD: base_model_record(model.peft_config["default"].base_model_name_or_path)}
+    with atomic_dir(output_dir) as tmp:
+        model.save_pretrained(tmp, state_dict=state_dict)  # PeftModel: adapter_config.json + adapter weights
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
+        extra = {n: state_dict[n].detach().cpu().contiguous() for n in trainable}
+        if extra:
+            save_file(extra, tmp / EXTRA_WEIGHTS_FILE)
+        tokenizer.save_pretrained(tmp)
+        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, ensure_ascii=False))
     return output_dir

@@ -32,6 +32,7 @@ from internvl_tune.data.images import ImageTransform
 from internvl_tune.data.sampler import ResumableBatchSampler
 from internvl_tune.model.checkpoint_io import checkpoint_settings, metadata_for, save_hf_checkpoint
 from internvl_tune.model.forward import base_model
+from internvl_tune.model.load import resolve_dtype
 from internvl_tune.training.checkpoint import (
     CHECKPOINT_PATTERN,
     STATE_FILE,
@@ -270,8 +271,10 @@ def save_final(
     metadata: dict[str, Any],
     *,
     uses_lora: bool,
+    dtype: torch.dtype | None = None,
 ) -> Path:
-    """`output_dir/final` (full model, LoRA merged) and, for LoRA, `final_adapter`; from the gathered state."""
+    """`output_dir/final` (full model, LoRA merged, weights in `dtype`) and, for LoRA, `final_adapter`; from the
+    gathered state."""
     accelerator.wait_for_everyone()
     final_dir = output_dir / "final"
     # Gathered on every rank (ZeRO-3 / FSDP shards become whole tensors); written by the main process.
@@ -280,7 +283,7 @@ def save_final(
         trained = accelerator.unwrap_model(forward).model
         if uses_lora:
             save_adapter(trained, tokenizer, output_dir / "final_adapter", metadata, final_state)
-        save_hf_checkpoint(trained, tokenizer, final_dir, metadata, state_dict=final_state)
+        save_hf_checkpoint(trained, tokenizer, final_dir, metadata, state_dict=final_state, dtype=dtype)
     return final_dir
 
 
@@ -303,7 +306,8 @@ def finish_run(
     metadata = metadata_for(
         base_model(model).config, {**asdict(settings), "llm_family": family}, config=to_dict(config)
     )
-    final_dir = save_final(accelerator, forward, tokenizer, output_dir, metadata, uses_lora=uses_lora)
+    dtype = resolve_dtype(config.train.save_dtype, config.model.model_name_or_path)
+    final_dir = save_final(accelerator, forward, tokenizer, output_dir, metadata, uses_lora=uses_lora, dtype=dtype)
     summary = {
         "steps": state.step,
         **extra,
