@@ -30,6 +30,7 @@ from internvl_tune.model.load import (
 )
 from internvl_tune.model.lora import apply_lora
 from internvl_tune.model.tiny import build_tiny_model, build_tiny_tokenizer
+from internvl_tune.training.checkpoint import save_adapter
 
 
 def _dtypes(path) -> set[torch.dtype]:
@@ -152,6 +153,22 @@ def test_a_failed_conversion_leaves_no_folder(original_dir, tmp_path, monkeypatc
     with pytest.raises(OSError):
         convert_to_hf(original_dir, tmp_path / "hf")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_adapter_save_leaves_the_previous_adapter_whole(tiny_model_dir, tmp_path, monkeypatch):
+    model, tokenizer = load_model(tiny_model_dir)
+    model = apply_lora(model, use_llm_lora=2)
+    dst = tmp_path / "final_adapter"
+    save_adapter(model, tokenizer, dst, {}, model.state_dict())
+    assert json.loads((dst / METADATA_FILE).read_text())[BASE_RECORD] == base_model_record(tiny_model_dir)
+    before = {p.name: p.read_bytes() for p in dst.iterdir()}
+    with torch.no_grad():  # the new adapter differs, so a half-written one would show
+        next(p for n, p in model.named_parameters() if "lora_B" in n).add_(1.0)
+    monkeypatch.setattr(tokenizer, "save_pretrained", _fail)  # fails after the adapter weights are written
+    with pytest.raises(OSError, match="disk full"):
+        save_adapter(model, tokenizer, dst, {"other": 1}, model.state_dict())
+    assert {p.name: p.read_bytes() for p in dst.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["final_adapter"]
 
 
 def test_outputs_never_replace_a_folder_that_is_not_a_model(tiny_model_dir, tmp_path):
