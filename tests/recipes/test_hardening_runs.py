@@ -79,6 +79,7 @@ def test_no_command_runs_a_model_folders_code(tmp_path, data):
             "use_llm_lora=2",
             f"output_dir={tmp_path / 'sft'}",
         ],
+        ["export", str(tmp_path / "sft" / "final_adapter"), str(tmp_path / "merged"), "--merge-lora"],
         ["mpo", "--config", str(mpo_yaml), *TINY, "drop_path_rate=0", f"output_dir={tmp_path / 'mpo'}"],
     ]
     # One interpreter runs the commands one after another through the CLI's entry point (a process per command
