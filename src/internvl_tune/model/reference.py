@@ -139,14 +139,14 @@ class MediaDigests:
         if known is not None and list(known[:3]) == stamp:
             digest = known[3]
         else:
-            digest = hashlib.sha256()
+            hasher = hashlib.sha256()
             try:
                 with open(path, "rb") as f:
                     while chunk := f.read(1 << 20):
-                        digest.update(chunk)
+                        hasher.update(chunk)
             except OSError:
                 return "missing"
-            digest = digest.hexdigest()[:32]
+            digest = hasher.hexdigest()[:32]
         self.stamps[path] = [*stamp, digest]
         return digest
 
