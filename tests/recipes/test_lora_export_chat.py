@@ -5,13 +5,13 @@ import json
 import pytest
 import torch
 from conftest import draw_image, make_colour_dataset
-from peft import PeftModel
 from safetensors.torch import load_file
 from unit.test_convert import multimodal_inputs
 
 from internvl_tune.cli import main
 from internvl_tune.model.checkpoint_io import EXTRA_WEIGHTS_FILE
 from internvl_tune.model.load import load_model
+from internvl_tune.model.lora import load_adapter
 from internvl_tune.training.metrics import read_metrics
 
 
@@ -70,7 +70,7 @@ def test_export_merge_lora_equals_the_unmerged_model_in_both_layouts(lora_run, t
     assert not (adapter / "model.safetensors").exists()  # adapters only, not the full model
 
     base, tokenizer = load_model(tiny_model_dir)
-    unmerged = PeftModel.from_pretrained(base, adapter)
+    unmerged = load_adapter(base, adapter)
     unmerged.load_state_dict(load_file(adapter / EXTRA_WEIGHTS_FILE), strict=False)
     expected = _logits(unmerged, tokenizer)
     assert not torch.allclose(expected, _logits(load_model(tiny_model_dir)[0], tokenizer))  # LoRA changed the model
