@@ -27,3 +27,8 @@ NORMALIZATION = {
     "clip": ((0.4814546, 0.4578275, 0.40821073), (0.2686295, 0.2613025, 0.2757711)),
     "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
 }
+
+# Roles of the tokens of a row that holds several sequences (`attention_roles`, model/attention.py): a rejected
+# answer never attends to the chosen answer of its own group. Padding has group -1.
+CONTEXT_ROLE, CHOSEN_ROLE, REJECTED_ROLE = 0, 1, 2
+PADDING_GROUP = -1

@@ -4,19 +4,22 @@ import pytest
 import torch
 
 from internvl_tune.config import ConfigError, SFTConfig, load_config
-from internvl_tune.losses.sft import token_nll_sum
+from internvl_tune.model.logprobs import label_gather, target_logps
 from internvl_tune.training.optim import lr_lambda
 
 
-def test_token_nll_sum_by_hand():
-    """Vocab 2, logits [0, ln 3] -> p(1) = 3/4, p(0) = 1/4.
+def test_sft_nll_by_hand():
+    """Vocab 2, logits [0, ln 3] at every position -> p(1) = 3/4, p(0) = 1/4.
 
     labels [-100, 1, 0]: position 0 predicts 1 (-ln 3/4), position 1 predicts 0 (-ln 1/4); sum = ln(16/3).
     """
-    logits = torch.tensor([[[0.0, math.log(3)]] * 3])
-    loss, count = token_nll_sum(logits, torch.tensor([[-100, 1, 0]]))
-    assert count == 2
-    assert loss.item() == pytest.approx(math.log(16 / 3), rel=1e-6)
+    head = torch.nn.Linear(1, 2, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[0.0], [math.log(3)]]))  # hidden 1.0 -> logits [0, ln 3]
+    index, targets, _ = label_gather(torch.tensor([[-100, 1, 0]]))
+    assert index.tolist() == [0, 1] and targets.tolist() == [1, 0]
+    nll = -target_logps(torch.ones(3, 1)[index], head, targets).sum()
+    assert nll.item() == pytest.approx(math.log(16 / 3), rel=1e-6)
 
 
 def test_lr_schedule_worked_example():

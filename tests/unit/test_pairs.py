@@ -11,8 +11,9 @@ from internvl_tune.data.errors import DataError
 from internvl_tune.data.meta import DatasetEntry
 from internvl_tune.data.preference import PairBuilder, record_to_pair
 from internvl_tune.data.transform import SampleBuilder, SampleSettings
+from internvl_tune.model.attention import dense_block_mask
 from internvl_tune.model.forward import InternVLTrainingForward
-from internvl_tune.model.logprobs import gather_logps
+from internvl_tune.model.reference import pair_logps
 from internvl_tune.model.tiny import build_tiny_model
 
 
@@ -75,13 +76,8 @@ def test_bad_pairs_are_errors(record, message):
 
 
 def _logps(model, batch):
-    logits = InternVLTrainingForward(model)(
-        batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["pixel_values"], batch["image_flags"]
-    )
-    return [
-        gather_logps(logits, batch[f"{s}_rows"], batch[f"{s}_positions"], batch[f"{s}_targets"], batch[f"{s}_mask"])
-        for s in ("chosen", "rejected")
-    ]
+    out = pair_logps(InternVLTrainingForward(model, logprob_chunk_size=7), batch, "cpu")  # chunks split answers
+    return [(out[f"{s}_logps"], out[f"{s}_num_tokens"]) for s in ("chosen", "rejected")]
 
 
 def test_shared_prefix_equals_separate_forwards_values_and_gradients(tokenizer, tmp_path):
@@ -143,7 +139,9 @@ def test_pair_collate_rows_spelled_out():
     batch = pair_collate([pair], pad_token_id=0, dummy_tile=torch.zeros(3, 2, 2))
     assert batch["input_ids"].tolist() == [[10, 11, 20, 21, 30]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 2]]
-    assert batch["attention_mask"][0, 0].int().tolist() == [
+    assert batch["attention_groups"].tolist() == [[0, 0, 0, 0, 0]]
+    assert batch["attention_roles"].tolist() == [[0, 0, 1, 1, 2]]
+    assert dense_block_mask(batch["attention_groups"], batch["attention_roles"])[0, 0].int().tolist() == [
         [1, 0, 0, 0, 0],
         [1, 1, 0, 0, 0],
         [1, 1, 1, 0, 0],

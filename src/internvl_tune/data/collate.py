@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from internvl_tune.constants import IGNORE_INDEX
+from internvl_tune.constants import CHOSEN_ROLE, IGNORE_INDEX, PADDING_GROUP, REJECTED_ROLE
 
 
 def pad_collate(samples: list[dict[str, Any]], pad_token_id: int, dummy_tile: torch.Tensor) -> dict[str, Any]:
@@ -85,7 +85,8 @@ def pair_collate(
     predicted by the last prompt position.
 
     Returns:
-        input_ids, position_ids [R, T]; attention_mask ([R, 1, T, T] bool for shared, [R, T] long for separate);
+        input_ids, position_ids [R, T]; for shared, attention_groups and attention_roles [R, T] (the row layout,
+        see model/attention.py); for separate, attention_mask [R, T];
         pixel_values, image_flags; chosen_/rejected_ rows [B], positions, targets, mask [B, L]; and counts.
     """
     if mode not in ("shared", "separate"):
@@ -107,18 +108,19 @@ def pair_collate(
         input_ids[i, : len(row)] = row
     gather = {side: _response_gather(samples, side) for side in ("chosen", "rejected")}
     if mode == "shared":
-        attention_mask = torch.zeros((num_pairs, 1, length, length), dtype=torch.bool)
-        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        # The row's layout, not its T x T mask: the model side turns it into a dense mask (SDPA) or a flex-attention
+        # BlockMask (model/attention.py). Padding is group -1.
+        groups = torch.full((num_pairs, length), PADDING_GROUP, dtype=torch.long)
+        roles = torch.zeros((num_pairs, length), dtype=torch.long)
         for i, s in enumerate(samples):
             p, c, r = len(s["prompt_ids"]), len(s["chosen_ids"]), len(s["rejected_ids"])
-            n = p + c + r
-            mask = causal[:n, :n].clone()
-            mask[p + c :, p : p + c] = False  # rejected never sees chosen
-            attention_mask[i, 0, :n, :n] = mask
-            attention_mask[i, 0, n:, n:] = torch.eye(length - n, dtype=torch.bool)  # padding: itself only
-            position_ids[i, :n] = torch.cat([torch.arange(p + c), torch.arange(p, p + r)])
+            groups[i, : p + c + r] = 0
+            roles[i, p : p + c] = CHOSEN_ROLE
+            roles[i, p + c : p + c + r] = REJECTED_ROLE
+            position_ids[i, : p + c + r] = torch.cat([torch.arange(p + c), torch.arange(p, p + r)])
             gather["rejected"]["positions"][i] += c  # rejected sits after the chosen answer
             gather["rejected"]["positions"][i, 0] = p - 1  # ... but its first token is predicted from the prompt
+        layout = {"attention_groups": groups, "attention_roles": roles}
         rows_of = {"chosen": torch.arange(num_pairs), "rejected": torch.arange(num_pairs)}
         tiles_repeat = 1
     else:
@@ -128,11 +130,12 @@ def pair_collate(
             position_ids[i, : len(row)] = torch.arange(len(row))
         rows_of = {"chosen": torch.arange(num_pairs), "rejected": torch.arange(num_pairs, 2 * num_pairs)}
         tiles_repeat = 2
+        layout = {"attention_mask": attention_mask}
     pixel_values, image_flags = _tiles(samples, dummy_tile, repeat=tiles_repeat)
     batch.update(
         input_ids=input_ids,
         position_ids=position_ids,
-        attention_mask=attention_mask,
+        **layout,
         pixel_values=pixel_values,
         image_flags=image_flags,
         keys=[s["key"] for s in samples],

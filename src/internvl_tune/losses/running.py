@@ -29,12 +29,14 @@ class RunningRewardMean:
     moves it on every eval batch), and it is saved in checkpoints through `state_dict` (the original resets δ to 0
     on resume).
 
-    Usage in a recipe, per training micro-batch:
+    Usage in a recipe, per training micro-batch (device tensors throughout: no wait for the device):
 
         chosen_rewards, rejected_rewards = rewards(...)
-        local = torch.tensor(RunningRewardMean.local_mean(chosen_rewards, rejected_rewards), device=device)
+        local = torch.stack([RunningRewardMean.local_mean(chosen_rewards, rejected_rewards), one])
         dist.all_reduce(local)  # SUM over ranks
-        delta = running.update(local.item(), world_size)
+        delta = running.update(local[0], local[1])
+
+    `mean` and `count` become device tensors once updated with tensors; `state_dict` reads them as floats.
     """
 
     def __init__(self) -> None:
@@ -42,30 +44,35 @@ class RunningRewardMean:
         self.count = _INITIAL_COUNT
 
     @staticmethod
-    def local_mean(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> float:
+    def local_mean(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
         """This rank's scalar: the mean of its 2·B rewards, mean(cat(chosen_rewards, rejected_rewards)).
 
         Example: chosen [0.5, −0.5], rejected [−0.5, 1.5] -> (0.5 − 0.5 − 0.5 + 1.5) / 4 = 0.25.
         """
-        return torch.cat([chosen_rewards.detach(), rejected_rewards.detach()]).float().mean().item()
+        return torch.cat([chosen_rewards.detach(), rejected_rewards.detach()]).double().mean()
 
-    def update(self, rank_means_sum: float | torch.Tensor, num_ranks: int) -> float:
+    def update(self, rank_means_sum: float | torch.Tensor, num_ranks: int | torch.Tensor) -> float | torch.Tensor:
         """Fold in one micro-batch from every rank and return δ, the mean after the update.
 
         Args:
             rank_means_sum: the sum over ranks of each rank's `local_mean`.
-            num_ranks: the number of ranks that contributed (the world size).
+            num_ranks: the number of ranks that contributed. A tensor may be 0 (every rank's pairs were skipped):
+                then δ is unchanged, decided on the device.
         """
-        if num_ranks < 1:
-            raise ValueError(f"RunningRewardMean.update: num_ranks must be >= 1, got {num_ranks}")
-        batch_mean = float(rank_means_sum) / num_ranks
-        self.mean += (batch_mean - self.mean) * num_ranks / (self.count + num_ranks)
-        self.count += num_ranks
+        if isinstance(num_ranks, torch.Tensor):
+            num_ranks = num_ranks.to(torch.float64)
+            batch_mean = rank_means_sum / num_ranks.clamp(min=1)
+        else:
+            if num_ranks < 1:
+                raise ValueError(f"RunningRewardMean.update: num_ranks must be >= 1, got {num_ranks}")
+            batch_mean = rank_means_sum / num_ranks
+        self.mean = self.mean + (batch_mean - self.mean) * num_ranks / (self.count + num_ranks)
+        self.count = self.count + num_ranks
         return self.mean
 
     def state_dict(self) -> dict[str, float]:
         """Plain floats, JSON-serialisable."""
-        return {"mean": self.mean, "count": self.count}
+        return {"mean": float(self.mean), "count": float(self.count)}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         missing = {"mean", "count"} - set(state)
@@ -75,4 +82,4 @@ class RunningRewardMean:
         self.count = float(state["count"])
 
     def __repr__(self) -> str:
-        return f"RunningRewardMean(mean={self.mean}, count={self.count:g})"
+        return f"RunningRewardMean(mean={float(self.mean)}, count={float(self.count):g})"

@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import torch
 
-CONTEXT, CHOSEN, REJECTED = 0, 1, 2
-PADDING_GROUP = -1
+from internvl_tune.constants import CHOSEN_ROLE as CHOSEN
+from internvl_tune.constants import PADDING_GROUP
+from internvl_tune.constants import REJECTED_ROLE as REJECTED
+
 FLEX = "flex_attention"
 
 

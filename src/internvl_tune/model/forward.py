@@ -9,6 +9,7 @@ from peft import PeftModel
 from torch import nn
 from transformers import InternVLForConditionalGeneration
 
+from internvl_tune.model.attention import row_attention_mask
 from internvl_tune.model.logprobs import DEFAULT_LOGPROB_CHUNK, target_logps
 
 
@@ -37,12 +38,14 @@ class InternVLTrainingForward(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,  # [B, T]
-        attention_mask: torch.Tensor,  # [B, T] or [B, 1, T, T]
+        attention_mask: torch.Tensor | None,  # [B, T] or [B, 1, T, T]; None with attention_groups
         position_ids: torch.Tensor,  # [B, T]
         pixel_values: torch.Tensor | None = None,  # [N, 3, S, S]
         image_flags: torch.Tensor | None = None,  # [N] bool
         logp_index: torch.Tensor | None = None,  # [K] flat positions b * T + t whose next token a loss reads
         logp_targets: torch.Tensor | None = None,  # [K] the token to score at each of them
+        attention_groups: torch.Tensor | None = None,  # [B, T] rows holding several sequences (model/attention.py)
+        attention_roles: torch.Tensor | None = None,  # [B, T]
     ) -> torch.Tensor:
         """Logits [B, T, V]; or, with `logp_index`, only log p(target) at those positions, fp32 [K].
 
@@ -51,6 +54,9 @@ class InternVLTrainingForward(nn.Module):
         computed without waiting for the device.
         """
         internvl = base_model(self.model)
+        if attention_groups is not None:
+            # A BlockMask under flex attention, else the dense mask, built here on the model's device.
+            attention_mask = row_attention_mask(internvl, attention_groups, attention_roles, input_ids.device)
         inputs_embeds = internvl.get_input_embeddings()(input_ids)  # [B, T, D]
         if pixel_values is not None:
             inputs_embeds = self._place_image_features(internvl, input_ids, inputs_embeds, pixel_values, image_flags)
@@ -100,3 +106,12 @@ def synchronized_time(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
+
+
+def stage_clock(enabled: bool):
+    """`synchronized_time` on the steps that measure stages, else a clock that reads 0 and never waits."""
+    return synchronized_time if enabled else _no_wait_clock
+
+
+def _no_wait_clock(device: torch.device) -> float:
+    return 0.0

@@ -38,7 +38,7 @@ from internvl_tune.data.preference import PairBuilder
 from internvl_tune.data.transform import SampleBuilder
 from internvl_tune.losses.objective import PreferenceObjective
 from internvl_tune.losses.running import RunningRewardMean
-from internvl_tune.model.forward import InternVLTrainingForward, synchronized_time
+from internvl_tune.model.forward import InternVLTrainingForward, stage_clock
 from internvl_tune.model.freeze import count_parameters
 from internvl_tune.model.load import load_model
 from internvl_tune.model.prepare import prepare_policy, sample_settings
@@ -56,14 +56,17 @@ from internvl_tune.training.engine import (
     blank_tile,
     data_stream,
     finish_run,
+    is_logging_step,
     make_sampler,
     micro_batches_in_step,
     prepare_optimization,
     prepare_output_dir,
+    read_step_metrics,
     run_session,
     save_and_stop,
     save_step_checkpoint,
     schedule_lengths,
+    step_totals,
 )
 from internvl_tune.training.metrics import MetricsWriter
 
@@ -84,17 +87,18 @@ def cache_settings(settings) -> dict[str, Any]:
     return asdict(settings)
 
 
-def update_delta(running: RunningRewardMean, accelerator, rewards: tuple[torch.Tensor, torch.Tensor] | None) -> float:
-    """Fold this micro-batch's mean reward of every rank into delta (docs/original-differences.md §6.4); a rank whose
-    pairs were all skipped passes None and still joins the all-reduce."""
+def update_delta(
+    running: RunningRewardMean, accelerator, rewards: tuple[torch.Tensor, torch.Tensor] | None
+) -> torch.Tensor:
+    """Fold this micro-batch's mean reward of every rank into delta (docs/original-differences.md §6.4), on the
+    device; a rank whose pairs were all skipped passes None and still joins the all-reduce."""
     if rewards is None:
         local = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
     else:
-        local = torch.tensor(
-            [RunningRewardMean.local_mean(*rewards), 1.0], device=accelerator.device, dtype=torch.float64
-        )
-    rank_means_sum, num_ranks = accelerator.reduce(local, "sum").tolist()
-    return running.update(rank_means_sum, int(num_ranks)) if num_ranks else running.mean
+        mean = RunningRewardMean.local_mean(*rewards)
+        local = torch.stack([mean, torch.ones_like(mean)])
+    rank_means_sum, num_ranks = accelerator.reduce(local, "sum")  # [sum of rank means, ranks that had pairs]
+    return running.update(rank_means_sum, num_ranks)
 
 
 def train(config: MPOConfig) -> dict[str, Any]:
@@ -191,12 +195,11 @@ def _train(config: MPOConfig, accelerator: Accelerator, stop: StopRequest) -> di
         state.micro_batches += len(batches)
         for batch in batches:
             state.skipped += batch["skipped"]
-        # The step's denominators: pairs and chosen tokens over all its micro-batches on all ranks.
-        local = torch.tensor(
+        # The step's denominators: pairs and chosen tokens over all its micro-batches on all ranks (CPU counts).
+        num_pairs, num_chosen_tokens = step_totals(
+            accelerator,
             [sum(b["num_pairs"] for b in batches), sum(int(b["chosen_mask"].sum()) for b in batches if b["num_pairs"])],
-            device=accelerator.device,
         )
-        num_pairs, num_chosen_tokens = accelerator.reduce(local, "sum").tolist()
         if num_pairs == 0:
             empty_micro_batches += len(batches)
             if empty_micro_batches >= sampler.batches_per_epoch:
@@ -205,10 +208,13 @@ def _train(config: MPOConfig, accelerator: Accelerator, stop: StopRequest) -> di
             continue
         empty_micro_batches = 0
 
-        sums: dict[str, float] = {}
+        # Metrics stay device tensors until a logging step; stage timing waits for the device, so only then.
+        logging_step = is_logging_step(state.step + 1, t, total_steps)
+        clock = stage_clock(logging_step)
+        sums: dict[str, torch.Tensor] = {}
         timing = {"reference_s": 0.0, "policy_s": 0.0}
         policy_forward = accelerator.unwrap_model(forward)
-        policy_forward.vit_seconds = 0.0
+        policy_forward.vit_seconds, policy_forward.time_stages = 0.0, logging_step
         for i, batch in enumerate(batches):
             sync = i == len(batches) - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(forward):
@@ -219,12 +225,12 @@ def _train(config: MPOConfig, accelerator: Accelerator, stop: StopRequest) -> di
                     if objective.needs_delta:
                         update_delta(running, accelerator, None)
                     continue
-                start = synchronized_time(accelerator.device)
+                start = clock(accelerator.device)
                 policy = pair_logps(forward, batch, accelerator.device)
-                timing["policy_s"] += synchronized_time(accelerator.device) - start
-                start = synchronized_time(accelerator.device)
+                timing["policy_s"] += clock(accelerator.device) - start
+                start = clock(accelerator.device)
                 ref_chosen, ref_rejected = reference(batch, accelerator.device)
-                timing["reference_s"] += synchronized_time(accelerator.device) - start
+                timing["reference_s"] += clock(accelerator.device) - start
                 logps = (policy["chosen_logps"], policy["rejected_logps"], ref_chosen, ref_rejected)
                 delta = None
                 if objective.needs_delta:
@@ -242,59 +248,46 @@ def _train(config: MPOConfig, accelerator: Accelerator, stop: StopRequest) -> di
                 accelerator.backward(out.loss * accelerator.num_processes)
                 pairs = batch["num_pairs"]
                 for name, value in {
-                    "loss": float(out.loss.detach()),
-                    **{f"loss/{k}": float(v) for k, v in out.terms.items()},
-                    "rewards/chosen": float(out.chosen_rewards.sum()),
-                    "rewards/rejected": float(out.rejected_rewards.sum()),
-                    "rewards/accuracies": float(out.reward_accuracy) * pairs,
-                    "rewards/margins": float(out.reward_margin) * pairs,
-                    "logps/chosen": float(policy["chosen_logps"].detach().sum()),
-                    "logps/rejected": float(policy["rejected_logps"].detach().sum()),
+                    "loss": out.loss,
+                    **{f"loss/{k}": v for k, v in out.terms.items()},
+                    "rewards/chosen": out.chosen_rewards.sum(),
+                    "rewards/rejected": out.rejected_rewards.sum(),
+                    "rewards/accuracies": out.reward_accuracy * pairs,
+                    "rewards/margins": out.reward_margin * pairs,
+                    "logps/chosen": policy["chosen_logps"].sum(),
+                    "logps/rejected": policy["rejected_logps"].sum(),
                 }.items():
-                    sums[name] = sums.get(name, 0.0) + value
+                    sums[name] = sums.get(name, 0.0) + value.detach().double()
         grad_norm = accelerator.clip_grad_norm_(forward.parameters(), t.max_grad_norm) if t.max_grad_norm > 0 else None
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
-
-        names = sorted(sums)
-        totals = dict(
-            zip(
-                names,
-                accelerator.reduce(
-                    torch.tensor([sums[n] for n in names], device=accelerator.device, dtype=torch.float64), "sum"
-                ).tolist(),
-                strict=True,
-            )
-        )
-        last_loss = totals.get("loss", float("nan"))
         progress.update(1)
-        progress.set_postfix(loss=f"{last_loss:.4f}", acc=f"{totals.get('rewards/accuracies', 0) / num_pairs:.2f}")
-        if state.step % t.logging_steps == 0 or state.step == total_steps:
+
+        if logging_step:
+            totals = read_step_metrics(accelerator, sums)
+            last_loss = totals.get("loss", float("nan"))
+            progress.set_postfix(loss=f"{last_loss:.4f}", acc=f"{totals.get('rewards/accuracies', 0) / num_pairs:.2f}")
             elapsed = time.perf_counter() - step_start
             real = [b for b in batches if b["num_pairs"]]
-            counts = accelerator.reduce(
-                torch.tensor(
-                    [sum(b["num_image_tokens"] for b in real), sum(b["num_text_tokens"] for b in real)],
-                    device=accelerator.device,
-                ),
-                "sum",
-            ).tolist()
+            num_image_tokens, num_text_tokens = step_totals(
+                accelerator, [sum(b["num_image_tokens"] for b in real), sum(b["num_text_tokens"] for b in real)]
+            )
             metrics.write(
                 state.step,
                 {
                     "loss": last_loss,
                     # loss/* are already the step's values (shares summed); the rest are sums over its pairs.
                     **{k: v if k.startswith("loss/") else v / num_pairs for k, v in totals.items() if k != "loss"},
-                    "delta": running.mean,
+                    "delta": float(running.mean),
                     "lr": scheduler.get_last_lr()[0],
                     "grad_norm": float(grad_norm) if grad_norm is not None else None,
                     "epoch": state.micro_batches / sampler.batches_per_epoch,
                     "num_pairs": num_pairs,
                     "pairs_per_s": num_pairs / elapsed,
-                    "vision_tokens_per_s": counts[0] / elapsed,
-                    "text_tokens_per_s": counts[1] / elapsed,
+                    "vision_tokens_per_s": num_image_tokens / elapsed,
+                    "text_tokens_per_s": num_text_tokens / elapsed,
                     "reference_time_share": timing["reference_s"] / elapsed,
                     "policy_forward_time_share": timing["policy_s"] / elapsed,
                     "vit_time_share": policy_forward.vit_seconds / elapsed,
@@ -314,7 +307,7 @@ def _train(config: MPOConfig, accelerator: Accelerator, stop: StopRequest) -> di
         settings,
         state,
         uses_lora=uses_lora,
-        extra={"final_loss": last_loss, "delta": running.mean},
+        extra={"final_loss": last_loss, "delta": float(running.mean)},
     )
 
 

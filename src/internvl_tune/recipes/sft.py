@@ -28,23 +28,26 @@ from internvl_tune.data.collate import pad_collate
 from internvl_tune.data.dataset import RecordDataset
 from internvl_tune.data.errors import DataError
 from internvl_tune.data.transform import SampleBuilder
-from internvl_tune.losses.sft import token_nll_sum
 from internvl_tune.model.forward import InternVLTrainingForward
 from internvl_tune.model.freeze import count_parameters
+from internvl_tune.model.logprobs import label_gather
 from internvl_tune.model.prepare import prepare_policy, sample_settings
 from internvl_tune.training.engine import (
     StopRequest,
     blank_tile,
     data_stream,
     finish_run,
+    is_logging_step,
     make_sampler,
     micro_batches_in_step,
     prepare_optimization,
     prepare_output_dir,
+    read_step_metrics,
     run_session,
     save_and_stop,
     save_step_checkpoint,
     schedule_lengths,
+    step_totals,
 )
 from internvl_tune.training.metrics import MetricsWriter
 
@@ -115,9 +118,9 @@ def _train(config: SFTConfig, accelerator: Accelerator, stop: StopRequest) -> di
         for batch in batches:
             state.skipped += batch["skipped"]
             state.num_truncated += batch.get("num_truncated", 0)
-        # The step's loss denominator: labelled tokens over all its micro-batches on all ranks.
+        # The step's loss denominator: labelled tokens over all its micro-batches on all ranks (CPU counts).
         local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches if b["num_samples"])
-        num_tokens = int(accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum"))
+        (num_tokens,) = step_totals(accelerator, [local_tokens])
         if num_tokens == 0:
             empty_micro_batches += len(batches)
             if empty_micro_batches >= sampler.batches_per_epoch:
@@ -126,9 +129,11 @@ def _train(config: SFTConfig, accelerator: Accelerator, stop: StopRequest) -> di
             continue
         empty_micro_batches = 0
 
-        loss_sum = torch.zeros((), device=accelerator.device)
+        # Metrics stay device tensors until a logging step; stage timing waits for the device, so only then.
+        logging_step = is_logging_step(state.step + 1, t, total_steps)
+        sums: dict[str, torch.Tensor] = {}
         policy_forward = accelerator.unwrap_model(forward)
-        policy_forward.vit_seconds = 0.0
+        policy_forward.vit_seconds, policy_forward.time_stages = 0.0, logging_step
         for i, batch in enumerate(batches):
             sync = i == len(batches) - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(forward):
@@ -136,15 +141,19 @@ def _train(config: SFTConfig, accelerator: Accelerator, stop: StopRequest) -> di
                     # All its samples were skipped (counted above); a zero loss keeps ranks in step.
                     loss = sum(p.sum() for p in forward.parameters() if p.requires_grad) * 0.0
                 else:
-                    logits = forward(
-                        input_ids=batch["input_ids"].to(accelerator.device),
-                        attention_mask=batch["attention_mask"].to(accelerator.device),
-                        position_ids=batch["position_ids"].to(accelerator.device),
-                        pixel_values=batch["pixel_values"].to(accelerator.device),
-                        image_flags=batch["image_flags"].to(accelerator.device),
+                    # The LM head runs only where a label is read: no [B, T, vocab] logits.
+                    index, targets, _ = label_gather(batch["labels"])
+                    token_logps = forward(
+                        input_ids=batch["input_ids"].to(accelerator.device, non_blocking=True),
+                        attention_mask=batch["attention_mask"].to(accelerator.device, non_blocking=True),
+                        position_ids=batch["position_ids"].to(accelerator.device, non_blocking=True),
+                        pixel_values=batch["pixel_values"].to(accelerator.device, non_blocking=True),
+                        image_flags=batch["image_flags"],  # stays on CPU: the tile split is made there
+                        logp_index=index.to(accelerator.device, non_blocking=True),
+                        logp_targets=targets.to(accelerator.device, non_blocking=True),
                     )
-                    nll_sum, _ = token_nll_sum(logits, batch["labels"].to(accelerator.device))
-                    loss_sum += nll_sum.detach()
+                    nll_sum = -token_logps.sum()
+                    sums["loss"] = sums.get("loss", 0.0) + nll_sum.detach().double() / num_tokens
                     # DDP averages gradients over ranks; multiplying by the world size makes it a global sum.
                     loss = nll_sum * accelerator.num_processes / num_tokens
                 accelerator.backward(loss)
@@ -153,14 +162,16 @@ def _train(config: SFTConfig, accelerator: Accelerator, stop: StopRequest) -> di
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
-
-        last_loss = float(accelerator.reduce(loss_sum, "sum")) / num_tokens
         progress.update(1)
-        progress.set_postfix(loss=f"{last_loss:.4f}")
-        if state.step % t.logging_steps == 0 or state.step == total_steps:
+
+        if logging_step:
+            totals = read_step_metrics(accelerator, sums)
+            last_loss = totals.get("loss", float("nan"))
+            progress.set_postfix(loss=f"{last_loss:.4f}")
             elapsed = time.perf_counter() - step_start
             real = [b for b in batches if b["num_samples"]]
-            counts = torch.tensor(
+            num_samples, num_image_tokens, num_text_tokens, num_pad, num_positions = step_totals(
+                accelerator,
                 [
                     sum(b["num_samples"] for b in real),
                     sum(b["num_image_tokens"] for b in real),
@@ -168,11 +179,7 @@ def _train(config: SFTConfig, accelerator: Accelerator, stop: StopRequest) -> di
                     sum(b["num_pad_tokens"] for b in real),
                     sum(b["input_ids"].numel() for b in real),
                 ],
-                device=accelerator.device,
             )
-            num_samples, num_image_tokens, num_text_tokens, num_pad, num_positions = accelerator.reduce(
-                counts, "sum"
-            ).tolist()
             metrics.write(
                 state.step,
                 {

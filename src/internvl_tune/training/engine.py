@@ -172,6 +172,29 @@ def micro_batches_in_step(state: TrainState, sampler: ResumableBatchSampler, t: 
     return min(t.gradient_accumulation_steps, left_in_epoch)
 
 
+def step_totals(accelerator: Accelerator, counts: list[int]) -> list[int]:
+    """Counts known on this rank's CPU (samples, tokens) summed over all ranks. One process reads nothing back from
+    the device; several make one small all-reduce per step, the one host sync a step needs (its denominators)."""
+    if accelerator.num_processes == 1:
+        return list(counts)
+    return [int(c) for c in accelerator.reduce(torch.tensor(counts, device=accelerator.device), "sum").tolist()]
+
+
+def is_logging_step(step: int, t: TrainArgs, total_steps: int) -> bool:
+    """Whether optimizer step `step` (1-based) logs: metrics are read from the device only on these steps."""
+    return step % t.logging_steps == 0 or step == total_steps
+
+
+def read_step_metrics(accelerator: Accelerator, sums: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The step's metric sums (device tensors accumulated over its micro-batches), summed over ranks and read in
+    one transfer: the only time a logging step waits for the device."""
+    names = sorted(sums)
+    if not names:
+        return {}
+    stacked = torch.stack([sums[n].detach().to(torch.float64).reshape(()) for n in names])
+    return dict(zip(names, accelerator.reduce(stacked, "sum").tolist(), strict=True))
+
+
 def prepare_optimization(
     accelerator: Accelerator,
     forward: nn.Module,
