@@ -36,8 +36,9 @@ class ConfigError(ValueError):
 class ModelArgs:
     model_name_or_path: str = ""
     """Local folder of an HF-native InternVL checkpoint (`InternVLForConditionalGeneration` + tokenizer)."""
-    attn_implementation: str = "sdpa"
-    """Attention kernel: sdpa (any device), eager, or flash_attention_2 (GPU with flash-attn installed)."""
+    attn_implementation: str = "auto"
+    """Attention kernel of training: auto (flex attention for the LLM on CUDA, with block masks for shared-prefix
+    pairs and packed rows; sdpa on CPU), sdpa, flex_attention, eager, or flash_attention_2 (GPU with flash-attn)."""
     freeze_backbone: bool = False
     """Freeze the vision encoder (InternViT)."""
     freeze_mlp: bool = False

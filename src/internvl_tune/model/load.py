@@ -23,6 +23,7 @@ from transformers import (
 )
 
 from internvl_tune.constants import IMG_CONTEXT_TOKEN, INTERNVL_SPECIAL_TOKENS
+from internvl_tune.model.attention import resolve_attn_implementation
 from internvl_tune.model.convert import ConversionError, is_original_checkpoint, original_to_hf_config, weight_files
 
 METADATA_FILE = "internvl_tune.json"
@@ -147,11 +148,16 @@ def load_model(
     HF-native folders load directly; original remote-code folders (`InternVLChatModel`) are converted in memory
     without running their code (`internvl-tune convert` does it once on disk). Nothing is downloaded.
 
+    `attn_implementation="auto"` is flex attention for the LLM on CUDA and SDPA elsewhere (model/attention.py).
+
     Raises:
         ValueError: the folder is missing, is not an InternVL checkpoint, or its tokenizer lacks the InternVL
             special tokens.
     """
     path = Path(path)
+    attn_implementation = resolve_attn_implementation(
+        attn_implementation, "cuda" if torch.cuda.is_available() else "cpu"
+    )
     if is_original_checkpoint(path):
         from internvl_tune.model.checkpoint_io import load_original  # converts in memory; runs no remote code
 

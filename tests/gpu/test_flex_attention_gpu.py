@@ -1,0 +1,82 @@
+"""The fused paths on a CUDA device (run by benchmarks/gpu_check.sh as `pytest -m gpu`; skipped elsewhere).
+
+Flex attention with the pair BlockMask must give the log-probs and gradients of SDPA with the dense mask, and the
+training step must not wait for the host.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from internvl_tune.data.collate import pair_collate
+from internvl_tune.model.forward import InternVLTrainingForward
+from internvl_tune.model.reference import pair_logps
+from internvl_tune.model.tiny import build_tiny_model
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def _pairs(tokenizer, num_pairs=3):
+    generator = torch.Generator().manual_seed(0)
+    pairs = []
+    for i in range(num_pairs):
+        prompt = torch.randint(10, 200, (40 + 7 * i,), generator=generator)
+        chosen = torch.randint(10, 200, (20 + 5 * i,), generator=generator)
+        rejected = torch.randint(10, 200, (30 - 3 * i,), generator=generator)
+        pairs.append(
+            {
+                "prompt_ids": prompt,
+                "chosen_ids": chosen,
+                "chosen_labels": chosen.clone(),
+                "rejected_ids": rejected,
+                "rejected_labels": rejected.clone(),
+                "pixel_values": None,
+                "num_image_tokens": 0,
+                "key": str(i),
+                "where": f"x:{i}",
+            }
+        )
+    return pairs
+
+
+def _run(model, batch):
+    model.zero_grad()
+    out = pair_logps(InternVLTrainingForward(model), batch, "cuda")
+    (out["chosen_logps"].sum() - 0.5 * out["rejected_logps"].sum()).backward()
+    grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out["chosen_logps"].detach(), out["rejected_logps"].detach(), grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flex_block_mask_equals_sdpa_dense_mask(tokenizer, dtype):
+    """fp32: 1e-3 on summed log-probs; bf16: 2% of the magnitude (two kernels round differently)."""
+    batch = pair_collate(_pairs(tokenizer), tokenizer.pad_token_id, torch.zeros(3, 56, 56))
+    results = {}
+    for implementation in ("sdpa", {"text_config": "flex_attention", "vision_config": "sdpa"}):
+        model = build_tiny_model(tokenizer, seed=1)[0]
+        model.set_attn_implementation(implementation)
+        model = model.to("cuda", dtype).eval()
+        results[str(implementation)] = _run(model, batch)
+    (sdpa, flex) = results.values()
+    tolerance = {"atol": 1e-3, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 0.5, "rtol": 0.02}
+    torch.testing.assert_close(flex[0], sdpa[0], **tolerance)
+    torch.testing.assert_close(flex[1], sdpa[1], **tolerance)
+    for name, grad in sdpa[2].items():
+        scale = grad.abs().max().clamp(min=1e-6)
+        assert (flex[2][name] - grad).abs().max() / scale < (1e-3 if dtype == torch.float32 else 0.05), name
+
+
+def test_pair_forward_and_backward_do_not_sync(tokenizer):
+    batch = pair_collate(_pairs(tokenizer), tokenizer.pad_token_id, torch.zeros(3, 56, 56))
+    model = build_tiny_model(tokenizer, seed=1)[0].to("cuda").train()
+    _run(model, batch)  # warm-up (first calls may allocate and compile)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _run(model, batch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
