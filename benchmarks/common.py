@@ -175,7 +175,7 @@ def finish_common_args(p: argparse.ArgumentParser, args: argparse.Namespace, con
 
 
 def build_tokenizer():
-    from internvl_tune.model.tiny import build_tiny_tokenizer
+    from internvl_tune.testing.tiny import build_tiny_tokenizer
 
     return build_tiny_tokenizer(TOKENIZER_TEXTS)
 
@@ -183,7 +183,7 @@ def build_tokenizer():
 def model_dir_for(shape: ModelShape, models: str | Path, bf16: bool) -> Path:
     """A random InternVL of `shape` in the folder `models`, built once per shape and dtype (and reused after).
 
-    The config is the tiny one of `internvl_tune.model.tiny` with the shape's FFN widths, a vocabulary padded to
+    The config is the tiny one of `internvl_tune.testing.tiny` with the shape's FFN widths, a vocabulary padded to
     `shape.vocab_size` (embedding and LM head rows past the tokenizer's ids are never produced by it) and room
     for long rows in the position settings. The folder appears only once complete.
     """
@@ -196,7 +196,7 @@ def model_dir_for(shape: ModelShape, models: str | Path, bf16: bool) -> Path:
 
     from internvl_tune.atomic import atomic_dir
     from internvl_tune.constants import IMG_CONTEXT_TOKEN
-    from internvl_tune.model.tiny import build_tiny_config
+    from internvl_tune.testing.tiny import build_tiny_config
 
     tokenizer = build_tokenizer()
     if len(tokenizer) > shape.vocab_size:

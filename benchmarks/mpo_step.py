@@ -304,7 +304,7 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_child(args: argparse.Namespace) -> dict[str, Any]:
     if args.child == "precompute":
-        from internvl_tune.recipes.mpo import precompute_reference
+        from internvl_tune.recipes.precompute_ref import precompute_reference
 
         precompute_reference(our_config(args, "precompute"))
         return {}

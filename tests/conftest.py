@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
-from internvl_tune.model.tiny import build_tiny_tokenizer, save_tiny_model
+from internvl_tune.testing.tiny import build_tiny_tokenizer, save_tiny_model
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
 

@@ -1,25 +1,21 @@
 """Max |logit difference| between converted original checkpoints and the reference forward of the original
-(tests/reference/original_forward.py, docs/original-differences.md §4).
+(internvl_tune/testing/original_forward.py, docs/original-differences.md §4).
 
     python tools/logit_parity.py
 
-Builds a tiny original-layout checkpoint for each LLM family and ViT style (tests/reference), loads it with
-`load_model` (converted, no remote code) and compares logits with `tests/reference/original_forward.py` on a batch
-with a 3-tile image and a two-image row.
+Builds a tiny original-layout checkpoint for each LLM family and ViT style (`internvl_tune.testing`), loads it with
+`load_model` (converted, no remote code) and compares logits with the original forward on a batch with a 3-tile
+image and a two-image row.
 """
 
 import json
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from reference.original_checkpoint import build_original_checkpoint  # noqa: E402
-from unit.test_convert import max_logit_diff  # noqa: E402
-
-from internvl_tune.model.load import load_model  # noqa: E402
-from internvl_tune.model.tiny import build_tiny_tokenizer  # noqa: E402
+from internvl_tune.model.load import load_model
+from internvl_tune.testing.original_checkpoint import build_original_checkpoint
+from internvl_tune.testing.parity import max_logit_diff
+from internvl_tune.testing.tiny import build_tiny_tokenizer
 
 tokenizer = build_tiny_tokenizer()
 for llm in ("qwen2", "llama", "internlm2"):

@@ -21,12 +21,12 @@ from typing import TextIO
 import torch
 from transformers import TextIteratorStreamer
 
+from internvl_tune.checkpoints.metadata import checkpoint_settings
 from internvl_tune.constants import IMAGE_PLACEHOLDER
-from internvl_tune.data.images import ImageTransform, dynamic_preprocess, load_image, tiles_budget
+from internvl_tune.data.images import ImageTransform, dynamic_preprocess, image_geometry, load_image, tiles_budget
 from internvl_tune.data.templates import build_generation_prompt, get_template, stop_token_ids
 from internvl_tune.data.transform import image_token_span
-from internvl_tune.model.checkpoint_io import checkpoint_settings
-from internvl_tune.model.load import image_geometry, load_model
+from internvl_tune.model.load import load_model
 
 
 @dataclass

@@ -49,16 +49,16 @@ def _precompute_ref(args: argparse.Namespace) -> int:
     from internvl_tune.config import MPOConfig
 
     config = _run_config(MPOConfig, args)
-    from internvl_tune.recipes.mpo import precompute_reference
+    from internvl_tune.recipes.precompute_ref import precompute_reference
 
     print(f"wrote {precompute_reference(config)}")
     return 0
 
 
 def _check_data(args: argparse.Namespace) -> int:
+    from internvl_tune.checkpoints.read import load_tokenizer, read_model_config
     from internvl_tune.config import MPOConfig, SFTConfig, read_run_file
     from internvl_tune.data.check import check_data
-    from internvl_tune.model.load import load_tokenizer, read_model_config
     from internvl_tune.model.prepare import sample_settings
 
     args.overrides = [f"model.model_name_or_path={args.model}", f"data.meta_path={args.meta}", *args.overrides]
@@ -103,7 +103,7 @@ def _existing_folder(path: str) -> None:
 
 def _convert(args: argparse.Namespace) -> int:
     _existing_folder(args.src)
-    from internvl_tune.model.checkpoint_io import convert_to_hf, convert_to_original
+    from internvl_tune.checkpoints.write import convert_to_hf, convert_to_original
 
     convert = convert_to_hf if args.to == "hf" else convert_to_original
     out = convert(args.src, args.dst, dtype=args.dtype, max_shard_bytes=args.max_shard_size)
@@ -120,7 +120,7 @@ def _export(args: argparse.Namespace) -> int:
     if args.base and not args.merge_lora:
         raise ValueError("--base names the base model of a LoRA adapter folder; it is used with --merge-lora only")
     _existing_folder(args.src)
-    from internvl_tune.model.checkpoint_io import export_checkpoint
+    from internvl_tune.checkpoints.write import export_checkpoint
 
     out = export_checkpoint(
         args.src,

@@ -11,8 +11,8 @@ import torch
 
 from internvl_tune.data.collate import pair_collate
 from internvl_tune.model.forward import InternVLTrainingForward
-from internvl_tune.model.reference import pair_logps
-from internvl_tune.model.tiny import build_tiny_model
+from internvl_tune.model.logprobs import pair_logps
+from internvl_tune.testing.tiny import build_tiny_model
 
 pytestmark = [
     pytest.mark.gpu,

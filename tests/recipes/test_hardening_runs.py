@@ -10,14 +10,14 @@ import sys
 import pytest
 import torch
 from conftest import make_colour_dataset, write_jsonl, write_meta
-from reference.original_checkpoint import build_original_checkpoint
 from safetensors.torch import load_file
 
+from internvl_tune.checkpoints.convert import weight_files
+from internvl_tune.checkpoints.metadata import METADATA_FILE
+from internvl_tune.checkpoints.write import BASE_RECORD
 from internvl_tune.cli import main
-from internvl_tune.model.checkpoint_io import BASE_RECORD
-from internvl_tune.model.convert import weight_files
-from internvl_tune.model.load import METADATA_FILE
-from internvl_tune.model.tiny import build_tiny_model
+from internvl_tune.testing.original_checkpoint import build_original_checkpoint
+from internvl_tune.testing.tiny import build_tiny_model
 
 TINY = ["grad_checkpoint=false", "max_dynamic_patch=2", "max_steps=1", "warmup_ratio=0", "save_steps=0"]
 

@@ -6,12 +6,12 @@ import pytest
 import torch
 from conftest import draw_image, make_colour_dataset
 from safetensors.torch import load_file
-from unit.test_convert import multimodal_inputs
 
+from internvl_tune.checkpoints.write import EXTRA_WEIGHTS_FILE
 from internvl_tune.cli import main
-from internvl_tune.model.checkpoint_io import EXTRA_WEIGHTS_FILE
 from internvl_tune.model.load import load_model
 from internvl_tune.model.lora import load_adapter
+from internvl_tune.testing.parity import multimodal_inputs
 from internvl_tune.training.metrics import read_metrics
 
 
@@ -98,8 +98,8 @@ def test_adapter_folder_without_merge_flag_is_refused_in_one_line(lora_run, caps
 
 
 def test_chat_streams_the_greedy_answer(tmp_path, tiny_model_dir, capsys):
+    from internvl_tune.data.images import image_geometry
     from internvl_tune.evaluate.generate import answer_questions
-    from internvl_tune.model.load import image_geometry
 
     draw_image(tmp_path / "a.png", (112, 56), "red")
     assert (

@@ -233,12 +233,12 @@ def _sft_step_by_hand(model_dir: Path, meta: Path, reduction: str) -> tuple[floa
     from internvl_tune.config import DataArgs, ModelArgs
     from internvl_tune.data.collate import pair_collate
     from internvl_tune.data.dataset import RecordDataset
+    from internvl_tune.data.images import blank_tile
     from internvl_tune.data.preference import PairBuilder
     from internvl_tune.data.transform import SampleBuilder
     from internvl_tune.model.forward import InternVLTrainingForward
+    from internvl_tune.model.logprobs import pair_logps
     from internvl_tune.model.prepare import prepare_policy, sample_settings
-    from internvl_tune.model.reference import pair_logps
-    from internvl_tune.training.engine import blank_tile
 
     model, tokenizer = prepare_policy(ModelArgs(model_name_or_path=str(model_dir), drop_path_rate=0.0))
     settings = sample_settings(DataArgs(meta_path=str(meta), max_dynamic_patch=4, max_seq_length=512), model.config)

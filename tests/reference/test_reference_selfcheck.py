@@ -15,9 +15,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from internvl_tune.constants import IMG_CONTEXT_TOKEN
-
-from .original_checkpoint import build_original_checkpoint, read_original_checkpoint
-from .original_forward import (
+from internvl_tune.testing.original_checkpoint import build_original_checkpoint, read_original_checkpoint
+from internvl_tune.testing.original_forward import (
     extract_feature,
     llm_embed,
     llm_logits,

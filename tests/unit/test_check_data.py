@@ -4,12 +4,12 @@ import re
 
 import pytest
 from conftest import make_colour_dataset, write_jsonl, write_meta
-from reference.original_checkpoint import build_original_checkpoint
 
 from internvl_tune.cli import main
 from internvl_tune.data.check import histogram
 from internvl_tune.data.errors import DataError
 from internvl_tune.data.transform import record_to_conversation
+from internvl_tune.testing.original_checkpoint import build_original_checkpoint
 
 
 def _ranges(lines: list[str]) -> list[tuple[int, int, int]]:
@@ -70,7 +70,7 @@ def test_check_data_reports_empty_answers(tmp_path, tiny_model_dir, capsys):
 def test_check_data_reads_an_original_layout_model(tmp_path, capsys):
     """The original folder's config is read as plain JSON (AutoConfig refused `internvl_chat`); its report equals
     the one for its HF conversion."""
-    from internvl_tune.model.checkpoint_io import convert_to_hf
+    from internvl_tune.checkpoints.write import convert_to_hf
 
     build_original_checkpoint(tmp_path / "original")
     convert_to_hf(tmp_path / "original", tmp_path / "hf")

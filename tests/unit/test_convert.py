@@ -1,6 +1,6 @@
 """Both checkpoint layouts: original checkpoints load with the original model's logits; conversions are lossless.
 
-The expectation is `tests/reference/original_forward.py`, a float64 forward of the original InternVLChatModel
+The expectation is `internvl_tune/testing/original_forward.py`, a float64 forward of the original InternVLChatModel
 written from docs/original-differences.md §4, run on the original-layout weights. Tolerance: max |logit
 difference| < 1e-4 in fp32 (values are O(1)); round trips are bit-exact.
 """
@@ -9,49 +9,17 @@ import json
 
 import pytest
 import torch
-from reference.original_checkpoint import build_original_checkpoint
-from reference.original_forward import original_logits
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoTokenizer, InternVLForConditionalGeneration
 
+from internvl_tune.checkpoints.convert import ConversionError, fuse_internlm2_wqkv, split_internlm2_wqkv, weight_files
+from internvl_tune.checkpoints.write import convert_to_hf, convert_to_original
 from internvl_tune.cli import main
-from internvl_tune.constants import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
-from internvl_tune.model.checkpoint_io import convert_to_hf, convert_to_original
-from internvl_tune.model.convert import ConversionError, fuse_internlm2_wqkv, split_internlm2_wqkv, weight_files
 from internvl_tune.model.load import load_model
+from internvl_tune.testing.original_checkpoint import build_original_checkpoint
+from internvl_tune.testing.parity import max_logit_diff
 
-TOKENS_PER_TILE = 4
 FAMILIES = [("qwen2", "300m"), ("llama", "300m"), ("internlm2", "300m"), ("qwen2", "6b"), ("internlm2", "6b")]
-
-
-def multimodal_inputs(tokenizer, seed=0):
-    """Row 0: one image of 3 tiles; row 1: two images of 1 tile each. Both rows 40 tokens, no padding."""
-    ids = tokenizer.convert_tokens_to_ids
-
-    def span(tiles):
-        return [ids(IMG_START_TOKEN)] + [ids(IMG_CONTEXT_TOKEN)] * (TOKENS_PER_TILE * tiles) + [ids(IMG_END_TOKEN)]
-
-    text = tokenizer("What colour is the shape? There are two shapes.", add_special_tokens=False).input_ids
-    row0 = text[:5] + span(3) + text[5:]
-    row1 = span(1) + text[:4] + span(1) + text[4:]
-    length = max(len(row0), len(row1))
-    row0, row1 = (row + text[: length - len(row)] for row in (row0, row1))
-    generator = torch.Generator().manual_seed(seed)
-    return torch.tensor([row0, row1]), torch.randn(5, 3, 56, 56, generator=generator)
-
-
-def max_logit_diff(model, state_dict, config, tokenizer) -> float:
-    input_ids, pixel_values = multimodal_inputs(tokenizer)
-    with torch.no_grad():
-        ours = model(input_ids=input_ids, pixel_values=pixel_values).logits
-    expected = original_logits(
-        state_dict,
-        config,
-        input_ids,
-        pixel_values,
-        img_context_token_id=tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN),
-    )
-    return (ours.double() - expected).abs().max().item()
 
 
 def _weights(path):

@@ -5,12 +5,11 @@ import torch
 from PIL import Image
 
 from internvl_tune.constants import IMG_CONTEXT_TOKEN
-from internvl_tune.data.images import ImageTransform
+from internvl_tune.data.images import ImageTransform, image_geometry
 from internvl_tune.data.templates import get_template
 from internvl_tune.data.transform import SampleBuilder, SampleSettings
 from internvl_tune.evaluate.generate import answer_questions, build_prompt, left_pad
-from internvl_tune.model.load import image_geometry
-from internvl_tune.model.tiny import build_tiny_model
+from internvl_tune.testing.tiny import build_tiny_model
 
 SYSTEM = "You are a helpful assistant."
 TILE = 56  # tiny config: 56 px tiles, 4 image tokens each

@@ -7,12 +7,13 @@ import warnings
 
 import pytest
 import torch
-from reference.original_checkpoint import build_original_checkpoint
 from safetensors.torch import load_file
 
-from internvl_tune.data.templates import TEMPLATES, build_generation_prompt, chat_template_jinja, get_template
-from internvl_tune.model import checkpoint_io
-from internvl_tune.model.checkpoint_io import (
+from internvl_tune.checkpoints import write as checkpoint_io
+from internvl_tune.checkpoints.convert import ConversionError, weight_files
+from internvl_tune.checkpoints.metadata import METADATA_FILE
+from internvl_tune.checkpoints.read import checkpoint_dtype, load_tokenizer, read_model_config
+from internvl_tune.checkpoints.write import (
     BASE_RECORD,
     adapter_base,
     base_model_record,
@@ -20,16 +21,11 @@ from internvl_tune.model.checkpoint_io import (
     convert_to_original,
     export_checkpoint,
 )
-from internvl_tune.model.convert import ConversionError, weight_files
-from internvl_tune.model.load import (
-    METADATA_FILE,
-    checkpoint_dtype,
-    load_model,
-    load_tokenizer,
-    read_model_config,
-)
+from internvl_tune.data.templates import TEMPLATES, build_generation_prompt, chat_template_jinja, get_template
+from internvl_tune.model.load import load_model
 from internvl_tune.model.lora import apply_lora
-from internvl_tune.model.tiny import build_tiny_model, build_tiny_tokenizer
+from internvl_tune.testing.original_checkpoint import build_original_checkpoint
+from internvl_tune.testing.tiny import build_tiny_model, build_tiny_tokenizer
 from internvl_tune.training.checkpoint import save_adapter
 
 

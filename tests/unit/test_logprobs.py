@@ -82,7 +82,7 @@ def test_training_forward_gathered_logps_equal_full_logits(tokenizer):
     """The hidden-state path (LM head on K gathered rows) == log_softmax of the stock logits at those positions,
     values and every parameter's gradient (fp32, atol 1e-5), with an image and a dummy tile in the batch."""
     from internvl_tune.model.forward import InternVLTrainingForward
-    from internvl_tune.model.tiny import build_tiny_model
+    from internvl_tune.testing.tiny import build_tiny_model
 
     model = build_tiny_model(tokenizer, seed=0)[0].eval()
     image_id = model.config.image_token_id

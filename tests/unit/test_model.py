@@ -6,12 +6,13 @@ import pytest
 import torch
 from transformers import InternVLConfig
 
+from internvl_tune.data.images import image_geometry
 from internvl_tune.model.drop_path import DropPath, add_drop_path
 from internvl_tune.model.forward import InternVLTrainingForward
 from internvl_tune.model.freeze import apply_freezing
-from internvl_tune.model.load import image_geometry, load_model
+from internvl_tune.model.load import load_model
 from internvl_tune.model.lora import apply_lora, merged_state_dict
-from internvl_tune.model.tiny import build_tiny_model
+from internvl_tune.testing.tiny import build_tiny_model
 
 
 @pytest.fixture

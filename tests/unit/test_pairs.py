@@ -13,8 +13,8 @@ from internvl_tune.data.preference import PairBuilder, record_to_pair
 from internvl_tune.data.transform import SampleBuilder, SampleSettings
 from internvl_tune.model.attention import dense_block_mask
 from internvl_tune.model.forward import InternVLTrainingForward
-from internvl_tune.model.reference import pair_logps
-from internvl_tune.model.tiny import build_tiny_model
+from internvl_tune.model.logprobs import pair_logps
+from internvl_tune.testing.tiny import build_tiny_model
 
 
 def _builder(tokenizer):

@@ -6,9 +6,10 @@ import torch
 from conftest import draw_image, write_jsonl, write_meta
 
 import internvl_tune.model.reference as reference_module
+from internvl_tune.checkpoints.read import weights_fingerprint
 from internvl_tune.data.dataset import RecordDataset
 from internvl_tune.data.errors import DataError
-from internvl_tune.model.reference import MediaDigests, ReferenceCache, pair_keys, weights_fingerprint
+from internvl_tune.model.reference import MediaDigests, ReferenceCache, pair_keys
 
 SETTINGS = {"template": "internvl2_5", "max_dynamic_patch": 6}
 

@@ -18,7 +18,7 @@ from internvl_tune.data.templates import (
     stop_token_ids,
     tokenize_conversation,
 )
-from internvl_tune.model.tiny import build_tiny_tokenizer
+from internvl_tune.testing.tiny import build_tiny_tokenizer
 
 IGN = IGNORE_INDEX
 DEFAULT_SYSTEM = TEMPLATES["internvl2_5"].system_message

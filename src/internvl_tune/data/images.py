@@ -17,6 +17,7 @@ import os
 import random
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,11 +26,36 @@ from PIL import Image
 from internvl_tune.constants import NORMALIZATION
 from internvl_tune.data.errors import DataError
 
+if TYPE_CHECKING:
+    from transformers import InternVLConfig
+
 # Quality range of the original JPEG re-encoding augmentation (26 values, uniform).
 JPEG_QUALITY_MIN = 75
 JPEG_QUALITY_MAX = 100
 
 _HIGH_BIT_DEPTH_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+
+
+@dataclass(frozen=True)
+class ImageGeometry:
+    """Tile size and image tokens per tile, derived from the model config (never hard-coded)."""
+
+    image_size: int
+    patch_size: int
+    downsample_ratio: float
+
+    @property
+    def num_image_token(self) -> int:
+        """`int((image_size // patch_size)^2 * downsample_ratio^2)`: 256 for 448 px, patch 14, ratio 0.5."""
+        return int((self.image_size // self.patch_size) ** 2 * self.downsample_ratio**2)
+
+
+def image_geometry(config: InternVLConfig) -> ImageGeometry:
+    vision = config.vision_config
+    image_size, patch_size = vision.image_size, vision.patch_size
+    if image_size[0] != image_size[1] or patch_size[0] != patch_size[1]:
+        raise ValueError(f"only square tiles are supported, got image_size={image_size}, patch_size={patch_size}")
+    return ImageGeometry(int(image_size[0]), int(patch_size[0]), float(config.downsample_ratio))
 
 
 def load_image(path: str | os.PathLike[str]) -> Image.Image:
@@ -337,3 +363,9 @@ class ImageTransform:
         if not tiles:
             raise ValueError("no tiles to stack")
         return torch.stack([self(tile, rng) for tile in tiles])
+
+
+def blank_tile(image_size: int, normalize_type: str) -> torch.Tensor:
+    """The dummy tile of text-only batches: a white image, normalised like real tiles
+    (docs/original-differences.md §3.4)."""
+    return ImageTransform(image_size, normalize_type)(Image.new("RGB", (image_size, image_size), (255, 255, 255)))

@@ -34,12 +34,13 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from internvl_tune.config import DataArgs, ModelArgs, MPOArgs, MPOConfig, SFTConfig, TrainArgs
+from internvl_tune.data.images import image_geometry
 from internvl_tune.demo.task import QUESTION_TYPES, make_pairs, make_task, normalize_answer, read_eval, task_texts
 from internvl_tune.evaluate.generate import answer_questions
 from internvl_tune.evaluate.preference import reward_accuracy
-from internvl_tune.model.load import image_geometry, load_model
-from internvl_tune.model.tiny import save_tiny_model
+from internvl_tune.model.load import load_model
 from internvl_tune.recipes import mpo, sft
+from internvl_tune.testing.tiny import save_tiny_model
 from internvl_tune.training.metrics import read_metrics
 
 TEMPLATE = "internvl2_5"

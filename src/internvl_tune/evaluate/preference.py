@@ -12,14 +12,14 @@ from tqdm.auto import tqdm
 from internvl_tune.config import DataArgs
 from internvl_tune.data.collate import pair_collate
 from internvl_tune.data.dataset import RecordDataset
+from internvl_tune.data.images import blank_tile
 from internvl_tune.data.preference import PairBuilder
 from internvl_tune.data.transform import SampleBuilder
 from internvl_tune.losses.preference import rewards
 from internvl_tune.model.forward import InternVLTrainingForward
 from internvl_tune.model.load import load_model
+from internvl_tune.model.logprobs import pair_logps
 from internvl_tune.model.prepare import sample_settings
-from internvl_tune.model.reference import pair_logps
-from internvl_tune.training.engine import blank_tile
 
 
 @torch.no_grad()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.utils.checkpoint
+from torch import nn
 
 from internvl_tune.constants import IGNORE_INDEX
 
@@ -131,3 +134,36 @@ def label_gather(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
 def segment_sum(values: torch.Tensor, segment: torch.Tensor, num_segments: int) -> torch.Tensor:
     """Sum of `values` [K] per segment id [K] -> [num_segments] (a response's summed log-prob)."""
     return values.new_zeros(num_segments).index_add(0, segment, values)
+
+
+def pair_logps(forward: nn.Module, batch: dict[str, Any], device) -> dict[str, torch.Tensor]:
+    """Summed chosen / rejected response log-probs and token counts of a collated pair batch.
+
+    The gather lists are made from the batch's CPU tensors, so nothing waits for the device; the LM head runs only
+    on the response positions (`InternVLTrainingForward` with `logp_index`).
+    """
+    num_pairs, seq_len = batch["num_pairs"], batch["input_ids"].shape[1]
+    sides = [
+        response_gather(*(batch[f"{side}_{k}"] for k in ("rows", "positions", "targets", "mask")), seq_len=seq_len)
+        for side in ("chosen", "rejected")
+    ]
+    index = torch.cat([sides[0][0], sides[1][0]])
+    targets = torch.cat([sides[0][1], sides[1][1]])
+    segment = torch.cat([sides[0][2], sides[1][2] + num_pairs])  # chosen of pair b -> b, rejected -> B + b
+    layout = ("attention_groups", "attention_roles") if "attention_groups" in batch else ("attention_mask",)
+    token_logps = forward(
+        input_ids=batch["input_ids"].to(device, non_blocking=True),
+        position_ids=batch["position_ids"].to(device, non_blocking=True),
+        pixel_values=batch["pixel_values"].to(device, non_blocking=True),
+        image_flags=batch["image_flags"],  # stays on CPU: the tile split is made there
+        logp_index=index.to(device, non_blocking=True),
+        logp_targets=targets.to(device, non_blocking=True),
+        **{"attention_mask": None, **{k: batch[k].to(device, non_blocking=True) for k in layout}},
+    )  # [K]
+    sums = segment_sum(token_logps, segment.to(device, non_blocking=True), 2 * num_pairs)
+    return {
+        "chosen_logps": sums[:num_pairs],
+        "rejected_logps": sums[num_pairs:],
+        "chosen_num_tokens": batch["chosen_mask"].sum(-1).to(device, non_blocking=True),
+        "rejected_num_tokens": batch["rejected_mask"].sum(-1).to(device, non_blocking=True),
+    }

@@ -5,10 +5,11 @@ from __future__ import annotations
 from torch import nn
 
 from internvl_tune.config import DataArgs, ModelArgs
+from internvl_tune.data.images import image_geometry
 from internvl_tune.data.transform import SampleSettings
 from internvl_tune.model.drop_path import add_drop_path
 from internvl_tune.model.freeze import apply_freezing
-from internvl_tune.model.load import image_geometry, load_model
+from internvl_tune.model.load import load_model
 from internvl_tune.model.lora import apply_lora
 
 

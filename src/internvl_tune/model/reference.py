@@ -27,46 +27,12 @@ from internvl_tune.atomic import atomic_write_bytes
 from internvl_tune.data.dataset import RecordDataset
 from internvl_tune.data.errors import DataError
 from internvl_tune.data.preference import pair_media_paths, record_key
-from internvl_tune.model.convert import weight_files
 from internvl_tune.model.forward import InternVLTrainingForward
-from internvl_tune.model.logprobs import response_gather, segment_sum
+from internvl_tune.model.logprobs import pair_logps
 
 CACHE_VERSION = 2
 # Pairs named in a refusal; the count says how many there are in all.
 _LISTED = 3
-
-
-def pair_logps(forward: nn.Module, batch: dict[str, Any], device) -> dict[str, torch.Tensor]:
-    """Summed chosen / rejected response log-probs and token counts of a collated pair batch.
-
-    The gather lists are made from the batch's CPU tensors, so nothing waits for the device; the LM head runs only
-    on the response positions (`InternVLTrainingForward` with `logp_index`).
-    """
-    num_pairs, seq_len = batch["num_pairs"], batch["input_ids"].shape[1]
-    sides = [
-        response_gather(*(batch[f"{side}_{k}"] for k in ("rows", "positions", "targets", "mask")), seq_len=seq_len)
-        for side in ("chosen", "rejected")
-    ]
-    index = torch.cat([sides[0][0], sides[1][0]])
-    targets = torch.cat([sides[0][1], sides[1][1]])
-    segment = torch.cat([sides[0][2], sides[1][2] + num_pairs])  # chosen of pair b -> b, rejected -> B + b
-    layout = ("attention_groups", "attention_roles") if "attention_groups" in batch else ("attention_mask",)
-    token_logps = forward(
-        input_ids=batch["input_ids"].to(device, non_blocking=True),
-        position_ids=batch["position_ids"].to(device, non_blocking=True),
-        pixel_values=batch["pixel_values"].to(device, non_blocking=True),
-        image_flags=batch["image_flags"],  # stays on CPU: the tile split is made there
-        logp_index=index.to(device, non_blocking=True),
-        logp_targets=targets.to(device, non_blocking=True),
-        **{"attention_mask": None, **{k: batch[k].to(device, non_blocking=True) for k in layout}},
-    )  # [K]
-    sums = segment_sum(token_logps, segment.to(device, non_blocking=True), 2 * num_pairs)
-    return {
-        "chosen_logps": sums[:num_pairs],
-        "rejected_logps": sums[num_pairs:],
-        "chosen_num_tokens": batch["chosen_mask"].sum(-1).to(device, non_blocking=True),
-        "rejected_num_tokens": batch["rejected_mask"].sum(-1).to(device, non_blocking=True),
-    }
 
 
 class LiveReference:
@@ -97,24 +63,6 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model
-
-
-def weights_fingerprint(path: str | Path) -> str:
-    """SHA-256 over a checkpoint's weight files (names and full contents), so any changed weight is noticed.
-
-    Hashing runs at about 1-2 GB/s; a progress bar shows for checkpoints over 1 GB.
-    """
-    files = weight_files(Path(path))
-    total = sum(f.stat().st_size for f in files)
-    digest = hashlib.sha256()
-    with tqdm(total=total, unit="B", unit_scale=True, desc="fingerprint", disable=total < 1 << 30) as progress:
-        for file in files:
-            digest.update(file.name.encode())
-            with open(file, "rb") as f:
-                while chunk := f.read(1 << 24):
-                    digest.update(chunk)
-                    progress.update(len(chunk))
-    return digest.hexdigest()[:32]
 
 
 class MediaDigests:

@@ -27,6 +27,7 @@ from internvl_tune.constants import IGNORE_INDEX
 from internvl_tune.data.collate import pad_collate
 from internvl_tune.data.dataset import RecordDataset
 from internvl_tune.data.errors import DataError
+from internvl_tune.data.images import blank_tile
 from internvl_tune.data.transform import SampleBuilder
 from internvl_tune.model.forward import InternVLTrainingForward
 from internvl_tune.model.freeze import count_parameters
@@ -34,7 +35,6 @@ from internvl_tune.model.logprobs import label_gather
 from internvl_tune.model.prepare import prepare_policy, sample_settings
 from internvl_tune.training.engine import (
     StopRequest,
-    blank_tile,
     data_stream,
     finish_run,
     is_logging_step,

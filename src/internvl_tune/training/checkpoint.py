@@ -15,9 +15,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from internvl_tune.atomic import atomic_dir
+from internvl_tune.checkpoints.metadata import METADATA_FILE
+from internvl_tune.checkpoints.write import BASE_RECORD, EXTRA_WEIGHTS_FILE, base_model_record
 from internvl_tune.config import ConfigError
-from internvl_tune.model.checkpoint_io import BASE_RECORD, EXTRA_WEIGHTS_FILE, base_model_record
-from internvl_tune.model.load import METADATA_FILE
 
 logger = logging.getLogger(__name__)
 

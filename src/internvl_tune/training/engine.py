@@ -27,12 +27,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from internvl_tune.atomic import atomic_dir, remove_stale_temporaries
+from internvl_tune.checkpoints.metadata import checkpoint_settings, metadata_for
+from internvl_tune.checkpoints.read import resolve_dtype
+from internvl_tune.checkpoints.write import save_hf_checkpoint
 from internvl_tune.config import ConfigError, TrainArgs, to_dict
-from internvl_tune.data.images import ImageTransform
 from internvl_tune.data.sampler import ResumableBatchSampler
-from internvl_tune.model.checkpoint_io import checkpoint_settings, metadata_for, save_hf_checkpoint
 from internvl_tune.model.forward import base_model
-from internvl_tune.model.load import resolve_dtype
 from internvl_tune.training.checkpoint import (
     CHECKPOINT_PATTERN,
     STATE_FILE,
@@ -248,14 +248,6 @@ def data_stream(
         generator=torch.Generator().manual_seed(t.seed),
     )
     return iter(loader)
-
-
-def blank_tile(image_size: int, normalize_type: str) -> torch.Tensor:
-    """The dummy tile of text-only batches: a white image, normalised like real tiles
-    (docs/original-differences.md §3.4)."""
-    from PIL import Image
-
-    return ImageTransform(image_size, normalize_type)(Image.new("RGB", (image_size, image_size), (255, 255, 255)))
 
 
 def save_step_checkpoint(accelerator: Accelerator, state: TrainState, t: TrainArgs) -> Path:

@@ -1,4 +1,5 @@
-"""Reading and writing whole checkpoints in both layouts: `internvl-tune convert`, and loading original folders.
+"""Writing whole checkpoints: HF folders from a model (`save_hf_checkpoint`), `internvl-tune convert` in both
+directions and `internvl-tune export` (LoRA adapters merged).
 
 - original -> hf streams: each original shard is read, converted and written before the next is read, so the
   process holds one shard (all shards only when unmerged LoRA weights must be merged first).
@@ -17,15 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import InternVLConfig, InternVLForConditionalGeneration, PreTrainedTokenizerBase
+from transformers import InternVLConfig, PreTrainedTokenizerBase
 
-from internvl_tune import __version__
 from internvl_tune.atomic import TMP_MARK, atomic_dir
-from internvl_tune.constants import IMG_CONTEXT_TOKEN, NORMALIZATION
-from internvl_tune.data.templates import chat_template_jinja, get_template
-from internvl_tune.model.convert import (
+from internvl_tune.checkpoints.convert import (
     DEFAULT_MAX_SHARD_BYTES,
     ConversionError,
+    check_complete,
     copy_tokenizer_files,
     hf_disk_name,
     hf_module_name,
@@ -39,84 +38,28 @@ from internvl_tune.model.convert import (
     weight_files,
     write_shards,
 )
-from internvl_tune.model.forward import base_model
-from internvl_tune.model.load import (
+from internvl_tune.checkpoints.metadata import (
     METADATA_FILE,
+    checkpoint_settings,
+    metadata_for,
+    read_metadata,
+    set_chat_template,
+)
+from internvl_tune.checkpoints.read import (
     checkpoint_dtype,
-    image_geometry,
-    load_model,
     load_tokenizer,
     read_config_json,
-    read_metadata,
     resolve_dtype,
+    weights_fingerprint,
 )
+from internvl_tune.constants import IMG_CONTEXT_TOKEN, NORMALIZATION
+from internvl_tune.model.forward import base_model
+from internvl_tune.model.load import load_model
 from internvl_tune.model.lora import load_adapter, merged_state_dict
-from internvl_tune.model.reference import weights_fingerprint
 
 logger = logging.getLogger(__name__)
 
 EXTRA_WEIGHTS_FILE = "trained_non_lora.safetensors"  # trained non-LoRA weights next to LoRA adapters
-
-
-def checkpoint_settings(path: str | Path) -> dict[str, Any]:
-    """Template, system message and image settings of a checkpoint in either layout (metadata, else defaults)."""
-    path = Path(path)
-    if is_original_checkpoint(path):
-        original = read_json(path / "config.json")
-        return {
-            "template": original.get("template") or "internvl2_5",
-            "system_message": original.get("system_message"),
-            "dynamic_image_size": original.get("dynamic_image_size", True),
-            "use_thumbnail": original.get("use_thumbnail", True),
-            "min_dynamic_patch": original.get("min_dynamic_patch", 1),
-            "max_dynamic_patch": original.get("max_dynamic_patch", 12),
-            "llm_family": original["llm_config"].get("model_type"),
-        }
-    metadata = read_metadata(path)
-    image = metadata.get("image", {})
-    return {
-        "template": metadata.get("template", "internvl2_5"),
-        "system_message": metadata.get("system_message"),
-        "dynamic_image_size": image.get("dynamic_image_size", True),
-        "use_thumbnail": image.get("use_thumbnail", True),
-        "min_dynamic_patch": image.get("min_dynamic_patch", 1),
-        "max_dynamic_patch": image.get("max_dynamic_patch", 12),
-        "normalize_type": image.get("normalize_type", "imagenet"),
-        "llm_family": metadata.get("llm_family"),
-    }
-
-
-def metadata_for(model_config: InternVLConfig, settings: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    """The `internvl_tune.json` content for a checkpoint: template, system message, image settings, version."""
-    template = get_template(settings.get("template") or "internvl2_5")
-    geometry = image_geometry(model_config)
-    return {
-        "internvl_tune_version": __version__,
-        "template": template.name,
-        "system_message": settings.get("system_message") or template.system_message,
-        "llm_family": settings.get("llm_family") or model_config.text_config.model_type,
-        "image": {
-            "image_size": geometry.image_size,
-            "patch_size": geometry.patch_size,
-            "num_image_token": geometry.num_image_token,
-            "dynamic_image_size": settings.get("dynamic_image_size", True),
-            "use_thumbnail": settings.get("use_thumbnail", True),
-            "min_dynamic_patch": settings.get("min_dynamic_patch", 1),
-            "max_dynamic_patch": settings.get("max_dynamic_patch", 12),
-            "normalize_type": settings.get("normalize_type", "imagenet"),
-        },
-        **extra,
-    }
-
-
-def _set_chat_template(tokenizer: PreTrainedTokenizerBase, metadata: dict[str, Any]) -> None:
-    template = get_template(metadata["template"])
-    if metadata.get("system_message"):
-        from dataclasses import replace
-
-        template = replace(template, system_message=metadata["system_message"])
-    bos = tokenizer.bos_token if getattr(tokenizer, "add_bos_token", False) else None
-    tokenizer.chat_template = chat_template_jinja(template, bos_token=bos)
 
 
 def write_processor_files(path: Path, metadata: dict[str, Any]) -> None:
@@ -170,7 +113,7 @@ def save_hf_checkpoint(
     with atomic_dir(dst) as tmp:
         base_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         config.save_pretrained(tmp)  # the dtype written, not the dtype the model was trained in
-        _set_chat_template(tokenizer, metadata)
+        set_chat_template(tokenizer, metadata)
         tokenizer.save_pretrained(tmp)
         write_processor_files(tmp, metadata)
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, ensure_ascii=False))
@@ -276,34 +219,6 @@ def export_checkpoint(
         return convert_to_original(Path(tmp) / "model", dst, max_shard_bytes=max_shard_bytes)
 
 
-def load_original(
-    path: str | Path, *, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"
-) -> tuple[InternVLForConditionalGeneration, PreTrainedTokenizerBase]:
-    """Load an original remote-code InternVL folder as `InternVLForConditionalGeneration`, running none of its code."""
-    path = Path(path)
-    original = read_json(path / "config.json")
-    tokenizer = load_tokenizer(path)
-    config, _ = original_to_hf_config(original, tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN))
-    state_dict = dict(iter_original_as_hf(path, original))
-    _check_complete(config, state_dict, path)
-    model = InternVLForConditionalGeneration.from_pretrained(
-        None, config=config, state_dict=state_dict, dtype=dtype, attn_implementation=attn_implementation
-    )
-    _set_chat_template(tokenizer, metadata_for(config, checkpoint_settings(path)))
-    return model, tokenizer
-
-
-def _check_complete(config: InternVLConfig, names, where: Path) -> None:
-    with torch.device("meta"):
-        expected = set(InternVLForConditionalGeneration(config).state_dict())
-    missing, unexpected = expected - set(names), set(names) - expected
-    if missing or unexpected:
-        raise ConversionError(
-            f"{where}: converted weights do not match the model: missing {sorted(missing)[:8]}, "
-            f"unexpected {sorted(unexpected)[:8]}"
-        )
-
-
 def _cast(tensors: Iterator[tuple[str, torch.Tensor]], dtype: torch.dtype | None):
     """The floating tensors in `dtype` (None: unchanged), one at a time."""
     for name, tensor in tensors:
@@ -339,10 +254,10 @@ def convert_to_hf(
 
     with atomic_dir(dst) as tmp:
         write_shards(disk_tensors(), tmp, max_shard_bytes)
-        _check_complete(config, names, src)
+        check_complete(config, names, src)
         config.save_pretrained(tmp)
         metadata = metadata_for(config, checkpoint_settings(src), converted_from="original")
-        _set_chat_template(tokenizer, metadata)
+        set_chat_template(tokenizer, metadata)
         tokenizer.save_pretrained(tmp)
         write_processor_files(tmp, metadata)
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, ensure_ascii=False))
@@ -369,7 +284,7 @@ def convert_to_original(
     tensors: dict[str, torch.Tensor] = {}
     for file in weight_files(src):
         tensors.update({hf_module_name(k): v for k, v in read_shard(file).items()})
-    _check_complete(config, tensors, src)
+    check_complete(config, tensors, src)
     with atomic_dir(dst) as tmp:
         write_shards(_cast(hf_to_original_tensors(tensors, original["llm_config"]), cast), tmp, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(original, indent=2, ensure_ascii=False))

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import InternVLConfig
+from transformers import InternVLConfig, InternVLForConditionalGeneration
 
 LLM_FAMILIES = ("qwen2", "llama", "internlm2")
 ORIGINAL_ARCHITECTURE = "InternVLChatModel"
@@ -554,6 +554,18 @@ def _original_tensors(path: Path, original: dict[str, Any]) -> Iterator[tuple[st
         return
     for file in files:
         yield from read_shard(file).items()
+
+
+def check_complete(config: InternVLConfig, names, where: Path) -> None:
+    """Raise ConversionError unless `names` are exactly the module names of the model `config` describes."""
+    with torch.device("meta"):
+        expected = set(InternVLForConditionalGeneration(config).state_dict())
+    missing, unexpected = expected - set(names), set(names) - expected
+    if missing or unexpected:
+        raise ConversionError(
+            f"{where}: converted weights do not match the model: missing {sorted(missing)[:8]}, "
+            f"unexpected {sorted(unexpected)[:8]}"
+        )
 
 
 def iter_original_as_hf(path: str | Path, original: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:

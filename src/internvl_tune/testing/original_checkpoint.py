@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
-from internvl_tune.model.tiny import build_tiny_tokenizer
+from internvl_tune.testing.tiny import build_tiny_tokenizer
 
 LLM_FAMILIES = ("qwen2", "llama", "internlm2")
 VIT_STYLES = ("300m", "6b")
