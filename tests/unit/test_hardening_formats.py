@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from internvl_tune.checkpoints import write as checkpoint_io
+from internvl_tune.checkpoints import write as checkpoint_write
 from internvl_tune.checkpoints.convert import ConversionError, weight_files
 from internvl_tune.checkpoints.metadata import METADATA_FILE
 from internvl_tune.checkpoints.read import checkpoint_dtype, load_tokenizer, read_model_config
@@ -137,7 +137,7 @@ def test_a_failed_export_leaves_the_previous_folder_whole(tiny_model_dir, tmp_pa
     export_checkpoint(tiny_model_dir, dst, to=to)
     before = {p.name: p.read_bytes() for p in dst.iterdir()}
     # The last writers of each layout: by then the weights are on disk.
-    monkeypatch.setattr(checkpoint_io, "write_processor_files" if to == "hf" else "copy_tokenizer_files", _fail)
+    monkeypatch.setattr(checkpoint_write, "write_processor_files" if to == "hf" else "copy_tokenizer_files", _fail)
     with pytest.raises(OSError, match="disk full"):
         export_checkpoint(tiny_model_dir, dst, to=to)
     assert {p.name: p.read_bytes() for p in dst.iterdir()} == before
@@ -145,7 +145,7 @@ def test_a_failed_export_leaves_the_previous_folder_whole(tiny_model_dir, tmp_pa
 
 
 def test_a_failed_conversion_leaves_no_folder(original_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(checkpoint_io, "write_processor_files", _fail)
+    monkeypatch.setattr(checkpoint_write, "write_processor_files", _fail)
     with pytest.raises(OSError):
         convert_to_hf(original_dir, tmp_path / "hf")
     assert list(tmp_path.iterdir()) == []
