@@ -1,9 +1,10 @@
 """`internvl-tune chat`: talk to an InternVL checkpoint (either layout) with the same prompt as training.
 
-The prompt is the checkpoint's template with its system message; images are tiled as in training (the tile
-budget split across images), each `<image>` expanded to `<img>` + `<IMG_CONTEXT>` x (tokens x tiles) + `</img>`.
-With several images and no placeholders, `Image-1: <image>\\nImage-2: <image>\\n` is put before the question, as
-the original `chat()` does for multi-image prompts.
+The prompt is built by `build_inference_prompt` (data/prompt.py) from the settings the checkpoint records: its
+template with its system message, images tiled as in training (the tile budget split across images), each `<image>`
+expanded to `<img>` + `<IMG_CONTEXT>` x (tokens x tiles) + `</img>`. With several images and no placeholders,
+`Image-1: <image>\\nImage-2: <image>\\n` is put before the question, as the original `chat()` does for multi-image
+prompts.
 
 A LoRA adapter folder (`final_adapter/`) is refused with a message: chat with the merged `final/` that training
 writes next to it, or merge the adapters into a model folder first with `internvl-tune export --merge-lora`.
@@ -22,10 +23,10 @@ import torch
 from transformers import TextIteratorStreamer
 
 from internvl_tune.checkpoints.metadata import checkpoint_settings
-from internvl_tune.constants import IMAGE_PLACEHOLDER
-from internvl_tune.data.images import ImageTransform, dynamic_preprocess, image_geometry, load_image, tiles_budget
-from internvl_tune.data.templates import build_generation_prompt, get_template, stop_token_ids
-from internvl_tune.data.transform import image_token_span
+from internvl_tune.data.images import image_geometry
+from internvl_tune.data.prompt import InferencePrompt, build_inference_prompt, user_turn
+from internvl_tune.data.templates import get_template, stop_token_ids
+from internvl_tune.data.transform import SampleSettings
 from internvl_tune.model.load import load_model
 
 
@@ -54,38 +55,26 @@ class ChatSession:
         self.model, self.tokenizer = load_model(self.model_path, dtype=dtype)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model.to(self.device).eval()
-        self.settings = checkpoint_settings(self.model_path)
-        self.template = get_template(self.settings["template"])
-        self.geometry = image_geometry(self.model.config)
-        self.transform = ImageTransform(self.geometry.image_size, self.settings.get("normalize_type", "imagenet"))
+        info = checkpoint_settings(self.model_path)
+        geometry = image_geometry(self.model.config)
+        self.settings = SampleSettings(
+            template=info["template"],
+            system_message=info.get("system_message"),
+            image_size=geometry.image_size,
+            num_image_token=geometry.num_image_token,
+            dynamic_image_size=info.get("dynamic_image_size", True),
+            use_thumbnail=info.get("use_thumbnail", True),
+            min_dynamic_patch=info.get("min_dynamic_patch", 1),
+            max_dynamic_patch=info.get("max_dynamic_patch", 12),
+            normalize_type=info.get("normalize_type", "imagenet"),
+        )
+        self.template = get_template(self.settings.template)
 
-    def _prompt(
-        self, messages: list[dict[str, str]], images: Sequence[str] | None = None
-    ) -> tuple[list[int], torch.Tensor | None]:
+    def prompt(self, messages: list[dict[str, str]], images: Sequence[str] | None = None) -> InferencePrompt:
         """Token ids and tiles for the conversation; the k-th `<image>` is the k-th of `images` (default: the
         session's)."""
         images = self.images if images is None else images
-        budget = tiles_budget(self.settings.get("max_dynamic_patch", 12), max(1, len(images)))
-        tiles, spans = [], []
-        for path in images:
-            image = load_image(path)
-            image_tiles = (
-                dynamic_preprocess(image, 1, budget, self.geometry.image_size, self.settings.get("use_thumbnail", True))
-                if self.settings.get("dynamic_image_size", True)
-                else [image]
-            )
-            tiles += image_tiles
-            spans.append(image_token_span(self.geometry.num_image_token, len(image_tiles)))
-        text = build_generation_prompt(self.template, messages, system_message=self.settings.get("system_message"))
-        parts = text.split(IMAGE_PLACEHOLDER)
-        if len(parts) - 1 != len(spans):
-            raise ValueError(f"{len(parts) - 1} <image> placeholders in the conversation for {len(spans)} images")
-        text = parts[0] + "".join(span + part for span, part in zip(spans, parts[1:], strict=True))
-        input_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if getattr(self.tokenizer, "add_bos_token", False) and self.tokenizer.bos_token_id is not None:
-            input_ids = [self.tokenizer.bos_token_id, *input_ids]
-        pixel_values = torch.stack([self.transform(tile) for tile in tiles]) if tiles else None
-        return input_ids, pixel_values
+        return build_inference_prompt(self.tokenizer, messages, images, self.settings)
 
     def ask(self, question: str, images: Sequence[str] = ()) -> Iterator[str]:
         """The answer to `question` as a stream of text pieces; `images` join the conversation (all its images go
@@ -99,14 +88,9 @@ class ChatSession:
         for path in images:
             if not Path(path).is_file():
                 raise FileNotFoundError(f"{path}: no such image file")
-        if images and IMAGE_PLACEHOLDER not in question:
-            if len(images) == 1:
-                question = f"{IMAGE_PLACEHOLDER}\n{question}"
-            else:
-                question = "".join(f"Image-{i}: {IMAGE_PLACEHOLDER}\n" for i in range(1, len(images) + 1)) + question
-        messages = [*self.history, {"role": "user", "content": question}]
-        input_ids, pixel_values = self._prompt(messages, [*self.images, *images])
-        return self._stream(messages, images, input_ids, pixel_values)
+        messages = [*self.history, {"role": "user", "content": user_turn(question, len(images))}]
+        prompt = self.prompt(messages, [*self.images, *images])
+        return self._stream(messages, images, prompt.input_ids, prompt.pixel_values)
 
     def _stream(
         self, messages: list[dict[str, str]], images: list[str], input_ids: list[int], pixel_values: torch.Tensor | None

@@ -99,6 +99,7 @@ def test_adapter_folder_without_merge_flag_is_refused_in_one_line(lora_run, caps
 
 def test_chat_streams_the_greedy_answer(tmp_path, tiny_model_dir, capsys):
     from internvl_tune.data.images import image_geometry
+    from internvl_tune.data.transform import SampleSettings
     from internvl_tune.evaluate.generate import answer_questions
 
     draw_image(tmp_path / "a.png", (112, 56), "red")
@@ -123,10 +124,7 @@ def test_chat_streams_the_greedy_answer(tmp_path, tiny_model_dir, capsys):
         model,
         tokenizer,
         [{"image": str(tmp_path / "a.png"), "question": "What colour is the shape?"}],
-        image_size=geometry.image_size,
-        num_image_token=geometry.num_image_token,
-        max_dynamic_patch=12,
-        use_thumbnail=True,
+        SampleSettings(image_size=geometry.image_size, num_image_token=geometry.num_image_token),
         max_new_tokens=6,
     )
     assert printed == expected
@@ -139,8 +137,9 @@ def test_chat_session_keeps_images_and_history(tmp_path, tiny_model_dir):
         draw_image(tmp_path / name, size, "blue")
     session = ChatSession(str(tiny_model_dir), max_new_tokens=3)
     "".join(session.ask("Same?", [str(tmp_path / "a.png"), str(tmp_path / "b.png")]))
-    input_ids, pixel_values = session._prompt([*session.history, {"role": "user", "content": "And now?"}])
+    prompt = session.prompt([*session.history, {"role": "user", "content": "And now?"}])
     context = session.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
     # 12 // 2 = 6 tiles per image at most: a 2x1 grid + thumbnail = 3 tiles, and 1 tile; 4 tokens per tile.
-    assert input_ids.count(context) == (3 + 1) * 4 and pixel_values.shape[0] == 4
-    assert "Image-1: <img>" in session.tokenizer.decode(input_ids)
+    assert prompt.input_ids.count(context) == (3 + 1) * 4 and prompt.pixel_values.shape[0] == 4
+    assert prompt.num_tiles == [3, 1]
+    assert "Image-1: <img>" in session.tokenizer.decode(prompt.input_ids)

@@ -5,10 +5,9 @@ import torch
 from PIL import Image
 
 from internvl_tune.constants import IMG_CONTEXT_TOKEN
-from internvl_tune.data.images import ImageTransform, image_geometry
-from internvl_tune.data.templates import get_template
+from internvl_tune.data.images import image_geometry
 from internvl_tune.data.transform import SampleBuilder, SampleSettings
-from internvl_tune.evaluate.generate import answer_questions, build_prompt, left_pad
+from internvl_tune.evaluate.generate import answer_questions, item_prompt, left_pad
 from internvl_tune.testing.tiny import build_tiny_model
 
 SYSTEM = "You are a helpful assistant."
@@ -21,9 +20,9 @@ def model_and_tokenizer():
     return model.eval(), tokenizer
 
 
-def settings(**overrides):
+def settings(**overrides) -> SampleSettings:
     values = dict(system_message=SYSTEM, image_size=TILE, num_image_token=4, max_dynamic_patch=2, use_thumbnail=True)
-    return {**values, **overrides}
+    return SampleSettings(**{**values, **overrides})
 
 
 def test_left_pad():
@@ -38,13 +37,7 @@ def test_prompt_is_the_training_sample_up_to_the_answer(model_and_tokenizer, tmp
     path = tmp_path / "wide.png"
     Image.new("RGB", (112, 56), (200, 30, 30)).save(path)
     s = settings()
-    prompt = build_prompt(
-        tokenizer,
-        get_template("internvl2_5"),
-        {"image": str(path), "question": "What colour is the shape?"},
-        transform=ImageTransform(TILE),
-        **s,
-    )
+    prompt = item_prompt(tokenizer, {"image": str(path), "question": "What colour is the shape?"}, s)
     image_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
     assert prompt.input_ids.count(image_token_id) == 12
     assert tuple(prompt.pixel_values.shape) == (3, 3, TILE, TILE)
@@ -56,7 +49,7 @@ def test_prompt_is_the_training_sample_up_to_the_answer(model_and_tokenizer, tmp
             {"from": "gpt", "value": "red"},
         ],
     }
-    builder = SampleBuilder(tokenizer, SampleSettings(**s))
+    builder = SampleBuilder(tokenizer, s)
     sample = builder(record, "test:1", None, rng=None)
     trained = sample["input_ids"][len(prompt.input_ids) :]
     assert sample["input_ids"][: len(prompt.input_ids)].tolist() == prompt.input_ids
@@ -66,13 +59,7 @@ def test_prompt_is_the_training_sample_up_to_the_answer(model_and_tokenizer, tmp
 
 def test_text_only_prompt_has_no_image_tokens(model_and_tokenizer):
     _, tokenizer = model_and_tokenizer
-    prompt = build_prompt(
-        tokenizer,
-        get_template("internvl2_5"),
-        {"image": None, "question": "Hello!"},
-        transform=ImageTransform(TILE),
-        **settings(),
-    )
+    prompt = item_prompt(tokenizer, {"image": None, "question": "Hello!"}, settings())
     assert prompt.pixel_values is None
     assert tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN) not in prompt.input_ids
     assert tokenizer.decode(prompt.input_ids).endswith("Hello!<|im_end|>\n<|im_start|>assistant\n")
@@ -89,8 +76,8 @@ def test_batched_answers_equal_one_at_a_time(model_and_tokenizer):
         {"image": None, "question": "Hello!"},
         {"image": Image.new("RGB", (40, 90), (0, 160, 0)), "question": "What shape is it?"},
     ]
-    batched = answer_questions(model, tokenizer, items, max_new_tokens=8, batch_size=4, **settings())
-    single = [answer_questions(model, tokenizer, [item], max_new_tokens=8, **settings())[0] for item in items]
+    batched = answer_questions(model, tokenizer, items, settings(), max_new_tokens=8, batch_size=4)
+    single = [answer_questions(model, tokenizer, [item], settings(), max_new_tokens=8)[0] for item in items]
     assert batched == single
     assert all(isinstance(answer, str) and answer == answer.strip() for answer in batched)
     assert not model.training

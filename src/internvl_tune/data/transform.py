@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from PIL import Image
 
 from internvl_tune.constants import (
     IGNORE_INDEX,
@@ -41,10 +42,13 @@ _ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
 
 @dataclass
 class Conversation:
-    """A validated record: chat messages (`<image>` / `<video>` placeholders not yet expanded) and its media."""
+    """A validated record: chat messages (`<image>` / `<video>` placeholders not yet expanded) and its media.
+
+    `images` are paths, or at inference (`data/prompt.py`) images already loaded.
+    """
 
     messages: list[dict[str, str]]
-    images: list[str]
+    images: list[str | Image.Image]
     video: str | None = None
     clip: tuple[float, float] | None = None
 
@@ -238,7 +242,7 @@ class SampleBuilder:
         if conversation.images:
             limit = self.tile_limit(entry, len(conversation.images))
             for path in conversation.images:
-                image = _load(load_image, resolve(path), where)
+                image = path if isinstance(path, Image.Image) else _load(load_image, resolve(path), where)
                 if load_pixels:
                     image_tiles = self._tile(image, limit)
                     tiles += image_tiles

@@ -34,11 +34,11 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from internvl_tune.config import DataArgs, ModelArgs, MPOArgs, MPOConfig, SFTConfig, TrainArgs
-from internvl_tune.data.images import image_geometry
 from internvl_tune.demo.task import QUESTION_TYPES, make_pairs, make_task, normalize_answer, read_eval, task_texts
 from internvl_tune.evaluate.generate import answer_questions
 from internvl_tune.evaluate.preference import reward_accuracy
 from internvl_tune.model.load import load_model
+from internvl_tune.model.prepare import sample_settings
 from internvl_tune.recipes import mpo, sft
 from internvl_tune.testing.tiny import save_tiny_model
 from internvl_tune.training.metrics import read_metrics
@@ -148,12 +148,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         model=ModelArgs(
             model_name_or_path=str(model_dir), grad_checkpoint=False, freeze_backbone=settings.freeze_backbone
         ),
-        data=DataArgs(
-            meta_path=str(task.meta),
-            conv_style=TEMPLATE,
-            system_message=settings.system_message,
-            max_dynamic_patch=settings.max_dynamic_patch,
-        ),
+        data=data_args(settings, task.meta),
         train=TrainArgs(
             output_dir=str(run_dir),
             overwrite_output_dir=True,  # the stage of an earlier demo in the same folder
@@ -207,17 +202,22 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     return report
 
 
+def data_args(settings: DemoSettings, meta_path: str | Path) -> DataArgs:
+    """The data settings of the demo's runs; evaluation renders its prompts with the same."""
+    return DataArgs(
+        meta_path=str(meta_path),
+        conv_style=TEMPLATE,
+        system_message=settings.system_message,
+        max_dynamic_patch=settings.max_dynamic_patch,
+    )
+
+
 def run_mpo_stage(task, sft_model: Path, output_dir: Path, settings: DemoSettings, times: dict[str, float]) -> dict:
     """MPO from the SFT model on ground-truth pairs; reward accuracy on held-out pairs and QA accuracy after."""
     stage = time.perf_counter()
     pairs = make_pairs(task, settings.seed)
     run_dir = output_dir / "mpo_run"
-    data = DataArgs(
-        meta_path=str(pairs.train_meta),
-        conv_style=TEMPLATE,
-        system_message=settings.system_message,
-        max_dynamic_patch=settings.max_dynamic_patch,
-    )
+    data = data_args(settings, pairs.train_meta)
     config = MPOConfig(
         model=ModelArgs(
             model_name_or_path=str(sft_model), grad_checkpoint=False, freeze_backbone=True, drop_path_rate=0.0
@@ -261,7 +261,7 @@ def run_mpo_stage(task, sft_model: Path, output_dir: Path, settings: DemoSetting
 def evaluate(model_dir: Path, items: Sequence[dict[str, str]], settings: DemoSettings, *, desc: str) -> dict[str, Any]:
     """Greedy answers of the model in `model_dir` to the held-out questions, and the accuracy per question type."""
     model, tokenizer = load_model(model_dir)
-    geometry = image_geometry(model.config)
+    prompt_settings = sample_settings(data_args(settings, meta_path=""), model.config)  # as in training
     answers: list[str] = []
     chunk = settings.eval_batch_size
     for first in tqdm(range(0, len(items), chunk), desc=desc, unit="batch"):
@@ -269,12 +269,7 @@ def evaluate(model_dir: Path, items: Sequence[dict[str, str]], settings: DemoSet
             model,
             tokenizer,
             items[first : first + chunk],
-            template=TEMPLATE,
-            system_message=settings.system_message,
-            image_size=geometry.image_size,
-            num_image_token=geometry.num_image_token,
-            max_dynamic_patch=settings.max_dynamic_patch,
-            use_thumbnail=True,
+            prompt_settings,
             max_new_tokens=settings.max_new_tokens,
             batch_size=chunk,
         )

@@ -1,10 +1,11 @@
 """Greedy answers from an InternVL model to image questions, with the prompt rendered exactly as in training.
 
 An item `{"image": "a.png", "question": "What colour is the shape?"}` becomes the user turn
-`"<image>\\nWhat colour is the shape?"`, rendered by the conversation template with the bare assistant role at
-the end (`build_generation_prompt`); `<image>` is then expanded to `<img>` + `<IMG_CONTEXT>` x (tokens per tile x
-tiles) + `</img>`, as `data/transform.py` does for training. So with 4 image tokens per tile and a 2x1 grid plus
-thumbnail (3 tiles), the prompt holds 12 `<IMG_CONTEXT>` tokens and `pixel_values` is `[3, 3, S, S]`.
+`"<image>\\nWhat colour is the shape?"` and then a prompt by `build_inference_prompt` (data/prompt.py), the one
+every generating command uses: the conversation template with the bare assistant role at the end, `<image>`
+expanded to `<img>` + `<IMG_CONTEXT>` x (tokens per tile x tiles) + `</img>` with the image tiled by the training
+settings. So with 4 image tokens per tile and a 2x1 grid plus thumbnail (3 tiles), the prompt holds 12
+`<IMG_CONTEXT>` tokens and `pixel_values` is `[3, 3, S, S]`.
 
 Prompts of a batch are padded on the LEFT, with an explicit attention mask, so that every row's last prompt token
 sits at the same position and the new tokens follow it directly; `generate` derives position ids from the mask, so a
@@ -13,61 +14,22 @@ batched answer equals the one-at-a-time answer.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from internvl_tune.constants import IMAGE_PLACEHOLDER
-from internvl_tune.data.images import ImageTransform, dynamic_preprocess, load_image
-from internvl_tune.data.templates import Template, build_generation_prompt, get_template, stop_token_ids
-from internvl_tune.data.transform import image_token_span
+from internvl_tune.data.prompt import InferencePrompt, build_inference_prompt, user_turn
+from internvl_tune.data.templates import get_template, stop_token_ids
+from internvl_tune.data.transform import SampleSettings
 
 
-@dataclass
-class Prompt:
-    """One tokenized generation prompt and its tiles."""
-
-    input_ids: list[int]
-    pixel_values: torch.Tensor | None  # [N, 3, S, S], or None for a text-only question
-
-
-def build_prompt(
-    tokenizer: PreTrainedTokenizerBase,
-    template: Template,
-    item: dict[str, Any],
-    *,
-    system_message: str | None,
-    image_size: int,
-    num_image_token: int,
-    max_dynamic_patch: int,
-    use_thumbnail: bool,
-    transform: ImageTransform,
-) -> Prompt:
-    """Render, expand and tokenize one question the way `SampleBuilder` renders its training sample.
-
-    Tokenization mirrors `tokenize_conversation`: no special tokens added, except one BOS in front for tokenizers
-    that add one (the segments it tokenizes separately are delimited by special tokens, so tokenizing the whole
-    prompt at once gives the same ids).
-    """
-    image = item.get("image")
-    question = item["question"]
-    pixel_values = None
-    if image is not None:
-        image = load_image(image) if isinstance(image, (str, os.PathLike)) else image.convert("RGB")
-        tiles = dynamic_preprocess(image, 1, max_dynamic_patch, image_size, use_thumbnail)
-        pixel_values = torch.stack([transform(tile) for tile in tiles])  # [N, 3, S, S]
-        question = IMAGE_PLACEHOLDER + "\n" + question
-    text = build_generation_prompt(template, [{"role": "user", "content": question}], system_message=system_message)
-    if pixel_values is not None:
-        text = text.replace(IMAGE_PLACEHOLDER, image_token_span(num_image_token, len(pixel_values)), 1)
-    input_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None:
-        input_ids = [tokenizer.bos_token_id, *input_ids]
-    return Prompt(input_ids, pixel_values)
+def item_prompt(tokenizer: PreTrainedTokenizerBase, item: dict[str, Any], settings: SampleSettings) -> InferencePrompt:
+    """The prompt for one `{"image": path | PIL image | None, "question": str}` item."""
+    images = [item["image"]] if item.get("image") is not None else []
+    messages = [{"role": "user", "content": user_turn(item["question"], len(images))}]
+    return build_inference_prompt(tokenizer, messages, images, settings)
 
 
 def left_pad(sequences: Sequence[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,14 +52,8 @@ def answer_questions(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     items: Sequence[dict[str, Any]],
+    settings: SampleSettings,
     *,
-    template: str = "internvl2_5",
-    system_message: str | None = None,
-    image_size: int,
-    num_image_token: int,
-    max_dynamic_patch: int,
-    use_thumbnail: bool,
-    normalize_type: str = "imagenet",
     max_new_tokens: int = 16,
     batch_size: int = 8,
 ) -> list[str]:
@@ -107,13 +63,8 @@ def answer_questions(
         model: an `InternVLForConditionalGeneration` (PEFT-wrapped is fine); put in eval mode for the call.
         tokenizer: its tokenizer; `pad_token_id` must be set.
         items: the questions, each with an optional image.
-        template: conversation template name, as used in training (`conv_style`).
-        system_message: the training `system_message` (None = the template default).
-        image_size: tile side in pixels (`image_geometry(model.config).image_size`).
-        num_image_token: image tokens per tile (`image_geometry(model.config).num_image_token`).
-        max_dynamic_patch: most tiles per image.
-        use_thumbnail: append a thumbnail tile to multi-tile images.
-        normalize_type: pixel normalisation statistics.
+        settings: the template, system message and image settings the model was trained with, its tile size and
+            image tokens per tile (`sample_settings(data_args, model.config)`).
         max_new_tokens: longest answer in tokens.
         batch_size: prompts per `generate` call.
 
@@ -122,28 +73,13 @@ def answer_questions(
     """
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; batched generation needs one")
-    chat = get_template(template)
-    transform = ImageTransform(image_size, normalize_type)
-    eos_token_id = stop_token_ids(tokenizer, chat)
+    eos_token_id = stop_token_ids(tokenizer, get_template(settings.template))
     answers: list[str] = []
     was_training = model.training
     model.eval()
     try:
         for start in range(0, len(items), batch_size):
-            prompts = [
-                build_prompt(
-                    tokenizer,
-                    chat,
-                    item,
-                    system_message=system_message,
-                    image_size=image_size,
-                    num_image_token=num_image_token,
-                    max_dynamic_patch=max_dynamic_patch,
-                    use_thumbnail=use_thumbnail,
-                    transform=transform,
-                )
-                for item in items[start : start + batch_size]
-            ]
+            prompts = [item_prompt(tokenizer, item, settings) for item in items[start : start + batch_size]]
             input_ids, attention_mask = left_pad([p.input_ids for p in prompts], tokenizer.pad_token_id)
             tiles = [p.pixel_values for p in prompts if p.pixel_values is not None]
             device = model.device
