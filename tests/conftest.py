@@ -68,3 +68,27 @@ def make_colour_dataset(root: Path, num: int = 16, *, extra_records: list | None
         root / "meta.json",
         {"colours": {"root": "images", "annotation": "train.jsonl", "data_augment": False, "repeat_time": 1}},
     )
+
+
+def make_pair_dataset(root: Path, num: int = 12) -> Path:
+    """Preference pairs on images of one coloured ellipse (the colour chosen, a sentence naming another rejected);
+    returns meta.json."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    colours = list(COLOURS)
+    records = []
+    for i in range(num):
+        colour, wrong = colours[i % 3], colours[(i + 1) % 3]
+        draw_image(root / "images" / f"{i}.png", [(56, 56), (112, 56)][i % 2], colour)
+        records.append(
+            {
+                "image": f"{i}.png",
+                "question": "What colour is the shape?",
+                "chosen": colour,
+                "rejected": f"The shape is {wrong}.",
+                "answer_gt": colour,
+            }
+        )
+    write_jsonl(root / "pairs.jsonl", records)
+    return write_meta(
+        root / "meta.json", {"colours": {"root": "images", "annotation": "pairs.jsonl", "repeat_time": 1}}
+    )

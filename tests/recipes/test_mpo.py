@@ -5,7 +5,9 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import COLOURS, draw_image, write_jsonl, write_meta
+import torch
+from conftest import draw_image, make_pair_dataset, write_jsonl, write_meta
+from safetensors.torch import load_file
 
 from internvl_tune.cli import main
 from internvl_tune.training.metrics import read_metrics
@@ -24,26 +26,7 @@ BASE = [
 
 @pytest.fixture(scope="module")
 def meta(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("pairs")
-    (root / "images").mkdir()
-    colours = list(COLOURS)
-    records = []
-    for i in range(12):
-        colour, wrong = colours[i % 3], colours[(i + 1) % 3]
-        draw_image(root / "images" / f"{i}.png", [(56, 56), (112, 56)][i % 2], colour)
-        records.append(
-            {
-                "image": f"{i}.png",
-                "question": "What colour is the shape?",
-                "chosen": colour,
-                "rejected": f"The shape is {wrong}.",
-                "answer_gt": colour,
-            }
-        )
-    write_jsonl(root / "pairs.jsonl", records)
-    return write_meta(
-        root / "meta.json", {"colours": {"root": "images", "annotation": "pairs.jsonl", "repeat_time": 1}}
-    )
+    return make_pair_dataset(tmp_path_factory.mktemp("pairs"))
 
 
 def _run(tmp_path, model_dir, meta, *overrides, name="run", command="mpo"):
@@ -313,6 +296,50 @@ def test_one_pair_per_step_is_the_original_formula(tmp_path, tiny_model_dir, two
     assert first["loss"] == pytest.approx(
         0.8 * first["loss/sigmoid"] + 0.2 * first["loss/bco_pair"] + first["loss/sft"]
     )
+
+
+ACCUMULATED = ("per_device_train_batch_size=1", "gradient_accumulation_steps=2")
+
+
+def test_gradient_accumulation_equals_bigger_batch(tmp_path, tiny_model_dir, meta):
+    """bs 2 x accum 1 and bs 1 x accum 2 train on the same pairs per step (the sampler cuts the same permutation)
+    and normalise by the step's pairs and chosen tokens, so without bco_pair's δ (sigmoid + sft here) they are the
+    same training: equal losses, gradient norms and final weights. With δ they differ by design (next test)."""
+    mix = ("max_steps=2", "loss_type=[sigmoid,sft]", "loss_weights=[0.8,1.0]")
+    _, big = _run(tmp_path, tiny_model_dir, meta, *mix, name="big")
+    _, accum = _run(tmp_path, tiny_model_dir, meta, *mix, *ACCUMULATED, name="accum")
+    big_rows, accum_rows = read_metrics(big / "metrics.jsonl"), read_metrics(accum / "metrics.jsonl")
+    assert [r["loss"] for r in accum_rows] == pytest.approx([r["loss"] for r in big_rows], rel=1e-5)
+    assert [r["grad_norm"] for r in accum_rows] == pytest.approx([r["grad_norm"] for r in big_rows], rel=1e-4)
+    start = load_file(tiny_model_dir / "model.safetensors")
+    big_weights = load_file(big / "final" / "model.safetensors")
+    accum_weights = load_file(accum / "final" / "model.safetensors")
+    # AdamW divides by sqrt(v): an entry with a near-zero gradient turns fp32 summation-order noise into up to ~3e-5
+    # of change (measured), against the ~1e-2 that trained weights moved in 2 steps at lr 5e-3.
+    assert max((big_weights[n] - start[n]).abs().max().item() for n in start) > 5e-3
+    for name, tensor in big_weights.items():
+        torch.testing.assert_close(accum_weights[name], tensor, rtol=0, atol=1e-4, msg=name)
+
+
+def test_bco_pair_delta_is_folded_per_micro_batch(tmp_path, tiny_model_dir, meta):
+    """δ is folded in per micro-batch, so accumulation changes what the first micro-batch of a step sees, not δ
+    after the step. With pairs p1, p2 of mean rewards r1, r2 in step 2 (step 1 folded zeros: policy == reference):
+
+        bs 2 x accum 1: one update with (r1 + r2)/2         -> both pairs see δ = (r1 + r2)/4
+        bs 1 x accum 2: an update with r1, then one with r2 -> p1 sees r1/3, p2 sees (r1 + r2)/4
+
+    So step 1 is equal (every reward 0, δ = 0), the step-2 sigmoid term is equal (same weights, no δ), δ after
+    step 2 is equal (an equal-weight mean of the same per-pair means), and the step-2 bco_pair term differs by
+    p1's δ. Folding δ once per step would make both equal and fail here: a change to document, not to slip in."""
+    _, big = _run(tmp_path, tiny_model_dir, meta, "max_steps=2", name="big")
+    _, accum = _run(tmp_path, tiny_model_dir, meta, "max_steps=2", *ACCUMULATED, name="accum")
+    (big_1, big_2), (accum_1, accum_2) = read_metrics(big / "metrics.jsonl"), read_metrics(accum / "metrics.jsonl")
+    assert accum_1["loss"] == pytest.approx(big_1["loss"], rel=1e-6)
+    assert accum_1["grad_norm"] == pytest.approx(big_1["grad_norm"], rel=1e-5)
+    assert big_1["delta"] == accum_1["delta"] == 0.0
+    assert accum_2["loss/sigmoid"] == pytest.approx(big_2["loss/sigmoid"], rel=1e-5)
+    assert big_2["delta"] != 0.0 and accum_2["delta"] == pytest.approx(big_2["delta"], rel=1e-5)
+    assert abs(accum_2["loss/bco_pair"] - big_2["loss/bco_pair"]) > 1e-5  # 3.8e-4 measured; fp32 noise is ~1e-7
 
 
 def test_check_data_on_preference_pairs(tmp_path, tiny_model_dir, meta, capsys):
