@@ -22,11 +22,9 @@ from typing import TextIO
 import torch
 from transformers import TextIteratorStreamer
 
-from internvl_tune.checkpoints.metadata import checkpoint_settings
-from internvl_tune.data.images import image_geometry
+from internvl_tune.checkpoints.metadata import checkpoint_sample_settings
 from internvl_tune.data.prompt import InferencePrompt, build_inference_prompt, user_turn
 from internvl_tune.data.templates import get_template, stop_token_ids
-from internvl_tune.data.transform import SampleSettings
 from internvl_tune.model.load import load_model
 
 
@@ -55,19 +53,7 @@ class ChatSession:
         self.model, self.tokenizer = load_model(self.model_path, dtype=dtype)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model.to(self.device).eval()
-        info = checkpoint_settings(self.model_path)
-        geometry = image_geometry(self.model.config)
-        self.settings = SampleSettings(
-            template=info["template"],
-            system_message=info.get("system_message"),
-            image_size=geometry.image_size,
-            num_image_token=geometry.num_image_token,
-            dynamic_image_size=info.get("dynamic_image_size", True),
-            use_thumbnail=info.get("use_thumbnail", True),
-            min_dynamic_patch=info.get("min_dynamic_patch", 1),
-            max_dynamic_patch=info.get("max_dynamic_patch", 12),
-            normalize_type=info.get("normalize_type", "imagenet"),
-        )
+        self.settings = checkpoint_sample_settings(self.model_path, self.model.config)
         self.template = get_template(self.settings.template)
 
     def prompt(self, messages: list[dict[str, str]], images: Sequence[str] | None = None) -> InferencePrompt:

@@ -25,6 +25,8 @@ from typing import Any, Literal
 
 import yaml
 
+from internvl_tune.constants import DEFAULT_MAX_DYNAMIC_PATCH, DEFAULT_TEMPLATE
+
 SaveDtype = Literal["auto", "bf16", "fp16", "fp32"]
 
 
@@ -62,24 +64,22 @@ class ModelArgs:
 
 
 @dataclass
-class DataArgs:
-    meta_path: str = ""
-    """Meta JSON naming the datasets (root, annotation, data_augment, repeat_time, max_dynamic_patch)."""
-    conv_style: str = "internvl2_5"
-    """Conversation template: internvl2_5, Hermes-2, internlm2-chat or phi3-chat."""
+class PipelineSettings:
+    """How conversations and their images become model inputs: the `data` fields that training, checkpoint metadata,
+    chat and evaluation share. `DataArgs` adds the data files; `SampleSettings` (data/transform.py) adds the template
+    and the model's tile geometry. Each default is written here once."""
+
     system_message: str | None = None
     """System message for conversations without a system turn (None = the template's own)."""
     max_seq_length: int = 8192
     """Longest sample in tokens, image tokens included; samples whose image tokens do not fit are errors."""
-    force_image_size: int | None = None
-    """Tile size in pixels; must equal the model's vision image_size (None = take it from the model)."""
     dynamic_image_size: bool = True
     """Split images into up to max_dynamic_patch tiles by aspect ratio (False = one resized tile)."""
     use_thumbnail: bool = True
     """Append a whole-image thumbnail tile when an image has more than one tile."""
     min_dynamic_patch: int = 1
     """Fewest tiles per image."""
-    max_dynamic_patch: int = 12
+    max_dynamic_patch: int = DEFAULT_MAX_DYNAMIC_PATCH
     """Most tiles per image (split across the images of a multi-image record); a meta entry may override."""
     min_num_frame: int = 8
     """Fewest frames drawn from a video."""
@@ -91,6 +91,16 @@ class DataArgs:
     """Pixel normalisation statistics."""
     pad2square: bool = False
     """Pad images to a square with the mean colour before tiling."""
+
+
+@dataclass
+class DataArgs(PipelineSettings):
+    meta_path: str = ""
+    """Meta JSON naming the datasets (root, annotation, data_augment, repeat_time, max_dynamic_patch)."""
+    conv_style: str = DEFAULT_TEMPLATE
+    """Conversation template: internvl2_5, Hermes-2, internlm2-chat or phi3-chat."""
+    force_image_size: int | None = None
+    """Tile size in pixels; must equal the model's vision image_size (None = take it from the model)."""
     on_bad_sample: Literal["error", "skip"] = "error"
     """error: stop at the first bad record, naming file and line; skip: drop it, count it, report at the end."""
     dataloader_num_workers: int = 0
@@ -389,10 +399,12 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """Field docstrings (the string right after each field), for `--help` and the docs."""
-    tree = ast.parse(inspect.getsource(cls))
-    docs, body = {}, tree.body[0].body
-    for node, nxt in itertools.pairwise(body):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = str(nxt.value.value)
+    """Field docstrings (the string right after each field, in the class or the dataclass it extends), for `--help`
+    and the docs."""
+    docs = {}
+    for owner in reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]):
+        body = ast.parse(inspect.getsource(owner)).body[0].body
+        for node, nxt in itertools.pairwise(body):
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                docs[node.target.id] = str(nxt.value.value)
     return docs

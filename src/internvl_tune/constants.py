@@ -1,6 +1,14 @@
-"""Constants shared by every module: label ignore index, InternVL special tokens, normalisation statistics."""
+"""Constants shared by every module: label ignore index, InternVL special tokens, normalisation statistics, and
+the defaults that code outside the settings dataclasses needs as plain values."""
 
 IGNORE_INDEX = -100
+
+# The default tile budget: most tiles per image (`max_dynamic_patch`), as in the original InternVL training scripts.
+# `PipelineSettings` (config.py) takes its default from here, and so does every other default of a tile count.
+DEFAULT_MAX_DYNAMIC_PATCH = 12
+
+# The conversation template of InternVL 2.5 and 3 (`conv_style`, a checkpoint's `template`).
+DEFAULT_TEMPLATE = "internvl2_5"
 
 IMG_START_TOKEN = "<img>"
 IMG_END_TOKEN = "</img>"

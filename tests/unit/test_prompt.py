@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from internvl_tune.chat import ChatSession
+from internvl_tune.checkpoints.metadata import checkpoint_sample_settings
 from internvl_tune.constants import IMG_CONTEXT_TOKEN
 from internvl_tune.data.prompt import build_inference_prompt, user_turn
 from internvl_tune.data.transform import SampleSettings
@@ -69,7 +70,8 @@ def test_chat_and_evaluation_build_the_same_prompt(checkpoint_min_2, tmp_path):
     question = "What colour is the shape?"
     image = str(tmp_path / "square.png")
     chat = session.prompt([{"role": "user", "content": user_turn(question, 1)}], [image])
-    evaluation = item_prompt(session.tokenizer, {"image": image, "question": question}, session.settings)
+    settings = checkpoint_sample_settings(checkpoint_min_2, session.model.config)  # what evaluation is given
+    evaluation = item_prompt(session.tokenizer, {"image": image, "question": question}, settings)
     assert chat.input_ids == evaluation.input_ids
     assert torch.equal(chat.pixel_values, evaluation.pixel_values)
     assert chat.num_tiles == evaluation.num_tiles == [4]

@@ -104,8 +104,8 @@ def _rope(llm: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
-def original_to_hf_config(original: dict[str, Any], image_token_id: int) -> tuple[InternVLConfig, dict[str, Any]]:
-    """The HF config of an original checkpoint config, and the settings the HF config has no place for.
+def original_to_hf_config(original: dict[str, Any], image_token_id: int) -> InternVLConfig:
+    """The HF config of an original checkpoint config (the settings it has no place for: `checkpoint_settings`).
 
     Raises:
         ConversionError: for settings transformers' InternVL cannot reproduce exactly (ps_version v1, a
@@ -164,23 +164,14 @@ def original_to_hf_config(original: dict[str, Any], image_token_id: int) -> tupl
         vision_feature_select_strategy="default",
         tie_word_embeddings=False,
     )
-    extras = {
-        "llm_family": family,
-        "template": original.get("template"),
-        "system_message": original.get("system_message"),
-        "dynamic_image_size": original.get("dynamic_image_size", True),
-        "use_thumbnail": original.get("use_thumbnail", True),
-        "min_dynamic_patch": original.get("min_dynamic_patch", 1),
-        "max_dynamic_patch": original.get("max_dynamic_patch", 12),
-        "vision_image_size": int(vision["image_size"]),
-    }
-    return config, extras
+    return config
 
 
-def hf_to_original_config(config: InternVLConfig, extras: dict[str, Any]) -> dict[str, Any]:
-    """The original `config.json` for an HF config (the inverse of `original_to_hf_config`)."""
+def hf_to_original_config(config: InternVLConfig, settings: dict[str, Any]) -> dict[str, Any]:
+    """The original `config.json` for an HF config (the inverse of `original_to_hf_config`); template, system
+    message, tiling and LLM family from the checkpoint's `checkpoint_settings`."""
     vision, text = config.vision_config, config.text_config
-    family = extras.get("llm_family") or text.model_type
+    family = settings["llm_family"] or text.model_type
     if family not in LLM_FAMILIES:
         raise ConversionError(f"LLM model_type {text.model_type!r} has no original InternVL layout")
     image_size, patch_size = int(vision.image_size[0]), int(vision.patch_size[0])
@@ -204,15 +195,15 @@ def hf_to_original_config(config: InternVLConfig, extras: dict[str, Any]) -> dic
             "AutoModelForCausalLM": "modeling_internvl_chat.InternVLChatModel",
         },
         "downsample_ratio": config.downsample_ratio,
-        "dynamic_image_size": extras.get("dynamic_image_size", True),
+        "dynamic_image_size": settings["dynamic_image_size"],
         "force_image_size": image_size,
-        "max_dynamic_patch": extras.get("max_dynamic_patch", 12),
-        "min_dynamic_patch": extras.get("min_dynamic_patch", 1),
+        "max_dynamic_patch": settings["max_dynamic_patch"],
+        "min_dynamic_patch": settings["min_dynamic_patch"],
         "ps_version": "v2",
         "select_layer": config.vision_feature_layer,
-        "template": extras.get("template") or "internvl2_5",
-        **({"system_message": extras["system_message"]} if extras.get("system_message") else {}),
-        "use_thumbnail": extras.get("use_thumbnail", True),
+        "template": settings["template"],
+        **({"system_message": settings["system_message"]} if settings["system_message"] else {}),
+        "use_thumbnail": settings["use_thumbnail"],
         "use_backbone_lora": 0,
         "use_llm_lora": 0,
         "pad2square": False,

@@ -12,10 +12,26 @@ from transformers import InternVLConfig, PreTrainedTokenizerBase
 
 from internvl_tune import __version__
 from internvl_tune.checkpoints.convert import is_original_checkpoint, read_json
+from internvl_tune.config import PipelineSettings
+from internvl_tune.constants import DEFAULT_TEMPLATE
 from internvl_tune.data.images import image_geometry
 from internvl_tune.data.templates import chat_template_jinja, get_template
+from internvl_tune.data.transform import SampleSettings
 
 METADATA_FILE = "internvl_tune.json"
+
+# The pipeline settings a checkpoint records under "image", beside the model's tile geometry: what its prompts need
+# to be tiled and normalised as in training.
+IMAGE_SETTINGS = (
+    "dynamic_image_size",
+    "use_thumbnail",
+    "min_dynamic_patch",
+    "max_dynamic_patch",
+    "normalize_type",
+    "pad2square",
+)
+# Those an original-layout config.json holds for inference (its pad2square is a training flag, unused by `chat()`).
+_ORIGINAL_IMAGE_SETTINGS = ("dynamic_image_size", "use_thumbnail", "min_dynamic_patch", "max_dynamic_patch")
 
 
 def read_metadata(path: str | Path) -> dict:
@@ -25,37 +41,54 @@ def read_metadata(path: str | Path) -> dict:
 
 
 def checkpoint_settings(path: str | Path) -> dict[str, Any]:
-    """Template, system message and image settings of a checkpoint in either layout (metadata, else defaults)."""
+    """Template, system message, image settings (`IMAGE_SETTINGS`) and LLM family of a checkpoint in either layout:
+    what its metadata (or original config) records, else the defaults of `PipelineSettings`."""
     path = Path(path)
+    defaults = PipelineSettings()
+    settings: dict[str, Any] = {name: getattr(defaults, name) for name in IMAGE_SETTINGS}
     if is_original_checkpoint(path):
         original = read_json(path / "config.json")
+        settings.update({name: original[name] for name in _ORIGINAL_IMAGE_SETTINGS if name in original})
         return {
-            "template": original.get("template") or "internvl2_5",
+            "template": original.get("template") or DEFAULT_TEMPLATE,
             "system_message": original.get("system_message"),
-            "dynamic_image_size": original.get("dynamic_image_size", True),
-            "use_thumbnail": original.get("use_thumbnail", True),
-            "min_dynamic_patch": original.get("min_dynamic_patch", 1),
-            "max_dynamic_patch": original.get("max_dynamic_patch", 12),
+            **settings,
             "llm_family": original["llm_config"].get("model_type"),
         }
     metadata = read_metadata(path)
-    image = metadata.get("image", {})
+    settings.update({name: value for name, value in metadata.get("image", {}).items() if name in IMAGE_SETTINGS})
     return {
-        "template": metadata.get("template", "internvl2_5"),
+        "template": metadata.get("template", DEFAULT_TEMPLATE),
         "system_message": metadata.get("system_message"),
-        "dynamic_image_size": image.get("dynamic_image_size", True),
-        "use_thumbnail": image.get("use_thumbnail", True),
-        "min_dynamic_patch": image.get("min_dynamic_patch", 1),
-        "max_dynamic_patch": image.get("max_dynamic_patch", 12),
-        "normalize_type": image.get("normalize_type", "imagenet"),
+        **settings,
         "llm_family": metadata.get("llm_family"),
     }
 
 
-def metadata_for(model_config: InternVLConfig, settings: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    """The `internvl_tune.json` content for a checkpoint: template, system message, image settings, version."""
-    template = get_template(settings.get("template") or "internvl2_5")
+def checkpoint_sample_settings(path: str | Path, model_config: InternVLConfig) -> SampleSettings:
+    """The settings a checkpoint was trained with, for its prompts (chat, evaluation): template, system message and
+    image settings from `checkpoint_settings`, tile size and image tokens from the model config; the rest (text
+    length, video frames) at their defaults."""
+    settings = checkpoint_settings(path)
     geometry = image_geometry(model_config)
+    return SampleSettings(
+        template=settings["template"],
+        system_message=settings["system_message"],
+        image_size=geometry.image_size,
+        num_image_token=geometry.num_image_token,
+        **{name: settings[name] for name in IMAGE_SETTINGS},
+    )
+
+
+def metadata_for(model_config: InternVLConfig, settings: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """The `internvl_tune.json` content for a checkpoint: template, system message, image settings, version.
+
+    `settings`: a `checkpoint_settings` dict, or a run's `SampleSettings` as a dict (plus `llm_family`); a missing
+    image setting is recorded with its `PipelineSettings` default.
+    """
+    template = get_template(settings.get("template") or DEFAULT_TEMPLATE)
+    geometry = image_geometry(model_config)
+    defaults = PipelineSettings()
     return {
         "internvl_tune_version": __version__,
         "template": template.name,
@@ -65,11 +98,7 @@ def metadata_for(model_config: InternVLConfig, settings: dict[str, Any], **extra
             "image_size": geometry.image_size,
             "patch_size": geometry.patch_size,
             "num_image_token": geometry.num_image_token,
-            "dynamic_image_size": settings.get("dynamic_image_size", True),
-            "use_thumbnail": settings.get("use_thumbnail", True),
-            "min_dynamic_patch": settings.get("min_dynamic_patch", 1),
-            "max_dynamic_patch": settings.get("max_dynamic_patch", 12),
-            "normalize_type": settings.get("normalize_type", "imagenet"),
+            **{name: settings.get(name, getattr(defaults, name)) for name in IMAGE_SETTINGS},
         },
         **extra,
     }

@@ -73,7 +73,7 @@ def read_model_config(path: str | Path) -> InternVLConfig:
     raw = read_config_json(path)
     if is_original_checkpoint(path):
         tokenizer = load_tokenizer(path)
-        return original_to_hf_config(raw, tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN))[0]
+        return original_to_hf_config(raw, tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN))
     if raw.get("model_type") != "internvl":
         raise ValueError(
             f"{path / 'config.json'}: model_type is {raw.get('model_type')!r}, expected an InternVL checkpoint"
@@ -124,7 +124,7 @@ def load_original(
     path = Path(path)
     original = read_json(path / "config.json")
     tokenizer = load_tokenizer(path)
-    config, _ = original_to_hf_config(original, tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN))
+    config = original_to_hf_config(original, tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN))
     state_dict = dict(iter_original_as_hf(path, original))
     check_complete(config, state_dict, path)
     model = InternVLForConditionalGeneration.from_pretrained(

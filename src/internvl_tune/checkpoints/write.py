@@ -52,6 +52,7 @@ from internvl_tune.checkpoints.read import (
     resolve_dtype,
     weights_fingerprint,
 )
+from internvl_tune.config import PipelineSettings
 from internvl_tune.constants import IMG_CONTEXT_TOKEN, NORMALIZATION
 from internvl_tune.model.forward import base_model
 from internvl_tune.model.load import load_model
@@ -66,7 +67,7 @@ def write_processor_files(path: Path, metadata: dict[str, Any]) -> None:
     """Image-processor and processor configs so that `AutoProcessor.from_pretrained(path)` builds transformers'
     InternVLProcessor (which itself needs torchvision installed)."""
     image = metadata["image"]
-    mean, std = NORMALIZATION[image.get("normalize_type", "imagenet")]
+    mean, std = NORMALIZATION[image.get("normalize_type", PipelineSettings().normalize_type)]
     preprocessor = {
         "image_processor_type": "GotOcr2ImageProcessor",
         "processor_class": "InternVLProcessor",
@@ -242,7 +243,7 @@ def convert_to_hf(
         raise ConversionError(f"{src}: not an original InternVL checkpoint (architectures != InternVLChatModel)")
     original = read_json(src / "config.json")
     tokenizer = load_tokenizer(src)
-    config, _ = original_to_hf_config(original, tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN))
+    config = original_to_hf_config(original, tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN))
     cast = _written_dtype(src, dtype)
     config.dtype = cast or checkpoint_dtype(src)
     names: list[str] = []

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from internvl_tune.constants import NORMALIZATION
+from internvl_tune.constants import DEFAULT_MAX_DYNAMIC_PATCH, NORMALIZATION
 from internvl_tune.data.errors import DataError
 
 if TYPE_CHECKING:
@@ -129,7 +129,9 @@ def _candidate_grids(min_num: int, max_num: int) -> tuple[tuple[int, int], ...]:
     return tuple(sorted(grids, key=lambda x: x[0] * x[1]))
 
 
-def find_grid(width: int, height: int, min_num: int = 1, max_num: int = 12, image_size: int = 448) -> tuple[int, int]:
+def find_grid(
+    width: int, height: int, min_num: int = 1, max_num: int = DEFAULT_MAX_DYNAMIC_PATCH, image_size: int = 448
+) -> tuple[int, int]:
     """Pick the tile grid for an image exactly as the original `dynamic_preprocess` does.
 
     Candidates are all grids (cols, rows) with `min_num <= cols * rows <= max_num`, in ascending order of tile count.
@@ -192,7 +194,7 @@ def num_tiles(
     width: int,
     height: int,
     min_num: int = 1,
-    max_num: int = 12,
+    max_num: int = DEFAULT_MAX_DYNAMIC_PATCH,
     image_size: int = 448,
     use_thumbnail: bool = False,
 ) -> int:
@@ -212,7 +214,7 @@ def num_tiles(
 def dynamic_preprocess(
     image: Image.Image,
     min_num: int = 1,
-    max_num: int = 12,
+    max_num: int = DEFAULT_MAX_DYNAMIC_PATCH,
     image_size: int = 448,
     use_thumbnail: bool = False,
 ) -> list[Image.Image]:

@@ -42,8 +42,6 @@ from internvl_tune.data.errors import DataError
 
 Message = dict[str, str]
 
-DEFAULT_TEMPLATE = "internvl2_5"
-
 
 class TemplateMismatchError(DataError):
     """The tokenizer does not split a rendered turn the way the template's label mask assumes."""

@@ -23,7 +23,9 @@ from typing import Any
 import torch
 from PIL import Image
 
+from internvl_tune.config import PipelineSettings
 from internvl_tune.constants import (
+    DEFAULT_TEMPLATE,
     IGNORE_INDEX,
     IMAGE_PLACEHOLDER,
     IMG_CONTEXT_TOKEN,
@@ -155,23 +157,14 @@ class ExpandedMedia:
 
 
 @dataclass
-class SampleSettings:
-    """How records become samples for one model. Field names follow the original InternVL flags."""
+class SampleSettings(PipelineSettings):
+    """How conversations become samples and prompts for one model: the pipeline settings (`PipelineSettings`,
+    config.py, with their defaults and meanings), the template, and the model's tile size and image tokens per tile
+    (`sample_settings` fills these in from the model config). Field names follow the original InternVL flags."""
 
-    template: str = "internvl2_5"
-    system_message: str | None = None
-    max_seq_length: int = 8192
+    template: str = DEFAULT_TEMPLATE
     image_size: int = 448
     num_image_token: int = 256
-    dynamic_image_size: bool = True
-    use_thumbnail: bool = True
-    min_dynamic_patch: int = 1
-    max_dynamic_patch: int = 12
-    min_num_frame: int = 8
-    max_num_frame: int = 32
-    video_sample: str = "rand"
-    normalize_type: str = "imagenet"
-    pad2square: bool = False
 
 
 class SampleBuilder:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from torch import nn
 
-from internvl_tune.config import DataArgs, ModelArgs
+from internvl_tune.config import DataArgs, ModelArgs, PipelineSettings
 from internvl_tune.data.images import image_geometry
 from internvl_tune.data.transform import SampleSettings
 from internvl_tune.model.drop_path import add_drop_path
@@ -60,19 +62,10 @@ def sample_settings(d: DataArgs, model_config) -> SampleSettings:
             f"data.force_image_size={d.force_image_size} but the model's vision image_size is {geometry.image_size}; "
             "resizing the ViT position embeddings is not supported: leave force_image_size unset"
         )
+    pipeline = {f.name: getattr(d, f.name) for f in dataclasses.fields(PipelineSettings)}
     return SampleSettings(
+        **pipeline,
         template=d.conv_style,
-        system_message=d.system_message,
-        max_seq_length=d.max_seq_length,
         image_size=geometry.image_size,
         num_image_token=geometry.num_image_token,
-        dynamic_image_size=d.dynamic_image_size,
-        use_thumbnail=d.use_thumbnail,
-        min_dynamic_patch=d.min_dynamic_patch,
-        max_dynamic_patch=d.max_dynamic_patch,
-        min_num_frame=d.min_num_frame,
-        max_num_frame=d.max_num_frame,
-        video_sample=d.video_sample,
-        normalize_type=d.normalize_type,
-        pad2square=d.pad2square,
     )

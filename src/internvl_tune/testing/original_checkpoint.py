@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
+from internvl_tune.constants import DEFAULT_MAX_DYNAMIC_PATCH
 from internvl_tune.testing.tiny import build_tiny_tokenizer
 
 LLM_FAMILIES = ("qwen2", "llama", "internlm2")
@@ -158,7 +159,7 @@ def build_original_checkpoint(
         "downsample_ratio": downsample_ratio,
         "dynamic_image_size": True,
         "force_image_size": image_size,
-        "max_dynamic_patch": 12,
+        "max_dynamic_patch": DEFAULT_MAX_DYNAMIC_PATCH,  # what the released InternVL configs say
         "min_dynamic_patch": 1,
         "ps_version": ps_version,
         "select_layer": select_layer,
