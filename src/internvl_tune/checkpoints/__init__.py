@@ -6,3 +6,17 @@
 - `metadata`: `internvl_tune.json`, what a checkpoint carries besides weights, and the chat template from it.
 - `write`: HF folders from a model, `convert` in both directions, `export` (LoRA merged).
 """
+
+from internvl_tune._lazy import lazy_exports
+
+_EXPORTS = {
+    "convert_to_hf": "write",
+    "convert_to_original": "write",
+    "export_checkpoint": "write",
+    "save_hf_checkpoint": "write",
+    "load_original": "read",
+    "read_metadata": "metadata",
+    "ConversionError": "convert",
+}
+__all__ = list(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
