@@ -183,7 +183,7 @@ def run_ours(args: argparse.Namespace, name: str) -> dict[str, Any]:
     timed = rows[args.warmup_steps : args.warmup_steps + args.timed_steps]
     return {
         "step_times_s": [r["step_time_s"] for r in rows],
-        "pairs_per_s": sum(r["num_pairs"] for r in timed) / sum(r["step_time_s"] for r in timed),
+        "pairs_per_s": sum(r["num_samples"] for r in timed) / sum(r["step_time_s"] for r in timed),
         "first_loss": rows[0]["loss"],
         "first_logps_chosen": rows[0]["logps/chosen"],
     }

@@ -36,6 +36,7 @@ def _pairs(tokenizer, num_pairs=3):
                 "rejected_labels": rejected.clone(),
                 "pixel_values": None,
                 "num_image_tokens": 0,
+                "truncated": False,
                 "key": str(i),
                 "where": f"x:{i}",
             }

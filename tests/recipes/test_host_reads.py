@@ -8,6 +8,7 @@ have none. (Integer tensors are collator data on the host: counting them is free
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 import test_mpo
@@ -70,3 +71,18 @@ def test_mpo_step_reads_nothing_until_the_logging_step(host_reads, tmp_path, tin
 
 
 meta = test_mpo.meta  # the module-scoped preference data fixture
+
+
+def test_both_recipes_log_the_same_common_metrics(tmp_path, tiny_model_dir, meta):
+    """docs/metrics.md lists one set of names for both recipes; MPO adds its own on top."""
+    from internvl_tune.training.metrics import read_metrics
+
+    data = test_sft.make_colour_dataset(tmp_path / "data", num=4)
+    assert test_sft._run(tmp_path, tiny_model_dir, data, "max_steps=1", name="sft")[0] == 0
+    assert test_mpo._run(tmp_path, tiny_model_dir, meta, "max_steps=1", name="mpo")[0] == 0
+    sft = read_metrics(tmp_path / "sft" / "metrics.jsonl")[0]
+    mpo = read_metrics(tmp_path / "mpo" / "metrics.jsonl")[0]
+    assert set(sft) <= set(mpo)
+    documented = (Path(__file__).parents[2] / "docs" / "metrics.md").read_text()
+    for name in mpo:
+        assert f"`{name}`" in documented or name.startswith("loss/") or name.startswith(("rewards/", "logps/")), name

@@ -50,7 +50,7 @@ def test_mpo_trains_logs_every_term_and_resumes_with_delta(tmp_path, tiny_model_
         "rewards/accuracies",
         "logps/chosen",
         "delta",
-        "pairs_per_s",
+        "samples_per_s",
         "vision_tokens_per_s",
         "reference_time_share",
         "vit_time_share",

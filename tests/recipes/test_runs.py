@@ -247,7 +247,7 @@ def test_mpo_stops_on_a_signal_at_a_step_boundary_and_resumes_exactly_into_its_r
 
     assert main([*args, f"output_dir={tmp_path / 'whole'}"]) == 0
     whole = _rows(tmp_path / "whole")
-    assert [(r["num_pairs"], r["epoch"]) for r in whole] == [(4, pytest.approx(2 / 3)), (2, 1.0)]
+    assert [(r["num_samples"], r["epoch"]) for r in whole] == [(4, pytest.approx(2 / 3)), (2, 1.0)]
 
     write = MetricsWriter.write
 

@@ -133,6 +133,7 @@ def test_pair_collate_rows_spelled_out():
         "rejected_labels": torch.tensor([30]),
         "pixel_values": None,
         "num_image_tokens": 0,
+        "truncated": False,
         "key": "k",
         "where": "x",
     }

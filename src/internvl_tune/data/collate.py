@@ -142,6 +142,7 @@ def pair_collate(
         num_image_tokens=sum(s["num_image_tokens"] for s in samples) * tiles_repeat,
         num_text_tokens=sum(len(r) for r in rows) - sum(s["num_image_tokens"] for s in samples) * tiles_repeat,
         num_pad_tokens=len(rows) * length - sum(len(r) for r in rows),
+        num_truncated=sum(bool(s["truncated"]) for s in samples),
     )
     for side in ("chosen", "rejected"):
         batch[f"{side}_rows"] = rows_of[side]

@@ -97,7 +97,7 @@ class PairBuilder:
             `prompt_ids` [P], `chosen_ids` / `rejected_ids` [Lc] / [Lr] (response tokens after the prompt),
             `chosen_labels` / `rejected_labels` (same lengths; IGNORE_INDEX where no loss), `pixel_values`
             [N, 3, S, S] or None, `num_tiles`, `num_image_tokens`, `key` (for the reference cache), `where`,
-            `meta` (the record's extra keys).
+            `meta` (the record's extra keys), `truncated` (an answer was cut to max_seq_length).
         """
         conversation, chosen, rejected = record_to_pair(record, where)
         media = self.builder.expand(conversation, where, entry, rng, load_pixels=load_pixels)
@@ -105,7 +105,7 @@ class PairBuilder:
         for answer in (chosen, rejected):
             messages = [*media.messages, {"role": "assistant", "content": answer}]
             sequences.append(self.builder.tokenize(messages, where, media.num_image_tokens))
-        (chosen_ids, chosen_labels, _), (rejected_ids, rejected_labels, _) = sequences
+        (chosen_ids, chosen_labels, chosen_cut), (rejected_ids, rejected_labels, rejected_cut) = sequences
         prompt_length = chosen_labels.index(next(label for label in chosen_labels if label != IGNORE_INDEX))
         if rejected_ids[:prompt_length] != chosen_ids[:prompt_length] or any(
             label != IGNORE_INDEX for label in rejected_labels[:prompt_length]
@@ -121,6 +121,7 @@ class PairBuilder:
             "pixel_values": media.pixel_values,
             "num_tiles": media.num_tiles,
             "num_image_tokens": media.num_image_tokens,
+            "truncated": chosen_cut or rejected_cut,
             "key": record_key(record, entry.name if entry else ""),
             "where": where,
             "meta": {k: v for k, v in record.items() if k not in (*PAIR_FIELDS, "image", "video", "clip")},

@@ -60,6 +60,7 @@ from internvl_tune.training.engine import (
     save_step_checkpoint,
     schedule_lengths,
     step_totals,
+    throughput_metrics,
 )
 from internvl_tune.training.metrics import MetricsWriter
 
@@ -188,10 +189,16 @@ def _train(config: MPOConfig, accelerator: Accelerator, stop: StopRequest) -> di
         state.micro_batches += len(batches)
         for batch in batches:
             state.skipped += batch["skipped"]
+            state.num_truncated += batch.get("num_truncated", 0)
         # The step's denominators: pairs and chosen tokens over all its micro-batches on all ranks (CPU counts).
-        num_pairs, num_chosen_tokens = step_totals(
+        real = [b for b in batches if b["num_pairs"]]
+        num_pairs, num_chosen_tokens, num_rejected_tokens = step_totals(
             accelerator,
-            [sum(b["num_pairs"] for b in batches), sum(int(b["chosen_mask"].sum()) for b in batches if b["num_pairs"])],
+            [
+                sum(b["num_pairs"] for b in real),
+                sum(int(b["chosen_mask"].sum()) for b in real),
+                sum(int(b["rejected_mask"].sum()) for b in real),
+            ],
         )
         if num_pairs == 0:
             empty_micro_batches += len(batches)
@@ -263,28 +270,27 @@ def _train(config: MPOConfig, accelerator: Accelerator, stop: StopRequest) -> di
             last_loss = totals.get("loss", float("nan"))
             progress.set_postfix(loss=f"{last_loss:.4f}", acc=f"{totals.get('rewards/accuracies', 0) / num_pairs:.2f}")
             elapsed = time.perf_counter() - step_start
-            real = [b for b in batches if b["num_pairs"]]
-            num_image_tokens, num_text_tokens = step_totals(
-                accelerator, [sum(b["num_image_tokens"] for b in real), sum(b["num_text_tokens"] for b in real)]
-            )
             metrics.write(
                 state.step,
                 {
                     "loss": last_loss,
-                    # loss/* are already the step's values (shares summed); the rest are sums over its pairs.
-                    **{k: v if k.startswith("loss/") else v / num_pairs for k, v in totals.items() if k != "loss"},
-                    "delta": float(running.mean),
                     "lr": scheduler.get_last_lr()[0],
                     "grad_norm": float(grad_norm) if grad_norm is not None else None,
                     "epoch": state.micro_batches / sampler.batches_per_epoch,
-                    "num_pairs": num_pairs,
-                    "pairs_per_s": num_pairs / elapsed,
-                    "vision_tokens_per_s": num_image_tokens / elapsed,
-                    "text_tokens_per_s": num_text_tokens / elapsed,
+                    **throughput_metrics(
+                        accelerator,
+                        batches,
+                        elapsed,
+                        num_samples=num_pairs,
+                        num_loss_tokens=num_chosen_tokens + num_rejected_tokens,
+                    ),
+                    "num_truncated": state.num_truncated,
+                    "vit_time_share": policy_forward.vit_seconds / elapsed,
+                    # loss/* are already the step's values (shares summed); the rest are sums over its pairs.
+                    **{k: v if k.startswith("loss/") else v / num_pairs for k, v in totals.items() if k != "loss"},
+                    "delta": float(running.mean),
                     "reference_time_share": timing["reference_s"] / elapsed,
                     "policy_forward_time_share": timing["policy_s"] / elapsed,
-                    "vit_time_share": policy_forward.vit_seconds / elapsed,
-                    "step_time_s": elapsed,
                 },
             )
         if t.save_steps and state.step % t.save_steps == 0 and state.step < total_steps:
@@ -300,5 +306,5 @@ def _train(config: MPOConfig, accelerator: Accelerator, stop: StopRequest) -> di
         settings,
         state,
         uses_lora=uses_lora,
-        extra={"final_loss": last_loss, "delta": float(running.mean)},
+        extra={"final_loss": last_loss, "num_truncated": state.num_truncated, "delta": float(running.mean)},
     )

@@ -48,6 +48,7 @@ from internvl_tune.training.engine import (
     save_step_checkpoint,
     schedule_lengths,
     step_totals,
+    throughput_metrics,
 )
 from internvl_tune.training.metrics import MetricsWriter
 
@@ -169,17 +170,7 @@ def _train(config: SFTConfig, accelerator: Accelerator, stop: StopRequest) -> di
             last_loss = totals.get("loss", float("nan"))
             progress.set_postfix(loss=f"{last_loss:.4f}")
             elapsed = time.perf_counter() - step_start
-            real = [b for b in batches if b["num_samples"]]
-            num_samples, num_image_tokens, num_text_tokens, num_pad, num_positions = step_totals(
-                accelerator,
-                [
-                    sum(b["num_samples"] for b in real),
-                    sum(b["num_image_tokens"] for b in real),
-                    sum(b["num_text_tokens"] for b in real),
-                    sum(b["num_pad_tokens"] for b in real),
-                    sum(b["input_ids"].numel() for b in real),
-                ],
-            )
+            (num_samples,) = step_totals(accelerator, [sum(b["num_samples"] for b in batches)])
             metrics.write(
                 state.step,
                 {
@@ -187,15 +178,11 @@ def _train(config: SFTConfig, accelerator: Accelerator, stop: StopRequest) -> di
                     "lr": scheduler.get_last_lr()[0],
                     "grad_norm": float(grad_norm) if grad_norm is not None else None,
                     "epoch": state.micro_batches / sampler.batches_per_epoch,
-                    "num_samples": num_samples,
-                    "num_loss_tokens": num_tokens,
-                    "num_image_tokens": num_image_tokens,
-                    "num_text_tokens": num_text_tokens,
-                    "padding_share": num_pad / max(1, num_positions),
-                    "samples_per_s": num_samples / elapsed,
-                    "tokens_per_s": (num_image_tokens + num_text_tokens) / elapsed,
+                    **throughput_metrics(
+                        accelerator, batches, elapsed, num_samples=num_samples, num_loss_tokens=num_tokens
+                    ),
+                    "num_truncated": state.num_truncated,
                     "vit_time_share": policy_forward.vit_seconds / elapsed,
-                    "step_time_s": elapsed,
                 },
             )
         if t.save_steps and state.step % t.save_steps == 0 and state.step < total_steps:

@@ -195,6 +195,36 @@ def read_step_metrics(accelerator: Accelerator, sums: dict[str, torch.Tensor]) -
     return dict(zip(names, accelerator.reduce(stacked, "sum").tolist(), strict=True))
 
 
+def throughput_metrics(
+    accelerator: Accelerator, batches: list[dict[str, Any]], elapsed: float, *, num_samples: int, num_loss_tokens: int
+) -> dict[str, float]:
+    """The metrics both recipes log under the same names (docs/metrics.md): counts over the step's micro-batches on
+    all ranks (an MPO sample is a pair) and rates over the step's wall time."""
+    real = [b for b in batches if "input_ids" in b]
+    num_image_tokens, num_text_tokens, num_pad_tokens, num_positions = step_totals(
+        accelerator,
+        [
+            sum(b["num_image_tokens"] for b in real),
+            sum(b["num_text_tokens"] for b in real),
+            sum(b["num_pad_tokens"] for b in real),
+            sum(b["input_ids"].numel() for b in real),
+        ],
+    )
+    return {
+        "num_samples": num_samples,
+        "num_loss_tokens": num_loss_tokens,
+        "num_image_tokens": num_image_tokens,
+        "num_text_tokens": num_text_tokens,
+        "padding_share": num_pad_tokens / max(1, num_positions),
+        "samples_per_s": num_samples / elapsed,
+        "loss_tokens_per_s": num_loss_tokens / elapsed,
+        "tokens_per_s": (num_image_tokens + num_text_tokens) / elapsed,
+        "vision_tokens_per_s": num_image_tokens / elapsed,
+        "text_tokens_per_s": num_text_tokens / elapsed,
+        "step_time_s": elapsed,
+    }
+
+
 def prepare_optimization(
     accelerator: Accelerator,
     forward: nn.Module,
