@@ -103,67 +103,71 @@ def train(config: MPOConfig) -> dict[str, Any]:
 
 
 def _train(config: MPOConfig, accelerator: Accelerator, stop: StopRequest) -> dict[str, Any]:
-    m, d, t, o = config.model, config.data, config.train, config.mpo
-    set_seed(t.seed)
-    output_dir, resume_dir = prepare_output_dir(accelerator, t)
+    model_args, data_args, train_args, mpo_args = config.model, config.data, config.train, config.mpo
+    set_seed(train_args.seed)
+    output_dir, resume_dir = prepare_output_dir(accelerator, train_args)
     objective = build_objective(config)
 
     # Model: load, then the original order of DropPath, freezing, LoRA, checkpointing.
-    model, tokenizer = prepare_policy(m)
+    model, tokenizer = prepare_policy(model_args)
     num_trainable, num_total = count_parameters(model)
 
     # Data: meta -> records -> pairs -> this rank's [prompt | chosen | rejected] micro-batches.
-    settings = sample_settings(d, model.config)
+    settings = sample_settings(data_args, model.config)
     builder = PairBuilder(SampleBuilder(tokenizer, settings))
     dataset = RecordDataset(
-        d.meta_path, builder, seed=t.seed, on_bad_sample=d.on_bad_sample, require_data_augment=False
+        data_args.meta_path,
+        builder,
+        seed=train_args.seed,
+        on_bad_sample=data_args.on_bad_sample,
+        require_data_augment=False,
     )
-    sampler = make_sampler(len(dataset), t, accelerator)
+    sampler = make_sampler(len(dataset), train_args, accelerator)
     collate = partial(
         pair_collate,
         pad_token_id=tokenizer.pad_token_id,
         dummy_tile=blank_tile(settings.image_size, settings.normalize_type),
-        mode=o.pair_layout,
+        mode=mpo_args.pair_layout,
     )
-    total_steps, warmup_steps = schedule_lengths(sampler, t)
+    total_steps, warmup_steps = schedule_lengths(sampler, train_args)
 
     # Reference: a frozen copy, the LoRA-disabled policy, or precomputed log-probs (no second model).
-    if o.reference == "precomputed":
+    if mpo_args.reference == "precomputed":
         reference = ReferenceCache.load(
             reference_cache_path(config),
-            fingerprint=weights_fingerprint(m.model_name_or_path),
+            fingerprint=weights_fingerprint(model_args.model_name_or_path),
             settings=cache_settings(settings),
         )
         # Every pair, its images' and videos' bytes included, before the first step: a stale cache stops here.
         reference.check(dataset, progress=accelerator.is_main_process)
-    elif o.reference == "lora_disabled":
+    elif mpo_args.reference == "lora_disabled":
         reference = LiveReference(model, disable_lora_of=model)
     else:
         reference_model, _ = load_model(
-            m.model_name_or_path,
-            dtype=torch.bfloat16 if t.bf16 else torch.float32,
-            attn_implementation=m.attn_implementation,
+            model_args.model_name_or_path,
+            dtype=torch.bfloat16 if train_args.bf16 else torch.float32,
+            attn_implementation=model_args.attn_implementation,
         )
         reference = LiveReference(frozen_copy(reference_model).to(accelerator.device))
 
-    uses_lora = bool(m.use_llm_lora or m.use_backbone_lora)
+    uses_lora = bool(model_args.use_llm_lora or model_args.use_backbone_lora)
     running = RunningRewardMean()
     forward, optimizer, scheduler, state = prepare_optimization(
         accelerator,
         InternVLTrainingForward(model),
-        t,
+        train_args,
         total_steps,
         warmup_steps,
         uses_lora=uses_lora,
         resume_dir=resume_dir,
         checkpointed=[running],
     )
-    micro_batches = data_stream(dataset, sampler, collate, state, t, d.dataloader_num_workers)
+    micro_batches = data_stream(dataset, sampler, collate, state, train_args, data_args.dataloader_num_workers)
 
     metrics = MetricsWriter(
         output_dir,
         enabled=accelerator.is_main_process,
-        tensorboard=t.report_to == "tensorboard",
+        tensorboard=train_args.report_to == "tensorboard",
         start_step=state.step,
     )
     if accelerator.is_main_process:
@@ -174,7 +178,7 @@ def _train(config: MPOConfig, accelerator: Accelerator, stop: StopRequest) -> di
             num_total,
             len(dataset),
             total_steps,
-            o.reference,
+            mpo_args.reference,
         )
     progress = tqdm(total=total_steps, initial=state.step, desc="mpo", disable=not accelerator.is_main_process)
     forward.train()
@@ -183,9 +187,9 @@ def _train(config: MPOConfig, accelerator: Accelerator, stop: StopRequest) -> di
     while state.step < total_steps:
         if stop.requested(accelerator):  # Ctrl-C or SIGTERM: save this step boundary and exit
             progress.close()  # before the exit line is printed
-            save_and_stop(accelerator, state, t)
+            save_and_stop(accelerator, state, train_args)
         step_start = time.perf_counter()
-        batches = [next(micro_batches) for _ in range(micro_batches_in_step(state, sampler, t))]
+        batches = [next(micro_batches) for _ in range(micro_batches_in_step(state, sampler, train_args))]
         state.micro_batches += len(batches)
         for batch in batches:
             state.skipped += batch["skipped"]
@@ -209,7 +213,7 @@ def _train(config: MPOConfig, accelerator: Accelerator, stop: StopRequest) -> di
         empty_micro_batches = 0
 
         # Metrics stay device tensors until a logging step; stage timing waits for the device, so only then.
-        logging_step = is_logging_step(state.step + 1, t, total_steps)
+        logging_step = is_logging_step(state.step + 1, train_args, total_steps)
         clock = stage_clock(logging_step)
         sums: dict[str, torch.Tensor] = {}
         timing = {"reference_s": 0.0, "policy_s": 0.0}
@@ -258,7 +262,11 @@ def _train(config: MPOConfig, accelerator: Accelerator, stop: StopRequest) -> di
                     "logps/rejected": policy["rejected_logps"].sum(),
                 }.items():
                     sums[name] = sums.get(name, 0.0) + value.detach().double()
-        grad_norm = accelerator.clip_grad_norm_(forward.parameters(), t.max_grad_norm) if t.max_grad_norm > 0 else None
+        grad_norm = (
+            accelerator.clip_grad_norm_(forward.parameters(), train_args.max_grad_norm)
+            if train_args.max_grad_norm > 0
+            else None
+        )
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -293,8 +301,8 @@ def _train(config: MPOConfig, accelerator: Accelerator, stop: StopRequest) -> di
                     "policy_forward_time_share": timing["policy_s"] / elapsed,
                 },
             )
-        if t.save_steps and state.step % t.save_steps == 0 and state.step < total_steps:
-            save_step_checkpoint(accelerator, state, t)
+        if train_args.save_steps and state.step % train_args.save_steps == 0 and state.step < total_steps:
+            save_step_checkpoint(accelerator, state, train_args)
     progress.close()
     metrics.close()
 

@@ -42,15 +42,15 @@ def precompute_reference(config: MPOConfig) -> Path:
 
 @torch.no_grad()
 def _precompute_reference(config: MPOConfig, accelerator: Accelerator) -> Path:
-    m, d, t = config.model, config.data, config.train
-    model, tokenizer = load_model(m.model_name_or_path, attn_implementation=m.attn_implementation)
-    settings = sample_settings(d, model.config)
-    random_frames = d.video_sample == "rand" or d.min_num_frame != d.max_num_frame
+    model_args, data_args, train_args = config.model, config.data, config.train
+    model, tokenizer = load_model(model_args.model_name_or_path, attn_implementation=model_args.attn_implementation)
+    settings = sample_settings(data_args, model.config)
+    random_frames = data_args.video_sample == "rand" or data_args.min_num_frame != data_args.max_num_frame
     dataset = RecordDataset(
-        d.meta_path,
+        data_args.meta_path,
         PairBuilder(SampleBuilder(tokenizer, settings)),
-        seed=t.seed,
-        on_bad_sample=d.on_bad_sample,
+        seed=train_args.seed,
+        on_bad_sample=data_args.on_bad_sample,
         require_data_augment=False,
     )
     augmented = [e.name for e in dataset.entries if e.data_augment]
@@ -67,7 +67,7 @@ def _precompute_reference(config: MPOConfig, accelerator: Accelerator) -> Path:
     digests = MediaDigests()  # every media file read and hashed: the keys must see the bytes the model sees
     keys = pair_keys(dataset, digests, indices, progress=accelerator.is_main_process)
     pair_of = {key: pair for key, pair, _ in keys}
-    batch_size = t.per_device_train_batch_size
+    batch_size = train_args.per_device_train_batch_size
     # A pair skipped as bad keeps NaN, so the cache covers every pair of the data and training can check that.
     logps: dict[str, tuple[float, float]] = {pair: (math.nan, math.nan) for _, pair, _ in keys}
     for start in tqdm(range(0, len(indices), batch_size), desc="reference", disable=not accelerator.is_main_process):
@@ -93,7 +93,7 @@ def _precompute_reference(config: MPOConfig, accelerator: Accelerator) -> Path:
     path = reference_cache_path(config)
     if accelerator.is_main_process:
         ReferenceCache(
-            weights_fingerprint(m.model_name_or_path),
+            weights_fingerprint(model_args.model_name_or_path),
             cache_settings(settings),
             gathered,
             record_keys=record_keys,

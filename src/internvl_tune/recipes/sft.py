@@ -63,41 +63,46 @@ def train(config: SFTConfig) -> dict[str, Any]:
 
 
 def _train(config: SFTConfig, accelerator: Accelerator, stop: StopRequest) -> dict[str, Any]:
-    m, d, t = config.model, config.data, config.train
-    set_seed(t.seed)
-    output_dir, resume_dir = prepare_output_dir(accelerator, t)
+    model_args, data_args, train_args = config.model, config.data, config.train
+    set_seed(train_args.seed)
+    output_dir, resume_dir = prepare_output_dir(accelerator, train_args)
 
     # Model: load, then the original order of DropPath, freezing, LoRA, checkpointing.
-    model, tokenizer = prepare_policy(m)
+    model, tokenizer = prepare_policy(model_args)
     num_trainable, num_total = count_parameters(model)
 
     # Data: meta -> records -> samples -> this rank's padded micro-batches.
-    settings = sample_settings(d, model.config)
-    dataset = RecordDataset(d.meta_path, SampleBuilder(tokenizer, settings), seed=t.seed, on_bad_sample=d.on_bad_sample)
-    sampler = make_sampler(len(dataset), t, accelerator)
+    settings = sample_settings(data_args, model.config)
+    dataset = RecordDataset(
+        data_args.meta_path,
+        SampleBuilder(tokenizer, settings),
+        seed=train_args.seed,
+        on_bad_sample=data_args.on_bad_sample,
+    )
+    sampler = make_sampler(len(dataset), train_args, accelerator)
     collate = partial(
         pad_collate,
         pad_token_id=tokenizer.pad_token_id,
         dummy_tile=blank_tile(settings.image_size, settings.normalize_type),
     )
-    total_steps, warmup_steps = schedule_lengths(sampler, t)
+    total_steps, warmup_steps = schedule_lengths(sampler, train_args)
 
-    uses_lora = bool(m.use_llm_lora or m.use_backbone_lora)
+    uses_lora = bool(model_args.use_llm_lora or model_args.use_backbone_lora)
     forward, optimizer, scheduler, state = prepare_optimization(
         accelerator,
         InternVLTrainingForward(model),
-        t,
+        train_args,
         total_steps,
         warmup_steps,
         uses_lora=uses_lora,
         resume_dir=resume_dir,
     )
-    micro_batches = data_stream(dataset, sampler, collate, state, t, d.dataloader_num_workers)
+    micro_batches = data_stream(dataset, sampler, collate, state, train_args, data_args.dataloader_num_workers)
 
     metrics = MetricsWriter(
         output_dir,
         enabled=accelerator.is_main_process,
-        tensorboard=t.report_to == "tensorboard",
+        tensorboard=train_args.report_to == "tensorboard",
         start_step=state.step,
     )
     if accelerator.is_main_process:
@@ -112,9 +117,9 @@ def _train(config: SFTConfig, accelerator: Accelerator, stop: StopRequest) -> di
     while state.step < total_steps:
         if stop.requested(accelerator):  # Ctrl-C or SIGTERM: save this step boundary and exit
             progress.close()  # before the exit line is printed
-            save_and_stop(accelerator, state, t)
+            save_and_stop(accelerator, state, train_args)
         step_start = time.perf_counter()
-        batches = [next(micro_batches) for _ in range(micro_batches_in_step(state, sampler, t))]
+        batches = [next(micro_batches) for _ in range(micro_batches_in_step(state, sampler, train_args))]
         state.micro_batches += len(batches)
         for batch in batches:
             state.skipped += batch["skipped"]
@@ -131,7 +136,7 @@ def _train(config: SFTConfig, accelerator: Accelerator, stop: StopRequest) -> di
         empty_micro_batches = 0
 
         # Metrics stay device tensors until a logging step; stage timing waits for the device, so only then.
-        logging_step = is_logging_step(state.step + 1, t, total_steps)
+        logging_step = is_logging_step(state.step + 1, train_args, total_steps)
         sums: dict[str, torch.Tensor] = {}
         policy_forward = accelerator.unwrap_model(forward)
         policy_forward.vit_seconds, policy_forward.time_stages = 0.0, logging_step
@@ -158,7 +163,11 @@ def _train(config: SFTConfig, accelerator: Accelerator, stop: StopRequest) -> di
                     # DDP averages gradients over ranks; multiplying by the world size makes it a global sum.
                     loss = nll_sum * accelerator.num_processes / num_tokens
                 accelerator.backward(loss)
-        grad_norm = accelerator.clip_grad_norm_(forward.parameters(), t.max_grad_norm) if t.max_grad_norm > 0 else None
+        grad_norm = (
+            accelerator.clip_grad_norm_(forward.parameters(), train_args.max_grad_norm)
+            if train_args.max_grad_norm > 0
+            else None
+        )
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -185,8 +194,8 @@ def _train(config: SFTConfig, accelerator: Accelerator, stop: StopRequest) -> di
                     "vit_time_share": policy_forward.vit_seconds / elapsed,
                 },
             )
-        if t.save_steps and state.step % t.save_steps == 0 and state.step < total_steps:
-            save_step_checkpoint(accelerator, state, t)
+        if train_args.save_steps and state.step % train_args.save_steps == 0 and state.step < total_steps:
+            save_step_checkpoint(accelerator, state, train_args)
     progress.close()
     metrics.close()
 
