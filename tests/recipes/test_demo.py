@@ -12,17 +12,23 @@ def test_quick_demo_writes_a_passing_report(tmp_path, capsys):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["passed"] is True
     assert report["pass_criterion"] == "loss_decrease"
-    for when in ("accuracy_before", "accuracy_after"):
-        assert set(report[when]) == {*QUESTION_TYPES, "overall"}
-        assert all(0.0 <= value <= 1.0 for value in report[when].values())
+    # 6 steps on 24 images teach no answers yet: over seeds 0-4 every accuracy was 0 before and after (40 steps of 8
+    # took 2 minutes and still answered none), so accuracy margins belong to the full demo. What the quick demo
+    # reliably shows: the loss falls by more than 0.5 (0.94-1.21 over seeds 0-4), the random model's greedy answers
+    # are never task answers (a matching bug that counts garbage or empty answers as right would score them), and
+    # the answers after SFT are the trained model's (all 9 examples changed over seeds 0-4).
+    assert report["accuracy_before"] == {kind: 0.0 for kind in (*QUESTION_TYPES, "overall")}
+    assert set(report["accuracy_after"]) == {*QUESTION_TYPES, "overall"}
+    assert all(example["after"] != example["before"] for example in report["examples"])
     settings = report["settings"]
     assert len(report["losses"]) == settings["max_steps"]
-    assert report["losses"][-1] < report["losses"][0]
+    assert report["losses"][-1] < report["losses"][0] - 0.5
     assert report["num_eval_questions"] == settings["num_eval"] * len(QUESTION_TYPES)
     assert set(report["seconds"]) == {"data", "model", "eval_before", "train", "eval_after", "mpo", "eval_mpo", "total"}
     mpo = report["mpo"]
     assert mpo["reward_accuracy_before"]["reward_accuracy"] == 0.0  # policy == reference: zero rewards
-    assert 0.0 <= mpo["reward_accuracy_after"]["reward_accuracy"] <= 1.0
+    # The MPO model is not its reference: some held-out chosen rewards beat the rejected (0.5-0.67 over seeds 0-4).
+    assert mpo["reward_accuracy_after"]["reward_accuracy"] > 0.0
     assert len(mpo["losses"]) == settings["mpo_steps"]
     assert (tmp_path / "mpo_run" / "final" / "config.json").is_file()
     assert (tmp_path / "run" / "final" / "config.json").is_file()
