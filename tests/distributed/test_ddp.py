@@ -1,4 +1,4 @@
-"""Two CPU processes (DDP over gloo) give the same training as one process with the same global batch."""
+"""Two CPU processes (DDP over gloo) give the same training as one process with the same global batch (SFT, MPO)."""
 
 import os
 import subprocess
@@ -6,20 +6,20 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_colour_dataset
+from conftest import make_colour_dataset, make_pair_dataset
 
 from internvl_tune.training.checkpoint import checkpoint_problem
 from internvl_tune.training.metrics import read_metrics
 
 
-def _launch(num_processes: int, config: Path, *overrides: str) -> None:
-    """`internvl-tune sft` under torchrun, its ranks pinned to the CPU (gloo): on a machine with one GPU, NCCL
+def _launch(num_processes: int, config: Path, *overrides: str, command: str = "sft") -> None:
+    """`internvl-tune COMMAND` under torchrun, its ranks pinned to the CPU (gloo): on a machine with one GPU, NCCL
     refuses two ranks on the same device, and both runs compared here must run on the same device."""
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
     env |= {"CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "true"}
     result = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node", str(num_processes), "-m", "internvl_tune.cli", "sft"]
+        [str(torchrun), "--standalone", "--nproc_per_node", str(num_processes), "-m", "internvl_tune.cli", command]
         + ["--config", str(config), *overrides],
         capture_output=True,
         text=True,
@@ -49,3 +49,31 @@ def test_two_ranks_equal_one_rank(tmp_path, tiny_model_dir):
     assert checkpoint_problem(checkpoint) is None
     assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
     assert not [p for p in (tmp_path / "two").iterdir() if p.name.startswith(".")]
+
+
+def test_mpo_two_ranks_equal_one_rank_with_the_same_micro_batches(tmp_path, tiny_model_dir):
+    """MPO with δ: 2 ranks x 1 pair x accumulation 2 against 1 rank x 2 pairs x accumulation 2.
+
+    Both runs see the same pairs in the same micro-batches (rank r takes the r-th pair of each global micro-batch cut
+    from the sampler's permutation), so all is equal: the step's pair and token counts are all-reduced, DDP's
+    gradient mean times the world size is the sum, and δ folds each micro-batch's rank means (weight 1 per rank)
+    exactly as it folds the one rank's mean over both pairs. 1 rank x 1 pair x accumulation 4 sees the same pairs
+    per step but folds δ once per pair, a different δ sequence by design (tests/recipes/test_mpo.py,
+    test_bco_pair_delta_is_folded_per_micro_batch), so it is not the run compared. Accumulation on both sides
+    covers DDP's no_sync micro-batches. δ is compared itself: its effect on the loss cancels to first order (a run
+    that skipped δ's all-reduce matched these losses and gradient norms and failed only on δ)."""
+    meta = make_pair_dataset(tmp_path / "data", num=12)
+    config = tmp_path / "mpo.yaml"
+    config.write_text(
+        f"model: {{model_name_or_path: {tiny_model_dir}, grad_checkpoint: false, drop_path_rate: 0.0}}\n"
+        f"data: {{meta_path: {meta}, max_dynamic_patch: 4}}\n"
+        "train: {max_steps: 2, learning_rate: 5.0e-3, warmup_ratio: 0.0, gradient_accumulation_steps: 2}\n"
+    )
+    _launch(1, config, f"output_dir={tmp_path / 'one'}", "per_device_train_batch_size=2", command="mpo")
+    _launch(2, config, f"output_dir={tmp_path / 'two'}", "per_device_train_batch_size=1", command="mpo")
+    one, two = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
+    assert len(two) == len(one) == 2
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-5)
+    assert [r["grad_norm"] for r in two] == pytest.approx([r["grad_norm"] for r in one], rel=1e-4)
+    assert [r["delta"] for r in two] == pytest.approx([r["delta"] for r in one], rel=1e-5)
+    assert one[-1]["delta"] != 0.0  # the rewards moved: δ is compared for real
