@@ -205,3 +205,12 @@ def test_missing_and_undecodable_inputs_name_the_path(tmp_path: Path) -> None:
     (folder / "frame_1.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(DataError, match="frame_1.jpg: cannot read image"):
         read_video_frames(folder, 1, 1)
+
+
+def test_recipes_import_without_pyav():
+    """PyAV is needed only to read a video file: the GPU check machine has none."""
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['av'] = None; import internvl_tune.recipes.mpo, internvl_tune.recipes.sft, internvl_tune.cli"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -17,7 +17,6 @@ import re
 import warnings
 from pathlib import Path
 
-import av
 import numpy as np
 from PIL import Image
 
@@ -157,6 +156,7 @@ def read_video_frames(
         if clip is not None:
             warnings.warn(f"{path}: clip {clip} is ignored for a folder of frames (it has no frame rate)", stacklevel=2)
         return _read_folder(path, num_frames, sample, max_num_frames, rand)
+    av = _pyav()
     try:
         return _read_container(path, num_frames, sample, max_num_frames, clip, rand)
     except (av.error.FFmpegError, OSError) as e:
@@ -203,7 +203,7 @@ def _read_folder(
 def _read_container(
     path: Path, num_frames: int, sample: str, max_num_frames: int, clip: tuple[float, float] | None, rand: random.Random
 ) -> list[Image.Image]:
-    with av.open(str(path)) as container:
+    with _pyav().open(str(path)) as container:
         if not container.streams.video:
             raise DataError(f"{path}: no video stream")
         stream = container.streams.video[0]
@@ -246,7 +246,7 @@ def _decode(path: Path, wanted: set[int], last: int) -> tuple[dict[int, Image.Im
     """Decode front to back up to frame `last`, keeping the `wanted` frames; also return how many were decoded."""
     frames: dict[int, Image.Image] = {}
     num_decoded = 0
-    with av.open(str(path)) as container:
+    with _pyav().open(str(path)) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         for index, frame in enumerate(container.decode(stream)):
@@ -256,3 +256,12 @@ def _decode(path: Path, wanted: set[int], last: int) -> tuple[dict[int, Image.Im
             if index >= last:
                 break
     return frames, num_decoded
+
+
+def _pyav():
+    """PyAV, imported when a video file is read: image-only training (and the GPU check) runs without it."""
+    try:
+        import av
+    except ImportError as e:
+        raise DataError("reading video files needs PyAV: pip install av") from e
+    return av
