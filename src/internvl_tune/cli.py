@@ -71,7 +71,7 @@ def _check_data(args: argparse.Namespace) -> int:
         tokenizer,
         sample_settings(config.data, model_config),
         batch_size=args.batch_size or config.train.per_device_train_batch_size,
-        pairs=args.preference,
+        pairs=mpo,  # a run file with an mpo section checks pair data, like --preference
     )
     print(report.format(max_listed=args.max_listed))
     if args.json:

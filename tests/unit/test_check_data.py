@@ -83,7 +83,8 @@ def test_check_data_reads_an_original_layout_model(tmp_path, capsys):
 
 
 def test_check_data_takes_an_mpo_run_file(tmp_path, tiny_model_dir, capsys):
-    meta = make_colour_dataset(tmp_path / "data", num=4)
+    """A run file with an mpo section means pair data, with or without --preference."""
+    make_colour_dataset(tmp_path / "data", num=4)  # the images
     write_jsonl(
         tmp_path / "pairs.jsonl",
         [{"image": f"{i}.png", "question": "What colour?", "chosen": "red", "rejected": "blue"} for i in range(4)],
@@ -93,7 +94,7 @@ def test_check_data_takes_an_mpo_run_file(tmp_path, tiny_model_dir, capsys):
     )
     run_file = tmp_path / "mpo.yaml"
     run_file.write_text("data: {max_dynamic_patch: 1}\ntrain: {per_device_train_batch_size: 2}\nmpo: {beta: 0.2}\n")
-    for argv in ([str(meta)], [str(pairs), "--preference"]):
+    for argv in ([str(pairs)], [str(pairs), "--preference"]):
         assert main(["check-data", *argv, "--model", str(tiny_model_dir), "--config", str(run_file)]) == 0
         out = capsys.readouterr().out
         assert "errors: 0" in out and "padding waste at batch size 2" in out
