@@ -200,7 +200,9 @@ class SFTConfig:
         if t.max_steps <= 0 and t.num_train_epochs <= 0:
             raise ConfigError("set max_steps > 0 or num_train_epochs > 0")
         if t.overwrite_output_dir and t.resume_from_checkpoint:
-            raise ConfigError("train.overwrite_output_dir deletes what train.resume_from_checkpoint would resume; set one")
+            raise ConfigError(
+                "train.overwrite_output_dir deletes what train.resume_from_checkpoint would resume; set one"
+            )
 
 
 @dataclass
