@@ -724,3 +724,33 @@ def write_report(path: str, text: str) -> None:
 
         atomic_write_text(path, text)
         print(f"wrote {path}")
+
+
+def trl_run_settings(args, *, output_dir: str, batch_size: int, learning_rate: float, weight_decay: float, seed: int):
+    """The TrainingArguments both TRL peers share with our recipe's run: same steps, optimizer, schedule, clipping,
+    checkpointing, precision and data order; no saves, no logging sinks."""
+    return dict(
+        output_dir=output_dir,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=1,
+        max_steps=args.steps,
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        lr_scheduler_type="cosine",
+        warmup_steps=0,
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        max_length=None,  # image tokens must never be cut
+        gradient_checkpointing=args.grad_checkpoint,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        bf16=args.bf16,
+        use_cpu=args.device == "cpu",
+        train_sampling_strategy="sequential",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=seed,
+        disable_tqdm=True,
+    )

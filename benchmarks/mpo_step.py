@@ -257,32 +257,17 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
     dataset = Dataset.from_list([{"image": str(i), "index": i} for i in range(len(pairs))])
     clock = common.step_clock()
     config = DPOConfig(
-        output_dir=str(workdir / "runs" / "trl"),
         loss_type=LOSS_TYPES,
         loss_weights=LOSS_WEIGHTS,
         beta=BETA,
-        per_device_train_batch_size=args.pairs_per_step,
-        gradient_accumulation_steps=1,
-        max_steps=args.steps,
-        learning_rate=LEARNING_RATE,
-        weight_decay=0.05,
-        lr_scheduler_type="cosine",
-        warmup_steps=0,
-        max_grad_norm=1.0,
-        optim="adamw_torch",
-        max_length=None,  # image tokens must never be cut
-        gradient_checkpointing=args.grad_checkpoint,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-        bf16=args.bf16,
-        use_cpu=args.device == "cpu",
-        train_sampling_strategy="sequential",
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        seed=SEED,
-        disable_tqdm=True,
+        **common.trl_run_settings(
+            args,
+            output_dir=str(workdir / "runs" / "trl"),
+            batch_size=args.pairs_per_step,
+            learning_rate=LEARNING_RATE,
+            weight_decay=0.05,
+            seed=SEED,
+        ),
     )
     trainer = DPOTrainer(
         model=model,

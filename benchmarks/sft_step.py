@@ -212,29 +212,14 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
     clock = common.step_clock()
     counts: list[int] = []
     config = SFTConfig(
-        output_dir=str(workdir / "runs" / "trl"),
-        per_device_train_batch_size=args.samples_per_step,
-        gradient_accumulation_steps=1,
-        max_steps=args.steps,
-        learning_rate=LEARNING_RATE,
-        weight_decay=WEIGHT_DECAY,
-        lr_scheduler_type="cosine",
-        warmup_steps=0,
-        max_grad_norm=1.0,
-        optim="adamw_torch",
-        max_length=None,  # image tokens must never be cut
-        gradient_checkpointing=args.grad_checkpoint,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-        bf16=args.bf16,
-        use_cpu=args.device == "cpu",
-        train_sampling_strategy="sequential",
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        seed=SEED,
-        disable_tqdm=True,
+        **common.trl_run_settings(
+            args,
+            output_dir=str(workdir / "runs" / "trl"),
+            batch_size=args.samples_per_step,
+            learning_rate=LEARNING_RATE,
+            weight_decay=WEIGHT_DECAY,
+            seed=SEED,
+        )
     )
     trainer = SFTTrainer(
         model=model,
