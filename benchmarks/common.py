@@ -739,7 +739,7 @@ def trl_run_settings(args, *, output_dir: str, batch_size: int, learning_rate: f
         lr_scheduler_type="cosine",
         warmup_steps=0,
         max_grad_norm=1.0,
-        optim="adamw_torch",
+        optim="adamw_torch_fused",  # the Trainer's default, and the kernel our recipes use
         max_length=None,  # image tokens must never be cut
         gradient_checkpointing=args.grad_checkpoint,
         gradient_checkpointing_kwargs={"use_reentrant": False},

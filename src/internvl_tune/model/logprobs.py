@@ -38,22 +38,29 @@ class _LinearTargetLogps(torch.autograd.Function):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
+        # One chunk: its [V, D] product is the gradient, in the weight's dtype. Several: summed in place into one
+        # fp32 buffer (addmm_), so no second [V, D] temporary exists beside the sum.
+        single_chunk = hidden.shape[0] <= ctx.chunk_size
+        grad_weight = None
+        if need_weight and not single_chunk:
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32)
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             end = start + ctx.chunk_size
             h = hidden[start:end]
             logits = torch.nn.functional.linear(h, weight, bias).float()
             g = grad_out[start:end, None].float()
-            grad_logits = torch.exp(logits - lse[start:end, None]).mul_(-g)  # -g * softmax
+            grad_logits = logits.sub_(lse[start:end, None]).exp_().mul_(-g)  # -g * softmax, in the logits' memory
             grad_logits.scatter_add_(-1, targets[start:end, None], g)  # + g * onehot
             if need_bias:
                 grad_bias += grad_logits.sum(0)
-            grad_logits = grad_logits.to(h.dtype)
             if need_hidden:
-                grad_hidden[start:end] = grad_logits @ weight
+                grad_hidden[start:end] = grad_logits.to(h.dtype) @ weight
             if need_weight:
-                grad_weight += (grad_logits.t() @ h).float()  # [V, D], summed over chunks in fp32
+                if single_chunk:
+                    grad_weight = grad_logits.to(h.dtype).t() @ h  # [V, D]
+                else:
+                    grad_weight.addmm_(grad_logits.t(), h.float())
         return (
             grad_hidden,
             grad_weight.to(weight.dtype) if need_weight else None,

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import DistributedType, broadcast_object_list
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -239,8 +239,14 @@ def prepare_optimization(
     """AdamW + schedule, wrapped by accelerate; the scheduler, the train state and `checkpointed` objects
     (with state_dict / load_state_dict) are saved in every checkpoint and restored from `resume_dir`.
     Returns (forward, optimizer, scheduler, state)."""
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     optimizer = build_optimizer(
-        forward, lr=t.learning_rate, weight_decay=t.weight_decay, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon
+        forward,
+        lr=t.learning_rate,
+        weight_decay=t.weight_decay,
+        betas=(t.adam_beta1, t.adam_beta2),
+        eps=t.adam_epsilon,
+        fused=not sharded,
     )
     scheduler = build_scheduler(optimizer, kind=t.lr_scheduler_type, warmup_steps=warmup_steps, total_steps=total_steps)
     forward, optimizer = accelerator.prepare(forward, optimizer)

@@ -10,9 +10,16 @@ from torch.optim.lr_scheduler import LambdaLR
 
 
 def build_optimizer(
-    model: nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float], eps: float
+    model: nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float], eps: float, fused: bool = True
 ) -> torch.optim.AdamW:
-    """AdamW over trainable parameters; biases, norms and layer scales (1-D tensors) get no weight decay."""
+    """AdamW over trainable parameters; biases, norms and layer scales (1-D tensors) get no weight decay.
+
+    `fused` runs PyTorch's fused AdamW kernel (CPU and CUDA): one pass over each parameter, without the
+    temporaries the default implementation allocates (on CUDA its `foreach` path holds whole-model copies of the
+    second moments during the step; on CPU one parameter's worth at a time, 310 MiB for a 151,674 x 512 fp32
+    embedding), and one kernel launch per group on CUDA. Same update up to float rounding. Sharded
+    engines (FSDP, DeepSpeed) bring their own parameter types and pass fused=False.
+    """
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -20,7 +27,7 @@ def build_optimizer(
     if not decay and not no_decay:
         raise ValueError("no trainable parameters: check the freeze_* and LoRA settings")
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps, fused=fused)
 
 
 def lr_lambda(step: int, *, warmup_steps: int, total_steps: int, kind: str) -> float:
