@@ -6,7 +6,7 @@ expanded to `<img>` + `<IMG_CONTEXT>` x (tokens x tiles) + `</img>`. With severa
 `Image-1: <image>\\nImage-2: <image>\\n` is put before the question, as the original `chat()` does for multi-image
 prompts.
 
-A LoRA adapter folder (`final_adapter/`) is refused with a message: chat with the merged `final/` that training
+A LoRA adapter folder (`final_adapter/`) is refused with a message: use the merged `final/` that training
 writes next to it, or merge the adapters into a model folder first with `internvl-tune export --merge-lora`.
 """
 
@@ -20,12 +20,34 @@ from pathlib import Path
 from typing import TextIO
 
 import torch
-from transformers import TextIteratorStreamer
+from transformers import InternVLForConditionalGeneration, PreTrainedTokenizerBase, TextIteratorStreamer
 
 from internvl_tune.checkpoints.metadata import checkpoint_sample_settings
 from internvl_tune.data.prompt import InferencePrompt, build_inference_prompt, user_turn
 from internvl_tune.data.templates import get_template, stop_token_ids
+from internvl_tune.data.transform import SampleSettings
 from internvl_tune.model.load import load_model
+
+
+def load_for_inference(
+    model_path: str | Path,
+) -> tuple[InternVLForConditionalGeneration, PreTrainedTokenizerBase, SampleSettings]:
+    """A model folder (either layout) ready to answer: the model in eval mode on the GPU in bf16 when there is one
+    (else on the CPU in fp32), its tokenizer, and the settings its prompts are built with (`SampleSettings` of the
+    checkpoint). Chat, sampling and the `hf` generation backend load models here.
+
+    Raises:
+        ValueError: a LoRA adapter folder, or a folder that is not an InternVL checkpoint.
+    """
+    if (Path(model_path) / "adapter_config.json").is_file():
+        raise ValueError(
+            f"{model_path} holds LoRA adapters only: use the merged model training wrote next to it "
+            f"(final/), or merge them first: internvl-tune export {model_path} MERGED_DIR --merge-lora"
+        )
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    model, tokenizer = load_model(model_path, dtype=dtype)
+    model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    return model, tokenizer, checkpoint_sample_settings(model_path, model.config)
 
 
 @dataclass
@@ -44,16 +66,8 @@ class ChatSession:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
-        if (Path(self.model_path) / "adapter_config.json").is_file():
-            raise ValueError(
-                f"{self.model_path} holds LoRA adapters only: chat with the merged model training wrote next to it "
-                f"(final/), or merge them first: internvl-tune export {self.model_path} MERGED_DIR --merge-lora"
-            )
-        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-        self.model, self.tokenizer = load_model(self.model_path, dtype=dtype)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model.to(self.device).eval()
-        self.settings = checkpoint_sample_settings(self.model_path, self.model.config)
+        self.model, self.tokenizer, self.settings = load_for_inference(self.model_path)
+        self.device = self.model.device
         self.template = get_template(self.settings.template)
 
     def prompt(self, messages: list[dict[str, str]], images: Sequence[str] | None = None) -> InferencePrompt:

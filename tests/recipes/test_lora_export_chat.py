@@ -89,7 +89,7 @@ def test_adapter_folder_without_merge_flag_is_refused_in_one_line(lora_run, caps
     for argv, message in (
         (["export", adapter, str(root / "refused")], "pass --merge-lora"),
         (["export", adapter, str(root / "refused"), "--base", str(root)], "used with --merge-lora only"),
-        (["chat", adapter, "Hi?"], "holds LoRA adapters only: chat with the merged model"),
+        (["chat", adapter, "Hi?"], "holds LoRA adapters only: use the merged model"),
     ):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()

@@ -15,6 +15,7 @@ the text is the system segment, that user segment and the bare "<|im_start|>assi
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -52,11 +53,26 @@ def user_turn(question: str, num_images: int) -> str:
     return "".join(f"Image-{i}: {IMAGE_PLACEHOLDER}\n" for i in range(1, num_images + 1)) + question
 
 
+def remove_image_placeholders(text: str) -> str:
+    """The text without its `<image>` placeholders, and without the `"\\n"` after each and the `Image-k: ` labels
+    `user_turn` puts before them: what is left when the images go another way (as separate parts of an API
+    message, or not at all)::
+
+        remove_image_placeholders("Image-1: <image>\\nImage-2: <image>\\nSame?") == "Same?"
+    """
+    return _PLACEHOLDER_WITH_LABEL.sub("", text).strip()
+
+
+_PLACEHOLDER_WITH_LABEL = re.compile(r"(?:Image-\d+: )?" + re.escape(IMAGE_PLACEHOLDER) + r"\n?")
+
+
 def build_inference_prompt(
     tokenizer: PreTrainedTokenizerBase,
     messages: Sequence[dict[str, str]],
     images: Sequence[str | os.PathLike[str] | Image.Image],
     settings: SampleSettings,
+    *,
+    assistant_prefill: str = "",
 ) -> InferencePrompt:
     """Token ids and tiles of a conversation for the model to continue with its answer.
 
@@ -74,6 +90,9 @@ def build_inference_prompt(
         images: image files or images already loaded, in placeholder order.
         settings: the settings the model was trained with (`sample_settings` of a run's data arguments, or the
             settings a checkpoint records).
+        assistant_prefill: the start of the answer, for the model to continue (dropout next-token prediction). It
+            follows the assistant role and is tokenized with the rest of the text, as training tokenizes the role
+            and the answer of the assistant segment together.
 
     Raises:
         ValueError: the number of `<image>` placeholders in the user turns is not the number of images.
@@ -86,6 +105,7 @@ def build_inference_prompt(
     builder = SampleBuilder(tokenizer, settings)
     media = builder.expand(Conversation(list(messages), loaded), "prompt", None, rng=None)
     text = build_generation_prompt(builder.template, media.messages, system_message=settings.system_message)
+    text += assistant_prefill
     input_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None:
         input_ids = [tokenizer.bos_token_id, *input_ids]

@@ -1,0 +1,134 @@
+"""The `hf` backend: transformers `generate` in this process, on the CPU or a GPU, prompts built as in training.
+
+Each request's prompt comes from `build_inference_prompt` (data/prompt.py), the one prompt builder of chat,
+evaluation and sampling: the checkpoint's template and system message, its images tiled by its training settings
+(`max_tiles` overrides the most tiles per image), the assistant prefill after the assistant role. A request for `n`
+texts becomes `n` rows of one batch, each row with its own copy of the image tiles; rows are padded on the LEFT
+with an explicit attention mask (`left_pad`), so a batched text equals the text generated alone (greedy decoding;
+sampled texts draw from one random stream per batch).
+
+Batches hold requests with equal sampling parameters (seeds aside), about `batch_size` rows each, and at least one
+whole request. A batch with seeded requests runs under a seed derived from theirs, inside `torch.random.fork_rng`,
+so the caller's random state is left as it was and the same requests in the same batches give the same texts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from internvl_tune.chat import load_for_inference
+from internvl_tune.data.prompt import build_inference_prompt
+from internvl_tune.data.templates import get_template, stop_token_ids
+from internvl_tune.data.transform import SampleSettings
+from internvl_tune.evaluate.generate import left_pad
+from internvl_tune.generation.base import GenerationRequest, SamplingParams, generate_all
+
+
+class HFBackend:
+    """Generation with a loaded `InternVLForConditionalGeneration` (PEFT-wrapped is fine).
+
+    Args:
+        model: the model; it is put in eval mode for each call and given back in the mode it had.
+        tokenizer: its tokenizer; `pad_token_id` must be set.
+        settings: the template, system message and image settings the model was trained with.
+        batch_size: rows (texts) per `generate` call; a request with more than `batch_size` texts runs alone.
+        max_tiles: most tiles per image (None: the settings' `max_dynamic_patch`).
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        settings: SampleSettings,
+        *,
+        batch_size: int = 8,
+        max_tiles: int | None = None,
+    ):
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token; batched generation needs one")
+        if batch_size < 1 or (max_tiles is not None and max_tiles < 1):
+            raise ValueError(f"need batch_size >= 1 and max_tiles >= 1, got {batch_size} and {max_tiles}")
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.settings = settings if max_tiles is None else replace(settings, max_dynamic_patch=max_tiles)
+        self.eos_token_id = stop_token_ids(tokenizer, get_template(self.settings.template))
+
+    @classmethod
+    def from_folder(cls, path: str | Path, *, batch_size: int = 8, max_tiles: int | None = None) -> HFBackend:
+        """Load a model folder (either layout; on the GPU in bf16 when there is one, else the CPU in fp32)."""
+        model, tokenizer, settings = load_for_inference(path)
+        return cls(model, tokenizer, settings, batch_size=batch_size, max_tiles=max_tiles)
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[list[str]]:
+        return generate_all(self, requests)
+
+    def stream(self, requests: Sequence[GenerationRequest]) -> Iterator[tuple[int, list[str]]]:
+        for batch in self._batches(requests):
+            texts = self._generate_batch([requests[i] for i in batch])
+            yield from zip(batch, texts, strict=True)
+
+    def close(self) -> None:
+        pass
+
+    def _batches(self, requests: Sequence[GenerationRequest]) -> Iterator[list[int]]:
+        """Request indices grouped by sampling parameters (seed aside), about `batch_size` rows a batch, in order of
+        each group's first request."""
+        groups: dict[SamplingParams, list[int]] = {}
+        for index, request in enumerate(requests):
+            groups.setdefault(replace(request.params, seed=None), []).append(index)
+        for params, indices in groups.items():
+            per_batch = max(1, self.batch_size // params.n)
+            for start in range(0, len(indices), per_batch):
+                yield indices[start : start + per_batch]
+
+    def _generate_batch(self, requests: list[GenerationRequest]) -> list[list[str]]:
+        params = requests[0].params
+        greedy = params.temperature == 0
+        copies = 1 if greedy else params.n  # greedy texts are all the same: generate one, repeat it
+        prompts = [
+            build_inference_prompt(
+                self.tokenizer, r.messages, list(r.images), self.settings, assistant_prefill=r.assistant_prefill
+            )
+            for r in requests
+        ]
+        rows = [p for p in prompts for _ in range(copies)]
+        input_ids, attention_mask = left_pad([p.input_ids for p in rows], self.tokenizer.pad_token_id)
+        model, device = self.model, self.model.device
+        tiles = [p.pixel_values for p in rows if p.pixel_values is not None]
+        # generate() runs the vision encoder on any `pixel_values` key, even None: pass it only with tiles.
+        images = {"pixel_values": torch.cat(tiles).to(device, model.dtype)} if tiles else {}
+        sampling = {} if greedy else {"temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p}
+        seeds = [r.params.seed for r in requests]
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+                if any(s is not None for s in seeds):
+                    torch.manual_seed(_batch_seed(seeds))
+                output = model.generate(
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention_mask.to(device),
+                    **images,
+                    max_new_tokens=params.max_new_tokens,
+                    do_sample=not greedy,
+                    **sampling,
+                    eos_token_id=self.eos_token_id,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                )  # [rows, T + new]
+        finally:
+            model.train(was_training)
+        texts = self.tokenizer.batch_decode(output[:, input_ids.shape[1] :], skip_special_tokens=True)
+        if greedy:
+            return [[text] * params.n for text in texts]
+        return [texts[i * copies : (i + 1) * copies] for i in range(len(requests))]
+
+
+def _batch_seed(seeds: list[int | None]) -> int:
+    """One seed from a batch's request seeds, the same in every process and Python version."""
+    digest = hashlib.sha256(repr(seeds).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # < 2**63, what torch.manual_seed takes

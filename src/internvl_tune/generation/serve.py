@@ -1,0 +1,280 @@
+"""A small OpenAI-compatible server for a model folder, through the `hf` backend.
+
+    python -m internvl_tune.generation.serve MODEL_DIR --port 8000
+    internvl-tune sample prompts.jsonl --backend server --base-url http://localhost:8000/v1 ...
+
+It answers `GET /v1/models` and `POST /v1/chat/completions` (the fields the `server` backend sends: `messages` with
+text and `image_url` data-URL parts, `n`, `temperature`, `top_p`, `top_k`, `max_tokens`, `seed`, and
+`continue_final_message` to continue a last assistant message). Prompts are built as `sample --backend hf` builds
+them: a user turn's images go before its text as `user_turn` places them. Each connection gets a thread; the
+requests waiting when the model is free are generated as one batch. It is for tests and for sharing one model
+between processes on one machine; for speed on GPUs serve the model with vLLM, LMDeploy or SGLang. Every choice
+reports `finish_reason` "stop" (the backend does not say whether a text hit `max_tokens`), and there is no `usage`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import io
+import json
+import logging
+import queue
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import Future
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from internvl_tune.constants import IMAGE_PLACEHOLDER
+from internvl_tune.data.prompt import user_turn
+from internvl_tune.generation.base import Backend, GenerationRequest, SamplingParams
+from internvl_tune.generation.hf import HFBackend
+
+logger = logging.getLogger(__name__)
+
+
+class _Batcher:
+    """One thread runs the backend; requests that arrive while it is busy wait and are generated together."""
+
+    def __init__(self, backend: Backend, max_batch: int):
+        self.backend, self.max_batch = backend, max_batch
+        self.queue: queue.Queue[tuple[GenerationRequest, Future]] = queue.Queue()
+        threading.Thread(target=self._run, daemon=True, name="generate").start()
+
+    def submit(self, request: GenerationRequest) -> list[str]:
+        future: Future = Future()
+        self.queue.put((request, future))
+        return future.result()
+
+    def _run(self) -> None:
+        while True:
+            batch = [self.queue.get()]
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                results = self.backend.generate([request for request, _ in batch])
+            except Exception:
+                # One bad request must not fail the others: each is run again alone, and an error goes to its own
+                # waiting handler, which answers 500.
+                for request, future in batch:
+                    try:
+                        future.set_result(self.backend.generate([request])[0])
+                    except Exception as e:
+                        future.set_exception(e)
+                continue
+            for (_, future), texts in zip(batch, results, strict=True):
+                future.set_result(texts)
+
+
+class ChatCompletionsServer(ThreadingHTTPServer):
+    """`ThreadingHTTPServer` serving one model; `max_in_flight` is the most requests it has held at once."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], backend: Backend, *, model_name: str, max_batch: int = 16):
+        super().__init__(address, _Handler)
+        self.model_name = model_name
+        self.batcher = _Batcher(backend, max_batch)
+        self.lock = threading.Lock()
+        self.in_flight = self.max_in_flight = self.num_requests = 0
+
+    @property
+    def base_url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+
+class RequestError(ValueError):
+    """A request the server cannot take (answered 400)."""
+
+
+def parse_chat_request(body: dict[str, Any]) -> GenerationRequest:
+    """An OpenAI chat-completions body as a `GenerationRequest` (the images decoded, placeholders placed).
+
+    Raises:
+        RequestError: a malformed body (no messages, an unknown part type, an image that is not a data URL, ...).
+    """
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("'messages' must be a non-empty list")
+    turns: list[dict[str, str]] = []
+    images: list[Image.Image] = []
+    for message in messages:
+        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
+            raise RequestError("each message needs a role: system, user or assistant")
+        content = message.get("content")
+        if isinstance(content, str):
+            turns.append({"role": message["role"], "content": content})
+            continue
+        if not isinstance(content, list):
+            raise RequestError("a message's content must be a string or a list of parts")
+        texts, turn_images = [], []
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                texts.append(str(part.get("text", "")))
+            elif kind == "image_url":
+                turn_images.append(_decode_image((part.get("image_url") or {}).get("url", "")))
+            else:
+                raise RequestError(f"unsupported content part type {kind!r}; use text or image_url")
+        text = "\n".join(texts)
+        if turn_images and message["role"] != "user":
+            raise RequestError("images are only allowed in user messages")
+        if turn_images and IMAGE_PLACEHOLDER not in text:
+            text = user_turn(text, len(turn_images))
+        turns.append({"role": message["role"], "content": text})
+        images += turn_images
+    num_placeholders = sum(t["content"].count(IMAGE_PLACEHOLDER) for t in turns if t["role"] == "user")
+    if num_placeholders != len(images):
+        raise RequestError(f"{num_placeholders} <image> placeholders in the user messages for {len(images)} images")
+    prefill = ""
+    if body.get("continue_final_message"):
+        if turns[-1]["role"] != "assistant":
+            raise RequestError("continue_final_message needs a last assistant message")
+        prefill = turns.pop()["content"]
+    if not turns or turns[-1]["role"] != "user":
+        raise RequestError("the conversation must end with a user message (or set continue_final_message)")
+    top_k = int(body.get("top_k") or 0)
+    try:
+        params = SamplingParams(
+            n=int(body.get("n") or 1),
+            temperature=float(body.get("temperature", 1.0)),
+            top_k=max(top_k, 0),  # vLLM spells "no limit" -1
+            top_p=float(body.get("top_p", 1.0)),
+            max_new_tokens=int(body.get("max_tokens") or body.get("max_completion_tokens") or 256),
+            seed=None if body.get("seed") is None else int(body["seed"]),
+        )
+    except (TypeError, ValueError) as e:
+        raise RequestError(str(e)) from e
+    return GenerationRequest(turns, images, params, assistant_prefill=prefill)
+
+
+def _decode_image(url: str) -> Image.Image:
+    if not url.startswith("data:") or ";base64," not in url:
+        raise RequestError("images must be base64 data URLs (data:image/png;base64,...); this server fetches nothing")
+    try:
+        image = Image.open(io.BytesIO(base64.b64decode(url.split(";base64,", 1)[1], validate=True)))
+        image.load()
+    except (binascii.Error, UnidentifiedImageError, OSError) as e:
+        raise RequestError(f"an image_url is not a readable image: {e}") from e
+    return image.convert("RGB")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: ChatCompletionsServer
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:  # noqa: N802 (the http.server spelling)
+        if self.path.rstrip("/") in ("/v1/models", "/models"):
+            model = {"id": self.server.model_name, "object": "model", "owned_by": "internvl-tune"}
+            self._send(200, {"object": "list", "data": [model]})
+        elif self.path.rstrip("/") == "/health":
+            self._send(200, {"status": "ok"})
+        else:
+            self._send(404, {"error": {"message": f"no route {self.path}"}})
+
+    def do_POST(self) -> None:  # noqa: N802
+        if self.path.rstrip("/") not in ("/v1/chat/completions", "/chat/completions"):
+            self._send(404, {"error": {"message": f"no route {self.path}"}})
+            return
+        server = self.server
+        with server.lock:
+            server.in_flight += 1
+            server.num_requests += 1
+            server.max_in_flight = max(server.max_in_flight, server.in_flight)
+        try:
+            try:
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                request = parse_chat_request(body)
+            except (ValueError, TypeError) as e:  # RequestError, bad JSON
+                self._send(400, {"error": {"message": str(e), "type": "invalid_request_error"}})
+                return
+            try:
+                texts = server.batcher.submit(request)
+            except Exception as e:  # the model failed on this request: the client sees why
+                logger.exception("generation failed")
+                self._send(500, {"error": {"message": f"{type(e).__name__}: {e}", "type": "server_error"}})
+                return
+            choices = [
+                {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                for i, text in enumerate(texts)
+            ]
+            self._send(
+                200,
+                {
+                    "id": f"chatcmpl-{uuid.uuid4().hex}",
+                    "object": "chat.completion",
+                    "created": int(time.time()),
+                    "model": server.model_name,
+                    "choices": choices,
+                },
+            )
+        finally:
+            with server.lock:
+                server.in_flight -= 1
+
+    def _send(self, status: int, payload: dict) -> None:
+        data = json.dumps(payload, ensure_ascii=False).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the http.server signature)
+        logger.debug(format, *args)
+
+
+def start_server(
+    backend: Backend, *, host: str = "127.0.0.1", port: int = 0, model_name: str = "internvl", max_batch: int = 16
+) -> ChatCompletionsServer:
+    """Serve `backend` in a background thread (port 0: a free port; see `server.base_url`); `shutdown()` stops it."""
+    server = ChatCompletionsServer((host, port), backend, model_name=model_name, max_batch=max_batch)
+    threading.Thread(target=server.serve_forever, daemon=True, name="serve").start()
+    return server
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m internvl_tune.generation.serve",
+        description="Serve a model folder as an OpenAI-compatible chat-completions API (transformers generate).",
+    )
+    parser.add_argument("model", help="model folder (either layout)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--model-name", help="the name clients ask for (default: the folder's name)")
+    parser.add_argument("--max-tiles", type=int, help="most tiles per image (default: the checkpoint's setting)")
+    parser.add_argument("--batch-size", type=int, default=8, help="texts per generate call")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if not Path(args.model).is_dir():
+            raise FileNotFoundError(f"{args.model}: no such folder")
+        backend = HFBackend.from_folder(args.model, batch_size=args.batch_size, max_tiles=args.max_tiles)
+        server = ChatCompletionsServer(
+            (args.host, args.port), backend, model_name=args.model_name or Path(args.model).resolve().name
+        )
+    except (ValueError, OSError) as e:
+        print(f"error: {' '.join(str(e).splitlines())}", file=sys.stderr)
+        return 2
+    print(f"serving {args.model} as {server.model_name!r} at {server.base_url}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
