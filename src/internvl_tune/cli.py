@@ -150,6 +150,132 @@ def _chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generation_backend(args: argparse.Namespace):
+    """The backend `sample` and `dropout-ntp` generate with, its options checked before a model is loaded."""
+    if args.backend == "server":
+        if not args.base_url or args.model:
+            raise ValueError("--backend server takes --base-url (and --model-name), not --model")
+        from internvl_tune.generation.server import ServerBackend
+
+        return ServerBackend(
+            args.base_url, model_name=args.model_name, api_key=args.api_key, max_concurrency=args.max_concurrency
+        )
+    if not args.model or args.base_url:
+        raise ValueError("--backend hf takes --model MODEL_DIR (a server is used with --backend server --base-url)")
+    _existing_folder(args.model)
+    import os
+
+    import torch
+
+    from internvl_tune.generation.hf import HFBackend
+
+    if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:  # one GPU per process under torchrun
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    return HFBackend.from_folder(args.model, batch_size=args.batch_size, max_tiles=args.max_tiles)
+
+
+def _generation_run(args: argparse.Namespace, default_n: int, max_new_tokens: int) -> dict:
+    """The sampling parameters, shard and selection shared by `sample` and `dropout-ntp`, checked."""
+    from internvl_tune.generation.base import SamplingParams
+    from internvl_tune.preference_data.resumable import shard_from_env
+
+    for path in args.inputs:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: no such file")
+    shard_index, num_shards = shard_from_env() if args.shard_index is None else (args.shard_index, args.num_shards)
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(f"need 0 <= --shard-index < --num-shards, got {shard_index} and {num_shards}")
+    if args.sample_max_num is not None and args.sample_max_num < 1:
+        raise ValueError(f"--sample-max-num must be >= 1, got {args.sample_max_num}")
+    params = SamplingParams(
+        n=default_n if args.num_return_sequences is None else args.num_return_sequences,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        max_new_tokens=max_new_tokens if args.max_new_tokens is None else args.max_new_tokens,
+        seed=args.seed,
+    )
+    return dict(
+        params=params,
+        image_root=args.image_root,
+        sample_max_num=args.sample_max_num,
+        sample_start_idx=args.sample_start_idx,
+        shard_index=shard_index,
+        num_shards=num_shards,
+        progress=not args.no_progress,
+    )
+
+
+def _print_run(summary, what: str) -> None:
+    print(
+        f"{summary.output}: {summary.num_written} {what} written; {summary.num_requests} inputs generated for, "
+        f"{summary.num_complete} complete before"
+        + (f", {summary.num_duplicates} duplicate inputs skipped" if summary.num_duplicates else "")
+        + (f", {summary.num_skipped} identical to chosen not written" if summary.num_skipped else "")
+    )
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from internvl_tune.preference_data.prompts import version_for_file
+    from internvl_tune.preference_data.sample import DEFAULT_SAMPLING, sample_responses
+
+    run = _generation_run(args, DEFAULT_SAMPLING.n, DEFAULT_SAMPLING.max_new_tokens)
+    for path in args.inputs:
+        version_for_file(args.prompt_version, path)
+    backend = _generation_backend(args)
+    try:
+        for path in args.inputs:
+            _print_run(
+                sample_responses(backend, path, args.out, prompt_version=args.prompt_version, **run), "responses"
+            )
+    finally:
+        backend.close()
+    return 0
+
+
+def _dropout_ntp(args: argparse.Namespace) -> int:
+    from internvl_tune.preference_data.dropout_ntp import DEFAULT_SAMPLING, dropout_ntp
+
+    run = _generation_run(args, DEFAULT_SAMPLING.n, DEFAULT_SAMPLING.max_new_tokens)
+    if not 0 <= args.start_ratio < 1:
+        raise ValueError(f"--start-ratio must be in [0, 1), got {args.start_ratio}")
+    backend = _generation_backend(args)
+    try:
+        for path in args.inputs:
+            _print_run(dropout_ntp(backend, path, args.out, start_ratio=args.start_ratio, **run), "pairs")
+    finally:
+        backend.close()
+    return 0
+
+
+def _add_generation_args(parser: argparse.ArgumentParser, *, n_default: int, max_new_tokens: int) -> None:
+    """Options of `sample` and `dropout-ntp`: the backend, the sampling parameters, selection and sharding."""
+    parser.add_argument("--out", required=True, help="output folder (the output file takes the input's name)")
+    backend = parser.add_argument_group("backend")
+    backend.add_argument("--backend", choices=["hf", "server"], default="hf", help="hf: transformers in this process")
+    backend.add_argument("--model", help="model folder (--backend hf)")
+    backend.add_argument("--batch-size", type=int, default=8, help="texts per generate call (hf)")
+    backend.add_argument("--max-tiles", type=int, help="most tiles per image (hf; default: the checkpoint's)")
+    backend.add_argument("--base-url", help="OpenAI-compatible API root, e.g. http://localhost:8000/v1 (server)")
+    backend.add_argument("--model-name", help="served model name (server; default: the first it lists)")
+    backend.add_argument("--api-key", help="bearer token (server; default: $OPENAI_API_KEY)")
+    backend.add_argument("--max-concurrency", type=int, default=8, help="most requests in flight (server)")
+    sampling = parser.add_argument_group("sampling")
+    sampling.add_argument("--num-return-sequences", type=int, help=f"texts per input (default {n_default})")
+    sampling.add_argument("--temperature", type=float, default=0.7)
+    sampling.add_argument("--top-k", type=int, default=50, help="0: no limit")
+    sampling.add_argument("--top-p", type=float, default=1.0)
+    sampling.add_argument("--max-new-tokens", type=int, help=f"default {max_new_tokens}")
+    sampling.add_argument("--seed", type=int, default=0, help="base seed; each input's draws derive from it")
+    data = parser.add_argument_group("inputs")
+    data.add_argument("--image-root", help="folder image paths are relative to (default: the input file's)")
+    data.add_argument("--sample-max-num", type=int, help="use at most this many input lines, evenly spaced")
+    data.add_argument("--sample-start-idx", type=int, default=0, help="the first of them")
+    data.add_argument("--shard-index", type=int, help="this process's shard (default: $RANK under torchrun, else 0)")
+    data.add_argument("--num-shards", type=int, default=1, help="processes sharing the inputs ($WORLD_SIZE)")
+    data.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def _demo(args: argparse.Namespace) -> int:
     from internvl_tune.config import set_field, split_override
     from internvl_tune.demo.run import DemoSettings, run_demo
@@ -162,6 +288,22 @@ def _demo(args: argparse.Namespace) -> int:
         set_field(settings, key, value, f"override {override!r}")
     report = run_demo(settings)
     return 0 if report["passed"] else 1
+
+
+def _build_pairs(args: argparse.Namespace) -> int:
+    from internvl_tune.preference_data.pairs import build_pairs
+
+    summary = build_pairs(
+        args.responses,
+        args.out,
+        num_pairs_per_key=args.num_pairs_per_key,
+        seed=args.seed,
+        answer_fix=args.answer_fix,
+        scorers=args.scorers,
+        image_root=args.image_root,
+    )
+    print(summary.format())
+    return 0 if summary.meta_path else 1
 
 
 def _fields_help(mpo: bool = False) -> str:
@@ -289,6 +431,38 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--top-p", type=float, default=1.0)
     chat.set_defaults(func=_chat)
 
+    from internvl_tune.preference_data.prompts import DEFAULT_PROMPT_VERSION, PROMPT_VERSIONS
+
+    sample = sub.add_parser(
+        "sample",
+        help="sample answers to questions with a ground truth (for build-pairs)",
+        description="Answer each question of a prompt JSONL ({image, question, answer}) many times, in a prompt "
+        "version of the original MMPR pipeline, with transformers (--backend hf) or an OpenAI-compatible server "
+        "(--backend server: vLLM, LMDeploy, SGLang). Resumable: a stopped run continues where it stopped.",
+    )
+    sample.add_argument("inputs", nargs="+", metavar="PROMPTS", help="prompt JSONL file(s)")
+    sample.add_argument(
+        "--prompt-version",
+        choices=list(PROMPT_VERSIONS),
+        default=DEFAULT_PROMPT_VERSION,
+        help="how the question is wrapped; a file name with _zh_ switches en to zh (default %(default)s, as the "
+        "InternVL3 data scripts)",
+    )
+    _add_generation_args(sample, n_default=32, max_new_tokens=4096)
+    sample.set_defaults(func=_sample)
+
+    dropout = sub.add_parser(
+        "dropout-ntp",
+        help="rejected answers by dropout next-token prediction (for open-ended questions)",
+        description="For each {image, question, chosen} line, keep the first --start-ratio of the chosen answer's "
+        "words and let the model continue it without the image; rejected = prefix + continuation. Writes pair JSONL "
+        "and a meta JSON for `internvl-tune mpo`. Resumable like sample.",
+    )
+    dropout.add_argument("inputs", nargs="+", metavar="PAIRS", help="JSONL file(s) with question and chosen")
+    dropout.add_argument("--start-ratio", type=float, default=0.5, help="share of the chosen answer's words kept")
+    _add_generation_args(dropout, n_default=1, max_new_tokens=2048)
+    dropout.set_defaults(func=_dropout_ntp)
+
     demo = sub.add_parser(
         "demo",
         help="tiny end-to-end run on a synthetic visual task (CPU, minutes)",
@@ -299,6 +473,40 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a shortened setting (for tests)")
     demo.add_argument("overrides", nargs="*", help="DemoSettings field=value overrides")
     demo.set_defaults(func=_demo)
+
+    from internvl_tune.judge import SCORERS
+    from internvl_tune.preference_data.pairs import DEFAULT_NUM_PAIRS_PER_KEY
+
+    pairs = sub.add_parser(
+        "build-pairs",
+        help="sampled responses -> preference pairs by correctness",
+        description="Judge each response of `sample`'s output against its ground truth and pair correct with "
+        "incorrect (and with unparseable) responses of the same question. Writes the MMPR layout (raw/, pos_items/, "
+        "neg_items/) and meta.json for `internvl-tune mpo`. Exits 1 when no pair could be built.",
+    )
+    pairs.add_argument(
+        "responses", nargs="+", help="response JSONL files or folders of them (a file and its shards: one dataset)"
+    )
+    pairs.add_argument("--out", required=True, help="output folder")
+    pairs.add_argument(
+        "--num-pairs-per-key", type=int, default=DEFAULT_NUM_PAIRS_PER_KEY, help="most pairs of each kind per question"
+    )
+    pairs.add_argument("--seed", type=int, default=0, help="seeds the draw when a question has more pairs")
+    pairs.add_argument(
+        "--answer-fix",
+        action="store_true",
+        help="write correct answers as the ground truth spells them ('60°' -> '60')",
+    )
+    pairs.add_argument(
+        "--scorers",
+        default="auto",
+        help="auto (by each record's source, else the file name), a kind (chartqa, docvqa, default, ...) or a "
+        f"comma list of {', '.join(SCORERS)}",
+    )
+    pairs.add_argument(
+        "--image-root", help="folder the image paths are relative to (as given to sample; needed for relative paths)"
+    )
+    pairs.set_defaults(func=_build_pairs)
     return parser
 
 
