@@ -1,0 +1,280 @@
+"""Generation backends on the tiny model: the `hf` backend (batching exact, seeded, prefill as training tokenizes
+it), the `server` client against serve.py on localhost (n > 1, prefill, concurrency bound, retries, errors)."""
+
+import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+from PIL import Image
+
+from internvl_tune.cli import main
+from internvl_tune.data.prompt import build_inference_prompt, remove_image_placeholders
+from internvl_tune.data.transform import SampleBuilder, SampleSettings
+from internvl_tune.generation.base import GenerationRequest, SamplingParams, generate_all
+from internvl_tune.generation.hf import HFBackend
+from internvl_tune.generation.serve import parse_chat_request, start_server
+from internvl_tune.generation.server import ServerBackend, ServerError, to_openai_messages
+from internvl_tune.testing.tiny import build_tiny_model
+
+GREEDY = SamplingParams(n=2, temperature=0, max_new_tokens=6)
+
+
+@pytest.fixture(scope="module")
+def hf_backend():
+    model, tokenizer = build_tiny_model(seed=0)
+    settings = SampleSettings(
+        system_message="You are a helpful assistant.", image_size=56, num_image_token=4, max_dynamic_patch=2
+    )
+    return HFBackend(model.eval(), tokenizer, settings, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def hf_server(hf_backend):
+    server = start_server(hf_backend, model_name="tiny")
+    yield server
+    server.shutdown()
+
+
+def user(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def requests_of_every_shape(params: SamplingParams = GREEDY) -> list[GenerationRequest]:
+    """Prompts of different lengths: 1 tile, 3 tiles (2x1 grid + thumbnail), two images, none, and a prefill."""
+    red, blue = Image.new("RGB", (56, 56), (255, 0, 0)), Image.new("RGB", (112, 56), (0, 0, 255))
+    return [
+        GenerationRequest(user("<image>\nWhat colour is the shape?"), [red], params),
+        GenerationRequest(user("<image>\nHow many shapes are there?"), [blue], params),
+        GenerationRequest(user("Image-1: <image>\nImage-2: <image>\nSame?"), [red, blue], params),
+        GenerationRequest(user("Hello!"), [], params),
+        GenerationRequest(user("Describe the image."), [], params, assistant_prefill="There are two"),
+    ]
+
+
+def test_hf_batched_equals_one_at_a_time(hf_backend):
+    requests = requests_of_every_shape()
+    batched = hf_backend.generate(requests)
+    single = [
+        HFBackend(hf_backend.model, hf_backend.tokenizer, hf_backend.settings, batch_size=1).generate([r])[0]
+        for r in requests
+    ]
+    assert batched == single
+    assert all(len(texts) == 2 and texts[0] == texts[1] for texts in batched)  # greedy: n copies of one text
+    assert len({texts[0] for texts in batched}) > 1  # the prompts differ, and so do the answers
+
+
+def test_hf_sampling_is_seeded_and_leaves_the_callers_random_state(hf_backend):
+    params = SamplingParams(n=4, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=6, seed=3)
+    requests = requests_of_every_shape(params)[:2]
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    first = hf_backend.generate(requests)
+    assert torch.equal(torch.rand(3), expected_next)
+    assert hf_backend.generate(requests) == first
+    assert len(set(first[0])) > 1  # four draws, not one text four times
+    other_seed = [
+        GenerationRequest(r.messages, r.images, SamplingParams(**{**vars(params), "seed": 4})) for r in requests
+    ]
+    assert hf_backend.generate(other_seed) != first
+
+
+def test_prefill_prompt_is_the_training_sample_up_to_the_prefix(hf_backend):
+    """The assistant prefill is tokenized as training tokenizes the answer: the prompt with prefill "The answer is"
+    is the start of the training sample whose answer is "The answer is yes."."""
+    tokenizer, settings = hf_backend.tokenizer, hf_backend.settings
+    prompt = build_inference_prompt(tokenizer, user("Hello!"), [], settings, assistant_prefill="The answer is")
+    record = {"conversations": [{"from": "human", "value": "Hello!"}, {"from": "gpt", "value": "The answer is yes."}]}
+    sample = SampleBuilder(tokenizer, settings)(record, "test:1", None, rng=None)
+    assert sample["input_ids"][: len(prompt.input_ids)].tolist() == prompt.input_ids
+    assert tokenizer.decode(sample["input_ids"][len(prompt.input_ids) :]) == " yes.<|im_end|>\n"
+
+
+def test_openai_messages_put_images_first_and_drop_placeholders():
+    request = requests_of_every_shape()[2]
+    (message,) = to_openai_messages(request)
+    assert [p["type"] for p in message["content"]] == ["image_url", "image_url", "text"]
+    assert message["content"][0]["image_url"]["url"].startswith("data:image/png;base64,")
+    assert message["content"][2]["text"] == "Same?"
+    assert remove_image_placeholders("<image>\nHow many?") == "How many?"
+    # ... and serve.py puts them back where the hf backend has them
+    parsed = parse_chat_request({"messages": to_openai_messages(request)})
+    assert parsed.messages == request.messages and len(parsed.images) == 2
+    prefill = requests_of_every_shape()[4]
+    body = {"messages": to_openai_messages(prefill), "continue_final_message": True}
+    assert parse_chat_request(body).assistant_prefill == "There are two"
+
+
+def test_server_backend_equals_hf_backend(hf_backend, hf_server):
+    """Through HTTP and back (images as PNG data URLs, n > 1, prefill via continue_final_message): greedy texts are
+    the hf backend's; a seeded sampled request too (one request alone is one batch on both sides)."""
+    client = ServerBackend(hf_server.base_url, max_concurrency=3)
+    assert client.model_name == "tiny"  # the first model /models lists
+    requests = requests_of_every_shape()
+    assert client.generate(requests) == hf_backend.generate(requests)
+    sampled = requests_of_every_shape(
+        SamplingParams(n=3, temperature=0.9, top_k=20, top_p=0.9, max_new_tokens=6, seed=7)
+    )
+    assert client.generate(sampled[:1]) == hf_backend.generate(sampled[:1])
+
+
+class SlowEcho:
+    """A backend that takes `delay` seconds per call and answers '<prompt text> #k'."""
+
+    def __init__(self, delay: float = 0.0):
+        self.delay, self.calls = delay, 0
+
+    def generate(self, requests):
+        return generate_all(self, requests)
+
+    def stream(self, requests):
+        for index, request in enumerate(requests):
+            self.calls += 1
+            time.sleep(self.delay)
+            yield index, [f"{request.messages[-1]['content']} #{k}" for k in range(request.params.n)]
+
+    def close(self):
+        pass
+
+
+def test_concurrency_bound_is_respected():
+    server = start_server(SlowEcho(delay=0.05), max_batch=1)
+    try:
+        client = ServerBackend(server.base_url, max_concurrency=3)
+        requests = [GenerationRequest(user(f"q{i}"), params=SamplingParams(n=2)) for i in range(10)]
+        results = client.generate(requests)
+        assert results == [[f"q{i} #0", f"q{i} #1"] for i in range(10)]  # in request order
+        assert server.num_requests == 10
+        assert server.max_in_flight == 3
+    finally:
+        server.shutdown()
+
+
+def stub_server(statuses: list[int], choices_per_call: int | None = None):
+    """A server that answers the k-th POST with statuses[k] (then 200), and at most `choices_per_call` choices."""
+    posts = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self._send(200, {"data": [{"id": "stub"}]})
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            posts.append(body)
+            status = statuses[len(posts) - 1] if len(posts) <= len(statuses) else 200
+            if status != 200:
+                self._send(status, {"error": {"message": f"stub says {status}"}})
+                return
+            n = min(body["n"], choices_per_call or body["n"])
+            choices = [{"index": i, "message": {"content": f"seed {body.get('seed')} #{i}"}} for i in range(n)]
+            self._send(200, {"choices": choices})
+
+        def _send(self, status, payload):
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/v1", posts
+
+
+def test_retries_after_503_and_429_then_succeeds():
+    server, url, posts = stub_server([503, 429])
+    try:
+        client = ServerBackend(url, backoff_s=0.01)
+        assert client.generate([GenerationRequest(user("q"), params=SamplingParams(n=2, seed=1))]) == [
+            ["seed 1 #0", "seed 1 #1"]
+        ]
+        assert len(posts) == 3
+    finally:
+        server.shutdown()
+
+
+def test_a_server_that_ignores_n_is_asked_for_the_rest():
+    server, url, posts = stub_server([], choices_per_call=1)
+    try:
+        texts = ServerBackend(url).generate([GenerationRequest(user("q"), params=SamplingParams(n=3, seed=10))])
+        assert texts == [["seed 10 #0", "seed 11 #0", "seed 12 #0"]]  # each call a new seed: new texts
+        assert [p["n"] for p in posts] == [3, 2, 1]
+    finally:
+        server.shutdown()
+
+
+def test_client_errors_are_not_retried():
+    server, url, posts = stub_server([400])
+    try:
+        with pytest.raises(ServerError, match="HTTP 400: stub says 400"):
+            ServerBackend(url, backoff_s=0.01).generate([GenerationRequest(user("q"))])
+        assert len(posts) == 1
+    finally:
+        server.shutdown()
+
+
+def test_retries_give_up_with_the_servers_message():
+    server, url, posts = stub_server([503] * 3)
+    try:
+        with pytest.raises(ServerError, match="HTTP 503: stub says 503"):
+            ServerBackend(url, max_retries=2, backoff_s=0.01).generate([GenerationRequest(user("q"))])
+        assert len(posts) == 3
+    finally:
+        server.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_server_is_one_line_error(tmp_path, capsys):
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    with pytest.raises(ServerError, match="cannot reach the server at"):
+        ServerBackend(url)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
+    assert main(["sample", str(prompts), "--out", str(tmp_path / "out"), "--backend", "server", "--base-url", url]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot reach the server at") and "\n" not in err
+
+
+def test_server_names_a_model_it_does_not_serve(hf_server):
+    with pytest.raises(ValueError, match="does not serve 'other'; it serves tiny"):
+        ServerBackend(hf_server.base_url, model_name="other")
+
+
+def test_serve_answers_bad_requests_with_400(hf_server):
+    import urllib.error
+    import urllib.request
+
+    for body, message in (
+        ({"messages": []}, "'messages' must be a non-empty list"),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/a.png"}}]}
+                ]
+            },
+            "base64 data URLs",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "<image>\nq"}]},
+            "1 <image> placeholders in the user messages for 0 images",
+        ),
+        ({"messages": [{"role": "user", "content": "q"}], "top_p": 0}, "0 < top_p <= 1"),
+    ):
+        request = urllib.request.Request(
+            hf_server.base_url + "/chat/completions", data=json.dumps(body).encode(), method="POST"
+        )
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(request, timeout=10)
+        assert e.value.code == 400 and message in json.loads(e.value.read())["error"]["message"]
