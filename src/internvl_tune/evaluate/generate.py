@@ -7,9 +7,8 @@ expanded to `<img>` + `<IMG_CONTEXT>` x (tokens per tile x tiles) + `</img>` wit
 settings. So with 4 image tokens per tile and a 2x1 grid plus thumbnail (3 tiles), the prompt holds 12
 `<IMG_CONTEXT>` tokens and `pixel_values` is `[3, 3, S, S]`.
 
-Prompts of a batch are padded on the LEFT, with an explicit attention mask, so that every row's last prompt token
-sits at the same position and the new tokens follow it directly; `generate` derives position ids from the mask, so a
-batched answer equals the one-at-a-time answer.
+Generation runs through the `hf` backend (generation/hf.py): batched with left padding, so a batched answer
+equals the one-at-a-time answer.
 """
 
 from __future__ import annotations
@@ -17,35 +16,26 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from internvl_tune.data.prompt import InferencePrompt, build_inference_prompt, user_turn
-from internvl_tune.data.templates import get_template, stop_token_ids
 from internvl_tune.data.transform import SampleSettings
+from internvl_tune.generation.base import GenerationRequest, SamplingParams
+from internvl_tune.generation.hf import HFBackend, left_pad
+
+__all__ = ["answer_questions", "item_prompt", "left_pad"]
+
+
+def item_messages(item: dict[str, Any]) -> tuple[list[dict[str, str]], list[Any]]:
+    """The conversation and images of one `{"image": path | PIL image | None, "question": str}` item."""
+    images = [item["image"]] if item.get("image") is not None else []
+    return [{"role": "user", "content": user_turn(item["question"], len(images))}], images
 
 
 def item_prompt(tokenizer: PreTrainedTokenizerBase, item: dict[str, Any], settings: SampleSettings) -> InferencePrompt:
     """The prompt for one `{"image": path | PIL image | None, "question": str}` item."""
-    images = [item["image"]] if item.get("image") is not None else []
-    messages = [{"role": "user", "content": user_turn(item["question"], len(images))}]
+    messages, images = item_messages(item)
     return build_inference_prompt(tokenizer, messages, images, settings)
-
-
-def left_pad(sequences: Sequence[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token lists into `input_ids` and `attention_mask` `[B, T]`.
-
-    Example, pad id 9::
-
-        [[5, 6, 7], [5, 8]] -> input_ids [[5, 6, 7], [9, 5, 8]], attention_mask [[1, 1, 1], [0, 1, 1]]
-    """
-    length = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for row, ids in enumerate(sequences):
-        input_ids[row, length - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, length - len(ids) :] = 1
-    return input_ids, attention_mask
 
 
 def answer_questions(
@@ -71,32 +61,7 @@ def answer_questions(
     Returns:
         One answer per item: the new tokens decoded without special tokens, stripped.
     """
-    if tokenizer.pad_token_id is None:
-        raise ValueError("the tokenizer has no pad token; batched generation needs one")
-    eos_token_id = stop_token_ids(tokenizer, get_template(settings.template))
-    answers: list[str] = []
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(items), batch_size):
-            prompts = [item_prompt(tokenizer, item, settings) for item in items[start : start + batch_size]]
-            input_ids, attention_mask = left_pad([p.input_ids for p in prompts], tokenizer.pad_token_id)
-            tiles = [p.pixel_values for p in prompts if p.pixel_values is not None]
-            device = model.device
-            # generate() runs the vision encoder on any `pixel_values` key, even None: pass it only with tiles.
-            images = {"pixel_values": torch.cat(tiles).to(device, model.dtype)} if tiles else {}
-            with torch.no_grad():
-                output = model.generate(
-                    input_ids=input_ids.to(device),
-                    attention_mask=attention_mask.to(device),
-                    **images,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    eos_token_id=eos_token_id,
-                    pad_token_id=tokenizer.pad_token_id,
-                )  # [B, T + new]
-            new_tokens = output[:, input_ids.shape[1] :]
-            answers += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-    finally:
-        model.train(was_training)
-    return answers
+    params = SamplingParams(n=1, temperature=0, max_new_tokens=max_new_tokens)
+    requests = [GenerationRequest(*item_messages(item), params) for item in items]
+    answers = HFBackend(model, tokenizer, settings, batch_size=batch_size).generate(requests)
+    return [texts[0].strip() for texts in answers]

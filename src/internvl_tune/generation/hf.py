@@ -26,7 +26,6 @@ from internvl_tune.chat import load_for_inference
 from internvl_tune.data.prompt import build_inference_prompt
 from internvl_tune.data.templates import get_template, stop_token_ids
 from internvl_tune.data.transform import SampleSettings
-from internvl_tune.evaluate.generate import left_pad
 from internvl_tune.generation.base import GenerationRequest, SamplingParams, generate_all
 
 
@@ -126,6 +125,22 @@ class HFBackend:
         if greedy:
             return [[text] * params.n for text in texts]
         return [texts[i * copies : (i + 1) * copies] for i in range(len(requests))]
+
+
+def left_pad(sequences: Sequence[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists into `input_ids` and `attention_mask` `[B, T]`.
+
+    Example, pad id 9::
+
+        [[5, 6, 7], [5, 8]] -> input_ids [[5, 6, 7], [9, 5, 8]], attention_mask [[1, 1, 1], [0, 1, 1]]
+    """
+    length = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        input_ids[row, length - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, length - len(ids) :] = 1
+    return input_ids, attention_mask
 
 
 def _batch_seed(seeds: list[int | None]) -> int:
