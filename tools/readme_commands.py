@@ -22,6 +22,7 @@ timed out.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shlex
@@ -46,6 +47,8 @@ STANDINS = {
     "InternVL2_5-8B": "tiny ORIGINAL-layout checkpoint, InternLM2 LLM (internvl_tune.testing.original_checkpoint)",
     "data/meta.json": "8 SFT records of the demo's shapes task, images included (internvl_tune.demo.task)",
     "MMPR/meta.json": "8 MMPR pairs of the same task (internvl_tune.demo.task.make_pairs)",
+    "data/images": "the images of data/meta.json",
+    "responses": "responses as `sample` writes them to the data/ questions: one right and one wrong answer each",
     "cat.jpg": "a 160x120 JPEG of the shapes task",
     "runs/lora/final_adapter": "LoRA adapter: configs/sft/internvl2_5_2b_lora.yaml on a tiny base, 1 step",
     "configs": "a copy of the repository's configs/",
@@ -82,7 +85,7 @@ RULES = (
     Rule(r"pip install ", skip="GPU install: installs packages into the active environment"),
     Rule(r"accelerate launch --num_processes 8 ", skip="8 processes (GPUs); `...` stands for a run file"),
     Rule(r"internvl-tune (sft|mpo) ", append=tuple(APPENDED)),
-    Rule(r"internvl-tune (precompute-ref|check-data|convert|export|chat) "),
+    Rule(r"internvl-tune (precompute-ref|check-data|convert|export|chat|build-pairs) "),
 )
 
 
@@ -144,8 +147,11 @@ def unresolved_paths(commands: list[Command]) -> list[str]:
         tokens = shlex.split(command.text)
         if tokens[1] in ("convert", "export"):
             produced.add(_key(tokens[3]))  # internvl-tune convert|export SRC DST ...
+        if "--out" in tokens:
+            produced.add(_key(tokens[tokens.index("--out") + 1]))  # an output folder, and what is in it
         for path in map(_key, _named_paths(tokens)):
-            known = (REPO / path).is_file() if path.startswith("configs/") else path in STANDINS or path in produced
+            made = path in produced or any(path.startswith(folder + "/") for folder in produced)
+            known = (REPO / path).is_file() if path.startswith("configs/") else path in STANDINS or made
             if not known:
                 missing.append(f"README.md:{command.line}: {path}")
     return missing
@@ -187,7 +193,17 @@ def build_standins(root: Path) -> None:
     for seed, name in enumerate(("InternVL3-1B-hf", "InternVL3-1B-Instruct", "my-model-hf")):
         save_tiny_model(root / name, seed=seed)
     build_original_checkpoint(root / "InternVL2_5-8B", llm="internlm2")
-    make_task(root / "data", num_train=8, num_eval=1, seed=0)
+    data = make_task(root / "data", num_train=8, num_eval=1, seed=0)
+    responses = []
+    for line in data.train.read_text().splitlines():
+        record = json.loads(line)
+        question, answer = (turn["value"] for turn in record["conversations"])
+        item = {"image": record["image"], "question": question, "answer": answer, "prompt_version": "en"}
+        item["question_orig"] = question
+        for said in (answer, "I cannot tell"):
+            responses.append({**item, "response": f"I look at the image.\nI check it.\nFinal answer: {said}"})
+    (root / "responses").mkdir()
+    (root / "responses" / "shapes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in responses))
     pairs = make_pairs(make_task(root / "MMPR", num_train=8, num_eval=1, seed=1), seed=1)
     shutil.copyfile(pairs.train_meta, root / "MMPR" / "meta.json")
     draw_scene(sample_scene(random.Random(0)), noise_seed=0).convert("RGB").resize((160, 120)).save(root / "cat.jpg")

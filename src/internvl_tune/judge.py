@@ -22,19 +22,20 @@ One module for every place that grades an answer: `sample`, `build-pairs`, `eval
 2. **Scoring** (`score_answer`): a case-insensitive exact match scores 1; otherwise the best of the enabled
    scorers, each in [0, 1]; correct means a score above `CORRECT_THRESHOLD` (0.9).
 
-   ========== ========================================================== =========================================
-   scorer     rule                                                       example (prediction / truth -> score)
-   ========== ========================================================== =========================================
-   vqa        equal after the VQA normalisation (`vqa_normalize`)        "Two dogs." / "2 dogs" -> 1
-   mc         the same option letter ("A", "A.", "(A)", "A) text",       "(B) 45°" / "B" -> 1
-              "The answer is A")
-   numeric    units stripped (degree, °, %, cm, \\angle, ...), then      "30.02 cm" / "30" -> 1; "30.1" / "30"
-              relative error <= 1e-3 (exact for a truth of 0)            -> 0
-   relaxed    charts: relative error <= 5%; a 4-character "20xx" is      "10.4" / "10" -> 1; "2019" / "2020" -> 0
-              a year and must match exactly
-   anls       similarity 1 - levenshtein / longer length, 0 below 0.5    "John Smth" / "John Smith" -> 0.9
-   math_verify the math-verify package's equivalence, when installed     "\\frac{1}{2}" / "0.5" -> 1
-   ========== ========================================================== =========================================
+   =========== ========================================================= =========================================
+   scorer      rule                                                      example (prediction / truth -> score)
+   =========== ========================================================= =========================================
+   vqa         equal after the VQA normalisation (`vqa_normalize`)       "Two dogs." / "2 dogs" -> 1
+   mc          the same option letter ("A", "A.", "(A)", "A) text",      "(B) 45°" / "B" -> 1
+               "The answer is A")
+   numeric     units stripped (degree, °, %, cm, \\angle, ...), then     "30.02 cm" / "30" -> 1; "30.1" / "30"
+               relative error <= 1e-3 (exact for a truth of 0)           -> 0
+   relaxed     charts: relative error <= 5%; a 4-character "20xx" is     "10.4" / "10" -> 1; "2019" / "2020" -> 0
+               a year and must match exactly
+   anls        similarity 1 - levenshtein / longer length; 0 from a      "John Smth" / "John Smith" -> 0.9
+               normalised distance of 0.5 on
+   math_verify the math-verify package's equivalence, when installed    "\\frac{1}{2}" / "0.5" -> 1
+   =========== ========================================================= =========================================
 
    Which scorers apply comes from the data's source name as in the original (`scorers_for`): chartqa -> relaxed;
    docvqa, infographics -> anls; sroie, clevr_math, geos, geometry -> relaxed, vqa, mc, math_verify; anything
