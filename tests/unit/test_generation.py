@@ -278,3 +278,11 @@ def test_serve_answers_bad_requests_with_400(hf_server):
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(request, timeout=10)
         assert e.value.code == 400 and message in json.loads(e.value.read())["error"]["message"]
+
+
+def test_serve_command_refuses_a_missing_folder(tmp_path, capsys):
+    from internvl_tune.generation.serve import main as serve_main
+
+    assert serve_main([str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {tmp_path / 'nowhere'}: no such folder"
