@@ -49,6 +49,8 @@ STANDINS = {
     "MMPR/meta.json": "8 MMPR pairs of the same task (internvl_tune.demo.task.make_pairs)",
     "data/images": "the images of data/meta.json",
     "responses": "responses as `sample` writes them to the data/ questions: one right and one wrong answer each",
+    "data/prompts.jsonl": "the data/ questions as a prompt file: {image, question, answer}",
+    "data/captions.jsonl": "the data/ questions with their answers as chosen: {image, question, chosen}",
     "cat.jpg": "a 160x120 JPEG of the shapes task",
     "runs/lora/final_adapter": "LoRA adapter: configs/sft/internvl2_5_2b_lora.yaml on a tiny base, 1 step",
     "configs": "a copy of the repository's configs/",
@@ -56,6 +58,8 @@ STANDINS = {
 
 # Appended to commands that train: one optimizer step instead of an epoch of a real dataset.
 APPENDED = ["train.max_steps=1"]
+# Appended to commands that generate: two short answers per question instead of 32 of up to 4096 tokens.
+GENERATION_APPENDED = ("--num-return-sequences", "2", "--max-new-tokens", "8", "--no-progress")
 
 TIMEOUT_S = 300
 DEMO_TIMEOUT_S = 900  # the README says ~3 min; a busy 2-core machine takes up to three times that
@@ -85,6 +89,9 @@ RULES = (
     Rule(r"pip install ", skip="GPU install: installs packages into the active environment"),
     Rule(r"accelerate launch --num_processes 8 ", skip="8 processes (GPUs); `...` stands for a run file"),
     Rule(r"internvl-tune (sft|mpo) ", append=tuple(APPENDED)),
+    Rule(r"vllm serve ", skip="a vLLM server on a GPU"),
+    Rule(r"internvl-tune sample .*--backend server", skip="needs the vLLM server of the line before"),
+    Rule(r"internvl-tune (sample|dropout-ntp) ", append=GENERATION_APPENDED),
     Rule(r"internvl-tune (precompute-ref|check-data|convert|export|chat|build-pairs) "),
 )
 
@@ -204,6 +211,10 @@ def build_standins(root: Path) -> None:
             responses.append({**item, "response": f"I look at the image.\nI check it.\nFinal answer: {said}"})
     (root / "responses").mkdir()
     (root / "responses" / "shapes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in responses))
+    prompts = [{k: r[k] for k in ("image", "question", "answer")} for r in responses[::2]]
+    (root / "data" / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    captions = [{"image": p["image"], "question": p["question"], "chosen": p["answer"]} for p in prompts]
+    (root / "data" / "captions.jsonl").write_text("".join(json.dumps(c) + "\n" for c in captions))
     pairs = make_pairs(make_task(root / "MMPR", num_train=8, num_eval=1, seed=1), seed=1)
     shutil.copyfile(pairs.train_meta, root / "MMPR" / "meta.json")
     draw_scene(sample_scene(random.Random(0)), noise_seed=0).convert("RGB").resize((160, 120)).save(root / "cat.jpg")
