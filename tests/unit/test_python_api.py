@@ -13,7 +13,13 @@ from internvl_tune.testing.original_checkpoint import build_original_checkpoint
 from internvl_tune.testing.tiny import save_tiny_model
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "python-api.md"
-PACKAGES = ["internvl_tune.checkpoints", "internvl_tune.data", "internvl_tune.losses", "internvl_tune.model"]
+PACKAGES = [
+    "internvl_tune.checkpoints",
+    "internvl_tune.data",
+    "internvl_tune.generation",
+    "internvl_tune.losses",
+    "internvl_tune.model",
+]
 
 
 def snippets() -> list[str]:
