@@ -105,6 +105,21 @@ class DataArgs(PipelineSettings):
     """error: stop at the first bad record, naming file and line; skip: drop it, count it, report at the end."""
     dataloader_num_workers: int = 0
     """Background processes preparing batches."""
+    packing: bool = False
+    """Pack several samples (or preference pairs) into each row, isolated from each other (README "Packing");
+    per_device_train_batch_size then counts packed rows."""
+    max_packed_tokens: int = 16384
+    """Packing: most tokens in a row (the InternVL 2.5 / 3 scripts use 16384)."""
+    num_images_expected: int = 48
+    """Packing: most image tiles (and video frames) in a row (the InternVL 2.5 / 3 scripts use 48)."""
+    max_buffer_size: int = 20
+    """Packing: most rows kept open while looking for a place for each sample (more: fuller rows)."""
+    oversize_sample: Literal["error", "alone"] = "error"
+    """Packing: a sample over max_packed_tokens or num_images_expected stops the run naming its file:line (error),
+    or is trained in a row of its own (alone). Never cut."""
+    group_by_length: bool = False
+    """Without packing: batch samples of similar length together (less padding); lengths come from the length
+    cache, and each epoch's order stays random across batches."""
 
 
 @dataclass
@@ -135,6 +150,9 @@ class TrainArgs:
     """Share of the steps spent warming up linearly from 0."""
     max_grad_norm: float = 1.0
     """Gradient clipping by global norm (0 = off)."""
+    loss_reduction: Literal["token", "sample", "square"] = "token"
+    """How the SFT loss averages tokens over the whole optimizer step: token (each token alike), sample (each sample
+    alike: weight 1/n), square (weight 1/sqrt(n), as InternVL's packed SFT); n = a sample's supervised tokens."""
     bf16: bool = False
     """bfloat16 autocast (mixed precision); weights and optimizer state stay fp32."""
     save_dtype: SaveDtype = "auto"
@@ -199,6 +217,11 @@ class SFTConfig:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
         if t.max_steps <= 0 and t.num_train_epochs <= 0:
             raise ConfigError("set max_steps > 0 or num_train_epochs > 0")
+        for name in ("max_packed_tokens", "num_images_expected", "max_buffer_size"):
+            if getattr(d, name) < 1:
+                raise ConfigError(f"data.{name} must be >= 1, got {getattr(d, name)}")
+        if d.packing and d.group_by_length:
+            raise ConfigError("data.group_by_length is for unpacked batches; with data.packing rows are filled instead")
         if t.overwrite_output_dir and t.resume_from_checkpoint:
             raise ConfigError(
                 "train.overwrite_output_dir deletes what train.resume_from_checkpoint would resume; set one"
@@ -223,9 +246,9 @@ class MPOArgs:
     """DPO beta."""
     label_smoothing: float = 0.0
     """Label smoothing of sigmoid / robust / exo_pair."""
-    sft_reduction: Literal["token", "sample"] = "token"
-    """SFT term over the step's chosen responses: token mean (as the original), or the mean over pairs of each
-    response's per-token mean NLL (the paper's)."""
+    sft_reduction: Literal["token", "sample", "square"] = "token"
+    """SFT term over the step's chosen responses, weighted as train.loss_reduction: token mean (as the original),
+    sample (the mean over pairs of each response's per-token mean NLL, the paper's), or square (weight 1/sqrt(n))."""
     reference: Literal["copy", "lora_disabled", "precomputed"] = "copy"
     """Reference model: a frozen copy in eval mode; the policy with its LoRA adapter disabled (no copy; needs
     use_llm_lora); or log-probs precomputed by `internvl-tune precompute-ref` (one model in memory)."""
@@ -254,6 +277,8 @@ class MPOConfig:
 
     def validate(self) -> None:
         SFTConfig.validate(self)  # type: ignore[arg-type]
+        if self.data.packing and self.mpo.pair_layout != "shared":
+            raise ConfigError("data.packing packs shared-prefix pairs; set mpo.pair_layout=shared")
         if self.mpo.reference == "lora_disabled" and not (self.model.use_llm_lora or self.model.use_backbone_lora):
             raise ConfigError("mpo.reference=lora_disabled needs a LoRA policy (use_llm_lora or use_backbone_lora)")
         # The recipe builds the objective through the same function, so a spelling accepted here trains as read.

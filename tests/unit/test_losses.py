@@ -199,11 +199,12 @@ def test_mpo_objective_with_delta_and_sample_reduction():
     assert out.loss.item() == pytest.approx(1.6902401, abs=1e-6)
 
 
-@pytest.mark.parametrize("sft_reduction", ["token", "sample"])
+@pytest.mark.parametrize("sft_reduction", ["token", "sample", "square"])
 def test_micro_batch_shares_add_up_to_the_step_loss(sft_reduction):
-    """Pairs A and B as two micro-batches of one pair, told the step has P = 2 pairs and 2 + 4 = 6 chosen tokens.
+    """Pairs A and B as two micro-batches of one pair, told the step's pair count (2) and SFT denominator.
 
-    token: sft shares −log π(yc)/6 = 1/6 and 4/6 (sum 0.8333333); sample: (1/2)/2 = 0.25 and (4/4)/2 = 0.5 (sum 0.75).
+    token: Σ n = 6, sft shares −log π(yc)/6 = 1/6 and 4/6 (sum 0.8333333); sample: 2 responses, (1/2)/2 = 0.25 and
+    (4/4)/2 = 0.5 (sum 0.75); square: Σ √n = √2 + 2, shares (1/√2)/(√2 + 2) = 0.2071068 and (4/2)/(√2 + 2) = 0.5857864.
     The preference shares are each pair's loss / 2. Losses, terms and gradients add up to the whole step's.
     """
     objective = PreferenceObjective(
@@ -220,12 +221,12 @@ def test_micro_batch_shares_add_up_to_the_step_loss(sft_reduction):
             delta=0.0,
             chosen_num_tokens=CHOSEN_NUM_TOKENS[i : i + 1],
             num_pairs_in_step=2,
-            num_chosen_tokens_in_step=6,
+            sft_weight_in_step={"token": 6.0, "sample": 2.0, "square": 2**0.5 + 2}[sft_reduction],
         )
         for i in (0, 1)
     ]
     sum(out.loss for out in shares).backward()
-    expected_sft = {"token": [1 / 6, 4 / 6], "sample": [0.25, 0.5]}[sft_reduction]
+    expected_sft = {"token": [1 / 6, 4 / 6], "sample": [0.25, 0.5], "square": [0.2071068, 0.5857864]}[sft_reduction]
     assert [out.terms["sft"].item() for out in shares] == pytest.approx(expected_sft)
     assert sum(out.loss.item() for out in shares) == pytest.approx(step.loss.item(), abs=1e-12)
     for name in objective.loss_types:
@@ -295,7 +296,7 @@ def test_original_spelling_gives_the_same_objective():
         ({"loss_type": ["sft", "sigmoid", "sft"], "loss_weights": [1, 1, 1]}, r"\['sft'\] listed more than once"),
         ({"loss_type": [], "loss_weights": []}, "at least one loss type"),
         ({"loss_type": "sigmoid", "beta": 0.0}, "beta: must be > 0"),
-        ({"loss_type": "sigmoid", "sft_reduction": "mean"}, "sft_reduction: must be 'token' or 'sample'"),
+        ({"loss_type": "sigmoid", "sft_reduction": "mean"}, "sft_reduction: must be one of token, sample, square"),
     ],
 )
 def test_objective_config_errors(kwargs, message):

@@ -1,4 +1,7 @@
-"""Padding collator for SFT micro-batches, with an explicit attention mask (never `input_ids != 0`)."""
+"""Collators: padded or packed SFT micro-batches, and preference pairs (shared or separate layout, packed or not).
+
+Padding is always described explicitly (an attention mask or attention groups), never inferred from `input_ids != 0`.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ from typing import Any
 import torch
 
 from internvl_tune.constants import CHOSEN_ROLE, IGNORE_INDEX, PADDING_GROUP, REJECTED_ROLE
+from internvl_tune.data.errors import DataError
 
 
 def pad_collate(samples: list[dict[str, Any]], pad_token_id: int, dummy_tile: torch.Tensor) -> dict[str, Any]:
@@ -21,40 +25,109 @@ def pad_collate(samples: list[dict[str, Any]], pad_token_id: int, dummy_tile: to
         attention_mask [[1, 1, 1], [1, 1, 0]]
         position_ids   [[0, 1, 2], [0, 1, 0]]
         labels         [[-100, 6, 7], [-100, 8, -100]]
+        sample_ids     [[0, 0, 0], [1, 1, -1]]
 
     Returns:
-        input_ids, labels, position_ids [B, T] long; attention_mask [B, T] long; pixel_values [N, 3, S, S];
-        image_flags [N] bool; skipped (list of (where, message)); num_samples; num_image_tokens;
+        input_ids, labels, position_ids [B, T] long; attention_mask [B, T] long; sample_ids [B, T] (the sample each
+        token belongs to, -1 for padding); num_labels [S] (each sample's supervised tokens); pixel_values
+        [N, 3, S, S]; image_flags [N] bool; skipped (list of (where, message)); num_samples; num_image_tokens;
         num_text_tokens; num_pad_tokens; num_truncated.
     """
+    return _collate_rows(samples, pad_token_id, dummy_tile, packed=False)
+
+
+def pack_collate(
+    samples: list[dict[str, Any]], pad_token_id: int, dummy_tile: torch.Tensor, max_packed_tokens: int
+) -> dict[str, Any]:
+    """Collate packed rows: the samples of each row slot (`"row"`, set by `PackedDataset`) one after another, the rows
+    right-padded to the longest. Each sample's position ids restart at 0 and it attends only to itself: the rows are
+    described by `attention_groups` (the sample's place in its row; -1 for padding) and `attention_roles` (all 0),
+    which the model turns into a block mask (model/attention.py).
+
+    Example, row 0 = samples of lengths 3 and 2, row 1 = one sample of length 4, pad id 9::
+
+        input_ids        [[5, 6, 7, 5, 8], [5, 1, 2, 3, 9]]
+        position_ids     [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]
+        attention_groups [[0, 0, 0, 1, 1], [0, 0, 0, 0, -1]]
+        sample_ids       [[0, 0, 0, 1, 1], [2, 2, 2, 2, -1]]
+
+    The first label of every sample is ignored, so no token is trained to predict the next sample's start.
+
+    Raises:
+        DataError: a row of several samples is longer than `max_packed_tokens`: the length cache no longer matches
+            the data (an image was replaced by one of another size).
+    """
+    return _collate_rows(samples, pad_token_id, dummy_tile, packed=True, max_packed_tokens=max_packed_tokens)
+
+
+def _collate_rows(
+    samples: list[dict[str, Any]],
+    pad_token_id: int,
+    dummy_tile: torch.Tensor,
+    *,
+    packed: bool,
+    max_packed_tokens: int = 0,
+) -> dict[str, Any]:
     skipped = [(s["where"], s["skipped"]) for s in samples if "skipped" in s]
     samples = [s for s in samples if "skipped" not in s]
     batch: dict[str, Any] = {"skipped": skipped, "num_samples": len(samples)}
     if not samples:
         return batch
-    max_len = max(len(s["input_ids"]) for s in samples)
-    batch_size = len(samples)
-    input_ids = torch.full((batch_size, max_len), pad_token_id, dtype=torch.long)
-    labels = torch.full((batch_size, max_len), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((batch_size, max_len), dtype=torch.long)
-    position_ids = torch.zeros((batch_size, max_len), dtype=torch.long)
-    for row, s in enumerate(samples):
-        n = len(s["input_ids"])
-        input_ids[row, :n] = s["input_ids"]
-        labels[row, :n] = s["labels"]
-        attention_mask[row, :n] = 1
-        position_ids[row, :n] = torch.arange(n)
+    if packed:
+        slots = sorted({s["row"] for s in samples})
+        rows = [[s for s in samples if s["row"] == slot] for slot in slots]
+        samples = [s for row in rows for s in row]  # row order: the order of their tiles and image tokens
+    else:
+        rows = [[s] for s in samples]
+    lengths = [sum(len(s["input_ids"]) for s in row) for row in rows]
+    if packed:
+        for row, length in zip(rows, lengths, strict=True):
+            if len(row) > 1 and length > max_packed_tokens:
+                raise DataError(
+                    f"{row[0]['where']}: a packed row holds {length} tokens, more than max_packed_tokens="
+                    f"{max_packed_tokens}: its samples are longer than their cached lengths (an image was replaced "
+                    "by one of another size?); delete the .internvl_tune_cache folder beside the annotation file",
+                    "stale length cache",
+                )
+    max_len = max(lengths)
+    shape = (len(rows), max_len)
+    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
+    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    sample_ids = torch.full(shape, PADDING_GROUP, dtype=torch.long)
+    groups = torch.full(shape, PADDING_GROUP, dtype=torch.long)
+    num_labels = torch.zeros(len(samples), dtype=torch.long)
+    sample = 0
+    for r, row in enumerate(rows):
+        start = 0
+        for k, s in enumerate(row):
+            n = len(s["input_ids"])
+            input_ids[r, start : start + n] = s["input_ids"]
+            labels[r, start : start + n] = s["labels"]
+            labels[r, start] = IGNORE_INDEX  # never predicted across a sample boundary
+            position_ids[r, start : start + n] = torch.arange(n)
+            sample_ids[r, start : start + n] = sample
+            groups[r, start : start + n] = k
+            num_labels[sample] = int((labels[r, start : start + n] != IGNORE_INDEX).sum())
+            start += n
+            sample += 1
     pixel_values, image_flags = _tiles(samples, dummy_tile)
+    if packed:
+        layout = {"attention_groups": groups, "attention_roles": torch.zeros(shape, dtype=torch.long)}
+    else:
+        layout = {"attention_mask": (sample_ids != PADDING_GROUP).long()}
     batch.update(
         input_ids=input_ids,
         labels=labels,
-        attention_mask=attention_mask,
+        **layout,
         position_ids=position_ids,
+        sample_ids=sample_ids,
+        num_labels=num_labels,
         pixel_values=pixel_values,
         image_flags=image_flags,
         num_image_tokens=sum(s["num_image_tokens"] for s in samples),
         num_text_tokens=sum(s["num_text_tokens"] for s in samples),
-        num_pad_tokens=int(batch_size * max_len - attention_mask.sum()),
+        num_pad_tokens=len(rows) * max_len - sum(lengths),
         num_truncated=sum(bool(s["truncated"]) for s in samples),
     )
     return batch
@@ -96,9 +169,19 @@ def pair_collate(
     batch: dict[str, Any] = {"skipped": skipped, "num_pairs": len(samples)}
     if not samples:
         return batch
+    if mode == "shared" and "row" in samples[0]:
+        # Packed: the pairs of each row slot one after another, each its own attention group.
+        slots = sorted({s["row"] for s in samples})
+        samples = [s for slot in slots for s in samples if s["row"] == slot]
+        slot_of = [slots.index(s["row"]) for s in samples]
+    else:
+        slot_of = list(range(len(samples)))
     num_pairs = len(samples)
     if mode == "shared":
-        rows = [torch.cat([s["prompt_ids"], s["chosen_ids"], s["rejected_ids"]]) for s in samples]
+        row_parts = [[] for _ in range(max(slot_of) + 1)]
+        for s, slot in zip(samples, slot_of, strict=True):
+            row_parts[slot] += [s["prompt_ids"], s["chosen_ids"], s["rejected_ids"]]
+        rows = [torch.cat(parts) for parts in row_parts]
     else:
         rows = [torch.cat([s["prompt_ids"], s[f"{side}_ids"]]) for side in ("chosen", "rejected") for s in samples]
     length = max(len(r) for r in rows)
@@ -110,18 +193,22 @@ def pair_collate(
     if mode == "shared":
         # The row's layout, not its T x T mask: the model side turns it into a dense mask (SDPA) or a flex-attention
         # BlockMask (model/attention.py). Padding is group -1.
-        groups = torch.full((num_pairs, length), PADDING_GROUP, dtype=torch.long)
-        roles = torch.zeros((num_pairs, length), dtype=torch.long)
-        for i, s in enumerate(samples):
+        groups = torch.full((len(rows), length), PADDING_GROUP, dtype=torch.long)
+        roles = torch.zeros((len(rows), length), dtype=torch.long)
+        fill = [0] * len(rows)  # tokens placed so far in each row
+        for i, (s, slot) in enumerate(zip(samples, slot_of, strict=True)):
             p, c, r = len(s["prompt_ids"]), len(s["chosen_ids"]), len(s["rejected_ids"])
-            groups[i, : p + c + r] = 0
-            roles[i, p : p + c] = CHOSEN_ROLE
-            roles[i, p + c : p + c + r] = REJECTED_ROLE
-            position_ids[i, : p + c + r] = torch.cat([torch.arange(p + c), torch.arange(p, p + r)])
-            gather["rejected"]["positions"][i] += c  # rejected sits after the chosen answer
-            gather["rejected"]["positions"][i, 0] = p - 1  # ... but its first token is predicted from the prompt
+            o = fill[slot]
+            groups[slot, o : o + p + c + r] = sum(1 for j in range(i) if slot_of[j] == slot)
+            roles[slot, o + p : o + p + c] = CHOSEN_ROLE
+            roles[slot, o + p + c : o + p + c + r] = REJECTED_ROLE
+            position_ids[slot, o : o + p + c + r] = torch.cat([torch.arange(p + c), torch.arange(p, p + r)])
+            gather["chosen"]["positions"][i] += o
+            gather["rejected"]["positions"][i] += o + c  # rejected sits after the chosen answer
+            gather["rejected"]["positions"][i, 0] = o + p - 1  # ... but its first token is predicted from the prompt
+            fill[slot] += p + c + r
         layout = {"attention_groups": groups, "attention_roles": roles}
-        rows_of = {"chosen": torch.arange(num_pairs), "rejected": torch.arange(num_pairs)}
+        rows_of = {"chosen": torch.tensor(slot_of), "rejected": torch.tensor(slot_of)}
         tiles_repeat = 1
     else:
         attention_mask = torch.zeros((len(rows), length), dtype=torch.long)

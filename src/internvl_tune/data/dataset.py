@@ -51,6 +51,11 @@ class RecordDataset(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
+    def where(self, index: int) -> str:
+        """`file:line` of the record behind a (possibly epoch-offset) index."""
+        d, line = self.index[index % len(self.index)]
+        return self.files[d].where(line)
+
     def record(self, i: int) -> tuple[dict[str, Any], str, DatasetEntry]:
         d, line = self.index[i % len(self.index)]
         record, where = self.files[d][line]

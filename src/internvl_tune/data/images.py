@@ -94,6 +94,21 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
         raise DataError(f"{path}: cannot read image: {type(e).__name__}: {e}") from e
 
 
+def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """(width, height) of an image file from its header, without decoding the pixels (for length estimates).
+
+    Raises:
+        DataError: as `load_image`, for a missing file or one PIL cannot identify.
+    """
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except FileNotFoundError as e:
+        raise DataError(f"{path}: image file not found") from e
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: cannot read image: {type(e).__name__}: {e}") from e
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image

@@ -82,6 +82,19 @@ class PairBuilder:
     def __init__(self, builder: SampleBuilder):
         self.builder = builder
 
+    def measure(self, record: dict[str, Any], where: str, entry: DatasetEntry | None) -> tuple[int, int]:
+        """(tokens, tiles) of the pair's shared row `[prompt | chosen | rejected]`, without decoding pixels (see
+        `SampleBuilder.measure`)."""
+        conversation, chosen, rejected = record_to_pair(record, where)
+        media = self.builder.expand(conversation, where, entry, None, load_pixels=False, decode=False)
+        lengths, prompt_length = [], 0
+        for answer in (chosen, rejected):
+            messages = [*media.messages, {"role": "assistant", "content": answer}]
+            input_ids, labels, _ = self.builder.tokenize(messages, where, media.num_image_tokens)
+            lengths.append(len(input_ids))
+            prompt_length = labels.index(next(label for label in labels if label != IGNORE_INDEX))
+        return lengths[0] + lengths[1] - prompt_length, sum(media.num_tiles)
+
     def __call__(
         self,
         record: dict[str, Any],

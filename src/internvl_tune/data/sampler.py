@@ -48,6 +48,10 @@ class ResumableBatchSampler:
     def batches_per_epoch(self) -> int:
         return self.num_samples // (self.batch_size * self.num_replicas)
 
+    def batches_in_epoch(self, epoch: int) -> int:
+        """Micro-batches per epoch (the same every epoch; packed samplers vary)."""
+        return self.batches_per_epoch
+
     def _permutation(self, epoch: int) -> list[int]:
         if not self.shuffle:
             return list(range(self.num_samples))
@@ -70,3 +74,34 @@ class ResumableBatchSampler:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+
+
+class LengthGroupedBatchSampler(ResumableBatchSampler):
+    """`ResumableBatchSampler` whose global batches hold samples of similar length (less padding).
+
+    Each epoch's permutation is cut into mega-batches of `group_size` global batches; a mega-batch is sorted by
+    length (longest first) and cut into global batches; then the order of all global batches of the epoch is
+    shuffled (seed + epoch), so that neither the lengths nor the data sources drift through the epoch. The samples
+    of the last partial global batch are left out of the epoch, as without grouping. Lengths are the token counts of
+    the length cache (data/lengths.py); a skipped record (None) counts as 0.
+    """
+
+    def __init__(self, lengths, batch_size: int, *, group_size: int = 64, **kwargs):
+        super().__init__(len(lengths), batch_size, **kwargs)
+        self.lengths = [0 if length is None else length[0] for length in lengths]
+        self.group_size = group_size
+
+    def _permutation(self, epoch: int) -> list[int]:
+        order = super()._permutation(epoch)
+        global_size = self.batch_size * self.num_replicas
+        used, left = order[: self.batches_per_epoch * global_size], order[self.batches_per_epoch * global_size :]
+        mega = global_size * self.group_size
+        blocks = []
+        for start in range(0, len(used), mega):
+            group = sorted(used[start : start + mega], key=lambda i: -self.lengths[i])
+            blocks += [group[b : b + global_size] for b in range(0, len(group), global_size)]
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + epoch + 1_000_003)
+            blocks = [blocks[i] for i in torch.randperm(len(blocks), generator=generator).tolist()]
+        shuffled = blocks
+        return [i for block in shuffled for i in block] + left

@@ -34,7 +34,14 @@ from internvl_tune.constants import (
     VIDEO_PLACEHOLDER,
 )
 from internvl_tune.data.errors import DataError
-from internvl_tune.data.images import ImageTransform, dynamic_preprocess, load_image, num_tiles, tiles_budget
+from internvl_tune.data.images import (
+    ImageTransform,
+    dynamic_preprocess,
+    image_size,
+    load_image,
+    num_tiles,
+    tiles_budget,
+)
 from internvl_tune.data.meta import DatasetEntry
 from internvl_tune.data.templates import get_template, tokenize_conversation
 from internvl_tune.data.video import read_video_frames, video_prompt
@@ -217,16 +224,31 @@ class SampleBuilder:
             "where": where,
         }
 
+    def measure(self, record: dict[str, Any], where: str, entry: DatasetEntry | None) -> tuple[int, int]:
+        """(tokens, tiles) of the sample `record` becomes, from image headers and the tokenizer, without decoding
+        pixels: what packing and length-grouped batching plan with.
+
+        Exact for text and images. A video counts `max_num_frame` frames, the most it can get (the frames drawn
+        depend on the epoch), so a planned row never overflows. Raises DataError as building the sample would.
+        """
+        media = self.expand(record_to_conversation(record, where), where, entry, None, load_pixels=False, decode=False)
+        input_ids, _, _ = self.tokenize(media.messages, where, media.num_image_tokens)
+        return len(input_ids), sum(media.num_tiles)
+
     def expand(
         self,
         conversation: Conversation,
         where: str,
         entry: DatasetEntry | None,
-        rng: random.Random,
+        rng: random.Random | None,
         *,
         load_pixels: bool = True,
+        decode: bool = True,
     ) -> ExpandedMedia:
-        """Load and tile the conversation's images or video frames; expand their placeholders in the user turns."""
+        """Load and tile the conversation's images or video frames; expand their placeholders in the user turns.
+
+        With `load_pixels=False` the images are decoded and measured but not transformed; with `decode=False` too, only
+        their headers are read, and a video counts `max_num_frame` frames without being opened (`measure`)."""
         s = self.settings
         messages = [dict(m) for m in conversation.messages]
         resolve = entry.resolve if entry else (lambda p: p)
@@ -235,6 +257,10 @@ class SampleBuilder:
         if conversation.images:
             limit = self.tile_limit(entry, len(conversation.images))
             for path in conversation.images:
+                if not load_pixels and not decode and not isinstance(path, Image.Image):
+                    width, height = _load(image_size, resolve(path), where)
+                    num_tiles_per_image.append(self._count_tiles(_Size(width, height), limit))
+                    continue
                 image = path if isinstance(path, Image.Image) else _load(load_image, resolve(path), where)
                 if load_pixels:
                     image_tiles = self._tile(image, limit)
@@ -248,17 +274,21 @@ class SampleBuilder:
                     parts = m["content"].split(IMAGE_PLACEHOLDER)
                     m["content"] = parts[0] + "".join(next(spans) + part for part in parts[1:])
         elif conversation.video is not None:
-            frames = _load(
-                lambda p: read_video_frames(
-                    p, s.min_num_frame, s.max_num_frame, sample=s.video_sample, clip=conversation.clip, rng=rng
-                ),
-                resolve(conversation.video),
-                where,
-            )
-            if load_pixels:
-                tiles = frames
-            num_tiles_per_image = [1] * len(frames)
-            prompt = video_prompt(len(frames))
+            if decode:
+                frames = _load(
+                    lambda p: read_video_frames(
+                        p, s.min_num_frame, s.max_num_frame, sample=s.video_sample, clip=conversation.clip, rng=rng
+                    ),
+                    resolve(conversation.video),
+                    where,
+                )
+                if load_pixels:
+                    tiles = frames
+                num_frames = len(frames)
+            else:
+                num_frames = s.max_num_frame  # the most frames a sample of this video can get
+            num_tiles_per_image = [1] * num_frames
+            prompt = video_prompt(num_frames)
             for m in messages:
                 if VIDEO_PLACEHOLDER in m["content"]:
                     content = m["content"].replace(VIDEO_PLACEHOLDER + "\n", prompt)
@@ -314,6 +344,14 @@ class SampleBuilder:
         if not s.dynamic_image_size:
             return 1
         return num_tiles(image.width, image.height, s.min_dynamic_patch, limit, s.image_size, s.use_thumbnail)
+
+
+@dataclass
+class _Size:
+    """An image's size without its pixels (`_count_tiles` reads width and height only)."""
+
+    width: int
+    height: int
 
 
 def _load(loader, path: str, where: str):

@@ -8,6 +8,7 @@ Over the P pairs of one optimizer step (every micro-batch, every rank):
 
     L_sft = Σ_pairs NLL(yc) / Σ_pairs |yc|          sft_reduction="token" (the original: a token mean)
     L_sft = (1/P)·Σ_pairs NLL(yc) / |yc|             sft_reduction="sample" (the paper's −log π(yc|x)/|yc|)
+    L_sft = Σ_pairs NLL(yc)/√|yc| / Σ_pairs √|yc|    sft_reduction="square" (SFT's loss_reduction rule)
 
 with NLL(yc) = −log π(yc|x), the chosen response's summed negative log-likelihood, and |yc| its token count. Each
 micro-batch returns its share of L (its pairs' sums over the step's P and Σ|yc|), so the backward passes of a step add
@@ -25,11 +26,11 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
 from internvl_tune.losses.preference import PREFERENCE_LOSS_TYPES, preference_loss, rewards
+from internvl_tune.losses.reduction import LOSS_REDUCTIONS, LossReduction, token_weights
 
 SFT_LOSS_TYPE = "sft"
 LOSS_TYPES = (*PREFERENCE_LOSS_TYPES, SFT_LOSS_TYPE)
@@ -144,7 +145,7 @@ class ObjectiveOutput:
 class PreferenceObjective:
     """A weighted mix of preference losses (`preference.py`) and optionally an SFT term on the chosen response.
 
-    Called once per micro-batch with the step's totals (`num_pairs_in_step`, `num_chosen_tokens_in_step`, over every
+    Called once per micro-batch with the step's totals (`num_pairs_in_step`, `sft_weight_in_step`, over every
     micro-batch of the step and every rank), it returns the micro-batch's share of the step's loss, normalised as in
     the module docstring, so the loss of a step does not depend on how its pairs fall into micro-batches and ranks
     (multiply by the world size when DDP averages gradients over ranks). Without the totals the micro-batch is the
@@ -155,15 +156,16 @@ class PreferenceObjective:
         loss_weights: one non-negative weight per loss type.
         beta: β of every preference loss.
         label_smoothing: ls of `sigmoid`, `robust` and `exo_pair` (other types ignore it).
-        sft_reduction: "token" (the original: Σ NLL / Σ tokens over the step's chosen responses) or "sample" (mean
-            over the step's pairs of each chosen response's per-token mean NLL, the paper's −log π(yc|x)/|yc|).
+        sft_reduction: "token" (the original: Σ NLL / Σ tokens over the step's chosen responses), "sample" (mean
+            over the step's pairs of each chosen response's per-token mean NLL, the paper's −log π(yc|x)/|yc|) or
+            "square" (weights 1/√|yc|); the rule of SFT's `loss_reduction`, losses/reduction.py.
     """
 
     loss_types: list[str]
     loss_weights: list[float]
     beta: float = 0.1
     label_smoothing: float = 0.0
-    sft_reduction: Literal["token", "sample"] = "token"
+    sft_reduction: LossReduction = "token"
 
     def __post_init__(self) -> None:
         self.loss_types = list(self.loss_types)
@@ -188,8 +190,8 @@ class PreferenceObjective:
             raise ValueError(f"beta: must be > 0, got {self.beta}")
         if self.label_smoothing < 0:
             raise ValueError(f"label_smoothing: must be >= 0, got {self.label_smoothing}")
-        if self.sft_reduction not in ("token", "sample"):
-            raise ValueError(f"sft_reduction: must be 'token' or 'sample', got {self.sft_reduction!r}")
+        if self.sft_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"sft_reduction: must be one of {', '.join(LOSS_REDUCTIONS)}, got {self.sft_reduction!r}")
         if self.label_smoothing and not any(t in _USES_LABEL_SMOOTHING for t in self.loss_types):
             warnings.warn(
                 f"label_smoothing={self.label_smoothing} is ignored: none of {self.loss_types} uses it "
@@ -208,7 +210,7 @@ class PreferenceObjective:
         *,
         beta: float = 0.1,
         label_smoothing: float = 0.0,
-        sft_reduction: Literal["token", "sample"] = "token",
+        sft_reduction: LossReduction = "token",
     ) -> PreferenceObjective:
         """Build from the settings of `MPOArgs`, the loss mix read by `resolve_loss_mix` (either spelling).
 
@@ -258,7 +260,7 @@ class PreferenceObjective:
         rejected_num_tokens: torch.Tensor | None = None,
         delta: float | torch.Tensor | None = None,
         num_pairs_in_step: int | None = None,
-        num_chosen_tokens_in_step: int | None = None,
+        sft_weight_in_step: float | None = None,
     ) -> ObjectiveOutput:
         """This micro-batch's share of the step's objective.
 
@@ -273,8 +275,9 @@ class PreferenceObjective:
             delta: the BCO shift, `RunningRewardMean.update(...)` after folding in THIS micro-batch's
                 `self.rewards(...)`; required when `needs_delta`.
             num_pairs_in_step: pairs in the whole step, all micro-batches and ranks (default: B, this micro-batch).
-            num_chosen_tokens_in_step: chosen response tokens in the whole step, all micro-batches and ranks
-                (default: this micro-batch's); used by sft_reduction="token".
+            sft_weight_in_step: the SFT term's denominator over the whole step, all micro-batches and ranks:
+                `weight_total` (losses/reduction.py) of the chosen responses' token counts (token: their tokens;
+                sample: their number; square: Σ √n). Default: this micro-batch's.
         """
         if self.needs_delta and delta is None:
             raise ValueError("bco_pair needs delta, the RunningRewardMean value after this micro-batch's update")
@@ -285,7 +288,7 @@ class PreferenceObjective:
         terms: dict[str, torch.Tensor] = {}
         for loss_type, weight in zip(self.loss_types, self.loss_weights, strict=True):
             if loss_type == SFT_LOSS_TYPE:
-                term = self._sft_term(-policy_chosen_logps, chosen_num_tokens, num_pairs, num_chosen_tokens_in_step)
+                term = self._sft_term(-policy_chosen_logps, chosen_num_tokens, sft_weight_in_step)
             else:
                 term = (
                     preference_loss(
@@ -318,15 +321,10 @@ class PreferenceObjective:
         )
 
     def _sft_term(
-        self,
-        chosen_nll: torch.Tensor,
-        chosen_num_tokens: torch.Tensor,
-        num_pairs_in_step: int,
-        num_chosen_tokens_in_step: int | None,
+        self, chosen_nll: torch.Tensor, chosen_num_tokens: torch.Tensor, sft_weight_in_step: float | None
     ) -> torch.Tensor:
-        # clamp: a chosen response with no labelled token (cut by truncation) contributes 0, not 0/0 = nan.
-        if self.sft_reduction == "token":
-            if num_chosen_tokens_in_step is None:
-                return chosen_nll.sum() / chosen_num_tokens.sum().clamp(min=1)
-            return chosen_nll.sum() / max(num_chosen_tokens_in_step, 1)
-        return (chosen_nll / chosen_num_tokens.clamp(min=1)).sum() / num_pairs_in_step
+        # Σ w(n)·NLL / Σ w(n)·n over the step; a response with no labelled token (cut) has weight 0, not 0/0 = nan.
+        weights = token_weights(chosen_num_tokens.to(chosen_nll.device), self.sft_reduction, chosen_nll.dtype)
+        if sft_weight_in_step is None:
+            sft_weight_in_step = float((weights * chosen_num_tokens).sum())
+        return (weights * chosen_nll).sum() / max(sft_weight_in_step, 1e-12)

@@ -38,6 +38,7 @@ from internvl_tune.data.images import blank_tile
 from internvl_tune.data.preference import PairBuilder
 from internvl_tune.data.transform import SampleBuilder
 from internvl_tune.losses.objective import PreferenceObjective
+from internvl_tune.losses.reduction import weight_total
 from internvl_tune.losses.running import RunningRewardMean
 from internvl_tune.model.forward import InternVLTrainingForward, stage_clock
 from internvl_tune.model.freeze import count_parameters
@@ -48,14 +49,16 @@ from internvl_tune.model.reference import LiveReference, ReferenceCache, frozen_
 from internvl_tune.training.engine import (
     StopRequest,
     data_stream,
+    epoch_progress,
     finish_run,
     is_logging_step,
-    make_sampler,
+    make_batching,
     micro_batches_in_step,
     prepare_optimization,
     prepare_output_dir,
     read_step_metrics,
     run_session,
+    sampler_position,
     save_and_stop,
     save_step_checkpoint,
     schedule_lengths,
@@ -122,7 +125,10 @@ def _train(config: MPOConfig, accelerator: Accelerator, stop: StopRequest) -> di
         on_bad_sample=data_args.on_bad_sample,
         require_data_augment=False,
     )
-    sampler = make_sampler(len(dataset), train_args, accelerator)
+    # Random batches, length-grouped batches, or packed rows of pairs (planned from the length cache).
+    sampler, train_data = make_batching(
+        dataset, builder.measure, settings, tokenizer, data_args, train_args, accelerator
+    )
     collate = partial(
         pair_collate,
         pad_token_id=tokenizer.pad_token_id,
@@ -162,7 +168,7 @@ def _train(config: MPOConfig, accelerator: Accelerator, stop: StopRequest) -> di
         resume_dir=resume_dir,
         checkpointed=[running],
     )
-    micro_batches = data_stream(dataset, sampler, collate, state, train_args, data_args.dataloader_num_workers)
+    micro_batches = data_stream(train_data, sampler, collate, state, train_args, data_args.dataloader_num_workers)
 
     metrics = MetricsWriter(
         output_dir,
@@ -196,17 +202,19 @@ def _train(config: MPOConfig, accelerator: Accelerator, stop: StopRequest) -> di
             state.num_truncated += batch.get("num_truncated", 0)
         # The step's denominators: pairs and chosen tokens over all its micro-batches on all ranks (CPU counts).
         real = [b for b in batches if b["num_pairs"]]
-        num_pairs, num_chosen_tokens, num_rejected_tokens = step_totals(
+        chosen_lengths = [int(n) for b in real for n in b["chosen_mask"].sum(-1)]
+        num_pairs, num_chosen_tokens, num_rejected_tokens, sft_weight = step_totals(
             accelerator,
             [
                 sum(b["num_pairs"] for b in real),
-                sum(int(b["chosen_mask"].sum()) for b in real),
+                sum(chosen_lengths),
                 sum(int(b["rejected_mask"].sum()) for b in real),
+                weight_total(chosen_lengths, objective.sft_reduction),
             ],
         )
         if num_pairs == 0:
             empty_micro_batches += len(batches)
-            if empty_micro_batches >= sampler.batches_per_epoch:
+            if empty_micro_batches >= sampler.batches_in_epoch(sampler_position(sampler, state.micro_batches)[0]):
                 raise DataError(f"a whole epoch of pairs was skipped as bad; first problems: {state.skipped[:3]}")
             logger.warning("step %d: every pair of the step was skipped; no update", state.step)
             continue
@@ -246,7 +254,7 @@ def _train(config: MPOConfig, accelerator: Accelerator, stop: StopRequest) -> di
                     rejected_num_tokens=policy["rejected_num_tokens"],
                     delta=delta,
                     num_pairs_in_step=num_pairs,
-                    num_chosen_tokens_in_step=num_chosen_tokens,
+                    sft_weight_in_step=sft_weight,
                 )
                 # DDP averages gradients over ranks; multiplying by the world size makes it a global sum.
                 accelerator.backward(out.loss * accelerator.num_processes)
@@ -284,7 +292,7 @@ def _train(config: MPOConfig, accelerator: Accelerator, stop: StopRequest) -> di
                     "loss": last_loss,
                     "lr": scheduler.get_last_lr()[0],
                     "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                    "epoch": state.micro_batches / sampler.batches_per_epoch,
+                    "epoch": epoch_progress(sampler, state.micro_batches),
                     **throughput_metrics(
                         accelerator,
                         batches,

@@ -3,9 +3,10 @@
 Launch: `internvl-tune sft --config configs/sft/FILE.yaml [key=value ...]`, or under `accelerate launch` /
 `torchrun` for several processes (the same code path gives DDP, FSDP or DeepSpeed from the accelerate config).
 
-The loss is the global token mean over an optimizer step: each micro-batch's summed NLL is divided by the
-number of labelled tokens in all micro-batches of the step on all ranks. This fixes the original's mean of
-per-micro-batch means (docs/original-differences.md §5).
+The loss is a weighted token mean over the whole optimizer step (`train.loss_reduction`: token, sample or square
+weights, losses/reduction.py): each micro-batch's weighted NLL is divided by the step's sum of weights over all its
+micro-batches on all ranks. This fixes the original's mean of per-micro-batch means (docs/original-differences.md
+§5), and makes packed and padded batches train alike.
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from internvl_tune.config import SFTConfig, to_dict
-from internvl_tune.constants import IGNORE_INDEX
-from internvl_tune.data.collate import pad_collate
+from internvl_tune.data.collate import pack_collate, pad_collate
 from internvl_tune.data.dataset import RecordDataset
 from internvl_tune.data.errors import DataError
 from internvl_tune.data.images import blank_tile
 from internvl_tune.data.transform import SampleBuilder
+from internvl_tune.losses.reduction import token_weights, weight_total
 from internvl_tune.model.forward import InternVLTrainingForward
 from internvl_tune.model.freeze import count_parameters
 from internvl_tune.model.logprobs import label_gather
@@ -36,14 +37,16 @@ from internvl_tune.model.prepare import prepare_policy, sample_settings
 from internvl_tune.training.engine import (
     StopRequest,
     data_stream,
+    epoch_progress,
     finish_run,
     is_logging_step,
-    make_sampler,
+    make_batching,
     micro_batches_in_step,
     prepare_optimization,
     prepare_output_dir,
     read_step_metrics,
     run_session,
+    sampler_position,
     save_and_stop,
     save_step_checkpoint,
     schedule_lengths,
@@ -73,18 +76,20 @@ def _train(config: SFTConfig, accelerator: Accelerator, stop: StopRequest) -> di
 
     # Data: meta -> records -> samples -> this rank's padded micro-batches.
     settings = sample_settings(data_args, model.config)
-    dataset = RecordDataset(
-        data_args.meta_path,
-        SampleBuilder(tokenizer, settings),
-        seed=train_args.seed,
-        on_bad_sample=data_args.on_bad_sample,
-    )
-    sampler = make_sampler(len(dataset), train_args, accelerator)
-    collate = partial(
-        pad_collate,
-        pad_token_id=tokenizer.pad_token_id,
-        dummy_tile=blank_tile(settings.image_size, settings.normalize_type),
-    )
+    builder = SampleBuilder(tokenizer, settings)
+    dataset = RecordDataset(data_args.meta_path, builder, seed=train_args.seed, on_bad_sample=data_args.on_bad_sample)
+    # Random batches, length-grouped batches, or packed rows (planned from the length cache).
+    sampler, dataset = make_batching(dataset, builder.measure, settings, tokenizer, data_args, train_args, accelerator)
+    dummy_tile = blank_tile(settings.image_size, settings.normalize_type)
+    if data_args.packing:
+        collate = partial(
+            pack_collate,
+            pad_token_id=tokenizer.pad_token_id,
+            dummy_tile=dummy_tile,
+            max_packed_tokens=data_args.max_packed_tokens,
+        )
+    else:
+        collate = partial(pad_collate, pad_token_id=tokenizer.pad_token_id, dummy_tile=dummy_tile)
     total_steps, warmup_steps = schedule_lengths(sampler, train_args)
 
     uses_lora = bool(model_args.use_llm_lora or model_args.use_backbone_lora)
@@ -124,12 +129,15 @@ def _train(config: SFTConfig, accelerator: Accelerator, stop: StopRequest) -> di
         for batch in batches:
             state.skipped += batch["skipped"]
             state.num_truncated += batch.get("num_truncated", 0)
-        # The step's loss denominator: labelled tokens over all its micro-batches on all ranks (CPU counts).
-        local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches if b["num_samples"])
-        (num_tokens,) = step_totals(accelerator, [local_tokens])
+        # The step's loss denominator: Σ w(n)·n over its samples, all micro-batches, all ranks (CPU counts;
+        # losses/reduction.py), and its labelled tokens.
+        sample_tokens = [int(n) for b in batches if b["num_samples"] for n in b["num_labels"]]
+        num_tokens, loss_weight = step_totals(
+            accelerator, [sum(sample_tokens), weight_total(sample_tokens, train_args.loss_reduction)]
+        )
         if num_tokens == 0:
             empty_micro_batches += len(batches)
-            if empty_micro_batches >= sampler.batches_per_epoch:
+            if empty_micro_batches >= sampler.batches_in_epoch(sampler_position(sampler, state.micro_batches)[0]):
                 raise DataError(f"a whole epoch of samples was skipped as bad; first problems: {state.skipped[:3]}")
             logger.warning("step %d: every sample of the step was skipped; no update", state.step)
             continue
@@ -149,19 +157,26 @@ def _train(config: SFTConfig, accelerator: Accelerator, stop: StopRequest) -> di
                 else:
                     # The LM head runs only where a label is read: no [B, T, vocab] logits.
                     index, targets, _ = label_gather(batch["labels"])
+                    layout = ("attention_groups", "attention_roles") if data_args.packing else ("attention_mask",)
+                    # Each target's weight w(n) of its sample (the token after the predicting position).
+                    sample_of_target = batch["sample_ids"].view(-1)[index + 1]
+                    weights = token_weights(batch["num_labels"], train_args.loss_reduction)[sample_of_target]
                     token_logps = forward(
                         input_ids=batch["input_ids"].to(accelerator.device, non_blocking=True),
-                        attention_mask=batch["attention_mask"].to(accelerator.device, non_blocking=True),
+                        **{
+                            "attention_mask": None,
+                            **{k: batch[k].to(accelerator.device, non_blocking=True) for k in layout},
+                        },
                         position_ids=batch["position_ids"].to(accelerator.device, non_blocking=True),
                         pixel_values=batch["pixel_values"].to(accelerator.device, non_blocking=True),
                         image_flags=batch["image_flags"],  # stays on CPU: the tile split is made there
                         logp_index=index.to(accelerator.device, non_blocking=True),
                         logp_targets=targets.to(accelerator.device, non_blocking=True),
                     )
-                    nll_sum = -token_logps.sum()
-                    sums["loss"] = sums.get("loss", 0.0) + nll_sum.detach().double() / num_tokens
+                    weighted_nll = -(token_logps * weights.to(accelerator.device, non_blocking=True)).sum()
+                    sums["loss"] = sums.get("loss", 0.0) + weighted_nll.detach().double() / loss_weight
                     # DDP averages gradients over ranks; multiplying by the world size makes it a global sum.
-                    loss = nll_sum * accelerator.num_processes / num_tokens
+                    loss = weighted_nll * accelerator.num_processes / loss_weight
                 accelerator.backward(loss)
         grad_norm = (
             accelerator.clip_grad_norm_(forward.parameters(), train_args.max_grad_norm)
@@ -186,7 +201,7 @@ def _train(config: SFTConfig, accelerator: Accelerator, stop: StopRequest) -> di
                     "loss": last_loss,
                     "lr": scheduler.get_last_lr()[0],
                     "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                    "epoch": state.micro_batches / sampler.batches_per_epoch,
+                    "epoch": epoch_progress(sampler, state.micro_batches),
                     **throughput_metrics(
                         accelerator, batches, elapsed, num_samples=num_samples, num_loss_tokens=num_tokens
                     ),

@@ -30,8 +30,10 @@ from internvl_tune.atomic import atomic_dir, remove_stale_temporaries
 from internvl_tune.checkpoints.metadata import checkpoint_settings, metadata_for
 from internvl_tune.checkpoints.read import resolve_dtype
 from internvl_tune.checkpoints.write import save_hf_checkpoint
-from internvl_tune.config import ConfigError, TrainArgs, to_dict
-from internvl_tune.data.sampler import ResumableBatchSampler
+from internvl_tune.config import ConfigError, DataArgs, TrainArgs, to_dict
+from internvl_tune.data.lengths import dataset_lengths, tokenizer_fingerprint
+from internvl_tune.data.packing import PackedBatchSampler, PackedDataset, PackingSettings
+from internvl_tune.data.sampler import LengthGroupedBatchSampler, ResumableBatchSampler
 from internvl_tune.model.forward import base_model
 from internvl_tune.training.checkpoint import (
     CHECKPOINT_PATTERN,
@@ -157,27 +159,91 @@ def make_sampler(num_samples: int, t: TrainArgs, accelerator: Accelerator) -> Re
     )
 
 
-def schedule_lengths(sampler: ResumableBatchSampler, t: TrainArgs) -> tuple[int, int]:
+def make_batching(dataset, measure, settings, tokenizer, d: DataArgs, t: TrainArgs, accelerator: Accelerator):
+    """(sampler, dataset) for the run: plain random batches; length-grouped batches (`group_by_length`); or packed
+    rows (`packing`, with the dataset wrapped so each sample knows its row). The last two plan with the length cache
+    (data/lengths.py), measured by the main process first, then read by the others."""
+    if not d.packing and not d.group_by_length:
+        return make_sampler(len(dataset), t, accelerator), dataset
+    fingerprint = f"{type(measure.__self__).__name__}|{settings!r}|{tokenizer_fingerprint(tokenizer)}"
+    with accelerator.main_process_first():
+        lengths = dataset_lengths(
+            dataset,
+            measure,
+            settings_fingerprint=fingerprint,
+            skip_bad=d.on_bad_sample == "skip",
+            progress=accelerator.is_main_process,
+        )
+    bad = [dataset.where(i) for i, length in enumerate(lengths) if length is None]
+    if bad:
+        logger.warning("%d records skipped as bad before training; first: %s", len(bad), ", ".join(bad[:3]))
+    common = dict(
+        seed=t.seed, shuffle=t.shuffle, rank=accelerator.process_index, num_replicas=accelerator.num_processes
+    )
+    if d.group_by_length:
+        return LengthGroupedBatchSampler(lengths, t.per_device_train_batch_size, **common), dataset
+    packing = PackingSettings(d.max_packed_tokens, d.num_images_expected, d.max_buffer_size, d.oversize_sample)
+    sampler = PackedBatchSampler(lengths, t.per_device_train_batch_size, packing, where=dataset.where, **common)
+    stats = sampler.statistics(0)
+    logger.info(
+        "packing: %d samples into %d rows (%.1f per row, %.0f%% of the token budget filled, %d alone over budget)",
+        stats["num_samples"],
+        stats["num_rows"],
+        stats["samples_per_row"],
+        100 * stats["fill_ratio"],
+        stats["num_oversize"],
+    )
+    return sampler, PackedDataset(dataset)
+
+
+def sampler_position(sampler, micro_batches: int) -> tuple[int, int]:
+    """(epoch, micro-batch within it) after `micro_batches` consumed; epochs may differ in length (packing)."""
+    epoch = 0
+    while micro_batches >= (in_epoch := sampler.batches_in_epoch(epoch)):
+        micro_batches -= in_epoch
+        epoch += 1
+    return epoch, micro_batches
+
+
+def epoch_progress(sampler, micro_batches: int) -> float:
+    """Epochs done as a fraction, e.g. 1.25 (the `epoch` metric)."""
+    epoch, batch = sampler_position(sampler, micro_batches)
+    return epoch + batch / sampler.batches_in_epoch(epoch)
+
+
+def schedule_lengths(sampler, t: TrainArgs) -> tuple[int, int]:
     """(total optimizer steps, warmup steps). An epoch's last step takes its remaining micro-batches (see
-    `micro_batches_in_step`): 3 micro-batches with accumulation 2 are 2 steps."""
-    steps_per_epoch = math.ceil(sampler.batches_per_epoch / t.gradient_accumulation_steps)
-    total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * steps_per_epoch)
+    `micro_batches_in_step`): 3 micro-batches with accumulation 2 are 2 steps. With packing, epochs differ in length:
+    each is counted from its own plan."""
+    if t.max_steps > 0:
+        total_steps = t.max_steps
+    else:
+        steps = [
+            math.ceil(sampler.batches_in_epoch(e) / t.gradient_accumulation_steps)
+            for e in range(math.ceil(t.num_train_epochs))
+        ]
+        whole = int(t.num_train_epochs)
+        total_steps = sum(steps[:whole]) + (
+            math.ceil((t.num_train_epochs - whole) * steps[whole]) if whole < len(steps) else 0
+        )
     return total_steps, math.ceil(t.warmup_ratio * total_steps)
 
 
-def micro_batches_in_step(state: TrainState, sampler: ResumableBatchSampler, t: TrainArgs) -> int:
+def micro_batches_in_step(state: TrainState, sampler, t: TrainArgs) -> int:
     """`gradient_accumulation_steps`, or what is left of the epoch: its remainder is a last, smaller step rather
     than dropped (the step's loss is normalised by its own token or pair count, so a smaller step is no different)."""
-    left_in_epoch = sampler.batches_per_epoch - state.micro_batches % sampler.batches_per_epoch
-    return min(t.gradient_accumulation_steps, left_in_epoch)
+    epoch, batch = sampler_position(sampler, state.micro_batches)
+    return min(t.gradient_accumulation_steps, sampler.batches_in_epoch(epoch) - batch)
 
 
-def step_totals(accelerator: Accelerator, counts: list[int]) -> list[int]:
-    """Counts known on this rank's CPU (samples, tokens) summed over all ranks. One process reads nothing back from
-    the device; several make one small all-reduce per step, the one host sync a step needs (its denominators)."""
+def step_totals(accelerator: Accelerator, counts: list[int | float]) -> list[int | float]:
+    """Counts known on this rank's CPU (samples, tokens, loss-weight sums) summed over all ranks, each keeping its
+    type. One process reads nothing back from the device; several make one small all-reduce per step, the one host
+    sync a step needs (its denominators)."""
     if accelerator.num_processes == 1:
         return list(counts)
-    return [int(c) for c in accelerator.reduce(torch.tensor(counts, device=accelerator.device), "sum").tolist()]
+    summed = accelerator.reduce(torch.tensor(counts, dtype=torch.float64, device=accelerator.device), "sum").tolist()
+    return [type(c)(v) if isinstance(c, float) else round(v) for c, v in zip(counts, summed, strict=True)]
 
 
 def is_logging_step(step: int, t: TrainArgs, total_steps: int) -> bool:
@@ -274,7 +340,7 @@ def data_stream(
     The position is the number of micro-batches consumed, so prefetching workers do not disturb it; the loader has
     its own generator, so creating it does not draw from the global RNG that a resume restored.
     """
-    epoch, batch_in_epoch = divmod(state.micro_batches, sampler.batches_per_epoch)
+    epoch, batch_in_epoch = sampler_position(sampler, state.micro_batches)
     sampler.load_state_dict({"epoch": epoch, "batch": batch_in_epoch})
     loader = DataLoader(
         dataset,
