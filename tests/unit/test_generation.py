@@ -142,7 +142,7 @@ class SlowEcho:
 
 
 def test_concurrency_bound_is_respected():
-    server = start_server(SlowEcho(delay=0.05), max_batch=1)
+    server = start_server(SlowEcho(delay=0.1), max_batch=1)
     try:
         client = ServerBackend(server.base_url, max_concurrency=3)
         requests = [GenerationRequest(user(f"q{i}"), params=SamplingParams(n=2)) for i in range(10)]
