@@ -1,0 +1,138 @@
+"""The packer (budgets, buffer bound, over-budget policy), the packed sampler (ranks, resume) and the packed
+collator, against hand-worked examples."""
+
+import random
+
+import pytest
+import torch
+
+from internvl_tune.constants import IGNORE_INDEX
+from internvl_tune.data.collate import pack_collate
+from internvl_tune.data.errors import DataError
+from internvl_tune.data.packing import PackedBatchSampler, PackingSettings, pack
+from internvl_tune.losses.reduction import token_weights, weight_total
+
+
+def test_worked_example_of_the_module_docstring():
+    items = [("a", 6, 2), ("b", 5, 1), ("c", 4, 2), ("d", 3, 0)]
+    assert list(pack(items, max_tokens=10, max_tiles=4, max_buffer_size=2)) == [["a", "c"], ["b", "d"]]
+
+
+def test_rows_keep_both_budgets_and_every_sample_appears_once():
+    rng = random.Random(0)
+    items = [(i, rng.randint(1, 90), rng.choice([0, 0, 1, 5, 13])) for i in range(500)]
+    rows = list(pack(items, max_tokens=100, max_tiles=16, max_buffer_size=5))
+    size = {i: (n, t) for i, n, t in items}
+    assert sorted(i for row in rows for i in row) == list(range(500))  # none lost, none twice
+    for row in rows:
+        assert sum(size[i][0] for i in row) <= 100 and sum(size[i][1] for i in row) <= 16
+    assert len(rows) < 500 * 0.6  # it does pack
+
+
+def test_the_buffer_keeps_its_bound():
+    """Nothing fits together (each 6 of 10 tokens): with a buffer of 2 rows, a row is closed as soon as a third
+    opens, the one with the most tiles first; at most 2 rows are ever open."""
+    items = [("a", 6, 1), ("b", 6, 3), ("c", 6, 2), ("d", 6, 0)]
+    rows = pack(items, max_tokens=10, max_tiles=10, max_buffer_size=2)
+    assert next(rows) == ["b"]  # after c opened the third row: b has the most tiles
+    assert next(rows) == ["c"]  # after d
+    assert list(rows) == [["a"], ["d"]]  # the end of the epoch flushes the rest
+
+
+def test_over_budget_sample_is_refused_with_its_place_or_alone():
+    items = [(0, 5, 1), (1, 30, 1), (2, 5, 1)]
+    with pytest.raises(DataError, match=r"train.jsonl:2: the sample needs 30 tokens and 1 tiles"):
+        list(pack(items, max_tokens=10, max_tiles=4, max_buffer_size=4, where=lambda i: f"train.jsonl:{i + 1}"))
+    rows = list(pack(items, max_tokens=10, max_tiles=4, max_buffer_size=4, oversize="alone"))
+    assert rows == [[1], [0, 2]]
+    rows = list(pack([(0, 5, 9)], max_tokens=10, max_tiles=4, max_buffer_size=4, oversize="alone"))
+    assert rows == [[0]]  # too many tiles: alone too
+
+
+def _sampler(rank=0, replicas=1, rows_per_batch=2, seed=3):
+    rng = random.Random(1)
+    lengths = [(rng.randint(10, 60), rng.randint(0, 6)) for _ in range(40)] + [None]  # a skipped record
+    settings = PackingSettings(max_packed_tokens=100, num_images_expected=12, max_buffer_size=4)
+    return PackedBatchSampler(lengths, rows_per_batch, settings, seed=seed, rank=rank, num_replicas=replicas)
+
+
+def test_two_ranks_take_the_rows_of_one_rank_with_twice_the_batches():
+    one = _sampler(rows_per_batch=1)
+    ranks = [_sampler(rank=r, replicas=2, rows_per_batch=1) for r in (0, 1)]
+    plan = one.rows(0)
+    assert all(i != 40 for row in plan for i in row)  # the skipped record is not planned
+    assert sorted(i for row in plan for i in row) == list(range(40))
+    for b in range(ranks[0].batches_in_epoch(0)):
+        for r in (0, 1):
+            assert ranks[r].micro_batch(0, b) == plan[2 * b + r : 2 * b + r + 1]
+    # The next epoch is another permutation, so other rows; its indices carry the epoch offset.
+    assert one.rows(1) != plan and min(i for row in one.rows(1) for i in row) >= 41
+
+
+def test_sampler_resumes_at_any_micro_batch_without_replaying():
+    stream = iter(_sampler())
+    expected = [next(stream) for _ in range(12)]  # crosses into epoch 1
+    resumed = _sampler()
+    resumed.load_state_dict(_sampler_state_after(7))
+    it = iter(resumed)
+    assert [next(it) for _ in range(5)] == expected[7:]
+
+
+def _sampler_state_after(micro_batches: int) -> dict:
+    probe = _sampler()
+    epoch = 0
+    while micro_batches >= probe.batches_in_epoch(epoch):
+        micro_batches -= probe.batches_in_epoch(epoch)
+        epoch += 1
+    return {"epoch": epoch, "batch": micro_batches}
+
+
+def _sample(ids, labels, tiles=0):
+    return {
+        "input_ids": torch.tensor(ids),
+        "labels": torch.tensor(labels),
+        "pixel_values": torch.full((tiles, 3, 2, 2), float(ids[0])) if tiles else None,
+        "num_image_tokens": 0,
+        "num_text_tokens": len(ids),
+        "truncated": False,
+        "where": "x",
+    }
+
+
+def test_pack_collate_example():
+    x = IGNORE_INDEX
+    samples = [
+        {**_sample([5, 6, 7], [x, 6, 7], tiles=1), "row": 0},
+        {**_sample([1, 2, 3, 4], [x, x, 3, 4]), "row": 1},
+        {**_sample([5, 8], [5, 8], tiles=2), "row": 0},  # a first label that is not ignored: it is dropped
+    ]
+    batch = pack_collate(samples, pad_token_id=9, dummy_tile=torch.zeros(3, 2, 2), max_packed_tokens=5)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 5, 8], [1, 2, 3, 4, 9]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]
+    assert batch["attention_groups"].tolist() == [[0, 0, 0, 1, 1], [0, 0, 0, 0, -1]]
+    assert batch["sample_ids"].tolist() == [[0, 0, 0, 1, 1], [2, 2, 2, 2, -1]]
+    assert batch["labels"].tolist() == [[x, 6, 7, x, 8], [x, x, 3, 4, x]]
+    assert batch["num_labels"].tolist() == [2, 1, 2]
+    # Tiles in row order: row 0's samples (1 + 2 tiles), then row 1 (none).
+    assert batch["pixel_values"][:, 0, 0, 0].tolist() == [5.0, 5.0, 5.0] and batch["image_flags"].all()
+    assert batch["num_pad_tokens"] == 1
+
+
+def test_pack_collate_refuses_a_row_over_budget():
+    samples = [{**_sample([1, 2, 3], [-100, 2, 3]), "row": 0}, {**_sample([1, 2, 3], [-100, 2, 3]), "row": 0}]
+    with pytest.raises(DataError, match="longer than their cached lengths"):
+        pack_collate(samples, pad_token_id=0, dummy_tile=torch.zeros(3, 2, 2), max_packed_tokens=5)
+
+
+def test_loss_weights_by_hand():
+    n = torch.tensor([2, 4, 0])
+    assert token_weights(n, "token").tolist() == [1.0, 1.0, 0.0]
+    assert token_weights(n, "sample").tolist() == [0.5, 0.25, 0.0]
+    assert token_weights(n, "square").tolist() == pytest.approx([2**-0.5, 0.5, 0.0])
+    assert weight_total([2, 4, 0], "token") == 6 and weight_total([2, 4, 0], "sample") == 2
+    assert weight_total([2, 4, 0], "square") == pytest.approx(2**0.5 + 2)
+    # The module docstring's example: NLL sums 1 over 2 tokens, 4 over 4 tokens.
+    nll = torch.tensor([1.0, 4.0])
+    for reduction, expected in (("token", 0.8333333), ("sample", 0.75), ("square", 0.7928932)):
+        w = token_weights(n[:2], reduction)
+        assert float((w * nll).sum() / weight_total([2, 4], reduction)) == pytest.approx(expected, abs=1e-6)
