@@ -151,7 +151,7 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _generation_backend(args: argparse.Namespace):
-    """The backend `sample` and `dropout-ntp` generate with, its options checked before a model is loaded."""
+    """The backend `sample`, `dropout-ntp` and `eval` generate with, its options checked before a model is loaded."""
     if args.backend == "server":
         if not args.base_url or args.model:
             raise ValueError("--backend server takes --base-url (and --model-name), not --model")
@@ -248,9 +248,40 @@ def _dropout_ntp(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_generation_args(parser: argparse.ArgumentParser, *, n_default: int, max_new_tokens: int) -> None:
-    """Options of `sample` and `dropout-ntp`: the backend, the sampling parameters, selection and sharding."""
-    parser.add_argument("--out", required=True, help="output folder (the output file takes the input's name)")
+def _eval(args: argparse.Namespace) -> int:
+    from internvl_tune.evaluate.benchmark import evaluate_benchmark, format_report, load_benchmark, prepare_output
+    from internvl_tune.judge import resolve_scorers
+
+    # Everything is checked before a model loads: the benchmark's lines, the scorers, the output folder.
+    questions = load_benchmark(args.benchmark, image_root=args.image_root)
+    for source in {q.source for q in questions}:
+        resolve_scorers(args.scorers, source)
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.backend == "hf" and args.model:
+        _existing_folder(args.model)
+    model = str(Path(args.model).resolve()) if args.model else f"{args.base_url} {args.model_name or ''}".strip()
+    run = dict(
+        prompt=args.prompt,
+        scorers=args.scorers,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+        settings={"benchmark": str(Path(args.benchmark).resolve()), "model": model},
+    )
+    prepare_output(args.out, **run)
+    backend = _generation_backend(args)
+    try:
+        report = evaluate_benchmark(backend, questions, args.out, **run, progress=not args.no_progress)
+    finally:
+        backend.close()
+    print(format_report(report))
+    print(f"wrote {Path(args.out) / 'report.json'}, responses.jsonl, predictions.tsv")
+    return 0
+
+
+def _add_backend_args(parser: argparse.ArgumentParser) -> None:
+    """The model to generate with: `--backend hf --model DIR` or `--backend server --base-url URL` (`_generation_backend`)."""
     backend = parser.add_argument_group("backend")
     backend.add_argument("--backend", choices=["hf", "server"], default="hf", help="hf: transformers in this process")
     backend.add_argument("--model", help="model folder (--backend hf)")
@@ -260,6 +291,12 @@ def _add_generation_args(parser: argparse.ArgumentParser, *, n_default: int, max
     backend.add_argument("--model-name", help="served model name (server; default: the first it lists)")
     backend.add_argument("--api-key", help="bearer token (server; default: $OPENAI_API_KEY)")
     backend.add_argument("--max-concurrency", type=int, default=8, help="most requests in flight (server)")
+
+
+def _add_generation_args(parser: argparse.ArgumentParser, *, n_default: int, max_new_tokens: int) -> None:
+    """Options of `sample` and `dropout-ntp`: the backend, the sampling parameters, selection and sharding."""
+    parser.add_argument("--out", required=True, help="output folder (the output file takes the input's name)")
+    _add_backend_args(parser)
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--num-return-sequences", type=int, help=f"texts per input (default {n_default})")
     sampling.add_argument("--temperature", type=float, default=0.7)
@@ -507,6 +544,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--image-root", help="folder the image paths are relative to (as given to sample; needed for relative paths)"
     )
     pairs.set_defaults(func=_build_pairs)
+
+    from internvl_tune.evaluate.benchmark import PROMPTS
+
+    evaluate = sub.add_parser(
+        "eval",
+        help="accuracy on a JSONL benchmark, scored by the judge",
+        description="Answer each {image, question, answer, source} line of a benchmark (greedy by default) and "
+        "judge the answers as build-pairs does. Prints the accuracy overall and per source; writes report.json, "
+        "responses.jsonl (every response, its extracted answer and score) and predictions.tsv (VLMEvalKit's "
+        "layout). Resumable: a stopped run continues where it stopped.",
+    )
+    evaluate.add_argument("benchmark", help="benchmark JSONL file")
+    evaluate.add_argument("--out", required=True, help="output folder")
+    evaluate.add_argument(
+        "--prompt",
+        choices=list(PROMPTS),
+        default="direct",
+        help="direct: the question as is; cot: the MPO chain-of-thought prompt, answer after 'Final answer:'",
+    )
+    evaluate.add_argument(
+        "--scorers", default="auto", help="auto (by each line's source, else the file name), a kind or a comma list"
+    )
+    evaluate.add_argument("--max-new-tokens", type=int, help="longest response (default: direct 64, cot 4096)")
+    evaluate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    evaluate.add_argument("--seed", type=int, default=0, help="seeds each question's draw when sampling")
+    evaluate.add_argument("--image-root", help="folder image paths are relative to (default: the benchmark's)")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_backend_args(evaluate)
+    evaluate.set_defaults(func=_eval)
     return parser
 
 
