@@ -1,9 +1,11 @@
-"""`internvl-tune demo --quick` end to end through the CLI: task, tiny model, evaluation, SFT, report."""
+"""`internvl-tune demo --quick` end to end through the CLI: task, tiny model, eval, SFT, eval, sampling, pairs, MPO,
+eval, report."""
 
 import json
 
 from internvl_tune.cli import main
-from internvl_tune.demo.task import QUESTION_TYPES, make_task, read_eval
+from internvl_tune.demo.task import QUESTION_TYPES, cot_answer, make_task, task_prompt
+from internvl_tune.judge import judge
 
 
 def test_quick_demo_writes_a_passing_report(tmp_path, capsys):
@@ -14,43 +16,79 @@ def test_quick_demo_writes_a_passing_report(tmp_path, capsys):
     assert report["pass_criterion"] == "loss_decrease"
     # 6 steps on 24 images teach no answers yet: over seeds 0-4 every accuracy was 0 before and after (40 steps of 8
     # took 2 minutes and still answered none), so accuracy margins belong to the full demo. What the quick demo
-    # reliably shows: the loss falls by more than 0.5 (0.94-1.21 over seeds 0-4), the random model's greedy answers
-    # are never task answers (a matching bug that counts garbage or empty answers as right would score them), and
-    # the answers after SFT are the trained model's (all 9 examples changed over seeds 0-4).
-    assert report["accuracy_before"] == {kind: 0.0 for kind in (*QUESTION_TYPES, "overall")}
-    assert set(report["accuracy_after"]) == {*QUESTION_TYPES, "overall"}
+    # reliably shows: the loss falls by more than 0.5, the random model's greedy answers are never task answers (a
+    # matching bug that counts garbage or empty answers as right would score them), and the answers after SFT are
+    # the trained model's (all 9 examples changed over seeds 0-4).
+    everything = (*QUESTION_TYPES, "overall")
+    assert report["accuracy_before"] == {kind: 0.0 for kind in everything}
+    assert set(report["accuracy_after"]) == set(report["accuracy_after_mpo"]) == set(everything)
     assert all(example["after"] != example["before"] for example in report["examples"])
     settings = report["settings"]
     assert len(report["losses"]) == settings["max_steps"]
     assert report["losses"][-1] < report["losses"][0] - 0.5
     assert report["num_eval_questions"] == settings["num_eval"] * len(QUESTION_TYPES)
-    assert set(report["seconds"]) == {"data", "model", "eval_before", "train", "eval_after", "mpo", "eval_mpo", "total"}
+    stages = {"data", "model", "eval_before", "train", "eval_sft", "sample", "pairs", "mpo", "eval_mpo", "total"}
+    assert set(report["seconds"]) == stages
+
+    # Each stage's files: the evaluations' judged responses, the sampled answers, the pairs, the MPO run.
+    for name in ("eval_before", "eval_sft", "eval_mpo"):
+        rows = [json.loads(line) for line in (tmp_path / name / "responses.jsonl").read_text().splitlines()]
+        assert len(rows) == report["num_eval_questions"] and all(r["prompt_version"] == "en" for r in rows)
+        assert json.loads((tmp_path / name / "report.json").read_text())["num_correct"] == sum(
+            r["correct"] for r in rows
+        )
     mpo = report["mpo"]
-    assert mpo["reward_accuracy_before"]["reward_accuracy"] == 0.0  # policy == reference: zero rewards
-    # The MPO model is not its reference: some held-out chosen rewards beat the rejected (0.5-0.67 over seeds 0-4).
-    assert mpo["reward_accuracy_after"]["reward_accuracy"] > 0.0
-    assert len(mpo["losses"]) == settings["mpo_steps"]
+    num_prompts = settings["num_prompts"] * len(QUESTION_TYPES)
+    sampled = (tmp_path / "responses" / "prompts.jsonl").read_text().splitlines()
+    assert len(sampled) == mpo["sampling"]["num_responses"] == num_prompts * settings["num_samples"]
+    assert mpo["sampling"]["num_questions"] == num_prompts
+    # The quick model's answers are not parseable yet: no sampled pairs, so MPO ran on ground-truth pairs (and says so).
+    assert mpo["pairs"]["source"] in ("sampled", "ground truth (no sampled pairs)")
+    assert len(mpo["losses"]) == len(mpo["reward_margins"]) == settings["mpo_steps"]
+    # The MPO model is not its reference: some held-out chosen rewards beat the rejected.
+    assert mpo["reward_accuracy"]["reward_accuracy"] > 0.0
     assert (tmp_path / "mpo_run" / "final" / "config.json").is_file()
     assert (tmp_path / "run" / "final" / "config.json").is_file()
     assert (tmp_path / "data" / "meta.json").is_file()
-    assert "PASSED" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "PASSED" in out and "after MPO" in out
 
 
-def test_task_is_deterministic_and_in_the_sft_format(tmp_path):
-    first = make_task(tmp_path / "a", num_train=6, num_eval=2, seed=3)
-    second = make_task(tmp_path / "b", num_train=6, num_eval=2, seed=3)
-    for name in ("train.jsonl", "eval.jsonl", "meta.json", "images/00000.png", "images/00007.png"):
+def test_task_is_deterministic_and_in_the_cot_format(tmp_path):
+    first = make_task(tmp_path / "a", num_train=6, num_eval=2, seed=3, num_prompts=1)
+    second = make_task(tmp_path / "b", num_train=6, num_eval=2, seed=3, num_prompts=1)
+    for name in (
+        "train.jsonl",
+        "benchmark.jsonl",
+        "prompts.jsonl",
+        "meta.json",
+        "images/00000.png",
+        "images/00008.png",
+    ):
         assert (first.root / name).read_bytes() == (second.root / name).read_bytes()
+    # Prompt images come last: the training and benchmark images of a seed do not depend on them.
+    third = make_task(tmp_path / "c", num_train=6, num_eval=2, seed=3)
+    for name in ("train.jsonl", "benchmark.jsonl", "images/00007.png"):
+        assert (first.root / name).read_bytes() == (third.root / name).read_bytes()
 
     meta = json.loads(first.meta.read_text())
     assert meta == {"shapes": {"root": "images", "annotation": "train.jsonl", "data_augment": False, "repeat_time": 1}}
     train = [json.loads(line) for line in first.train.read_text().splitlines()]
     assert len(train) == 6
-    assert [r["conversations"][0]["from"] for r in train] == ["human"] * 6
-    assert all(r["conversations"][0]["value"].startswith("<image>\n") for r in train)
-    items = read_eval(first)
-    assert len(items) == 2 * len(QUESTION_TYPES)
-    assert {item["image"] for item in items}.isdisjoint({str(first.root / "images" / r["image"]) for r in train})
+    for record in train:
+        human, gpt = record["conversations"]
+        assert human["from"] == "human" and human["value"].startswith("<image>\nYour task is to answer the question")
+        # The answer format the judge reads with the `en` version: the final answer is the task's answer.
+        assert judge(gpt["value"], gpt["value"].rsplit(": ", 1)[1], "en").correct
+    assert train[0]["conversations"][1]["value"] == cot_answer(train[0]["conversations"][1]["value"].split(": ")[-1])
+    benchmark = [json.loads(line) for line in first.benchmark.read_text().splitlines()]
+    prompts = [json.loads(line) for line in first.prompts.read_text().splitlines()]
+    assert len(benchmark) == 2 * len(QUESTION_TYPES) and len(prompts) == len(QUESTION_TYPES)
+    assert [b["source"] for b in benchmark[:3]] == list(QUESTION_TYPES)
+    images = [{r["image"] for r in records} for records in (benchmark, prompts)]
+    images.append({"images/" + r["image"] for r in train})
+    assert sum(map(len, images)) == len(set().union(*images)) == 6 + 2 + 1  # no image in two sets
+    assert all((first.root / image).is_file() for image in images[0] | images[1])
 
 
 def test_demo_pairs_come_from_the_ground_truth(tmp_path):
@@ -60,7 +98,13 @@ def test_demo_pairs_come_from_the_ground_truth(tmp_path):
     pairs = make_pairs(task, seed=1)
     train = [json.loads(line) for line in (tmp_path / "pairs_train.jsonl").read_text().splitlines()]
     sft = [json.loads(line) for line in task.train.read_text().splitlines()]
-    assert len(train) == 9 and json.loads(pairs.eval_meta.read_text())
+    assert len(train) == 9 and len(json.loads(pairs.eval_meta.read_text())) == 1
     for pair, record in zip(train, sft, strict=True):
         assert pair["chosen"] == record["conversations"][1]["value"] and pair["rejected"] != pair["chosen"]
-        assert pair["rejected"] in _ANSWERS[pair["question_type"]] and pair["chosen"] in _ANSWERS[pair["question_type"]]
+        assert pair["question"] == record["conversations"][0]["value"]
+        chosen, rejected = (judge(pair[k], "x", "en").answer for k in ("chosen", "rejected"))
+        assert {chosen, rejected} <= set(_ANSWERS[pair["question_type"]])
+        assert pair["rejected"] == cot_answer(rejected)
+    held_out = [json.loads(line) for line in (tmp_path / "pairs_eval.jsonl").read_text().splitlines()]
+    assert len(held_out) == 2 * len(QUESTION_TYPES)
+    assert held_out[0]["question"] == task_prompt(json.loads(task.benchmark.read_text().splitlines()[0])["question"])

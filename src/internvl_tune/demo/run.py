@@ -1,44 +1,57 @@
-"""The end-to-end demo: synthetic shapes task -> tiny InternVL -> evaluate -> SFT -> evaluate again, on CPU.
+"""The end-to-end demo: the whole post-training workflow on a synthetic shapes task and a tiny InternVL, on CPU.
 
 Launch: `internvl-tune demo [--output-dir DIR] [--quick] [field=value ...]` (fields of `DemoSettings`).
 
 Stages, each timed:
 
-1. data: `make_task` draws the training and held-out images and writes `data/meta.json` + `train.jsonl`.
+1. data: `make_task` draws the training, benchmark and prompt images; writes `data/meta.json` + `train.jsonl`,
+   `benchmark.jsonl` and `prompts.jsonl` (task.py: questions in the chain-of-thought format).
 2. model: a tokenizer trained on the task's texts and a random tiny InternVL, saved to `model/`.
-3. eval_before: greedy answers to every held-out question, exact match after normalisation.
+3. eval_before: `eval` (evaluate/benchmark.py, the MPO chain-of-thought prompt, greedy) of the random model on
+   the benchmark, into `eval_before/`.
 4. train: the SFT recipe (`recipes/sft.py`) on `data/meta.json`, writing `run/final` and `run/metrics.jsonl`.
-5. eval_after: the same questions for `run/final`.
-6. mpo: preference pairs from the task's ground truth (the right answer chosen, a wrong one of the same type
-   rejected), MPO (`recipes/mpo.py`, sigmoid + bco_pair + sft) from the SFT model with it as the reference,
-   writing `mpo_run/final`.
-7. eval_mpo: reward accuracy of the MPO model against the SFT model on held-out pairs (0 before MPO: a policy
-   equal to its reference has zero rewards), and the held-out questions again.
+5. eval_sft: the benchmark again for `run/final`, into `eval_sft/`.
+6. sample: `num_samples` answers of the SFT model to each question of the prompt set, with temperature
+   (preference_data/sample.py, prompt version `en`), into `responses/`.
+7. pairs: `build-pairs` (preference_data/pairs.py) judges them and pairs right with wrong (and with unparseable)
+   answers, into `pairs/` (with `meta.json`). When no question got both a right and a wrong answer (the quick
+   setting's barely trained model), MPO falls back to ground-truth pairs (`make_pairs`), and the report says so.
+8. mpo: MPO (`recipes/mpo.py`, sigmoid + bco_pair + sft) from the SFT model with it as the reference, writing
+   `mpo_run/final`.
+9. eval_mpo: the benchmark for the MPO model (`eval_mpo/`), and its reward accuracy against the SFT model on
+   held-out ground-truth pairs.
 
-`report.json` holds the accuracies per question type before and after, the per-step loss curve, the stage times
-and the settings. The demo passes when the colour accuracy after training reaches `pass_threshold`; in quick mode
-(a few steps, for tests) it passes when the last loss is below the first.
+`report.json` holds the accuracies per question type before SFT, after SFT and after MPO, the loss and reward-margin
+curves, the sampling and pair counts, the stage times and the settings; `curves.png` plots them (when matplotlib is
+installed: `pip install "internvl-tune[plot]"`). The demo passes when the colour accuracy after SFT reaches
+`pass_threshold` and MPO prefers the right answers on held-out pairs; in quick mode (a few steps, for tests) it
+passes when the last SFT loss is below the first.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
+from internvl_tune.atomic import atomic_write_bytes
 from internvl_tune.config import DataArgs, ModelArgs, MPOArgs, MPOConfig, SFTConfig, TrainArgs
-from internvl_tune.demo.task import QUESTION_TYPES, make_pairs, make_task, normalize_answer, read_eval, task_texts
-from internvl_tune.evaluate.generate import answer_questions
+from internvl_tune.demo.task import QUESTION_TYPES, make_pairs, make_task, task_texts
+from internvl_tune.evaluate.benchmark import Question, evaluate_benchmark, load_benchmark
 from internvl_tune.evaluate.preference import reward_accuracy
+from internvl_tune.generation.base import SamplingParams
+from internvl_tune.generation.hf import HFBackend
 from internvl_tune.model.load import load_model
 from internvl_tune.model.prepare import sample_settings
+from internvl_tune.preference_data.pairs import build_pairs
+from internvl_tune.preference_data.sample import sample_responses
 from internvl_tune.recipes import mpo, sft
 from internvl_tune.testing.tiny import save_tiny_model
 from internvl_tune.training.metrics import read_metrics
@@ -59,7 +72,9 @@ class DemoSettings:
     num_train: int = 4000
     """Training images (one question each, question types in turn)."""
     num_eval: int = 100
-    """Held-out images (every question type asked for each)."""
+    """Benchmark images (every question type asked for each)."""
+    num_prompts: int = 100
+    """Prompt-set images, whose questions (every type for each) the SFT model answers to make preference pairs."""
     image_size: int = 112
     """Tile side in pixels: patch 14, so 64 patches and 16 image tokens per tile (56 px tiles, 4 tokens, learn
     colour much less reliably)."""
@@ -87,10 +102,14 @@ class DemoSettings:
     faster, and more reliable than training the ViT at the LLM's learning rate."""
     eval_batch_size: int = 16
     """Questions per `generate` call."""
-    max_new_tokens: int = 6
-    """Longest answer in tokens."""
+    max_new_tokens: int = 24
+    """Longest answer in tokens (the task's answers take 17 and the end token)."""
+    num_samples: int = 4
+    """Answers sampled per prompt-set question."""
+    sample_temperature: float = 1.0
+    """Sampling temperature: high enough that a question gets right and wrong answers."""
     mpo_steps: int = 150
-    """MPO optimizer steps on the ground-truth pairs (0 = skip the MPO stage)."""
+    """MPO optimizer steps on the pairs built from the sampled answers (0 = skip sampling, pairs and MPO)."""
     mpo_learning_rate: float = 5e-5
     """MPO peak learning rate."""
     pass_criterion: str = "colour_accuracy"
@@ -101,7 +120,16 @@ class DemoSettings:
     def quick(self) -> DemoSettings:
         """A shortened copy for tests: a few steps on a few images; passes when the loss falls."""
         return dataclasses.replace(
-            self, num_train=24, num_eval=4, max_steps=6, batch_size=4, mpo_steps=3, pass_criterion="loss_decrease"
+            self,
+            num_train=24,
+            num_eval=4,
+            num_prompts=4,
+            max_steps=6,
+            batch_size=4,
+            num_samples=2,
+            max_new_tokens=8,  # a barely trained model's answers are not parseable anyway
+            mpo_steps=3,
+            pass_criterion="loss_decrease",
         )
 
 
@@ -115,9 +143,14 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     start = time.perf_counter()
 
     stage = time.perf_counter()
-    logger.info("drawing %d training and %d held-out images", settings.num_train, settings.num_eval)
-    task = make_task(output_dir / "data", settings.num_train, settings.num_eval, settings.seed)
-    items = read_eval(task)
+    logger.info(
+        "drawing %d training, %d benchmark and %d prompt images",
+        settings.num_train,
+        settings.num_eval,
+        settings.num_prompts,
+    )
+    task = make_task(output_dir / "data", settings.num_train, settings.num_eval, settings.seed, settings.num_prompts)
+    questions = load_benchmark(task.benchmark)
     times["data"] = time.perf_counter() - stage
 
     stage = time.perf_counter()
@@ -139,7 +172,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     times["model"] = time.perf_counter() - stage
 
     stage = time.perf_counter()
-    before = evaluate(model_dir, items, settings, desc="eval before")
+    before = evaluate(model_dir, questions, output_dir / "eval_before", settings)
     times["eval_before"] = time.perf_counter() - stage
 
     stage = time.perf_counter()
@@ -162,40 +195,44 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     )
     config.validate()
     summary = sft.train(config)
+    sft_model = Path(summary["final_model"])
     times["train"] = time.perf_counter() - stage
 
     stage = time.perf_counter()
-    after = evaluate(Path(summary["final_model"]), items, settings, desc="eval after")
-    times["eval_after"] = time.perf_counter() - stage
+    after = evaluate(sft_model, questions, output_dir / "eval_sft", settings)
+    times["eval_sft"] = time.perf_counter() - stage
 
-    preference = (
-        run_mpo_stage(task, Path(summary["final_model"]), output_dir, settings, times) if settings.mpo_steps else {}
-    )
+    preference = run_mpo_stages(task, sft_model, questions, output_dir, settings, times) if settings.mpo_steps else {}
     times["total"] = time.perf_counter() - start
 
     losses = [row["loss"] for row in read_metrics(run_dir / "metrics.jsonl") if "loss" in row]
     if settings.pass_criterion == "colour_accuracy":
         passed = after["accuracy"].get("colour", 0.0) >= settings.pass_threshold
         if preference:  # and MPO must prefer the right answers on held-out pairs
-            passed = passed and preference["reward_accuracy_after"]["reward_accuracy"] > 0.5
+            passed = passed and preference["reward_accuracy"]["reward_accuracy"] > 0.5
     else:
         passed = len(losses) >= 2 and losses[-1] < losses[0]
+    examples = [
+        {**{k: q.record[k] for k in ("image", "question", "answer", "source")}, "before": b, "after": a}
+        for q, b, a in zip(questions[:9], before["answers"], after["answers"], strict=False)
+    ]
+    for example, answer in zip(examples, preference.get("answers", ()), strict=False):
+        example["after_mpo"] = answer
     report = {
         "passed": passed,
         "pass_criterion": settings.pass_criterion,
         "accuracy_before": before["accuracy"],
         "accuracy_after": after["accuracy"],
-        "num_eval_questions": len(items),
+        "accuracy_after_mpo": preference.get("accuracy", {}),
+        "num_eval_questions": len(questions),
         "losses": losses,
         "seconds": {name: round(value, 2) for name, value in times.items()},
         "settings": dataclasses.asdict(settings),
-        "examples": [
-            {**item, "before": b, "after": a}
-            for item, b, a in zip(items[:9], before["answers"], after["answers"], strict=False)
-        ],
-        "final_model": summary["final_model"],
-        "mpo": preference,
+        "examples": examples,
+        "final_model": str(sft_model),
+        "mpo": {k: v for k, v in preference.items() if k not in ("accuracy", "answers")},
     }
+    report["plot"] = plot_curves(report, output_dir / "curves.png")
     (output_dir / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     print(format_report(report))
     print(f"report: {output_dir / 'report.json'}")
@@ -203,7 +240,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
 
 
 def data_args(settings: DemoSettings, meta_path: str | Path) -> DataArgs:
-    """The data settings of the demo's runs; evaluation renders its prompts with the same."""
+    """The data settings of the demo's runs; evaluation and sampling render their prompts with the same."""
     return DataArgs(
         meta_path=str(meta_path),
         conv_style=TEMPLATE,
@@ -212,12 +249,62 @@ def data_args(settings: DemoSettings, meta_path: str | Path) -> DataArgs:
     )
 
 
-def run_mpo_stage(task, sft_model: Path, output_dir: Path, settings: DemoSettings, times: dict[str, float]) -> dict:
-    """MPO from the SFT model on ground-truth pairs; reward accuracy on held-out pairs and QA accuracy after."""
+def demo_backend(model_dir: Path, settings: DemoSettings) -> HFBackend:
+    """The `hf` generation backend for a model of the demo, its prompts built with the demo's training settings."""
+    model, tokenizer = load_model(model_dir)
+    prompt_settings = sample_settings(data_args(settings, meta_path=""), model.config)  # as in training
+    return HFBackend(model, tokenizer, prompt_settings, batch_size=settings.eval_batch_size)
+
+
+def evaluate(model_dir: Path, questions: Sequence[Question], out: Path, settings: DemoSettings) -> dict[str, Any]:
+    """`eval --prompt cot` of the model in `model_dir` on the benchmark: greedy answers judged by the judge, written
+    to `out`; returns the responses in benchmark order and the accuracy per question type and overall."""
+    shutil.rmtree(out, ignore_errors=True)  # an earlier demo's answers, of other weights: not to be resumed
+    report = evaluate_benchmark(
+        demo_backend(model_dir, settings),
+        list(questions),
+        out,
+        prompt="cot",
+        max_new_tokens=settings.max_new_tokens,
+        settings={"model": str(model_dir)},
+    )
+    rows = sorted(map(json.loads, (out / "responses.jsonl").read_text().splitlines()), key=lambda r: r["index"])
+    accuracy = {kind: report["per_source"][kind]["accuracy"] for kind in QUESTION_TYPES if kind in report["per_source"]}
+    return {"answers": [r["response"] for r in rows], "accuracy": {**accuracy, "overall": report["accuracy"]}}
+
+
+def run_mpo_stages(
+    task, sft_model: Path, questions: Sequence[Question], output_dir: Path, settings: DemoSettings, times: dict
+) -> dict[str, Any]:
+    """Sample answers of the SFT model, pair them by correctness, MPO from the SFT model, evaluate the result."""
     stage = time.perf_counter()
-    pairs = make_pairs(task, settings.seed)
+    responses = output_dir / "responses"
+    shutil.rmtree(responses, ignore_errors=True)  # sampling resumes: an earlier demo's answers would count
+    params = SamplingParams(
+        n=settings.num_samples,
+        temperature=settings.sample_temperature,
+        top_k=0,
+        max_new_tokens=settings.max_new_tokens,
+        seed=settings.seed,
+    )
+    sampled = sample_responses(
+        demo_backend(sft_model, settings), task.prompts, responses, params=params, prompt_version="en"
+    )
+    times["sample"] = time.perf_counter() - stage
+
+    stage = time.perf_counter()
+    pairs = build_pairs([sampled.output], output_dir / "pairs", seed=settings.seed, image_root=task.root)
+    print(pairs.format())
+    truth_pairs = make_pairs(task, settings.seed)
+    meta = pairs.meta_path
+    if meta is None:
+        logger.warning("no question got both a right and a wrong answer: MPO on ground-truth pairs instead")
+        meta = truth_pairs.train_meta
+    times["pairs"] = time.perf_counter() - stage
+
+    stage = time.perf_counter()
     run_dir = output_dir / "mpo_run"
-    data = data_args(settings, pairs.train_meta)
+    data = data_args(settings, meta)
     config = MPOConfig(
         model=ModelArgs(
             model_name_or_path=str(sft_model), grad_checkpoint=False, freeze_backbone=True, drop_path_rate=0.0
@@ -237,77 +324,90 @@ def run_mpo_stage(task, sft_model: Path, output_dir: Path, settings: DemoSetting
     )
     config.validate()
     summary = mpo.train(config)
+    mpo_model = Path(summary["final_model"])
     times["mpo"] = time.perf_counter() - stage
 
     stage = time.perf_counter()
-    held_out = dataclasses.replace(data, meta_path=str(pairs.eval_meta))
-    before = reward_accuracy(sft_model, sft_model, held_out, beta=config.mpo.beta, batch_size=settings.eval_batch_size)
-    after = reward_accuracy(
-        Path(summary["final_model"]), sft_model, held_out, beta=config.mpo.beta, batch_size=settings.eval_batch_size
-    )
-    questions = evaluate(Path(summary["final_model"]), read_eval(task), settings, desc="eval after mpo")
+    result = evaluate(mpo_model, questions, output_dir / "eval_mpo", settings)
+    held_out = data_args(settings, truth_pairs.eval_meta)
+    rewards = reward_accuracy(mpo_model, sft_model, held_out, beta=config.mpo.beta, batch_size=settings.eval_batch_size)
     times["eval_mpo"] = time.perf_counter() - stage
     rows = read_metrics(run_dir / "metrics.jsonl")
+    counts = pairs.datasets[0]
     return {
-        "reward_accuracy_before": before,
-        "reward_accuracy_after": after,
-        "accuracy_after_mpo": questions["accuracy"],
+        **result,
+        "sampling": {
+            "num_questions": sampled.num_requests,
+            "num_responses": sampled.num_written,
+            "num_correct": counts.num_correct,
+            "num_incorrect": counts.num_incorrect,
+            "num_unparseable": counts.num_unparseable,
+        },
+        "pairs": {**counts.num_pairs, "source": "sampled" if pairs.meta_path else "ground truth (no sampled pairs)"},
+        "reward_accuracy": rewards,
         "losses": [row["loss"] for row in rows],
+        "reward_margins": [row["rewards/margins"] for row in rows],
         "train_reward_accuracy": [row["rewards/accuracies"] for row in rows],
-        "final_model": summary["final_model"],
+        "final_model": str(mpo_model),
     }
 
 
-def evaluate(model_dir: Path, items: Sequence[dict[str, str]], settings: DemoSettings, *, desc: str) -> dict[str, Any]:
-    """Greedy answers of the model in `model_dir` to the held-out questions, and the accuracy per question type."""
-    model, tokenizer = load_model(model_dir)
-    prompt_settings = sample_settings(data_args(settings, meta_path=""), model.config)  # as in training
-    answers: list[str] = []
-    chunk = settings.eval_batch_size
-    for first in tqdm(range(0, len(items), chunk), desc=desc, unit="batch"):
-        answers += answer_questions(
-            model,
-            tokenizer,
-            items[first : first + chunk],
-            prompt_settings,
-            max_new_tokens=settings.max_new_tokens,
-            batch_size=chunk,
-        )
-    return {"answers": answers, "accuracy": accuracy(items, answers)}
+def plot_curves(report: dict[str, Any], path: Path) -> str | None:
+    """`path`: the SFT and MPO loss, the MPO reward margin per step, and the accuracy per question type at each
+    stage, side by side; None (with a note) when matplotlib is not installed."""
+    try:
+        import matplotlib
 
-
-def accuracy(items: Sequence[dict[str, str]], answers: Sequence[str]) -> dict[str, float]:
-    """Exact-match accuracy per question type and overall, after `normalize_answer`.
-
-    Example: answers "Red." and "two" to a colour question (red) and a count question (three) give
-    `{"colour": 1.0, "count": 0.0, "overall": 0.5}`; a question type with no questions is left out.
-    """
-    correct: dict[str, list[bool]] = {}
-    for item, answer in zip(items, answers, strict=True):
-        correct.setdefault(item["question_type"], []).append(
-            normalize_answer(answer) == normalize_answer(item["answer"])
-        )
-    result = {kind: sum(hits) / len(hits) for kind in QUESTION_TYPES if (hits := correct.get(kind))}
-    everything = [hit for hits in correct.values() for hit in hits]
-    result["overall"] = sum(everything) / len(everything) if everything else 0.0
-    return result
+        matplotlib.use("Agg")  # files only: no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.info("matplotlib is not installed: no plot (pip install 'internvl-tune[plot]')")
+        return None
+    mpo_run = report["mpo"]
+    fig, (loss, margin, accuracy) = plt.subplots(1, 3, figsize=(15, 4))
+    loss.plot(range(1, len(report["losses"]) + 1), report["losses"], label="SFT")
+    if mpo_run:
+        loss.plot(range(1, len(mpo_run["losses"]) + 1), mpo_run["losses"], label="MPO")
+        margin.plot(range(1, len(mpo_run["reward_margins"]) + 1), mpo_run["reward_margins"])
+    loss.set(title="training loss", xlabel="step", yscale="log")
+    loss.legend()
+    margin.set(title="MPO reward margin (chosen - rejected)", xlabel="step")
+    stages = ["before SFT", "after SFT", *(["after MPO"] if mpo_run else [])]
+    results = [report["accuracy_before"], report["accuracy_after"], report["accuracy_after_mpo"]][: len(stages)]
+    for kind in (*QUESTION_TYPES, "overall"):
+        accuracy.plot(stages, [r.get(kind, 0.0) for r in results], marker="o", label=kind)
+    accuracy.set(title="benchmark accuracy (judge, CoT prompt)", ylim=(-0.05, 1.05))
+    accuracy.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+    return str(path)
 
 
 def format_report(report: dict[str, Any]) -> str:
-    """A short table: accuracy per question type before and after training, loss, times, verdict."""
-    before, after = report["accuracy_before"], report["accuracy_after"]
-    lines = [f"{'question type':<14}{'before':>8}{'after':>8}"]
-    lines += [f"{kind:<14}{before[kind]:>8.1%}{after[kind]:>8.1%}" for kind in after]
+    """A short table: accuracy per question type before SFT, after SFT and after MPO, loss, times, verdict."""
+    columns = {"before": report["accuracy_before"], "after SFT": report["accuracy_after"]}
+    if report["accuracy_after_mpo"]:
+        columns["after MPO"] = report["accuracy_after_mpo"]
+    lines = [f"{'question type':<14}" + "".join(f"{name:>11}" for name in columns)]
+    lines += [
+        f"{kind:<14}" + "".join(f"{accuracy.get(kind, 0.0):>11.1%}" for accuracy in columns.values())
+        for kind in report["accuracy_after"]
+    ]
     losses = report["losses"]
     if losses:
-        lines.append(f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps")
-    lines.append("time " + ", ".join(f"{name} {seconds:.0f}s" for name, seconds in report["seconds"].items()))
-    if report.get("mpo"):
+        lines.append(f"SFT loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps")
+    if report["mpo"]:
         m = report["mpo"]
         lines.append(
-            f"MPO: held-out reward accuracy {m['reward_accuracy_before']['reward_accuracy']:.1%} -> "
-            f"{m['reward_accuracy_after']['reward_accuracy']:.1%}; colour accuracy after MPO "
-            f"{m['accuracy_after_mpo'].get('colour', 0):.1%}"
+            f"MPO on {sum(v for k, v in m['pairs'].items() if k != 'source')} pairs ({m['pairs']['source']}) from "
+            f"{m['sampling']['num_responses']} sampled answers; held-out reward accuracy "
+            f"{m['reward_accuracy']['reward_accuracy']:.1%}"
         )
+    lines.append("time " + ", ".join(f"{name} {seconds:.0f}s" for name, seconds in report["seconds"].items()))
+    if report.get("plot"):
+        lines.append(f"plot: {report['plot']}")
     lines.append(f"{'PASSED' if report['passed'] else 'FAILED'} ({report['pass_criterion']})")
     return "\n".join(lines)

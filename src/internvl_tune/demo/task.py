@@ -10,9 +10,23 @@ twice as wide or twice as tall, at random sizes, so with two-tile budgets some b
     count   "How many shapes are there?"                     "three"
     shape   "What shape is it?" / "What shape are they?"     "triangle"
 
-`make_task` writes the images, `train.jsonl` (one question per image, types in turn) in the official InternVL SFT
-format, `eval.jsonl` (every question type for each held-out image, with its `question_type`) and a `meta.json`
-naming the training file. Everything is a pure function of the seed.
+Questions are asked in the chain-of-thought format of the preference-data tools, so that the SFT model's answers
+can be sampled, judged and paired (`sample`, `build-pairs`) and evaluated with the MPO prompt (`eval --prompt cot`):
+the question is wrapped by the `en` prompt version (`task_prompt`), and the answer is two fixed reasoning lines and
+a final answer (`cot_answer`)::
+
+    user       "<image>\nYour task is to answer the question below. ... \n\nQuestion:\n\nWhat colour is the shape?"
+    assistant  "I look at the image.\nI check the shapes.\nFinal answer: red"
+
+`make_task` writes the images and, all under one folder:
+
+- `train.jsonl`: one question per training image, types in turn, in the official InternVL SFT format;
+- `benchmark.jsonl`: every question type for each held-out image, `{"image", "question", "answer", "source"}`
+  (the source is the question type), the input of `eval`;
+- `prompts.jsonl`: the same for a second held-out set of images, the prompt file `sample` answers;
+- `meta.json` naming the training file.
+
+No image is in two of them. Everything is a pure function of the seed.
 """
 
 from __future__ import annotations
@@ -26,6 +40,9 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from internvl_tune.evaluate.benchmark import eval_prompt
+from internvl_tune.judge import extract_answer
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -68,7 +85,8 @@ class TaskPaths:
     root: Path
     meta: Path
     train: Path
-    eval: Path
+    benchmark: Path
+    prompts: Path
 
 
 def sample_scene(rng: random.Random) -> Scene:
@@ -122,12 +140,25 @@ def question_answer(scene: Scene, question_type: str) -> tuple[str, str]:
     raise ValueError(f"unknown question type {question_type!r}; known types: {', '.join(QUESTION_TYPES)}")
 
 
+# The reasoning of every answer: fixed, so that the model learns the format at once and the answer from the image.
+REASONING = "I look at the image.\nI check the shapes."
+_QUESTIONS = ["What colour is the shape?", "What colour are the shapes?", "How many shapes are there?"]
+_QUESTIONS += ["What shape is it?", "What shape are they?"]
+
+
+def task_prompt(question: str) -> str:
+    """The user turn of a question: the `en` chain-of-thought prompt, the image in front (`eval --prompt cot`'s)."""
+    return eval_prompt(question, "cot", 1)
+
+
+def cot_answer(answer: str) -> str:
+    """The assistant turn of an answer: `REASONING`, then `"Final answer: <answer>"` (the `en` answer format)."""
+    return f"{REASONING}\nFinal answer: {answer}"
+
+
 def task_texts() -> list[str]:
-    """Every question and answer of the task, to train the tiny tokenizer on."""
-    texts = [*COLOURS, *SHAPES, *NUMBER_WORDS]
-    texts += ["What colour is the shape?", "What colour are the shapes?", "How many shapes are there?"]
-    texts += ["What shape is it?", "What shape are they?"]
-    return texts
+    """Every prompt and answer of the task, to train the tiny tokenizer on."""
+    return [*(task_prompt(q) for q in _QUESTIONS), *(cot_answer(a) for a in (*COLOURS, *SHAPES, *NUMBER_WORDS))]
 
 
 def normalize_answer(text: str) -> str:
@@ -135,59 +166,48 @@ def normalize_answer(text: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
 
 
-def make_task(output_dir: str | Path, num_train: int, num_eval: int, seed: int) -> TaskPaths:
-    """Write the task under `output_dir`: `images/`, `train.jsonl`, `eval.jsonl` and `meta.json`.
+def make_task(output_dir: str | Path, num_train: int, num_eval: int, seed: int, num_prompts: int = 0) -> TaskPaths:
+    """Write the task under `output_dir`: `images/`, `train.jsonl`, `benchmark.jsonl`, `prompts.jsonl`, `meta.json`.
 
-    Training images are numbered first, then the held-out ones, and no image appears in both files.
+    Images are numbered training first, then held-out (benchmark), then prompt images, so the training and
+    benchmark images of a seed do not depend on `num_prompts`.
     """
     root = Path(output_dir)
     images = root / "images"
     images.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    train_records: list[dict[str, Any]] = []
-    eval_records: list[dict[str, Any]] = []
-    for index in range(num_train + num_eval):
+    train: list[dict[str, Any]] = []
+    held_out: list[dict[str, Any]] = []
+    prompts: list[dict[str, Any]] = []
+    for index in range(num_train + num_eval + num_prompts):
         scene = sample_scene(rng)
         name = f"{index:05d}.png"
         draw_scene(scene, noise_seed=seed * 1_000_003 + index).save(images / name)
         if index < num_train:
             question, answer = question_answer(scene, QUESTION_TYPES[index % len(QUESTION_TYPES)])
-            train_records.append(_record(f"train-{index}", name, question, answer))
-        else:
-            for question_type in QUESTION_TYPES:
-                question, answer = question_answer(scene, question_type)
-                record = _record(f"eval-{index}-{question_type}", name, question, answer)
-                eval_records.append({**record, "question_type": question_type})
-    paths = TaskPaths(root=root, meta=root / "meta.json", train=root / "train.jsonl", eval=root / "eval.jsonl")
-    _write_jsonl(paths.train, train_records)
-    _write_jsonl(paths.eval, eval_records)
+            train.append(_record(f"train-{index}", name, question, answer))
+            continue
+        for question_type in QUESTION_TYPES:
+            question, answer = question_answer(scene, question_type)
+            item = {"image": f"images/{name}", "question": question, "answer": answer, "source": question_type}
+            (held_out if index < num_train + num_eval else prompts).append(item)
+    paths = TaskPaths(root, root / "meta.json", root / "train.jsonl", root / "benchmark.jsonl", root / "prompts.jsonl")
+    _write_jsonl(paths.train, train)
+    _write_jsonl(paths.benchmark, held_out)
+    _write_jsonl(paths.prompts, prompts)
     meta = {DATASET_NAME: {"root": "images", "annotation": "train.jsonl", "data_augment": False, "repeat_time": 1}}
     paths.meta.write_text(json.dumps(meta, indent=2) + "\n")
     return paths
-
-
-def read_eval(paths: TaskPaths) -> list[dict[str, str]]:
-    """The held-out questions as `{"image": full path, "question", "answer", "question_type"}`."""
-    items = []
-    for line in paths.eval.read_text().splitlines():
-        record = json.loads(line)
-        human, gpt = record["conversations"]
-        items.append(
-            {
-                "image": str(paths.root / "images" / record["image"]),
-                "question": human["value"].removeprefix("<image>\n"),
-                "answer": gpt["value"],
-                "question_type": record["question_type"],
-            }
-        )
-    return items
 
 
 def _record(record_id: str, image: str, question: str, answer: str) -> dict[str, Any]:
     return {
         "id": record_id,
         "image": image,
-        "conversations": [{"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}],
+        "conversations": [
+            {"from": "human", "value": task_prompt(question)},
+            {"from": "gpt", "value": cot_answer(answer)},
+        ],
     }
 
 
@@ -206,28 +226,36 @@ class PairPaths:
 
 def make_pairs(paths: TaskPaths, seed: int) -> PairPaths:
     """Preference pairs (MMPR format) from the task's own ground truth: the right answer is chosen, a wrong answer
-    of the same question type is rejected. One pair per training question (`pairs_train.jsonl`) and per held-out
-    question (`pairs_eval.jsonl`), each with its meta file.
+    of the same question type is rejected, both in the task's answer format. One pair per training question
+    (`pairs_train.jsonl`) and per benchmark question (`pairs_eval.jsonl`), each with its meta file. (The demo
+    builds its pairs from the SFT model's own answers; these are for tests and examples.)
 
-    Example: "What colour is the shape?" on a red image -> chosen "red", rejected e.g. "blue".
+    Example: "What colour is the shape?" on a red image -> chosen `cot_answer("red")`, rejected e.g.
+    `cot_answer("blue")`.
     """
+    train = []
+    for line in paths.train.read_text().splitlines():
+        record = json.loads(line)
+        human, gpt = record["conversations"]
+        train.append((record["id"], record["image"], human["value"], extract_answer(gpt["value"], "en")))
+    held_out = [
+        (f"eval-{i}", item["image"].removeprefix("images/"), task_prompt(item["question"]), item["answer"])
+        for i, item in enumerate(map(json.loads, paths.benchmark.read_text().splitlines()))
+    ]
     rng = random.Random(seed)
     written = []
-    for name, source in (("train", paths.train), ("eval", paths.eval)):
+    for name, items in (("train", train), ("eval", held_out)):
         records = []
-        for line in source.read_text().splitlines():
-            record = json.loads(line)
-            human, gpt = record["conversations"]
-            answer = gpt["value"]
+        for record_id, image, question, answer in items:
             kind = next(k for k, options in _ANSWERS.items() if answer in options)
             wrong = rng.choice([option for option in _ANSWERS[kind] if option != answer])
             records.append(
                 {
-                    "id": record["id"],
-                    "image": record["image"],
-                    "question": human["value"],
-                    "chosen": answer,
-                    "rejected": wrong,
+                    "id": record_id,
+                    "image": image,
+                    "question": question,
+                    "chosen": cot_answer(answer),
+                    "rejected": cot_answer(wrong),
                     "question_type": kind,
                 }
             )
