@@ -48,9 +48,10 @@ STANDINS = {
     "data/meta.json": "8 SFT records of the demo's shapes task, images included (internvl_tune.demo.task)",
     "MMPR/meta.json": "8 MMPR pairs of the same task (internvl_tune.demo.task.make_pairs)",
     "data/images": "the images of data/meta.json",
-    "responses": "responses as `sample` writes them to the data/ questions: one right and one wrong answer each",
-    "data/prompts.jsonl": "the data/ questions as a prompt file: {image, question, answer}",
-    "data/captions.jsonl": "the data/ questions with their answers as chosen: {image, question, chosen}",
+    "data/benchmark.jsonl": "the shapes task's benchmark (make_task): 3 questions on a held-out image",
+    "responses": "responses as `sample` writes them to the benchmark's questions: one right and one wrong answer each",
+    "data/prompts.jsonl": "the benchmark's questions as a prompt file: {image, question, answer}",
+    "data/captions.jsonl": "the benchmark's questions with their answers as chosen: {image, question, chosen}",
     "cat.jpg": "a 160x120 JPEG of the shapes task",
     "runs/lora/final_adapter": "LoRA adapter: configs/sft/internvl2_5_2b_lora.yaml on a tiny base, 1 step",
     "configs": "a copy of the repository's configs/",
@@ -60,6 +61,8 @@ STANDINS = {
 APPENDED = ["train.max_steps=1"]
 # Appended to commands that generate: two short answers per question instead of 32 of up to 4096 tokens.
 GENERATION_APPENDED = ("--num-return-sequences", "2", "--max-new-tokens", "8", "--no-progress")
+# Appended to `eval`: short answers instead of a chain of thought of up to 4096 tokens.
+EVAL_APPENDED = ("--max-new-tokens", "8", "--no-progress")
 
 TIMEOUT_S = 300
 DEMO_TIMEOUT_S = 900  # the README says ~3 min; a busy 2-core machine takes up to three times that
@@ -92,6 +95,7 @@ RULES = (
     Rule(r"vllm serve ", skip="a vLLM server on a GPU"),
     Rule(r"internvl-tune sample .*--backend server", skip="needs the vLLM server of the line before"),
     Rule(r"internvl-tune (sample|dropout-ntp) ", append=GENERATION_APPENDED),
+    Rule(r"internvl-tune eval ", append=EVAL_APPENDED),
     Rule(r"internvl-tune (precompute-ref|check-data|convert|export|chat|build-pairs) "),
 )
 
@@ -202,10 +206,11 @@ def build_standins(root: Path) -> None:
     build_original_checkpoint(root / "InternVL2_5-8B", llm="internlm2")
     data = make_task(root / "data", num_train=8, num_eval=1, seed=0)
     responses = []
-    for line in data.train.read_text().splitlines():
+    for line in data.benchmark.read_text().splitlines():
         record = json.loads(line)
-        question, answer = (turn["value"] for turn in record["conversations"])
-        item = {"image": record["image"], "question": question, "answer": answer, "prompt_version": "en"}
+        image = record["image"].removeprefix("images/")  # relative to data/images, the README's --image-root
+        question, answer = record["question"], record["answer"]
+        item = {"image": image, "question": question, "answer": answer, "prompt_version": "en"}
         item["question_orig"] = question
         for said in (answer, "I cannot tell"):
             responses.append({**item, "response": f"I look at the image.\nI check it.\nFinal answer: {said}"})

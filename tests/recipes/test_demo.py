@@ -1,6 +1,7 @@
 """`internvl-tune demo --quick` end to end through the CLI: task, tiny model, eval, SFT, eval, sampling, pairs, MPO,
 eval, report."""
 
+import importlib.util
 import json
 
 from internvl_tune.cli import main
@@ -52,6 +53,11 @@ def test_quick_demo_writes_a_passing_report(tmp_path, capsys):
     assert (tmp_path / "data" / "meta.json").is_file()
     out = capsys.readouterr().out
     assert "PASSED" in out and "after MPO" in out
+    # The plot needs the optional matplotlib: without it the report says there is none.
+    if importlib.util.find_spec("matplotlib") is None:
+        assert report["plot"] is None and not (tmp_path / "curves.png").exists()
+    else:
+        assert report["plot"] == str(tmp_path / "curves.png") and (tmp_path / "curves.png").stat().st_size > 0
 
 
 def test_task_is_deterministic_and_in_the_cot_format(tmp_path):
