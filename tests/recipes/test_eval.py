@@ -128,3 +128,23 @@ def test_eval_errors_are_one_line(tiny_model_dir, tmp_path, capsys):
         assert errors[-1].startswith("error: ") and errors[-1].count("\n") == 1, (args, errors[-1])
     assert "bad.jsonl:1: 'answer' is required" in errors[0] and "unknown scorer exact" in errors[2]
     assert not (tmp_path / "out").exists()  # nothing written before the arguments were checked
+
+
+def test_eval_through_a_server_equals_eval_in_process(tiny_model_dir, tmp_path):
+    """`--backend server` against serve.py on localhost (serving the same model): the same greedy answers."""
+    from internvl_tune.generation.hf import HFBackend
+    from internvl_tune.generation.serve import start_server
+
+    bench = _benchmark(tmp_path, ["red", "green", "blue"])
+    assert _eval(bench, tmp_path / "hf", tiny_model_dir) == 0
+    server = start_server(HFBackend.from_folder(tiny_model_dir))
+    try:
+        argv = ["eval", str(bench), "--out", str(tmp_path / "server"), "--backend", "server"]
+        argv += ["--base-url", server.base_url, "--max-new-tokens", "6", "--no-progress"]
+        assert main(argv) == 0
+    finally:
+        server.shutdown()
+    by_index = lambda name: sorted(_rows(tmp_path / name / "responses.jsonl"), key=lambda r: r["index"])  # noqa: E731
+    assert [r["response"] for r in by_index("server")] == [r["response"] for r in by_index("hf")]
+    settings = json.loads((tmp_path / "server" / "report.json").read_text())["settings"]
+    assert settings["model"] == server.base_url
