@@ -59,6 +59,7 @@ def _check_data(args: argparse.Namespace) -> int:
     from internvl_tune.checkpoints.read import load_tokenizer, read_model_config
     from internvl_tune.config import MPOConfig, SFTConfig, read_run_file
     from internvl_tune.data.check import check_data
+    from internvl_tune.data.packing import PackingSettings
     from internvl_tune.model.prepare import sample_settings
 
     args.overrides = [f"model.model_name_or_path={args.model}", f"data.meta_path={args.meta}", *args.overrides]
@@ -66,12 +67,16 @@ def _check_data(args: argparse.Namespace) -> int:
     config = _run_config(MPOConfig if mpo else SFTConfig, args)
     model_config = read_model_config(args.model)  # either layout, as plain JSON: no remote code
     tokenizer = load_tokenizer(args.model)
+    d = config.data
     report = check_data(
         args.meta,
         tokenizer,
         sample_settings(config.data, model_config),
         batch_size=args.batch_size or config.train.per_device_train_batch_size,
         pairs=mpo,  # a run file with an mpo section checks pair data, like --preference
+        packing=PackingSettings(
+            d.max_packed_tokens, d.num_images_expected, d.max_buffer_size, d.oversize_sample
+        ),  # what packing with the run's budgets (or the defaults) would do
     )
     print(report.format(max_listed=args.max_listed))
     if args.json:

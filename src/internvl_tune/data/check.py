@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from internvl_tune.data.dataset import RecordDataset
 from internvl_tune.data.errors import DataError
+from internvl_tune.data.packing import PackingSettings, pack
 from internvl_tune.data.preference import PairBuilder
 from internvl_tune.data.transform import SampleBuilder, SampleSettings
 
@@ -34,6 +35,7 @@ class DataReport:
     max_seq_length: int = 0
     batch_size: int = 1
     padding_waste: float = 0.0
+    packing: dict[str, Any] | None = None  # what packing would do: pack_report()
 
     @property
     def num_errors(self) -> int:
@@ -51,6 +53,7 @@ class DataReport:
             "total_image_tokens": sum(self.image_tokens),
             "total_tiles": sum(self.tiles),
             "padding_waste": self.padding_waste,
+            "packing": self.packing,
         }
 
     def format(self, max_listed: int = 10) -> str:
@@ -75,6 +78,15 @@ class DataReport:
             lines += ["tiles per sample:", *histogram(self.tiles)]
             lines.append(f"samples over max_seq_length={self.max_seq_length}: {self.num_over_max_length}")
             lines.append(f"padding waste at batch size {self.batch_size} (random batches): {self.padding_waste:.1%}")
+        if self.packing:
+            p = self.packing
+            lines.append(
+                f"packing (max_packed_tokens={p['max_packed_tokens']}, num_images_expected={p['num_images_expected']}, "
+                f"max_buffer_size={p['max_buffer_size']}): {p['num_samples']} samples -> {p['num_rows']} rows, "
+                f"{p['samples_per_row']:.1f} per row, {p['fill_ratio']:.1%} of the token budget filled, "
+                f"{p['num_over_budget']} over budget ({p['oversize_sample']}: "
+                f"{'refused' if p['oversize_sample'] == 'error' else 'trained alone'})"
+            )
         return "\n".join(lines)
 
 
@@ -120,6 +132,37 @@ def padding_waste(lengths: list[int], batch_size: int, seed: int = 0) -> float:
     return 1.0 - sum(order) / padded if padded else 0.0
 
 
+def pack_report(sizes: list[tuple[int, int]], packing: PackingSettings, seed: int = 0) -> dict[str, Any]:
+    """What the packer (data/packing.py) makes of samples of these (tokens, tiles) in a random order: rows, samples
+    per row, the filled share of the rows' token budget, and the samples over a budget (refused or alone).
+
+    Example: sizes [(6, 2), (5, 1), (4, 2), (3, 0)], budgets 10 tokens / 4 tiles: rows [a c] and [b d] (module
+    example of data/packing.py, in the order given; a shuffled order may pack otherwise): 18 of 20 budget tokens
+    filled -> fill_ratio 0.9.
+    """
+    order = list(range(len(sizes)))
+    random.Random(seed).shuffle(order)
+    over = [i for i in order if sizes[i][0] > packing.max_packed_tokens or sizes[i][1] > packing.num_images_expected]
+    items = [(i, *sizes[i]) for i in order if i not in set(over)]
+    rows = list(
+        pack(
+            items,
+            max_tokens=packing.max_packed_tokens,
+            max_tiles=packing.num_images_expected,
+            max_buffer_size=packing.max_buffer_size,
+        )
+    )
+    tokens = sum(sizes[i][0] for row in rows for i in row)
+    return {
+        **vars(packing),
+        "num_samples": len(items),
+        "num_rows": len(rows) + (len(over) if packing.oversize_sample == "alone" else 0),
+        "samples_per_row": len(items) / max(1, len(rows)),
+        "fill_ratio": tokens / max(1, len(rows) * packing.max_packed_tokens),
+        "num_over_budget": len(over),
+    }
+
+
 def check_data(
     meta_path: str,
     tokenizer,
@@ -129,11 +172,13 @@ def check_data(
     seed: int = 42,
     pairs: bool = False,
     progress: bool = True,
+    packing: PackingSettings | None = None,
 ) -> DataReport:
     """Validate every record of a meta file (SFT conversations, or preference pairs) and collect the report.
 
     For pairs, a sample's length is its longer sequence, prompt + max(chosen, rejected) (what max_seq_length
-    limits), and padding is estimated on shared-prefix rows, prompt + chosen + rejected.
+    limits), and padding and packing are estimated on shared-prefix rows, prompt + chosen + rejected. With `packing`,
+    the report also says what packing with those budgets would do (`pack_report`).
     """
 
     def make_builder(sample_settings: SampleSettings):
@@ -178,4 +223,7 @@ def check_data(
             report.lengths.append(min(length, settings.max_seq_length))
             row_lengths.append(row)
     report.padding_waste = padding_waste(row_lengths, batch_size, seed)
+    if packing is not None:
+        sizes = [(min(n, settings.max_seq_length), t) for n, t in zip(row_lengths, report.tiles, strict=True)]
+        report.packing = pack_report(sizes, packing, seed)
     return report

@@ -51,6 +51,7 @@ from internvl_tune.training.engine import (
     data_stream,
     epoch_progress,
     finish_run,
+    idle_loss,
     is_logging_step,
     make_batching,
     micro_batches_in_step,
@@ -129,10 +130,11 @@ def _train(config: MPOConfig, accelerator: Accelerator, stop: StopRequest) -> di
     sampler, train_data = make_batching(
         dataset, builder.measure, settings, tokenizer, data_args, train_args, accelerator
     )
+    dummy_tile = blank_tile(settings.image_size, settings.normalize_type)
     collate = partial(
         pair_collate,
         pad_token_id=tokenizer.pad_token_id,
-        dummy_tile=blank_tile(settings.image_size, settings.normalize_type),
+        dummy_tile=dummy_tile,
         mode=mpo_args.pair_layout,
     )
     total_steps, warmup_steps = schedule_lengths(sampler, train_args)
@@ -231,8 +233,9 @@ def _train(config: MPOConfig, accelerator: Accelerator, stop: StopRequest) -> di
             sync = i == len(batches) - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(forward):
                 if batch["num_pairs"] == 0:
-                    # All its pairs were skipped (counted above); a zero loss keeps ranks in step.
-                    loss = sum(p.sum() for p in forward.parameters() if p.requires_grad) * 0.0
+                    # Nothing to train here (pairs skipped, or past the end of a packed epoch): a zero loss from a
+                    # real forward keeps the ranks in step.
+                    loss = idle_loss(forward, accelerator, tokenizer.pad_token_id, dummy_tile)
                     accelerator.backward(loss)
                     if objective.needs_delta:
                         update_delta(running, accelerator, None)

@@ -39,6 +39,7 @@ from internvl_tune.training.engine import (
     data_stream,
     epoch_progress,
     finish_run,
+    idle_loss,
     is_logging_step,
     make_batching,
     micro_batches_in_step,
@@ -152,8 +153,9 @@ def _train(config: SFTConfig, accelerator: Accelerator, stop: StopRequest) -> di
             sync = i == len(batches) - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(forward):
                 if batch["num_samples"] == 0:
-                    # All its samples were skipped (counted above); a zero loss keeps ranks in step.
-                    loss = sum(p.sum() for p in forward.parameters() if p.requires_grad) * 0.0
+                    # Nothing to train here (samples skipped, or past the end of a packed epoch): a zero loss from
+                    # a real forward keeps the ranks in step.
+                    loss = idle_loss(forward, accelerator, tokenizer.pad_token_id, dummy_tile)
                 else:
                     # The LM head runs only where a label is read: no [B, T, vocab] logits.
                     index, targets, _ = label_gather(batch["labels"])

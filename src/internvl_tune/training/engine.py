@@ -236,6 +236,23 @@ def micro_batches_in_step(state: TrainState, sampler, t: TrainArgs) -> int:
     return min(t.gradient_accumulation_steps, sampler.batches_in_epoch(epoch) - batch)
 
 
+def idle_loss(forward, accelerator: Accelerator, pad_token_id: int, dummy_tile: torch.Tensor) -> torch.Tensor:
+    """A zero loss for a micro-batch with nothing to train (its samples skipped as bad, or a rank past the end of a
+    packed epoch's last global batch), computed by a real forward on one padding token and one dummy tile: DDP's
+    forward broadcasts buffers and its backward all-reduces every gradient, so every rank must run both."""
+    device = accelerator.device
+    token_logps = forward(
+        input_ids=torch.full((1, 1), pad_token_id, dtype=torch.long, device=device),
+        attention_mask=torch.ones((1, 1), dtype=torch.long, device=device),
+        position_ids=torch.zeros((1, 1), dtype=torch.long, device=device),
+        pixel_values=dummy_tile.unsqueeze(0).to(device),
+        image_flags=torch.zeros(1, dtype=torch.bool),
+        logp_index=torch.zeros(1, dtype=torch.long, device=device),
+        logp_targets=torch.full((1,), pad_token_id, dtype=torch.long, device=device),
+    )
+    return token_logps.sum() * 0.0
+
+
 def step_totals(accelerator: Accelerator, counts: list[int | float]) -> list[int | float]:
     """Counts known on this rank's CPU (samples, tokens, loss-weight sums) summed over all ranks, each keeping its
     type. One process reads nothing back from the device; several make one small all-reduce per step, the one host
@@ -254,10 +271,18 @@ def is_logging_step(step: int, t: TrainArgs, total_steps: int) -> bool:
 def read_step_metrics(accelerator: Accelerator, sums: dict[str, torch.Tensor]) -> dict[str, float]:
     """The step's metric sums (device tensors accumulated over its micro-batches), summed over ranks and read in
     one transfer: the only time a logging step waits for the device."""
-    names = sorted(sums)
+    names = set(sums)
+    if accelerator.num_processes > 1:
+        # A rank that trained nothing this step (skipped samples, past the end of a packed epoch) has no sums: every
+        # rank must reduce the same names, a missing one counting 0.
+        everyone: list = [None] * accelerator.num_processes
+        torch.distributed.all_gather_object(everyone, sorted(names))
+        names = set().union(*everyone)
+    names = sorted(names)
     if not names:
         return {}
-    stacked = torch.stack([sums[n].detach().to(torch.float64).reshape(()) for n in names])
+    zero = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    stacked = torch.stack([sums[n].detach().to(torch.float64).reshape(()) if n in sums else zero for n in names])
     return dict(zip(names, accelerator.reduce(stacked, "sum").tolist(), strict=True))
 
 
