@@ -91,6 +91,7 @@ RULES = (
     Rule(r"python -m venv ", skip="GPU install: creates and activates another environment"),
     Rule(r"pip install ", skip="GPU install: installs packages into the active environment"),
     Rule(r"accelerate launch --num_processes 8 ", skip="8 processes (GPUs); `...` stands for a run file"),
+    Rule(r"accelerate launch --config_file configs/accelerate/", skip="DeepSpeed ZeRO-3 on 8 GPUs"),
     Rule(r"internvl-tune (sft|mpo) ", append=tuple(APPENDED)),
     Rule(r"vllm serve ", skip="a vLLM server on a GPU"),
     Rule(r"internvl-tune sample .*--backend server", skip="needs the vLLM server of the line before"),
