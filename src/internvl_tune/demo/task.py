@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,11 +158,6 @@ def cot_answer(answer: str) -> str:
 def task_texts() -> list[str]:
     """Every prompt and answer of the task, to train the tiny tokenizer on."""
     return [*(task_prompt(q) for q in _QUESTIONS), *(cot_answer(a) for a in (*COLOURS, *SHAPES, *NUMBER_WORDS))]
-
-
-def normalize_answer(text: str) -> str:
-    """Lower case, punctuation dropped, whitespace collapsed: `" Red."` -> `"red"`."""
-    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
 
 
 def make_task(output_dir: str | Path, num_train: int, num_eval: int, seed: int, num_prompts: int = 0) -> TaskPaths:
