@@ -3,6 +3,7 @@
 #   1. the GPU-marked tests: pytest -m gpu (exit 5, no test carries the marker, counts as a pass);
 #   2. benchmarks/mpo_step.py --preset internvl2_5-1b: shared, trl, precomputed, with 1 and with 4 pairs per step;
 #   3. benchmarks/sft_step.py --preset internvl2_5-1b: ours, trl;
+#   4. benchmarks/sft_packing.py --preset internvl2_5-1b: packed vs padded SFT on a long-tailed mix;
 # all with bf16 and --profile, then writes benchmarks/RESULTS-gpu.md (and copies it with the logs to $OUT when set).
 # A failing step or benchmark row is recorded in the report and the script goes on; each step has a time limit.
 #
@@ -33,7 +34,8 @@ if [[ $CPU_SMOKE == 1 ]]; then
     RUN=(--device cpu --warmup-steps 1 --timed-steps 1 --answer-tokens 16)
     MPO_EXTRA=(--no-memory-runs)
     SFT_TOKENS=600
-    LIMITS=(120 400 400 300)  # pytest, MPO 1 pair, MPO 4 pairs, SFT (seconds; a slow shared CPU)
+    PACKING=(--device cpu --num-samples 8 --batch-size 2 --max-packed-tokens 1024)
+    LIMITS=(120 400 400 300 400)  # pytest, MPO 1 pair, MPO 4 pairs, SFT, packing (seconds; a slow shared CPU)
 else
     PYTHON=${PYTHON:-python3}
     REPORT=$ROOT/benchmarks/RESULTS-gpu.md
@@ -41,9 +43,9 @@ else
     RUN=(--device cuda --bf16 --warmup-steps 2 --timed-steps 3)
     MPO_EXTRA=()
     SFT_TOKENS=16384
-    # Caps, not estimates (each run: about 30 s of start-up, model load and final save, then seconds of steps);
-    # with the checks before them they stay inside the 8 minutes.
-    LIMITS=(45 170 140 100)
+    PACKING=(--device cuda --bf16 --num-samples 48 --batch-size 4 --max-packed-tokens 16384)
+    # Caps, not estimates (each run: about 30 s of start-up, model load and final save, then seconds of steps).
+    LIMITS=(45 170 140 100 100)
 fi
 export PYTHONPATH=$ROOT/src${PYTHONPATH:+:$PYTHONPATH}
 rm -rf "$WORK"
@@ -92,6 +94,8 @@ run_step mpo-4-pairs "${LIMITS[2]}" "$PYTHON" benchmarks/mpo_step.py "${COMMON[@
     --configs shared,trl,precomputed --pairs-per-step 4 --workdir "$WORK/mpo-4" --results "$WORK/mpo-4.md"
 run_step sft "${LIMITS[3]}" "$PYTHON" benchmarks/sft_step.py "${COMMON[@]}" \
     --configs ours,trl --tokens-per-step "$SFT_TOKENS" --workdir "$WORK/sft" --results "$WORK/sft.md"
+run_step packing "${LIMITS[4]}" "$PYTHON" benchmarks/sft_packing.py "${MODEL[@]}" "${PACKING[@]}" \
+    --configs padded,packed --workdir "$WORK/packing" --results "$WORK/packing.md"
 
 # The report: what ran and how it went, then each benchmark's own report (headings one level down).
 DEVICE=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')" \
@@ -110,7 +114,7 @@ DEVICE=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name(0) if torc
     echo "| step | result | seconds | log |"
     echo "|---|---|---:|---|"
     printf '%s\n' "${STATUS[@]}"
-    for name in mpo-1 mpo-4 sft; do
+    for name in mpo-1 mpo-4 sft packing; do
         echo
         if [[ -f $WORK/$name.md ]]; then
             sed -e 's/^#/##/' "$WORK/$name.md"

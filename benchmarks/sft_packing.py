@@ -23,6 +23,7 @@ trains on the same samples: the sum of labelled tokens over the epoch is the sam
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import random
@@ -44,6 +45,11 @@ GRIDS = [(1, 1), (2, 1), (2, 2), (3, 2), (4, 2), (3, 3), (4, 3)]
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", choices=sorted(common.PRESETS), help="real InternVL shapes (default: the small dims)")
+    for name in common._SHAPE_FLAGS:
+        p.add_argument(
+            f"--{name.replace('_', '-')}", type=int, help=f"without --preset: {getattr(common.DEFAULT_SHAPE, name)}"
+        )
+    p.add_argument("--max-dynamic-patch", type=int, default=12, help="most tiles per image (1-13 with 12)")
     p.add_argument("--num-samples", type=int, default=64)
     p.add_argument("--median-answer-tokens", type=int, default=80)
     p.add_argument("--batch-size", type=int, default=4, help="samples per padded micro-batch")
@@ -59,7 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.names = [n.strip() for n in args.configs.split(",") if n.strip()]
     if set(args.names) - set(CONFIGS):
         p.error(f"--configs: known configurations are {CONFIGS}")
-    args.shape = common.PRESETS[args.preset] if args.preset else common.DEFAULT_SHAPE
+    base = common.PRESETS[args.preset] if args.preset else common.DEFAULT_SHAPE
+    args.shape = dataclasses.replace(
+        base, **{n: getattr(args, n) for n in common._SHAPE_FLAGS if getattr(args, n) is not None}
+    )
     args.models = str(Path(args.workdir) / "models")
     # What common.spawn / child_main read.
     args.steps, args.profile = 0, False
@@ -130,7 +139,7 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
         "model.grad_checkpoint=true",
         "model.drop_path_rate=0.0",
         f"data.meta_path={workdir / 'data' / 'meta.json'}",
-        "data.max_dynamic_patch=12",
+        f"data.max_dynamic_patch={args.max_dynamic_patch}",
         f"data.max_seq_length={args.max_seq_length}",
         f"train.output_dir={out}",
         "train.num_train_epochs=1",
@@ -181,7 +190,8 @@ def report(args: argparse.Namespace, argv: list[str], results: dict[str, dict]) 
     )
     lines += [
         f"- Data: {args.num_samples} samples, answers log-normal (median {args.median_answer_tokens} tokens, sigma 1, "
-        "cap 2,000), 20% text-only, 10% with 2-3 images, else one image of 1-13 tiles; max_dynamic_patch 12",
+        f"cap 2,000), 20% text-only, 10% with 2-3 images, else one image of 1-13 tiles; max_dynamic_patch "
+        f"{args.max_dynamic_patch}",
         f"- Runs: one epoch each, {args.device}, {'bf16' if args.bf16 else 'fp32'}, gradient checkpointing, padded "
         f"and grouped batches of {args.batch_size} samples, packed rows of up to {args.max_packed_tokens} tokens "
         "(1 row per micro-batch)",
