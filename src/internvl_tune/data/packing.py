@@ -34,7 +34,6 @@ may be partial: ranks past its end get fewer rows, or none (an empty micro-batch
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -190,12 +189,6 @@ class PackedBatchSampler:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
-
-    def fingerprint(self) -> str:
-        """A hash of what the plans depend on (lengths, budgets, order): a resumed run must see the same."""
-        s = self.settings
-        payload = repr((self.lengths, s, self.seed, self.shuffle, self.rows_per_batch, self.num_replicas))
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def statistics(self, epoch: int = 0) -> dict[str, float]:
         """What packing does to an epoch: rows, samples per row, fill of the token budget, samples alone."""
