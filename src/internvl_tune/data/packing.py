@@ -141,7 +141,8 @@ class PackedBatchSampler:
         self.where = where
         self.epoch = 0
         self.batch = 0
-        self._plans: dict[int, list[list[int]]] = {}
+        self._plans: dict[int, list[list[int]]] = {}  # the last two epochs' plans (the loader and the loop's look-ups)
+        self._num_rows: dict[int, int] = {}  # rows per epoch planned so far: step counting without re-planning
         if not any(length is not None for length in self.lengths):
             raise DataError("no sample can be packed: every record was skipped as bad")
 
@@ -164,12 +165,16 @@ class PackedBatchSampler:
                 where=self.where,
             )
             offset = epoch * self.num_samples
-            self._plans = {epoch: [[offset + i for i in row] for row in plan]}  # keep one epoch's plan only
+            self._plans[epoch] = [[offset + i for i in row] for row in plan]
+            self._num_rows[epoch] = len(self._plans[epoch])
+            while len(self._plans) > 2:
+                del self._plans[min(self._plans)]
         return self._plans[epoch]
 
     def batches_in_epoch(self, epoch: int) -> int:
         """Micro-batches each rank takes in `epoch` (the last global batch may be partial)."""
-        return math.ceil(len(self.rows(epoch)) / (self.rows_per_batch * self.num_replicas))
+        num_rows = self._num_rows[epoch] if epoch in self._num_rows else len(self.rows(epoch))
+        return math.ceil(num_rows / (self.rows_per_batch * self.num_replicas))
 
     def micro_batch(self, epoch: int, batch: int) -> list[list[int]]:
         """This rank's rows of micro-batch `batch` of `epoch` (fewer, or none, in a partial last global batch)."""
