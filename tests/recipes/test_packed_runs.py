@@ -154,3 +154,18 @@ def test_mpo_packed_pairs_equal_one_pair_per_row(tmp_path, tiny_model_dir, pair_
     assert code == 0
     _assert_same_training(rows, packed)
     assert [r["delta"] for r in packed] == pytest.approx([r["delta"] for r in rows], rel=1e-5)
+
+
+@pytest.mark.parametrize("command", ["sft", "mpo"])
+def test_length_grouped_epoch_trains_every_full_batch(tmp_path, tiny_model_dir, sft_meta, pair_meta, command):
+    """group_by_length: one epoch of batches of 4 trains the same number of samples as random batches (the last
+    partial batch left out of both), with less padding."""
+    meta = sft_meta if command == "sft" else pair_meta
+    common = ["num_train_epochs=1", "per_device_train_batch_size=4", "max_steps=-1"]
+    code, grouped = _run(tmp_path, tiny_model_dir, meta, command, "grouped", *common, "group_by_length=true")
+    assert code == 0
+    code, plain = _run(tmp_path, tiny_model_dir, meta, command, "plain", *common)
+    assert code == 0
+    assert sum(r["num_samples"] for r in grouped) == sum(r["num_samples"] for r in plain) > 0
+    padding = lambda rows: sum(r["padding_share"] for r in rows)  # noqa: E731
+    assert padding(grouped) <= padding(plain)
