@@ -142,8 +142,8 @@ def pack_report(sizes: list[tuple[int, int]], packing: PackingSettings, seed: in
     """
     order = list(range(len(sizes)))
     random.Random(seed).shuffle(order)
-    over = [i for i in order if sizes[i][0] > packing.max_packed_tokens or sizes[i][1] > packing.num_images_expected]
-    items = [(i, *sizes[i]) for i in order if i not in set(over)]
+    over = {i for i in order if sizes[i][0] > packing.max_packed_tokens or sizes[i][1] > packing.num_images_expected}
+    items = [(i, *sizes[i]) for i in order if i not in over]
     rows = list(
         pack(
             items,
