@@ -30,6 +30,14 @@ from internvl_tune.constants import DEFAULT_MAX_DYNAMIC_PATCH, DEFAULT_TEMPLATE
 SaveDtype = Literal["auto", "bf16", "fp16", "fp32"]
 
 
+# FlashAttention takes padding masks only: it cannot keep a rejected answer from its chosen one, or packed samples
+# from each other (transformers would drop or misread the block mask).
+ROW_MASK_KERNELS = (
+    "model.attn_implementation={} cannot isolate packed samples or shared-prefix answers; "
+    "use auto (flex attention on CUDA), sdpa_segments or sdpa, or set {}"
+)
+
+
 class ConfigError(ValueError):
     """A bad configuration value; the message names the file or override and the field."""
 
@@ -40,7 +48,8 @@ class ModelArgs:
     """Local folder of an HF-native InternVL checkpoint (`InternVLForConditionalGeneration` + tokenizer)."""
     attn_implementation: str = "auto"
     """Attention kernel of training: auto (flex attention for the LLM on CUDA, with block masks for shared-prefix
-    pairs and packed rows; sdpa on CPU), sdpa, flex_attention, eager, or flash_attention_2 (GPU with flash-attn)."""
+    pairs and packed rows; sdpa_segments on CPU: one SDPA call per packed sample or answer), sdpa (dense block
+    masks), sdpa_segments, flex_attention, eager, or flash_attention_2 (GPU with flash-attn)."""
     freeze_backbone: bool = False
     """Freeze the vision encoder (InternViT)."""
     freeze_mlp: bool = False
@@ -222,6 +231,8 @@ class SFTConfig:
                 raise ConfigError(f"data.{name} must be >= 1, got {getattr(d, name)}")
         if d.packing and d.group_by_length:
             raise ConfigError("data.group_by_length is for unpacked batches; with data.packing rows are filled instead")
+        if d.packing and m.attn_implementation.startswith("flash_attention"):
+            raise ConfigError(ROW_MASK_KERNELS.format(m.attn_implementation, "data.packing=false"))
         if t.overwrite_output_dir and t.resume_from_checkpoint:
             raise ConfigError(
                 "train.overwrite_output_dir deletes what train.resume_from_checkpoint would resume; set one"
@@ -279,6 +290,8 @@ class MPOConfig:
         SFTConfig.validate(self)  # type: ignore[arg-type]
         if self.data.packing and self.mpo.pair_layout != "shared":
             raise ConfigError("data.packing packs shared-prefix pairs; set mpo.pair_layout=shared")
+        if self.mpo.pair_layout == "shared" and self.model.attn_implementation.startswith("flash_attention"):
+            raise ConfigError(ROW_MASK_KERNELS.format(self.model.attn_implementation, "mpo.pair_layout=separate"))
         if self.mpo.reference == "lora_disabled" and not (self.model.use_llm_lora or self.model.use_backbone_lora):
             raise ConfigError("mpo.reference=lora_disabled needs a LoRA policy (use_llm_lora or use_backbone_lora)")
         # The recipe builds the objective through the same function, so a spelling accepted here trains as read.

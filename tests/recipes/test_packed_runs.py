@@ -75,6 +75,15 @@ def test_sft_packed_equals_padded(tmp_path, tiny_model_dir, sft_meta, reduction)
     _assert_same_training(padded, packed)
     assert packed[0]["num_samples"] == 21
     assert packed[0]["padding_share"] < padded[0]["padding_share"]
+    if reduction == "square":
+        # The CPU default runs packed rows per segment (also under gradient checkpointing); the dense block mask
+        # (`sdpa`) trains the same.
+        for name, extra in (("checkpointed", "grad_checkpoint=true"), ("dense", "attn_implementation=sdpa")):
+            code, other = _run(
+                tmp_path, tiny_model_dir, sft_meta, "sft", name, *common, "packing=true", "max_packed_tokens=600", extra
+            )
+            assert code == 0
+            _assert_same_training(other, packed)
 
 
 def test_sft_reductions_train_differently(tmp_path, tiny_model_dir, sft_meta):

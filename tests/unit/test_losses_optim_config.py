@@ -1,9 +1,10 @@
 import math
+import re
 
 import pytest
 import torch
 
-from internvl_tune.config import ConfigError, SFTConfig, load_config
+from internvl_tune.config import ConfigError, MPOConfig, SFTConfig, load_config
 from internvl_tune.model.logprobs import label_gather, target_logps
 from internvl_tune.training.optim import lr_lambda
 
@@ -66,3 +67,21 @@ def test_config_requires_model_and_data(tmp_path):
         load_config(SFTConfig, _yaml(tmp_path, "data: {meta_path: d.json}\n"))
     with pytest.raises(ConfigError, match="unknown section 'dat'"):
         load_config(SFTConfig, _yaml(tmp_path, "dat: {meta_path: d.json}\n"))
+
+
+@pytest.mark.parametrize(
+    "config_class, overrides, message",
+    [
+        (SFTConfig, ["packing=true", "attn_implementation=flash_attention_2"], "or set data.packing=false"),
+        (MPOConfig, ["attn_implementation=flash_attention_2"], "or set mpo.pair_layout=separate"),
+    ],
+)
+def test_flash_attention_is_refused_for_rows_that_need_a_block_mask(tmp_path, config_class, overrides, message):
+    """FlashAttention takes padding masks only: packed rows and shared-prefix pairs would lose their isolation."""
+    path = _yaml(tmp_path, "model: {model_name_or_path: m}\ndata: {meta_path: d.json}\n")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(config_class, path, overrides)
+    allowed = ["attn_implementation=flash_attention_2"] + (
+        ["pair_layout=separate"] if config_class is MPOConfig else []
+    )
+    assert load_config(config_class, path, allowed).model.attn_implementation == "flash_attention_2"

@@ -11,7 +11,7 @@ from internvl_tune.data.errors import DataError
 from internvl_tune.data.meta import DatasetEntry
 from internvl_tune.data.preference import PairBuilder, record_to_pair
 from internvl_tune.data.transform import SampleBuilder, SampleSettings
-from internvl_tune.model.attention import dense_block_mask
+from internvl_tune.model.attention import SEGMENTS_KWARG, dense_block_mask, resolve_attn_implementation
 from internvl_tune.model.forward import InternVLTrainingForward
 from internvl_tune.model.logprobs import pair_logps
 from internvl_tune.testing.tiny import build_tiny_model
@@ -80,10 +80,18 @@ def _logps(model, batch):
     return [(out[f"{s}_logps"], out[f"{s}_num_tokens"]) for s in ("chosen", "rejected")]
 
 
-def test_shared_prefix_equals_separate_forwards_values_and_gradients(tokenizer, tmp_path):
-    """Tolerance: fp32, 1e-5 absolute on summed log-probs (O(10-100)) and on gradients."""
+@pytest.mark.parametrize("kernel", ["sdpa", "sdpa_segments"])
+def test_shared_prefix_equals_separate_forwards_values_and_gradients(tokenizer, tmp_path, kernel):
+    """Tolerance: fp32, 1e-5 absolute on summed log-probs (O(10-100)) and on gradients. The shared rows run the
+    dense block mask (`sdpa`) or one SDPA call per segment (`sdpa_segments`, the CPU default)."""
     pairs = _pairs(tokenizer, tmp_path)
     model, _ = build_tiny_model(tokenizer, seed=1)
+    model.set_attn_implementation(resolve_attn_implementation(kernel, "cpu"))
+    segment_calls = []
+    if kernel == "sdpa_segments":
+        model.model.language_model.layers[0].register_forward_pre_hook(
+            lambda m, args, kwargs: segment_calls.append(SEGMENTS_KWARG in kwargs), with_kwargs=True
+        )
     model.eval()
     dummy = torch.zeros(3, 56, 56)
     vit_tiles = []
@@ -101,6 +109,7 @@ def test_shared_prefix_equals_separate_forwards_values_and_gradients(tokenizer, 
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results[mode] = (chosen.detach(), rejected.detach(), chosen_n, rejected_n, grads)
     assert vit_tiles == [4 + 1 + 3, 2 * (4 + 1 + 3)]  # shared: each tile through the ViT once
+    assert segment_calls == ([True, False] if kernel == "sdpa_segments" else [])  # separate rows: plain SDPA
 
     shared, separate = results["shared"], results["separate"]
     torch.testing.assert_close(shared[0], separate[0], atol=1e-5, rtol=0)

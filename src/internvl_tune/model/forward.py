@@ -9,7 +9,7 @@ from peft import PeftModel
 from torch import nn
 from transformers import InternVLForConditionalGeneration
 
-from internvl_tune.model.attention import row_attention_mask
+from internvl_tune.model.attention import row_attention
 from internvl_tune.model.logprobs import DEFAULT_LOGPROB_CHUNK, target_logps
 
 
@@ -54,20 +54,31 @@ class InternVLTrainingForward(nn.Module):
         computed without waiting for the device.
         """
         internvl = base_model(self.model)
+        attention_kwargs = {}
         if attention_groups is not None:
-            # A BlockMask under flex attention, else the dense mask, built here on the model's device.
-            attention_mask = row_attention_mask(internvl, attention_groups, attention_roles, input_ids.device)
+            # Segments under sdpa_segments, a BlockMask under flex attention, else the dense mask (model/attention.py).
+            attention_mask, attention_kwargs = row_attention(
+                internvl, attention_groups, attention_roles, input_ids.device
+            )
         inputs_embeds = internvl.get_input_embeddings()(input_ids)  # [B, T, D]
         if pixel_values is not None:
             inputs_embeds = self._place_image_features(internvl, input_ids, inputs_embeds, pixel_values, image_flags)
         # No KV cache in training (and no "use_cache=True is incompatible with gradient checkpointing" warning).
         if logp_index is None:
             return self.model(
-                inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=False,
+                **attention_kwargs,
             ).logits
         # internvl.model is the backbone without the head; LoRA layers injected by PEFT live inside it.
         hidden = internvl.model(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            **attention_kwargs,
         ).last_hidden_state  # [B, T, D]
         picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, logp_index)  # [K, D]
         return target_logps(picked, internvl.lm_head, logp_targets, self.logprob_chunk_size)
