@@ -179,6 +179,10 @@ class TrainArgs:
     """Keep at most this many step checkpoints (0 = keep all)."""
     resume_from_checkpoint: str | None = None
     """A checkpoint folder to resume from, or 'auto' for the newest complete one in output_dir (none: start afresh)."""
+    resume_data_check: bool = True
+    """Refuse to resume when the data order differs from the checkpoint's (other samples or lengths, batch size,
+    process count, seed or packing budgets), since the rows after the resume would not be the interrupted run's;
+    false resumes anyway, in the new order."""
     overwrite_output_dir: bool = False
     """Delete the files of an earlier run in output_dir first (without it, such a folder is refused unless resuming)."""
     report_to: Literal["none", "tensorboard"] = "none"

@@ -4,6 +4,7 @@ packed micro-batches == one bigger packed micro-batch, exact resume of a packed 
 Tolerances: fp32 on CPU; a packed row runs attention with a block mask where the padded batch uses a padding mask,
 so sums are taken in another order: losses agree to rel 1e-5, gradient norms to rel 1e-4."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -137,6 +138,38 @@ def test_packed_run_resumes_exactly(tmp_path, tiny_model_dir, sft_meta):
     assert code == 0
     assert [r["step"] for r in resumed] == [4, 5, 6]
     _assert_same_training(straight[3:], resumed)
+
+
+def test_a_resume_on_changed_data_or_budgets_is_refused(tmp_path, tiny_model_dir, sft_meta, capsys):
+    """A packed run's position means its rows only on the same lengths and budgets: a resume after either changed
+    is one error line naming the change, unless train.resume_data_check=false."""
+    packed = ["packing=true", "max_packed_tokens=600", "per_device_train_batch_size=1", "max_steps=3"]
+    code, _ = _run(tmp_path, tiny_model_dir, sft_meta, "sft", "first", *packed, "save_steps=2")
+    checkpoint = tmp_path / "first" / "checkpoint-2"
+    assert code == 0 and checkpoint.is_dir()
+    capsys.readouterr()
+
+    # One answer made longer: the same records, other lengths.
+    data = tmp_path / "edited"
+    shutil.copytree(sft_meta.parent, data, ignore=shutil.ignore_patterns(".internvl_tune_cache"))
+    lines = (data / "train.jsonl").read_text().splitlines()
+    lines[0] = lines[0].replace('"gpt", "value": "', '"gpt", "value": "a long answer now: ', 1)
+    assert lines[0] != (sft_meta.parent / "train.jsonl").read_text().splitlines()[0]
+    (data / "train.jsonl").write_text("\n".join(lines) + "\n")
+    resume = f"resume_from_checkpoint={checkpoint}"
+    for meta, extra, change in (
+        (data / "meta.json", [], "sample lengths changed"),
+        (sft_meta, ["max_packed_tokens=700"], "max_packed_tokens 600 -> 700"),
+    ):
+        code, rows = _run(tmp_path, tiny_model_dir, meta, "sft", "again", *packed, *extra, resume)
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+        assert code == 2 and rows == [], errors
+        assert len(errors) == 1 and change in errors[0] and "resume_data_check=false" in errors[0]
+        shutil.rmtree(tmp_path / "again", ignore_errors=True)
+    code, rows = _run(
+        tmp_path, tiny_model_dir, data / "meta.json", "sft", "again", *packed, resume, "resume_data_check=false"
+    )
+    assert code == 0 and [r["step"] for r in rows] == [3]
 
 
 def test_over_budget_samples_are_refused_or_trained_alone(tmp_path, tiny_model_dir, sft_meta, capsys):

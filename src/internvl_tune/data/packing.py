@@ -37,10 +37,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from internvl_tune.data.errors import DataError
+from internvl_tune.data.sampler import lengths_digest
 
 
 @dataclass
@@ -191,6 +193,23 @@ class PackedBatchSampler:
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "batch": self.batch}
+
+    def order_inputs(self) -> dict[str, Any]:
+        """Everything the rows depend on besides the position (see `ResumableBatchSampler.order_inputs`)."""
+        s = self.settings
+        return {
+            "batching": "packed",
+            "num_samples": self.num_samples,
+            "batch_size": self.rows_per_batch,
+            "num_processes": self.num_replicas,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "max_packed_tokens": s.max_packed_tokens,
+            "num_images_expected": s.num_images_expected,
+            "max_buffer_size": s.max_buffer_size,
+            "oversize_sample": s.oversize_sample,
+            "sample lengths": lengths_digest([None if n is None else list(n) for n in self.lengths]),
+        }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -75,6 +78,23 @@ class ResumableBatchSampler:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
 
+    def order_inputs(self) -> dict[str, Any]:
+        """Everything the micro-batches depend on besides the position: equal inputs, equal batches (the record a
+        checkpoint keeps, so that a resume on other data is refused, not silently trained on other rows)."""
+        return {
+            "batching": "random",
+            "num_samples": self.num_samples,
+            "batch_size": self.batch_size,
+            "num_processes": self.num_replicas,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+        }
+
+
+def lengths_digest(lengths) -> str:
+    """A short hash of per-sample lengths (any JSON-able values), for `order_inputs`."""
+    return hashlib.sha256(json.dumps(list(lengths)).encode()).hexdigest()[:16]
+
 
 class LengthGroupedBatchSampler(ResumableBatchSampler):
     """`ResumableBatchSampler` whose global batches hold samples of similar length (less padding).
@@ -105,3 +125,11 @@ class LengthGroupedBatchSampler(ResumableBatchSampler):
             blocks = [blocks[i] for i in torch.randperm(len(blocks), generator=generator).tolist()]
         shuffled = blocks
         return [i for block in shuffled for i in block] + left
+
+    def order_inputs(self) -> dict[str, Any]:
+        return {
+            **super().order_inputs(),
+            "batching": "length-grouped",
+            "group_size": self.group_size,
+            "sample lengths": lengths_digest(self.lengths),
+        }

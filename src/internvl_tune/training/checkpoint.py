@@ -33,6 +33,8 @@ class TrainState:
         self.micro_batches = 0  # consumed since the start of training: the data position
         self.skipped: list[tuple[str, str]] = []
         self.num_truncated = 0
+        # What the data order depends on (the sampler's `order_inputs`); checked on resume (engine.data_stream).
+        self.data_order: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -42,6 +44,7 @@ class TrainState:
         self.micro_batches = state["micro_batches"]
         self.skipped = [tuple(s) for s in state["skipped"]]
         self.num_truncated = state["num_truncated"]
+        self.data_order = state.get("data_order")  # None in checkpoints written before it was recorded
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:

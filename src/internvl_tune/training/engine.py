@@ -363,8 +363,10 @@ def data_stream(
     """This rank's micro-batches from the saved data position on.
 
     The position is the number of micro-batches consumed, so prefetching workers do not disturb it; the loader has
-    its own generator, so creating it does not draw from the global RNG that a resume restored.
+    its own generator, so creating it does not draw from the global RNG that a resume restored. A position only
+    means the same rows on the same data and batching: a resume where they changed is refused (`check_data_order`).
     """
+    check_data_order(state, sampler.order_inputs(), t)
     epoch, batch_in_epoch = sampler_position(sampler, state.micro_batches)
     sampler.load_state_dict({"epoch": epoch, "batch": batch_in_epoch})
     loader = DataLoader(
@@ -375,6 +377,27 @@ def data_stream(
         generator=torch.Generator().manual_seed(t.seed),
     )
     return iter(loader)
+
+
+def check_data_order(state: TrainState, order: dict[str, Any], t: TrainArgs) -> None:
+    """Refuse to resume where the data order differs from the checkpoint's: the rows after the resume would not be
+    the rows of the interrupted run (other samples, other lengths, other batch sizes or process counts).
+    `train.resume_data_check=false` resumes anyway, with the new order, from the same count of micro-batches."""
+    saved, state.data_order = state.data_order, order
+    if saved is None or saved == order:
+        return
+    changes = ", ".join(
+        f"{key} {saved.get(key)} -> {order.get(key)}" if key != "sample lengths" else "sample lengths changed"
+        for key in sorted(set(saved) | set(order), key=lambda k: (k == "sample lengths", k))
+        if saved.get(key) != order.get(key)
+    )
+    if not t.resume_data_check:
+        logger.warning("resuming at step %d with another data order (%s)", state.step, changes)
+        return
+    raise ConfigError(
+        f"step {state.step} was trained in another data order ({changes}); resuming here would train other rows "
+        "than the interrupted run. Restore the data and settings, or set train.resume_data_check=false"
+    )
 
 
 def save_step_checkpoint(accelerator: Accelerator, state: TrainState, t: TrainArgs) -> Path:
