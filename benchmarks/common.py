@@ -142,6 +142,12 @@ def add_common_args(p: argparse.ArgumentParser, *, configs: tuple[str, ...], wor
     p.add_argument("--no-grad-checkpoint", dest="grad_checkpoint", action="store_false")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU); the model folder is saved in bf16")
+    p.add_argument(
+        "--attn-implementation",
+        default="auto",
+        help="our runs' model.attn_implementation (auto: flex attention on CUDA, sdpa_segments on CPU; sdpa: dense "
+        "block masks); TRL loads the model with SDPA",
+    )
     p.add_argument("--configs", default=",".join(configs), help=f"comma-separated subset of {configs}")
     p.add_argument(
         "--profile",

@@ -10,7 +10,9 @@ What is compared. One random InternVL (InternViT + Qwen2 LLM; a `--preset` gives
 flags override single fields; the default is a small model with the real 151,674-token vocabulary) is saved once
 per shape; every configuration trains it on the same preference pairs (one image cut into 6 tiles + thumbnail,
 answers of `--answer-tokens` tokens) with the same loss mix (sigmoid / bco_pair / sft, weights 0.8 / 0.2 / 1.0,
-beta 0.1), optimizer (AdamW, lr 1e-6, clipping 1.0), attention kernel (SDPA) and gradient checkpointing:
+beta 0.1), optimizer (AdamW, lr 1e-6, clipping 1.0) and gradient checkpointing. Our runs use
+`--attn-implementation` (default auto: flex attention on CUDA, one SDPA call per prompt + chosen answer and per
+rejected answer on CPU); TRL runs SDPA over its two padded rows:
 
 - `shared`:      our recipe, one `[prompt | chosen | rejected]` row per pair, frozen reference copy.
 - `separate`:    our recipe, chosen and rejected as two rows (the original InternVL layout), frozen reference copy.
@@ -148,6 +150,7 @@ def our_config(args: argparse.Namespace, name: str):
     overrides = [
         f"model.model_name_or_path={common.model_dir_for(args.shape, args.models, args.bf16)}",
         f"model.grad_checkpoint={str(args.grad_checkpoint).lower()}",
+        f"model.attn_implementation={args.attn_implementation}",
         "model.drop_path_rate=0.0",  # TRL's model has no DropPath; the same math on both sides
         f"data.meta_path={workdir / 'data' / 'meta.json'}",
         f"data.max_dynamic_patch={args.max_dynamic_patch}",
@@ -339,7 +342,8 @@ def report(args: argparse.Namespace, argv: list[str], results: dict[str, dict], 
         f"rejected {pairs['rejected_tokens']:.0f} tokens (answer tokens incl. `<|im_end|>\\n`)",
         f"- Run: {args.pairs_per_step} pair(s) per step, {args.warmup_steps} warm-up + {args.timed_steps} timed steps "
         f"per configuration, {args.device}, {'bf16 autocast' if args.bf16 else 'fp32'}, gradient checkpointing "
-        f"{'on' if args.grad_checkpoint else 'off'}, SDPA attention, AdamW lr {LEARNING_RATE}, no DropPath",
+        f"{'on' if args.grad_checkpoint else 'off'}, our attention `{args.attn_implementation}` (TRL: sdpa), AdamW lr "
+        f"{LEARNING_RATE}, no DropPath",
         f"- Loss (both tools): `loss_type={LOSS_TYPES}`, `loss_weights={LOSS_WEIGHTS}`, beta {BETA}",
         "",
     ]

@@ -9,7 +9,8 @@ Run (CPU here; on a GPU add `--device cuda --bf16`, and a `--preset` for real sh
 What is compared. The random InternVL of `mpo_step.py` (same shapes, presets and model folder cache) trains on the
 same single-image samples (one image cut into 6 tiles + thumbnail, a question, an answer of `--answer-tokens`
 tokens) with the same optimizer (AdamW, lr 1e-5, weight decay 0.01, clipping 1.0, cosine schedule), attention kernel
-(SDPA) and gradient checkpointing. Each step takes `--tokens-per-step` tokens (image tokens included; rounded to whole
+(SDPA over padded rows; ours takes `--attn-implementation`, which changes nothing for rows without packing) and
+gradient checkpointing. Each step takes `--tokens-per-step` tokens (image tokens included; rounded to whole
 samples, or `--samples-per-step`), in one padded micro-batch:
 
 - `ours`: `internvl_tune.recipes.sft.train`, the loss a global token mean.
@@ -138,6 +139,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     overrides = [
         f"model.model_name_or_path={common.model_dir_for(args.shape, args.models, args.bf16)}",
         f"model.grad_checkpoint={str(args.grad_checkpoint).lower()}",
+        f"model.attn_implementation={args.attn_implementation}",
         "model.drop_path_rate=0.0",  # TRL's model has no DropPath; the same math on both sides
         f"data.meta_path={workdir / 'data' / 'meta.json'}",
         f"data.max_dynamic_patch={args.max_dynamic_patch}",
@@ -256,7 +258,8 @@ def report(args: argparse.Namespace, argv: list[str], results: dict[str, dict], 
         f"- Run: {args.samples_per_step} samples per step ({args.samples_per_step * s['tokens']:,.0f} tokens), one "
         f"micro-batch, {args.warmup_steps} warm-up + {args.timed_steps} timed steps per configuration, {args.device}, "
         f"{'bf16 autocast' if args.bf16 else 'fp32'}, gradient checkpointing {'on' if args.grad_checkpoint else 'off'}"
-        f", SDPA attention, AdamW lr {LEARNING_RATE}, weight decay {WEIGHT_DECAY}, no DropPath",
+        f", our attention `{args.attn_implementation}` (TRL: sdpa), AdamW lr {LEARNING_RATE}, weight decay "
+        f"{WEIGHT_DECAY}, no DropPath",
         "",
     ]
     memory = "peak RSS" if on_cpu else "max_memory_allocated"
