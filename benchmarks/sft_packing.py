@@ -18,6 +18,11 @@ Supervised tokens/s = the epoch's labelled tokens / the sum of its steps' `step_
 data loading included; model loading, length measuring and saving are not in it). Padding waste = padded positions /
 all positions of the epoch. Peak memory: VmHWM on CPU, `torch.cuda.max_memory_allocated` on a GPU. Every configuration
 trains on the same samples: the sum of labelled tokens over the epoch is the same (checked in the report).
+
+Counted work (the rules of `common.py`, forward + backward of trained weights, from each run's metrics): the ViT and
+projector on the epoch's tiles (the ViT's attention included), the LLM's weights on every position it computes
+(padding included, since a padded batch runs it), the LM head on the labelled positions; the LLM's attention is left
+out, as it depends on the kernel (dense masks over padded rows, one causal call per packed sample). Packing can only shrink the LLM's share; the ratio of the totals is what removing padding alone gives.
 """
 
 from __future__ import annotations
@@ -171,6 +176,7 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     )
     epoch_s = sum(r["step_time_s"] for r in rows)
     return {
+        "work_tflop": counted_work(args.shape, rows),
         "steps": len(rows),
         "loss_tokens": sum(r["num_loss_tokens"] for r in rows),
         "samples": sum(r["num_samples"] for r in rows),
@@ -179,6 +185,46 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
         "padding_waste": padding / (positions + padding),
         "run_s": time.perf_counter() - start,
     }
+
+
+def counted_work(shape: common.ModelShape, rows: list[dict]) -> dict[str, float]:
+    """TFLOP of the epoch's forward + backward per part (LLM attention not counted), from the step metrics."""
+    image_tokens = sum(r["num_image_tokens"] for r in rows)
+    real = image_tokens + sum(r["num_text_tokens"] for r in rows)
+    positions = sum(
+        (r["num_image_tokens"] + r["num_text_tokens"]) / (1 - r["padding_share"]) for r in rows
+    )  # padding included
+    tiles = image_tokens // shape.image_tokens_per_tile
+    trained = lambda work: 3 * common.forward_flops(shape, work) / 1e12  # noqa: E731
+    return {
+        "vit": trained(common.Work(tiles, 0, 0, 0)),
+        "llm": trained(common.Work(0, round(positions), 0, 0)),
+        "llm_padding": trained(common.Work(0, round(positions - real), 0, 0)),
+        "head": trained(common.Work(0, 0, 0, sum(r["num_loss_tokens"] for r in rows))),
+    }
+
+
+def work_lines(results: dict[str, dict], names: list[str]) -> list[str]:
+    """The counted-work split of each run and the speed-up that removing padding alone would give."""
+    done = [n for n in names if "work_tflop" in results.get(n, {})]
+    if not done:
+        return []
+    lines = [
+        "",
+        "Counted work of the epoch, TFLOP (forward + backward; ViT attention counted, LLM attention not):",
+        "",
+        "| configuration | ViT + projector | LLM (of it padding) | LM head | total | padded total / this total |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    total = {n: sum(v for k, v in results[n]["work_tflop"].items() if k != "llm_padding") for n in done}
+    for n in done:
+        w = results[n]["work_tflop"]
+        ratio = f"{total['padded'] / total[n]:.2f}" if "padded" in total else "-"
+        lines.append(
+            f"| {n} | {w['vit']:.1f} | {w['llm']:.1f} ({w['llm_padding']:.1f}) | {w['head']:.1f} | {total[n]:.1f} "
+            f"| {ratio} |"
+        )
+    return lines
 
 
 def report(args: argparse.Namespace, argv: list[str], results: dict[str, dict]) -> str:
@@ -215,6 +261,7 @@ def report(args: argparse.Namespace, argv: list[str], results: dict[str, dict]) 
             f"| {r['samples']} "
             f"| {r['loss_tokens']} | {common.mib(r['peak_memory_bytes'])} | {r.get('other_cpu_cores', 0):.2f} |"
         )
+    lines += work_lines(results, args.names)
     if base and "packed" in results and "tokens_per_s" in results["packed"]:
         ratio = results["packed"]["tokens_per_s"] / base
         lines += ["", f"Target packed >= 2x padded: **{'met' if ratio >= 2 else 'not met'}** ({ratio:.2f}x)."]
