@@ -150,3 +150,21 @@ def test_model_folder_pads_the_vocabulary_and_is_cached(tmp_path):
     stamp = (path / "config.json").stat().st_mtime_ns
     assert common.model_dir_for(shape, tmp_path, bf16=False) == path
     assert (path / "config.json").stat().st_mtime_ns == stamp
+
+
+def test_packing_benchmark_counts_padding_as_llm_work_and_tiles_from_image_tokens():
+    """Two steps by hand: 512 image tokens = 2 tiles of 256; 600 real positions in a step with padding share 0.25 are
+    800 computed positions (200 of padding), 400 real with none are 400; the LM head scores 30 labelled tokens."""
+    import sft_packing
+
+    shape = common.DEFAULT_SHAPE
+    rows = [
+        {"num_image_tokens": 512, "num_text_tokens": 88, "padding_share": 0.25, "num_loss_tokens": 20},
+        {"num_image_tokens": 0, "num_text_tokens": 400, "padding_share": 0.0, "num_loss_tokens": 10},
+    ]
+    work = sft_packing.counted_work(shape, rows)
+    per_token = 3 * common.forward_flops(shape, common.Work(0, 1, 0, 0)) / 1e12  # the LLM's weights, trained
+    assert work["llm"] == pytest.approx(1200 * per_token) and work["llm_padding"] == pytest.approx(200 * per_token)
+    assert work["vit"] == pytest.approx(2 * 3 * common.forward_flops(shape, common.Work(1, 0, 0, 0)) / 1e12)
+    head = 3 * 2 * shape.text_hidden * shape.vocab_size * 30 / 1e12  # 2 FLOPs per multiply-add, x3 trained
+    assert work["head"] == pytest.approx(head)
