@@ -23,7 +23,8 @@ Three kernels apply the rule:
   whole row: a packed sample, or a pair's prompt + chosen answer, is one causal call; a rejected answer is one call
   whose keys are its prompt and itself. The work is the sum of the segments' squares, not the row's square (a
   4,096-token row of five samples: about 5x less attention time on 2 CPU cores). Rows laid out otherwise, and
-  batches without groups, take plain SDPA with its mask.
+  batches without groups, take plain SDPA with its mask. The segments are read from the collator's CPU tensors, so
+  on CPU nothing waits; asked for on CUDA it reads them on the host each forward (flex attention is the CUDA default).
 - `flex_attention` (the CUDA default): PyTorch flex attention with a `BlockMask` built from the rule, which skips
   fully masked blocks and never materialises T x T scores.
 - `sdpa` (or `eager`) asked for explicitly: the rule as a dense [R, 1, T, T] boolean mask. It is the reference the
