@@ -51,8 +51,9 @@ SEGMENTS = "sdpa_segments"
 
 
 def resolve_attn_implementation(requested: str, device: torch.device | str) -> str | dict[str, str]:
-    """The `attn_implementation` to load the model with: `auto` is flex attention for the LLM (SDPA for the ViT) on
-    CUDA, SDPA elsewhere; any other value is passed through (`sdpa`, `eager`, `flash_attention_2`, ...)."""
+    """The `attn_implementation` to load the model with: `auto` is flex attention for the LLM on CUDA and
+    `sdpa_segments` elsewhere (the ViT runs SDPA with either); `sdpa_segments` asked for is that on any device; any
+    other value is passed through (`sdpa`, `eager`, `flash_attention_2`, ...)."""
     if requested == SEGMENTS:
         requested = {"text_config": SEGMENTS, "vision_config": "sdpa"}
     elif requested == "auto":
