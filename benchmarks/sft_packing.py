@@ -19,10 +19,12 @@ data loading included; model loading, length measuring and saving are not in it)
 all positions of the epoch. Peak memory: VmHWM on CPU, `torch.cuda.max_memory_allocated` on a GPU. Every configuration
 trains on the same samples: the sum of labelled tokens over the epoch is the same (checked in the report).
 
-Counted work (the rules of `common.py`, forward + backward of trained weights, from each run's metrics): the ViT and
-projector on the epoch's tiles (the ViT's attention included), the LLM's weights on every position it computes
-(padding included, since a padded batch runs it), the LM head on the labelled positions; the LLM's attention is left
-out, as it depends on the kernel (dense masks over padded rows, one causal call per packed sample). Packing can only shrink the LLM's share; the ratio of the totals is what removing padding alone gives.
+Counted work (the rules of `common.py`, from each run's metrics): the ViT and projector on the epoch's tiles (the
+ViT's attention included; forward + backward when trained, forward only with `--freeze-backbone`), the LLM's weights
+on every position it computes (padding included, since a padded batch runs it), the LM head on the labelled
+positions; the LLM's attention is left out, as it depends on the kernel (dense masks over padded rows, one causal call
+per packed sample). Packing can only shrink the LLM's share; the ratio of the totals is what removing padding alone
+gives.
 """
 
 from __future__ import annotations
@@ -60,6 +62,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4, help="samples per padded micro-batch")
     p.add_argument("--max-packed-tokens", type=int, default=8192)
     p.add_argument("--max-seq-length", type=int, default=8192)
+    p.add_argument(
+        "--freeze-backbone",
+        action="store_true",
+        help="freeze the ViT, as the official InternVL 2.5 / 3 fine-tuning scripts and configs/sft/ do",
+    )
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--bf16", action="store_true")
@@ -143,6 +150,7 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
         f"model.model_name_or_path={common.model_dir_for(args.shape, args.models, args.bf16)}",
         "model.grad_checkpoint=true",
         "model.drop_path_rate=0.0",
+        f"model.freeze_backbone={str(args.freeze_backbone).lower()}",
         f"data.meta_path={workdir / 'data' / 'meta.json'}",
         f"data.max_dynamic_patch={args.max_dynamic_patch}",
         f"data.max_seq_length={args.max_seq_length}",
@@ -176,7 +184,7 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     )
     epoch_s = sum(r["step_time_s"] for r in rows)
     return {
-        "work_tflop": counted_work(args.shape, rows),
+        "work_tflop": counted_work(args.shape, rows, args.freeze_backbone),
         "steps": len(rows),
         "loss_tokens": sum(r["num_loss_tokens"] for r in rows),
         "samples": sum(r["num_samples"] for r in rows),
@@ -187,7 +195,7 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def counted_work(shape: common.ModelShape, rows: list[dict]) -> dict[str, float]:
+def counted_work(shape: common.ModelShape, rows: list[dict], frozen_vit: bool = False) -> dict[str, float]:
     """TFLOP of the epoch's forward + backward per part (LLM attention not counted), from the step metrics."""
     image_tokens = sum(r["num_image_tokens"] for r in rows)
     real = image_tokens + sum(r["num_text_tokens"] for r in rows)
@@ -196,8 +204,9 @@ def counted_work(shape: common.ModelShape, rows: list[dict]) -> dict[str, float]
     )  # padding included
     tiles = image_tokens // shape.image_tokens_per_tile
     trained = lambda work: 3 * common.forward_flops(shape, work) / 1e12  # noqa: E731
+    vit = common.forward_flops(shape, common.Work(tiles, 0, 0, 0)) / 1e12 * (1 if frozen_vit else 3)
     return {
-        "vit": trained(common.Work(tiles, 0, 0, 0)),
+        "vit": vit,
         "llm": trained(common.Work(0, round(positions), 0, 0)),
         "llm_padding": trained(common.Work(0, round(positions - real), 0, 0)),
         "head": trained(common.Work(0, 0, 0, sum(r["num_loss_tokens"] for r in rows))),
@@ -211,7 +220,7 @@ def work_lines(results: dict[str, dict], names: list[str]) -> list[str]:
         return []
     lines = [
         "",
-        "Counted work of the epoch, TFLOP (forward + backward; ViT attention counted, LLM attention not):",
+        "Counted work of the epoch, TFLOP (ViT attention counted, LLM attention not):",
         "",
         "| configuration | ViT + projector | LLM (of it padding) | LM head | total | padded total / this total |",
         "|---|---:|---:|---:|---:|---:|",
@@ -241,7 +250,8 @@ def report(args: argparse.Namespace, argv: list[str], results: dict[str, dict]) 
         f"- Data: {args.num_samples} samples, answers log-normal (median {args.median_answer_tokens} tokens, sigma 1, "
         f"cap 2,000), 20% text-only, 10% with 2-3 images, else one image of 1-13 tiles; max_dynamic_patch "
         f"{args.max_dynamic_patch}",
-        f"- Runs: one epoch each, {args.device}, {'bf16' if args.bf16 else 'fp32'}, gradient checkpointing, padded "
+        f"- Runs: one epoch each, {args.device}, {'bf16' if args.bf16 else 'fp32'}, gradient checkpointing, ViT "
+        f"{'frozen' if args.freeze_backbone else 'trained'}, padded "
         f"and grouped batches of {args.batch_size} samples, packed rows of up to {args.max_packed_tokens} tokens "
         "(1 row per micro-batch)",
         "",

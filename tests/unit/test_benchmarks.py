@@ -168,3 +168,5 @@ def test_packing_benchmark_counts_padding_as_llm_work_and_tiles_from_image_token
     assert work["vit"] == pytest.approx(2 * 3 * common.forward_flops(shape, common.Work(1, 0, 0, 0)) / 1e12)
     head = 3 * 2 * shape.text_hidden * shape.vocab_size * 30 / 1e12  # 2 FLOPs per multiply-add, x3 trained
     assert work["head"] == pytest.approx(head)
+    frozen = sft_packing.counted_work(shape, rows, frozen_vit=True)  # the ViT's forward only
+    assert frozen["vit"] == pytest.approx(work["vit"] / 3) and frozen["llm"] == work["llm"]
