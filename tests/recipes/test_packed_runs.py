@@ -1,8 +1,8 @@
 """Packing through the recipes: packed == padded training for every loss reduction (SFT and pairs), accumulation of
 packed micro-batches == one bigger packed micro-batch, exact resume of a packed run, and the over-budget policy.
 
-Tolerances: fp32 on CPU; a packed row runs attention with a block mask where the padded batch uses a padding mask,
-so sums are taken in another order: losses agree to rel 1e-5, gradient norms to rel 1e-4."""
+Tolerances: fp32 on CPU; a packed row runs attention per sample (or with a dense block mask) where the padded batch
+uses a padding mask, so sums are taken in another order: losses agree to rel 1e-5, gradient norms to rel 1e-4."""
 
 import shutil
 from pathlib import Path
