@@ -51,7 +51,14 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    model.enable_input_require_grads()
+    # transformers hooks every tower's input embeddings (`enable_input_require_grads`), the ViT's patch embeddings
+    # too, which makes a frozen ViT run its whole backward and recomputation for nothing: keep the LLM's only.
+    model.disable_input_require_grads()
+    model.get_input_embeddings().register_forward_hook(_output_requires_grad)
+
+
+def _output_requires_grad(module: nn.Module, inputs, output) -> None:
+    output.requires_grad_(True)
 
 
 def sample_settings(d: DataArgs, model_config) -> SampleSettings:
