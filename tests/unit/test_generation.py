@@ -141,7 +141,19 @@ class SlowEcho:
         pass
 
 
-def test_concurrency_bound_is_respected():
+def test_concurrency_bound_is_respected(monkeypatch):
+    """The client holds at most 3 requests at once, and the server counts no more. Writing an answer back is slowed
+    down: a server that counted a request until its answer was written would count the client's next one too."""
+    from internvl_tune.generation import serve
+
+    send = serve._Handler._send
+
+    def slow_send(self, status, payload):
+        send(self, status, payload)
+        self.wfile.flush()
+        time.sleep(0.05)
+
+    monkeypatch.setattr(serve._Handler, "_send", slow_send)
     server = start_server(SlowEcho(delay=0.1), max_batch=1)
     try:
         client = ServerBackend(server.base_url, max_concurrency=3)

@@ -188,6 +188,13 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path.rstrip("/") not in ("/v1/chat/completions", "/chat/completions"):
             self._send(404, {"error": {"message": f"no route {self.path}"}})
             return
+        status, payload = self._answer()
+        self._send(status, payload)
+
+    def _answer(self) -> tuple[int, dict]:
+        """The status and body of a chat request. A request counts as in flight from its arrival until its answer is
+        ready, not while the answer is written back: a client that sends its next request as soon as it has read
+        an answer is never counted twice."""
         server = self.server
         with server.lock:
             server.in_flight += 1
@@ -198,28 +205,23 @@ class _Handler(BaseHTTPRequestHandler):
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
                 request = parse_chat_request(body)
             except (ValueError, TypeError) as e:  # RequestError, bad JSON
-                self._send(400, {"error": {"message": str(e), "type": "invalid_request_error"}})
-                return
+                return 400, {"error": {"message": str(e), "type": "invalid_request_error"}}
             try:
                 texts = server.batcher.submit(request)
             except Exception as e:  # the model failed on this request: the client sees why
                 logger.exception("generation failed")
-                self._send(500, {"error": {"message": f"{type(e).__name__}: {e}", "type": "server_error"}})
-                return
+                return 500, {"error": {"message": f"{type(e).__name__}: {e}", "type": "server_error"}}
             choices = [
                 {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
                 for i, text in enumerate(texts)
             ]
-            self._send(
-                200,
-                {
-                    "id": f"chatcmpl-{uuid.uuid4().hex}",
-                    "object": "chat.completion",
-                    "created": int(time.time()),
-                    "model": server.model_name,
-                    "choices": choices,
-                },
-            )
+            return 200, {
+                "id": f"chatcmpl-{uuid.uuid4().hex}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": server.model_name,
+                "choices": choices,
+            }
         finally:
             with server.lock:
                 server.in_flight -= 1
