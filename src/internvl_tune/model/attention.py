@@ -246,13 +246,13 @@ def segment_sdpa_forward(
                 continue
             context = None
             if seg.context_end > seg.context_start:
-                context = _context_keys(k, v, ks, vs, pieces, seg)
+                context = _context_keys(ks, vs, pieces, seg)
             out.append(_segment_attention(qs[i], ks[i], vs[i], context, dropout, scaling))
         outputs.append(torch.cat(out, dim=2))
     return torch.cat(outputs, dim=0).transpose(1, 2).contiguous(), None
 
 
-def _context_keys(k, v, ks, vs, pieces, seg: Segment) -> tuple[torch.Tensor, torch.Tensor]:
+def _context_keys(ks, vs, pieces, seg: Segment) -> tuple[torch.Tensor, torch.Tensor]:
     """The keys and values of a rejected answer's context (its prompt), sliced from the piece that holds them (the
     group's prompt + chosen segment), so the slice's backward stays that piece's size."""
     for j, (start, end, _) in enumerate(pieces):
