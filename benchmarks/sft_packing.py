@@ -203,7 +203,10 @@ def counted_work(shape: common.ModelShape, rows: list[dict], frozen_vit: bool = 
         (r["num_image_tokens"] + r["num_text_tokens"]) / (1 - r["padding_share"]) for r in rows
     )  # padding included
     tiles = image_tokens // shape.image_tokens_per_tile
-    trained = lambda work: 3 * common.forward_flops(shape, work) / 1e12  # noqa: E731
+
+    def trained(work: common.Work) -> float:  # forward + backward
+        return 3 * common.forward_flops(shape, work) / 1e12
+
     vit = common.forward_flops(shape, common.Work(tiles, 0, 0, 0)) / 1e12 * (1 if frozen_vit else 3)
     return {
         "vit": vit,
