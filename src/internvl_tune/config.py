@@ -111,7 +111,8 @@ class DataArgs(PipelineSettings):
     force_image_size: int | None = None
     """Tile size in pixels; must equal the model's vision image_size (None = take it from the model)."""
     on_bad_sample: Literal["error", "skip"] = "error"
-    """error: stop at the first bad record, naming file and line; skip: drop it, count it, report at the end."""
+    """error: stop at the first bad record, naming file and line; skip: leave it out of every epoch (an epoch is one
+    pass over the good records; the steps follow from them), count and list it once per epoch, report at the end."""
     dataloader_num_workers: int = 0
     """Background processes preparing batches."""
     packing: bool = False

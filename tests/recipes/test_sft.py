@@ -225,7 +225,9 @@ def test_all_samples_bad_stops_instead_of_spinning(tmp_path, tiny_model_dir, cap
         json.dumps({"bad": {"root": "", "annotation": "train.jsonl", "data_augment": False, "repeat_time": 1}})
     )
     code, _ = _run(tmp_path, tiny_model_dir, data / "meta.json", "max_steps=3", "on_bad_sample=skip")
-    assert code == 2 and "a whole epoch of samples was skipped" in capsys.readouterr().err
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert code == 2 and err.startswith("error: no record to train on: all 4 were skipped as bad; the first: ")
+    assert "train.jsonl:1: malformed JSON line" in err
 
 
 def test_resume_is_exact_with_prefetching_workers_and_video(tmp_path, tiny_model_dir):

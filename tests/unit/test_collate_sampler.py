@@ -1,6 +1,8 @@
+import pytest
 import torch
 
 from internvl_tune.data.collate import pad_collate
+from internvl_tune.data.errors import DataError
 from internvl_tune.data.sampler import ResumableBatchSampler
 
 
@@ -45,15 +47,27 @@ def test_pad_collate_concatenates_tiles_and_drops_skipped():
     assert pad_collate([skipped], pad_token_id=0, dummy_tile=tiles_b[0])["num_samples"] == 0
 
 
-def test_sampler_shards_global_batches_and_drops_the_tail():
+def test_sampler_shards_global_batches_and_keeps_the_tail():
     ranks = [list(ResumableBatchSampler(10, 2, shuffle=False, rank=r, num_replicas=2)._permutation(0)) for r in (0, 1)]
     assert ranks[0] == list(range(10))
     batches = []
     for rank in (0, 1):
         it = iter(ResumableBatchSampler(10, 2, shuffle=False, rank=rank, num_replicas=2))
-        batches.append([next(it) for _ in range(3)])
-    assert batches[0] == [[0, 1], [4, 5], [10, 11]]  # epoch 1 starts at index 10 = 1 * num_samples + 0
-    assert batches[1] == [[2, 3], [6, 7], [12, 13]]
+        batches.append([next(it) for _ in range(4)])
+    # The last global batch [8, 9] is partial: rank 1 gets an empty micro-batch; epoch 1 starts at index 10.
+    assert batches[0] == [[0, 1], [4, 5], [8, 9], [10, 11]]
+    assert batches[1] == [[2, 3], [6, 7], [], [12, 13]]
+
+
+def test_sampler_epochs_hold_the_usable_samples_only():
+    sampler = ResumableBatchSampler(10, 3, seed=1, usable=[1, 4, 5, 8])
+    it = iter(sampler)
+    epochs = [[next(it) for _ in range(sampler.batches_per_epoch)] for _ in range(2)]
+    assert sampler.batches_per_epoch == 2 and [len(b) for b in epochs[0]] == [3, 1]
+    assert sorted(i for b in epochs[0] for i in b) == [1, 4, 5, 8]
+    assert sorted(i for b in epochs[1] for i in b) == [11, 14, 15, 18]
+    with pytest.raises(DataError, match="all 10 records were skipped"):
+        ResumableBatchSampler(10, 3, usable=[])
 
 
 def test_sampler_resume_continues_exactly():
@@ -61,7 +75,7 @@ def test_sampler_resume_continues_exactly():
     it = iter(sampler)
     stream = [next(it) for _ in range(8)]
     resumed = ResumableBatchSampler(7, 2, seed=3)
-    resumed.load_state_dict({"epoch": 1, "batch": 2})  # 3 batches per epoch: position 5
+    resumed.load_state_dict({"epoch": 1, "batch": 1})  # 4 batches per epoch (the last of 1): position 5
     it = iter(resumed)
     assert [next(it) for _ in range(3)] == stream[5:8]
     assert sorted(i % 7 for b in stream[:3] for i in b) == sorted(set(i % 7 for b in stream[:3] for i in b))

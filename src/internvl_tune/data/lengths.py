@@ -59,9 +59,16 @@ def cache_paths(annotation: Path, key: str) -> list[Path]:
 
 
 def dataset_lengths(
-    dataset, measure: Measure, *, settings_fingerprint: str, skip_bad: bool, progress: bool = True
+    dataset,
+    measure: Measure,
+    *,
+    settings_fingerprint: str,
+    skip_bad: bool,
+    progress: bool = True,
+    problems: dict[int, str] | None = None,
 ) -> list[tuple[int, int] | None]:
-    """`(tokens, tiles)` of each index of a `RecordDataset`, or None for a record skipped as bad (`skip_bad`).
+    """`(tokens, tiles)` of each index of a `RecordDataset`, or None for a record skipped as bad (`skip_bad`); the
+    bad records' messages go into `problems` (index -> message) when it is given.
 
     Raises:
         DataError: the first bad record, naming its file:line, unless `skip_bad`.
@@ -71,9 +78,11 @@ def dataset_lengths(
         for entry, file in zip(dataset.entries, dataset.files, strict=True)
     ]
     lengths: list[tuple[int, int] | None] = []
-    for d, line in dataset.index:
+    for index, (d, line) in enumerate(dataset.index):
         value = per_file[d][line]
         lengths.append(None if isinstance(value, str) else (value[0], value[1]))
+        if isinstance(value, str) and problems is not None:
+            problems[index] = value
     return lengths
 
 

@@ -4,22 +4,27 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+
+from internvl_tune.data.errors import DataError
 
 
 class ResumableBatchSampler:
     """Yields this rank's micro-batches of dataset indices, epoch after epoch, from any saved position.
 
-    Each epoch is a permutation of `range(num_samples)` drawn from `seed + epoch`; global batches of
-    `batch_size * num_replicas` consecutive entries are cut from it (a last partial global batch is dropped so
-    every rank takes the same number of steps) and rank r takes the r-th slice of each. Indices are
+    An epoch is one pass over the usable samples (`usable`: every index but the records skipped as bad; all of
+    `range(num_samples)` by default), in a permutation drawn from `seed + epoch`. Global batches of
+    `batch_size * num_replicas` consecutive entries are cut from it and rank r takes the r-th slice of each. The last
+    global batch may be partial: ranks past its end get fewer samples, or none (an empty micro-batch, which the
+    recipes answer with a zero loss so that every rank steps together); no sample is dropped. Indices are
     `epoch * num_samples + i` so the dataset knows the epoch (see `RecordDataset`).
 
-    Example: 10 samples, batch_size 2, 2 ranks -> 2 global batches of 4 per epoch; rank 0 gets perm[0:2] and
-    perm[4:6], rank 1 gets perm[2:4] and perm[6:8]; perm[8:10] is dropped for this epoch.
+    Example: 10 samples, batch_size 2, 2 ranks -> 3 global batches per epoch, of 4, 4 and 2; rank 0 gets perm[0:2],
+    perm[4:6], perm[8:10]; rank 1 gets perm[2:4], perm[6:8] and an empty last micro-batch.
 
     The state is `(epoch, batch)`: the next micro-batch to yield. Restoring it costs nothing.
     """
@@ -33,8 +38,10 @@ class ResumableBatchSampler:
         shuffle: bool = True,
         rank: int = 0,
         num_replicas: int = 1,
+        usable: Sequence[int] | None = None,
     ):
         self.num_samples = num_samples
+        self.usable = list(range(num_samples)) if usable is None else list(usable)
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
@@ -42,24 +49,23 @@ class ResumableBatchSampler:
         self.num_replicas = num_replicas
         self.epoch = 0
         self.batch = 0
-        if self.batches_per_epoch == 0:
-            raise ValueError(
-                f"{num_samples} samples cannot fill one global batch of {batch_size} x {num_replicas} processes"
-            )
+        if not self.usable:
+            raise DataError(f"no sample to train on: all {num_samples} records were skipped as bad")
 
     @property
     def batches_per_epoch(self) -> int:
-        return self.num_samples // (self.batch_size * self.num_replicas)
+        return math.ceil(len(self.usable) / (self.batch_size * self.num_replicas))
 
     def batches_in_epoch(self, epoch: int) -> int:
         """Micro-batches per epoch (the same every epoch; packed samplers vary)."""
         return self.batches_per_epoch
 
     def _permutation(self, epoch: int) -> list[int]:
+        """The epoch's order of the usable sample indices."""
         if not self.shuffle:
-            return list(range(self.num_samples))
+            return list(self.usable)
         generator = torch.Generator().manual_seed(self.seed + epoch)
-        return torch.randperm(self.num_samples, generator=generator).tolist()
+        return [self.usable[j] for j in torch.randperm(len(self.usable), generator=generator).tolist()]
 
     def __iter__(self) -> Iterator[list[int]]:
         while True:
@@ -84,6 +90,7 @@ class ResumableBatchSampler:
         return {
             "batching": "random",
             "num_samples": self.num_samples,
+            "num_usable": len(self.usable),
             "batch_size": self.batch_size,
             "num_processes": self.num_replicas,
             "seed": self.seed,
@@ -100,31 +107,31 @@ class LengthGroupedBatchSampler(ResumableBatchSampler):
     """`ResumableBatchSampler` whose global batches hold samples of similar length (less padding).
 
     Each epoch's permutation is cut into mega-batches of `group_size` global batches; a mega-batch is sorted by
-    length (longest first) and cut into global batches; then the order of all global batches of the epoch is
-    shuffled (seed + epoch), so that neither the lengths nor the data sources drift through the epoch. The samples
-    of the last partial global batch are left out of the epoch, as without grouping. Lengths are the token counts of
-    the length cache (data/lengths.py); a skipped record (None) counts as 0.
+    length (longest first) and cut into global batches; then the order of the epoch's full global batches is
+    shuffled (seed + epoch), so that neither the lengths nor the data sources drift through the epoch, and a partial
+    one (the end of the last mega-batch) comes last, as without grouping. Lengths are the token counts of the length
+    cache (data/lengths.py); a record skipped as bad (None) is not in any epoch.
     """
 
     def __init__(self, lengths, batch_size: int, *, group_size: int = 64, **kwargs):
-        super().__init__(len(lengths), batch_size, **kwargs)
+        usable = [i for i, length in enumerate(lengths) if length is not None]
+        super().__init__(len(lengths), batch_size, usable=usable, **kwargs)
         self.lengths = [0 if length is None else length[0] for length in lengths]
         self.group_size = group_size
 
     def _permutation(self, epoch: int) -> list[int]:
         order = super()._permutation(epoch)
         global_size = self.batch_size * self.num_replicas
-        used, left = order[: self.batches_per_epoch * global_size], order[self.batches_per_epoch * global_size :]
         mega = global_size * self.group_size
         blocks = []
-        for start in range(0, len(used), mega):
-            group = sorted(used[start : start + mega], key=lambda i: -self.lengths[i])
+        for start in range(0, len(order), mega):
+            group = sorted(order[start : start + mega], key=lambda i: -self.lengths[i])
             blocks += [group[b : b + global_size] for b in range(0, len(group), global_size)]
+        partial = [blocks.pop()] if len(blocks[-1]) < global_size else []
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed + epoch + 1_000_003)
             blocks = [blocks[i] for i in torch.randperm(len(blocks), generator=generator).tolist()]
-        shuffled = blocks
-        return [i for block in shuffled for i in block] + left
+        return [i for block in blocks + partial for i in block]
 
     def order_inputs(self) -> dict[str, Any]:
         return {

@@ -54,7 +54,7 @@ from internvl_tune.training.engine import (
     idle_loss,
     is_logging_step,
     make_batching,
-    micro_batches_in_step,
+    next_step,
     prepare_optimization,
     prepare_output_dir,
     read_step_metrics,
@@ -127,7 +127,7 @@ def _train(config: MPOConfig, accelerator: Accelerator, stop: StopRequest) -> di
         require_data_augment=False,
     )
     # Random batches, length-grouped batches, or packed rows of pairs (planned from the length cache).
-    sampler, train_data = make_batching(
+    sampler, train_data, bad_records = make_batching(
         dataset, builder.measure, settings, tokenizer, data_args, train_args, accelerator
     )
     dummy_tile = blank_tile(settings.image_size, settings.normalize_type)
@@ -197,11 +197,7 @@ def _train(config: MPOConfig, accelerator: Accelerator, stop: StopRequest) -> di
             progress.close()  # before the exit line is printed
             save_and_stop(accelerator, state, train_args)
         step_start = time.perf_counter()
-        batches = [next(micro_batches) for _ in range(micro_batches_in_step(state, sampler, train_args))]
-        state.micro_batches += len(batches)
-        for batch in batches:
-            state.skipped += batch["skipped"]
-            state.num_truncated += batch.get("num_truncated", 0)
+        batches = next_step(micro_batches, sampler, state, train_args, accelerator, bad_records)
         # The step's denominators: pairs and chosen tokens over all its micro-batches on all ranks (CPU counts).
         real = [b for b in batches if b["num_pairs"]]
         chosen_lengths = [int(n) for b in real for n in b["chosen_mask"].sum(-1)]
@@ -218,7 +214,12 @@ def _train(config: MPOConfig, accelerator: Accelerator, stop: StopRequest) -> di
             empty_micro_batches += len(batches)
             if empty_micro_batches >= sampler.batches_in_epoch(sampler_position(sampler, state.micro_batches)[0]):
                 raise DataError(f"a whole epoch of pairs was skipped as bad; first problems: {state.skipped[:3]}")
-            logger.warning("step %d: every pair of the step was skipped; no update", state.step)
+            # Its pairs measured well but failed as they were built (an image that cannot be decoded): the step
+            # passes without an update, so the step count and the schedule stay those planned.
+            logger.warning("step %d: every pair of the step was skipped as bad; no update", state.step + 1)
+            scheduler.step()
+            state.step += 1
+            progress.update(1)
             continue
         empty_micro_batches = 0
 

@@ -42,7 +42,7 @@ from internvl_tune.training.engine import (
     idle_loss,
     is_logging_step,
     make_batching,
-    micro_batches_in_step,
+    next_step,
     prepare_optimization,
     prepare_output_dir,
     read_step_metrics,
@@ -80,7 +80,9 @@ def _train(config: SFTConfig, accelerator: Accelerator, stop: StopRequest) -> di
     builder = SampleBuilder(tokenizer, settings)
     dataset = RecordDataset(data_args.meta_path, builder, seed=train_args.seed, on_bad_sample=data_args.on_bad_sample)
     # Random batches, length-grouped batches, or packed rows (planned from the length cache).
-    sampler, dataset = make_batching(dataset, builder.measure, settings, tokenizer, data_args, train_args, accelerator)
+    sampler, dataset, bad_records = make_batching(
+        dataset, builder.measure, settings, tokenizer, data_args, train_args, accelerator
+    )
     dummy_tile = blank_tile(settings.image_size, settings.normalize_type)
     if data_args.packing:
         collate = partial(
@@ -125,11 +127,7 @@ def _train(config: SFTConfig, accelerator: Accelerator, stop: StopRequest) -> di
             progress.close()  # before the exit line is printed
             save_and_stop(accelerator, state, train_args)
         step_start = time.perf_counter()
-        batches = [next(micro_batches) for _ in range(micro_batches_in_step(state, sampler, train_args))]
-        state.micro_batches += len(batches)
-        for batch in batches:
-            state.skipped += batch["skipped"]
-            state.num_truncated += batch.get("num_truncated", 0)
+        batches = next_step(micro_batches, sampler, state, train_args, accelerator, bad_records)
         # The step's loss denominator: Σ w(n)·n over its samples, all micro-batches, all ranks (CPU counts;
         # losses/reduction.py), and its labelled tokens.
         sample_tokens = [int(n) for b in batches if b["num_samples"] for n in b["num_labels"]]
@@ -140,7 +138,12 @@ def _train(config: SFTConfig, accelerator: Accelerator, stop: StopRequest) -> di
             empty_micro_batches += len(batches)
             if empty_micro_batches >= sampler.batches_in_epoch(sampler_position(sampler, state.micro_batches)[0]):
                 raise DataError(f"a whole epoch of samples was skipped as bad; first problems: {state.skipped[:3]}")
-            logger.warning("step %d: every sample of the step was skipped; no update", state.step)
+            # Its samples measured well but failed as they were built (an image that cannot be decoded): the step
+            # passes without an update, so the step count and the schedule stay those planned.
+            logger.warning("step %d: every sample of the step was skipped as bad; no update", state.step + 1)
+            scheduler.step()
+            state.step += 1
+            progress.update(1)
             continue
         empty_micro_batches = 0
 

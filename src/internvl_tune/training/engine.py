@@ -31,6 +31,7 @@ from internvl_tune.checkpoints.metadata import checkpoint_settings, metadata_for
 from internvl_tune.checkpoints.read import resolve_dtype
 from internvl_tune.checkpoints.write import save_hf_checkpoint
 from internvl_tune.config import ConfigError, DataArgs, TrainArgs, to_dict
+from internvl_tune.data.errors import DataError
 from internvl_tune.data.lengths import dataset_lengths, tokenizer_fingerprint
 from internvl_tune.data.packing import PackedBatchSampler, PackedDataset, PackingSettings
 from internvl_tune.data.sampler import LengthGroupedBatchSampler, ResumableBatchSampler
@@ -148,40 +149,51 @@ def prepare_output_dir(accelerator: Accelerator, t: TrainArgs) -> tuple[Path, Pa
     return output_dir, resume_dir
 
 
-def make_sampler(num_samples: int, t: TrainArgs, accelerator: Accelerator) -> ResumableBatchSampler:
-    return ResumableBatchSampler(
-        num_samples,
-        t.per_device_train_batch_size,
-        seed=t.seed,
-        shuffle=t.shuffle,
-        rank=accelerator.process_index,
-        num_replicas=accelerator.num_processes,
-    )
-
-
 def make_batching(dataset, measure, settings, tokenizer, d: DataArgs, t: TrainArgs, accelerator: Accelerator):
-    """(sampler, dataset) for the run: plain random batches; length-grouped batches (`group_by_length`); or packed
-    rows (`packing`, with the dataset wrapped so each sample knows its row). The last two plan with the length cache
-    (data/lengths.py), measured by the main process first, then read by the others."""
-    if not d.packing and not d.group_by_length:
-        return make_sampler(len(dataset), t, accelerator), dataset
+    """(sampler, dataset, bad records) for the run: plain random batches; length-grouped batches (`group_by_length`);
+    or packed rows (`packing`, with the dataset wrapped so each sample knows its row).
+
+    An epoch is one pass over the usable records. The last two, and every run that skips bad records
+    (`on_bad_sample=skip`), plan with the length cache (data/lengths.py), measured by the main process first, then
+    read by the others: a bad record is found there, left out of every epoch (the step count follows from the good
+    ones), and returned as `(file:line, message)` once, which `next_step` counts once per epoch.
+    """
+    common = dict(
+        seed=t.seed, shuffle=t.shuffle, rank=accelerator.process_index, num_replicas=accelerator.num_processes
+    )
+    skip_bad = d.on_bad_sample == "skip"
+    if not d.packing and not d.group_by_length and not skip_bad:
+        return ResumableBatchSampler(len(dataset), t.per_device_train_batch_size, **common), dataset, []
     fingerprint = f"{type(measure.__self__).__name__}|{settings!r}|{tokenizer_fingerprint(tokenizer)}"
+    problems: dict[int, str] = {}
     with accelerator.main_process_first():
         lengths = dataset_lengths(
             dataset,
             measure,
             settings_fingerprint=fingerprint,
-            skip_bad=d.on_bad_sample == "skip",
+            skip_bad=skip_bad,
             progress=accelerator.is_main_process,
+            problems=problems,
         )
-    bad = [dataset.where(i) for i, length in enumerate(lengths) if length is None]
+    bad = list({dataset.where(i): message for i, message in problems.items()}.items())  # a repeated line: once
+    if len(problems) == len(dataset):
+        where, message = bad[0]
+        raise DataError(
+            f"no record to train on: all {len(bad)} were skipped as bad; the first: "
+            + (message if message.startswith(where) else f"{where}: {message}")
+        )
     if bad:
-        logger.warning("%d records skipped as bad before training; first: %s", len(bad), ", ".join(bad[:3]))
-    common = dict(
-        seed=t.seed, shuffle=t.shuffle, rank=accelerator.process_index, num_replicas=accelerator.num_processes
-    )
+        logger.warning(
+            "%d records skipped as bad before training (each epoch trains the other %d); first: %s",
+            len(bad),
+            len(dataset) - len(problems),
+            ", ".join(where for where, _ in bad[:3]),
+        )
     if d.group_by_length:
-        return LengthGroupedBatchSampler(lengths, t.per_device_train_batch_size, **common), dataset
+        return LengthGroupedBatchSampler(lengths, t.per_device_train_batch_size, **common), dataset, bad
+    if not d.packing:
+        usable = [i for i, length in enumerate(lengths) if length is not None]
+        return ResumableBatchSampler(len(dataset), t.per_device_train_batch_size, usable=usable, **common), dataset, bad
     packing = PackingSettings(d.max_packed_tokens, d.num_images_expected, d.max_buffer_size, d.oversize_sample)
     sampler = PackedBatchSampler(lengths, t.per_device_train_batch_size, packing, where=dataset.where, **common)
     stats = sampler.statistics(0)
@@ -193,7 +205,7 @@ def make_batching(dataset, measure, settings, tokenizer, d: DataArgs, t: TrainAr
         100 * stats["fill_ratio"],
         stats["num_oversize"],
     )
-    return sampler, PackedDataset(dataset)
+    return sampler, PackedDataset(dataset), bad
 
 
 def sampler_position(sampler, micro_batches: int) -> tuple[int, int]:
@@ -234,6 +246,40 @@ def micro_batches_in_step(state: TrainState, sampler, t: TrainArgs) -> int:
     than dropped (the step's loss is normalised by its own token or pair count, so a smaller step is no different)."""
     epoch, batch = sampler_position(sampler, state.micro_batches)
     return min(t.gradient_accumulation_steps, sampler.batches_in_epoch(epoch) - batch)
+
+
+def next_step(
+    micro_batches: Iterator[dict[str, Any]],
+    sampler,
+    state: TrainState,
+    t: TrainArgs,
+    accelerator: Accelerator,
+    bad_records: list[tuple[str, str]],
+) -> list[dict[str, Any]]:
+    """The next optimizer step's micro-batches, with the data position and the counts of skipped and cut samples
+    moved on.
+
+    A record found bad before training (`bad_records`, from `make_batching`) is counted once in every epoch the run
+    enters; one found bad while its sample is built is counted where its micro-batch is read, on every rank (an
+    all-reduce of the count, and a gather of the messages only when some rank has any), so the summary lists it
+    whichever rank read it.
+    """
+    epoch, batch_in_epoch = sampler_position(sampler, state.micro_batches)
+    if batch_in_epoch == 0:
+        state.skipped += bad_records
+    batches = [next(micro_batches) for _ in range(micro_batches_in_step(state, sampler, t))]
+    state.micro_batches += len(batches)
+    skipped = [entry for batch in batches for entry in batch["skipped"]]
+    num_truncated, num_skipped = step_totals(
+        accelerator, [sum(b.get("num_truncated", 0) for b in batches), len(skipped)]
+    )
+    state.num_truncated += num_truncated
+    if num_skipped and accelerator.num_processes > 1:  # the same on every rank: all join the gather
+        everyone: list = [None] * accelerator.num_processes
+        torch.distributed.all_gather_object(everyone, skipped)
+        skipped = [entry for rank_skipped in everyone for entry in rank_skipped]
+    state.skipped += skipped
+    return batches
 
 
 def idle_loss(forward, accelerator: Accelerator, pad_token_id: int, dummy_tile: torch.Tensor) -> torch.Tensor:
