@@ -139,7 +139,7 @@ class TrainArgs:
     num_train_epochs: float = 1.0
     """Passes over the data (ignored when max_steps > 0)."""
     max_steps: int = -1
-    """Optimizer steps to run; -1 = derive from num_train_epochs."""
+    """Optimizer steps to run (> 0); -1 = derive from num_train_epochs (0 is refused: it trains nothing)."""
     per_device_train_batch_size: int = 1
     """Samples per micro-batch per process."""
     gradient_accumulation_steps: int = 1
@@ -229,7 +229,12 @@ class SFTConfig:
             raise ConfigError("per_device_train_batch_size and gradient_accumulation_steps must be >= 1")
         if not 0 <= t.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
-        if t.max_steps <= 0 and t.num_train_epochs <= 0:
+        if t.max_steps == 0 or t.max_steps < -1:
+            raise ConfigError(
+                f"train.max_steps={t.max_steps}: set the number of optimizer steps (> 0), or -1 to derive it from "
+                "train.num_train_epochs"
+            )
+        if t.max_steps == -1 and t.num_train_epochs <= 0:
             raise ConfigError("set max_steps > 0 or num_train_epochs > 0")
         for name in ("max_packed_tokens", "num_images_expected", "max_buffer_size"):
             if getattr(d, name) < 1:

@@ -37,6 +37,13 @@ def record_to_pair(record: dict[str, Any], where: str) -> tuple[Conversation, st
     Raises:
         DataError: a missing or empty field, chosen identical to rejected, bad media fields, placeholder counts.
     """
+    if "conversations" in record and not any(key in record for key in PAIR_FIELDS):
+        raise DataError(
+            f"{where}: this looks like an SFT record ('conversations'), not a preference pair: a pair needs "
+            f"{', '.join(repr(k) for k in PAIR_FIELDS)} (non-empty strings) beside its image or video "
+            "(docs/data_formats.md); train SFT data with `internvl-tune sft`",
+            "missing field",
+        )
     for key in PAIR_FIELDS:
         if not isinstance(record.get(key), str) or not record[key].strip():
             raise DataError(f"{where}: field {key!r} is required and must be a non-empty string", "missing field")

@@ -62,11 +62,14 @@ logger = logging.getLogger(__name__)
 def train(config: SFTConfig) -> dict[str, Any]:
     """Run SFT as configured; returns a summary (final loss, steps, skipped samples, paths). Raises
     `TrainingInterrupted` after saving a checkpoint when stopped by SIGINT / SIGTERM."""
-    with run_session(config.train) as accelerator, StopRequest() as stop:
-        return _train(config, accelerator, stop)
+    # `cleanup` closes the progress bar when the run raises, so that the error is printed on a line of its own.
+    with run_session(config.train) as accelerator, StopRequest() as stop, contextlib.ExitStack() as cleanup:
+        return _train(config, accelerator, stop, cleanup)
 
 
-def _train(config: SFTConfig, accelerator: Accelerator, stop: StopRequest) -> dict[str, Any]:
+def _train(
+    config: SFTConfig, accelerator: Accelerator, stop: StopRequest, cleanup: contextlib.ExitStack
+) -> dict[str, Any]:
     model_args, data_args, train_args = config.model, config.data, config.train
     set_seed(train_args.seed)
     output_dir, resume_dir = prepare_output_dir(accelerator, train_args)
@@ -99,6 +102,7 @@ def _train(config: SFTConfig, accelerator: Accelerator, stop: StopRequest) -> di
     forward, optimizer, scheduler, state = prepare_optimization(
         accelerator,
         InternVLTrainingForward(model),
+        model_args,
         train_args,
         total_steps,
         warmup_steps,
@@ -118,7 +122,9 @@ def _train(config: SFTConfig, accelerator: Accelerator, stop: StopRequest) -> di
         logger.info(
             "trainable parameters %d of %d; %d samples; %d steps", num_trainable, num_total, len(dataset), total_steps
         )
-    progress = tqdm(total=total_steps, initial=state.step, desc="sft", disable=not accelerator.is_main_process)
+    progress = cleanup.enter_context(
+        tqdm(total=total_steps, initial=state.step, desc="sft", disable=not accelerator.is_main_process)
+    )
     forward.train()
     last_loss = float("nan")
     empty_micro_batches = 0

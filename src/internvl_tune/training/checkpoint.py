@@ -35,6 +35,8 @@ class TrainState:
         self.num_truncated = 0
         # What the data order depends on (the sampler's `order_inputs`); checked on resume (engine.data_stream).
         self.data_order: dict[str, Any] | None = None
+        # What is trained and how it is optimized (engine.run_settings); checked and applied on resume.
+        self.settings: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -45,6 +47,12 @@ class TrainState:
         self.skipped = [tuple(s) for s in state["skipped"]]
         self.num_truncated = state["num_truncated"]
         self.data_order = state.get("data_order")  # None in checkpoints written before it was recorded
+        self.settings = state.get("settings")
+
+
+def read_train_state(folder: Path) -> dict[str, Any]:
+    """A whole checkpoint's `train_state.json` (TrainState.state_dict), read before accelerate loads anything."""
+    return json.loads((folder / STATE_FILE).read_text())
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:

@@ -30,7 +30,7 @@ from internvl_tune.atomic import atomic_dir, remove_stale_temporaries
 from internvl_tune.checkpoints.metadata import checkpoint_settings, metadata_for
 from internvl_tune.checkpoints.read import resolve_dtype
 from internvl_tune.checkpoints.write import save_hf_checkpoint
-from internvl_tune.config import ConfigError, DataArgs, TrainArgs, to_dict
+from internvl_tune.config import ConfigError, DataArgs, ModelArgs, TrainArgs, to_dict
 from internvl_tune.data.errors import DataError
 from internvl_tune.data.lengths import dataset_lengths, tokenizer_fingerprint
 from internvl_tune.data.packing import PackedBatchSampler, PackedDataset, PackingSettings
@@ -42,7 +42,9 @@ from internvl_tune.training.checkpoint import (
     TrainState,
     checkpoint_problem,
     keep_trainable_weights,
+    list_checkpoints,
     prune_checkpoints,
+    read_train_state,
     resolve_resume,
     save_adapter,
 )
@@ -123,16 +125,25 @@ def prepare_output_dir(accelerator: Accelerator, t: TrainArgs) -> tuple[Path, Pa
 
     A folder that holds another run is refused unless the run resumes (`resume_from_checkpoint`) or replaces it
     (`overwrite_output_dir`, which deletes the run's files): reusing it silently would append to its metrics, replace
-    its final model and leave its checkpoints for a later `auto` resume. Leftovers of saves that were killed are
-    removed.
+    its final model and leave its checkpoints for a later `auto` resume. A run that stopped before its first step
+    (no step logged, no checkpoint, no final model: only its resolved config) is no run: its folder is reused.
+    Leftovers of saves that were killed are removed.
     """
     output_dir = Path(t.output_dir)
     found = sorted(p.name for p in output_dir.glob("*") if p.name in RUN_FILES or CHECKPOINT_PATTERN.match(p.name))
-    if found and not (t.resume_from_checkpoint or t.overwrite_output_dir):
+    if found and not _run_started(output_dir):
+        logger.info("%s holds a run that stopped before its first step (%s): reusing it", output_dir, ", ".join(found))
+    elif found and not (t.resume_from_checkpoint or t.overwrite_output_dir):
         listed = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+        resume = "resume it with train.resume_from_checkpoint=auto, " if list_checkpoints(output_dir) else ""
         raise ConfigError(
-            f"{output_dir} holds another run ({listed}): resume it with train.resume_from_checkpoint=auto, replace "
-            "it with train.overwrite_output_dir=true, or pick another train.output_dir"
+            f"{output_dir} holds another run ({listed}): {resume}replace it with train.overwrite_output_dir=true, or "
+            "pick another train.output_dir"
+        )
+    elif found and t.resume_from_checkpoint == "auto" and not list_checkpoints(output_dir):
+        raise ConfigError(
+            f"{output_dir} holds another run with no checkpoint to resume (a resume would train it again from step "
+            "0): replace it with train.overwrite_output_dir=true, or pick another train.output_dir"
         )
     resume_dir = resolve_resume(t.resume_from_checkpoint, output_dir)
     accelerator.wait_for_everyone()  # every rank has looked before the main process deletes anything
@@ -140,13 +151,22 @@ def prepare_output_dir(accelerator: Accelerator, t: TrainArgs) -> tuple[Path, Pa
         output_dir.mkdir(parents=True, exist_ok=True)
         for path in remove_stale_temporaries(output_dir):
             logger.info("removed %s, left by an interrupted save", path)
-        if t.overwrite_output_dir and found:
-            logger.warning("overwrite_output_dir: deleting %s in %s", ", ".join(found), output_dir)
+        if found and (t.overwrite_output_dir or not _run_started(output_dir)):
+            if t.overwrite_output_dir:
+                logger.warning("overwrite_output_dir: deleting %s in %s", ", ".join(found), output_dir)
             for name in found:
                 path = output_dir / name
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
     accelerator.wait_for_everyone()
     return output_dir, resume_dir
+
+
+def _run_started(output_dir: Path) -> bool:
+    """Whether `output_dir` holds a run that did something: a logged step, a checkpoint or a final model."""
+    metrics = output_dir / "metrics.jsonl"
+    logged = metrics.is_file() and any(line.strip() for line in metrics.read_text().splitlines())
+    finished = any((output_dir / name).exists() for name in ("final", "final_adapter", "summary.json"))
+    return logged or finished or bool(list_checkpoints(output_dir))
 
 
 def make_batching(dataset, measure, settings, tokenizer, d: DataArgs, t: TrainArgs, accelerator: Accelerator):
@@ -362,9 +382,45 @@ def throughput_metrics(
     }
 
 
+# The model settings that decide which parameters train: a resume cannot change them (the optimizer state is the old
+# parameters'), so a change is refused by name instead of failing in PyTorch's optimizer loading.
+TRAINED_SETTINGS = (
+    "freeze_backbone",
+    "freeze_mlp",
+    "freeze_llm",
+    "unfreeze_vit_layers",
+    "unfreeze_lm_head",
+    "use_backbone_lora",
+    "use_llm_lora",
+)
+
+
+def run_settings(m: ModelArgs, t: TrainArgs, total_steps: int, warmup_steps: int) -> dict[str, Any]:
+    """What a checkpoint records of how it was trained: the trained-parameter settings (fixed for the run) and the
+    optimizer and schedule settings (a resume applies the new ones from its first step)."""
+    return {
+        "trained": {f"model.{name}": getattr(m, name) for name in TRAINED_SETTINGS},
+        "optimizer": {
+            "train.learning_rate": t.learning_rate,
+            "train.weight_decay": t.weight_decay,
+            "train.adam_beta1": t.adam_beta1,
+            "train.adam_beta2": t.adam_beta2,
+            "train.adam_epsilon": t.adam_epsilon,
+            "train.lr_scheduler_type": t.lr_scheduler_type,
+            "total steps": total_steps,
+            "warmup steps": warmup_steps,
+        },
+    }
+
+
+def _changes(saved: dict[str, Any], current: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {saved.get(k)} -> {current.get(k)}" for k in current if saved.get(k) != current.get(k))
+
+
 def prepare_optimization(
     accelerator: Accelerator,
     forward: nn.Module,
+    m: ModelArgs,
     t: TrainArgs,
     total_steps: int,
     warmup_steps: int,
@@ -375,7 +431,11 @@ def prepare_optimization(
 ):
     """AdamW + schedule, wrapped by accelerate; the scheduler, the train state and `checkpointed` objects
     (with state_dict / load_state_dict) are saved in every checkpoint and restored from `resume_dir`.
-    Returns (forward, optimizer, scheduler, state)."""
+
+    A resume keeps the weights, the optimizer's moments and the position, and trains on with the settings it is
+    given: a changed learning rate, weight decay, Adam setting, schedule or step count applies from the resumed
+    step on (logged), as `config.resolved.json` records. A change of what is trained (`TRAINED_SETTINGS`) is
+    refused. Returns (forward, optimizer, scheduler, state)."""
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     optimizer = build_optimizer(
         forward,
@@ -388,14 +448,40 @@ def prepare_optimization(
     scheduler = build_scheduler(optimizer, kind=t.lr_scheduler_type, warmup_steps=warmup_steps, total_steps=total_steps)
     forward, optimizer = accelerator.prepare(forward, optimizer)
     state = TrainState()
+    settings = run_settings(m, t, total_steps, warmup_steps)
+    state.settings = settings
     accelerator.register_for_checkpointing(scheduler, state, *checkpointed)
     if uses_lora:
         # LoRA checkpoints hold the trained weights only; the frozen base comes from model_name_or_path on resume.
         accelerator.register_save_state_pre_hook(keep_trainable_weights)
     if resume_dir is not None:
+        saved = read_train_state(resume_dir).get("settings")  # None: a checkpoint of an older version
+        if saved is not None and (changed := _changes(saved["trained"], settings["trained"])):
+            raise ConfigError(
+                f"{resume_dir} trained other parameters ({changed}); a resume continues the same parameters: "
+                "restore the setting, or start a new run from the checkpoint's weights"
+            )
+        fresh = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
         accelerator.load_state(str(resume_dir), strict=not uses_lora)
+        apply_optimizer_settings(optimizer, scheduler, fresh)
+        if saved is not None and (changed := _changes(saved["optimizer"], settings["optimizer"])):
+            logger.warning("resumed at step %d with new settings, applied from here on: %s", state.step, changed)
+        state.settings = settings
         logger.info("resumed from %s at step %d", resume_dir, state.step)
     return forward, optimizer, scheduler, state
+
+
+def apply_optimizer_settings(optimizer, scheduler, fresh: list[dict[str, Any]]) -> None:
+    """After a resume, the optimizer's groups and the schedule's peak take this run's settings (`fresh`: the groups'
+    settings before the checkpoint was loaded), and the current learning rate follows from them at the resumed step.
+    Loading restores the interrupted run's values, so without this a changed learning rate would be recorded and not
+    used; the schedule's shape (kind, warmup, total steps) is this run's already (its function is not saved)."""
+    for group, settings in zip(optimizer.param_groups, fresh, strict=True):
+        for key in ("initial_lr", "weight_decay", "betas", "eps"):
+            group[key] = settings[key]
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    scheduler.last_epoch -= 1
+    scheduler.step()  # the same step again: each group's learning rate from the new peak
 
 
 def data_stream(
