@@ -30,16 +30,20 @@ One module for every place that grades an answer: `sample`, `build-pairs`, `eval
                "The answer is A")
    numeric     units stripped (degree, °, %, cm, \\angle, ...), then     "30.02 cm" / "30" -> 1; "30.1" / "30"
                relative error <= 1e-3 (exact for a truth of 0)           -> 0
+   latex       one side LaTeX or a fraction `a/b`, both the same         "3/4" / "\\frac{3}{4}" -> 1;
+               rational number (`latex_value`: \\frac, + - * /, powers)  "3/5" / "\\frac{3}{4}" -> 0
    relaxed     charts: relative error <= 5%; a 4-character "20xx" is     "10.4" / "10" -> 1; "2019" / "2020" -> 0
                a year and must match exactly
    anls        similarity 1 - levenshtein / longer length; 0 from a      "John Smth" / "John Smith" -> 0.9
                normalised distance of 0.5 on
-   math_verify the math-verify package's equivalence, when installed    "\\frac{1}{2}" / "0.5" -> 1
+   math_verify math-verify's equivalence, each answer read as one        "\\sqrt{2}" / "\\frac{2}{\\sqrt{2}}" -> 1;
+               formula; 0 for an answer with a word in it                "2 or 3" / "3" -> 0
    =========== ========================================================= =========================================
 
    Which scorers apply comes from the data's source name as in the original (`scorers_for`): chartqa -> relaxed;
-   docvqa, infographics -> anls; sroie, clevr_math, geos, geometry -> relaxed, vqa, mc, math_verify; anything
-   else -> vqa, mc, numeric, math_verify. `resolve_scorers` also takes an explicit list or a kind name.
+   docvqa, infographics -> anls; sroie, clevr_math, geos, geometry -> relaxed, vqa, mc, latex, math_verify;
+   anything else -> vqa, mc, numeric, latex, math_verify (the original's LaTeX scorer ran on mavis data only;
+   `latex` goes with `math_verify` here). `resolve_scorers` also takes an explicit list or a kind name.
 
 The original's ANLS branch returned the normalised edit DISTANCE as the score, so for docvqa and infographics only
 exact matches, or answers almost entirely different from the truth, counted as correct; here it is the ANLS
@@ -55,22 +59,25 @@ import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 
 CORRECT_THRESHOLD = 0.9  # a score above it is correct (the original's threshold)
 NUMERIC_TOLERANCE = 1e-3  # relative, for the numeric scorer
 RELAXED_TOLERANCE = 0.05  # relative, for charts (pix2struct's relaxed accuracy)
 ANLS_CUTOFF = 0.5  # normalised edit distances at or above it score 0 (the ANLS metric's tau)
 
-SCORERS = ("vqa", "mc", "numeric", "relaxed", "anls", "math_verify")
+SCORERS = ("vqa", "mc", "numeric", "latex", "relaxed", "anls", "math_verify")
 EXTRACTION_VERSIONS = ("en", "zh", "en_v2", "zh_v2", "en_r1", "zh_r1", "direct")
 
-DEFAULT_SCORERS = ("vqa", "mc", "numeric", "math_verify")
-# Source-name keywords -> scorers, first match wins (the original's modes; its mavis mode added a LaTeX scorer
-# that math_verify covers, so mavis gets the default).
+DEFAULT_SCORERS = ("vqa", "mc", "numeric", "latex", "math_verify")
+# Source-name keywords -> scorers, first match wins (the original's modes). The original ran its LaTeX scorer on
+# mavis data only and math-verify on everything but charts and documents; `latex` goes with `math_verify` here: it
+# accepts only what math-verify should (the same rational number), and keeps `3/4` = `\frac{3}{4}` when math-verify
+# is missing or fails on an input. So mavis gets the default, which is the original's mavis mode.
 SOURCE_SCORERS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
     (("chartqa",), ("relaxed",)),
     (("docvqa", "infographics"), ("anls",)),
-    (("sroie", "clevr_math", "geos", "geometry"), ("relaxed", "vqa", "mc", "math_verify")),
+    (("sroie", "clevr_math", "geos", "geometry"), ("relaxed", "vqa", "mc", "latex", "math_verify")),
 )
 
 _TRIGGERS = ("Final answer:", "Final Answer:", "答案:")
@@ -330,8 +337,152 @@ def anls_score(pred: str, truth: str) -> float:
     return 1.0 - distance if distance < ANLS_CUTOFF else 0.0
 
 
+# A LaTeX answer's exact value: rationals only (sums, products, quotients, integer powers of numbers and \frac's).
+# A square root, pi or a variable is not a rational; math-verify judges those.
+_LATEX_TOKEN = re.compile(r"\s*(?:(\d+(?:\.\d*)?|\.\d+)|(\\[A-Za-z]+|\\.)|(\S))")
+_LATEX_SPACING = {"\\left", "\\right", "\\displaystyle", "\\,", "\\;", "\\:", "\\!", "\\ "}
+_LATEX_FRACTIONS = {"\\frac", "\\dfrac", "\\tfrac", "\\cfrac"}
+_LATEX_TIMES = {"*", "\\times", "\\cdot"}
+_LATEX_DIVIDE = {"/", "\\div"}
+_LATEX_GROUPS = {"(": ")", "[": "]", "{": "}"}
+_LATEX_DELIMITERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
+_LATEX_MAX_BITS = 4096  # a value past it (10^{10^{9}}) is not an answer to compare; refusing keeps the judge fast
+_SIMPLE_FRACTION = re.compile(r"\s*[+-]?\d+\s*/\s*\d+\s*")
+
+
+class _NotRational(Exception):
+    """Raised inside `latex_value` when the text is not a rational number written in LaTeX."""
+
+
+def latex_value(text: str) -> Fraction | None:
+    """The exact value of a number written in LaTeX or as a fraction, or None when it is not a rational number.
+
+    Numbers (`3`, `0.75`), `\\frac` / `\\dfrac` / `\\tfrac` / `\\cfrac` (`\\frac34` too), `a/b`, `+ - * / \\times
+    \\cdot \\div`, signs, parentheses (`( )`, `[ ]`, `{ }`, `\\left( \\right)`), integer powers (`2^{-1}`), in `$`s or
+    not. Two terms side by side (`2\\frac{1}{2}`: a mixed number to a reader, a product to LaTeX) are ambiguous: None.
+
+    Example:
+        >>> latex_value("\\\\dfrac{6}{8}"), latex_value("\\\\frac{1}{2}+\\\\frac{1}{4}"), latex_value("-0.75")
+        (Fraction(3, 4), Fraction(3, 4), Fraction(-3, 4))
+        >>> latex_value("\\\\sqrt{2}") is None, latex_value("2\\\\frac{1}{2}") is None, latex_value("\\\\frac{1}{0}") is None
+        (True, True, True)
+    """
+    text = text.strip()
+    for opening, closing in _LATEX_DELIMITERS:
+        if len(text) > len(opening) + len(closing) and text.startswith(opening) and text.endswith(closing):
+            text = text[len(opening) : -len(closing)]
+            break
+    tokens = [m.group(m.lastindex) for m in _LATEX_TOKEN.finditer(text)]
+    tokens = [token for token in tokens if token not in _LATEX_SPACING]
+    if not tokens:
+        return None
+    parser = _RationalParser(tokens)
+    try:
+        value = parser.expression()
+        if parser.peek() is not None:
+            raise _NotRational
+    except (_NotRational, ZeroDivisionError):
+        return None
+    return value
+
+
+class _RationalParser:
+    """Recursive descent over LaTeX tokens: expression := term (+|- term)*; term := factor (*|/ factor)*;
+    factor := (+|-) factor | atom [^ argument]; atom := number | group | \\frac argument argument."""
+
+    def __init__(self, tokens: list[str]) -> None:
+        self.tokens, self.index = tokens, 0
+
+    def peek(self) -> str | None:
+        return self.tokens[self.index] if self.index < len(self.tokens) else None
+
+    def take(self) -> str:
+        token = self.peek()
+        if token is None:
+            raise _NotRational
+        self.index += 1
+        return token
+
+    def expression(self) -> Fraction:
+        value = self.term()
+        while self.peek() in ("+", "-"):
+            value = _bounded(value + self.term() if self.take() == "+" else value - self.term())
+        return value
+
+    def term(self) -> Fraction:
+        value = self.factor()
+        while self.peek() in _LATEX_TIMES or self.peek() in _LATEX_DIVIDE:
+            value = _bounded(value * self.factor() if self.take() in _LATEX_TIMES else value / self.factor())
+        return value
+
+    def factor(self) -> Fraction:
+        if self.peek() in ("+", "-"):
+            return self.factor() if self.take() == "+" else -self.factor()
+        value = self.atom()
+        if self.peek() != "^":
+            return value
+        self.take()
+        exponent = self.argument()
+        bits = max(value.numerator.bit_length(), value.denominator.bit_length())
+        if exponent.denominator != 1 or bits * abs(exponent) > _LATEX_MAX_BITS:
+            raise _NotRational
+        return _bounded(value**exponent)
+
+    def atom(self) -> Fraction:
+        token = self.take()
+        if token in _LATEX_FRACTIONS:
+            return _bounded(self.argument() / self.argument())
+        if token in _LATEX_GROUPS:
+            value = self.expression()
+            if self.take() != _LATEX_GROUPS[token]:
+                raise _NotRational
+            return value
+        if token[0].isdigit() or token[0] == ".":
+            return _bounded(Fraction(token))
+        raise _NotRational
+
+    def argument(self) -> Fraction:
+        """A `\\frac` or `^` argument: a `{...}` group, or a single digit (`\\frac34`, `2^3`)."""
+        token = self.peek()
+        if token is not None and token[0].isdigit():
+            # LaTeX takes one character: `\frac34` is 3/4 and `2^12` is 2^1 followed by 2.
+            self.tokens[self.index] = token[1:]
+            if not self.tokens[self.index]:
+                self.index += 1
+            return Fraction(int(token[0]))
+        if token != "{":
+            raise _NotRational
+        return self.atom()
+
+
+def _bounded(value: Fraction) -> Fraction:
+    if max(value.numerator.bit_length(), value.denominator.bit_length()) > _LATEX_MAX_BITS:
+        raise _NotRational
+    return value
+
+
+def looks_like_latex(text: str) -> bool:
+    """Whether an answer is written in LaTeX (a backslash) or is a plain fraction (`3/4`, `-1 / 2`): the original's
+    condition for its LaTeX scorer."""
+    return "\\" in text or _SIMPLE_FRACTION.fullmatch(text) is not None
+
+
+def latex_score(pred: str, truth: str) -> float:
+    """1 when one of the two is LaTeX or a fraction (`looks_like_latex`) and both are the same rational number.
+
+    Example:
+        >>> latex_score("3/4", "\\\\frac{3}{4}"), latex_score("0.75", "\\\\dfrac{6}{8}"), latex_score("3/5", "\\\\frac{3}{4}")
+        (1.0, 1.0, 0.0)
+    """
+    if not (looks_like_latex(pred) or looks_like_latex(truth)):
+        return 0.0
+    pred_value = latex_value(pred)
+    return float(pred_value is not None and pred_value == latex_value(truth))
+
+
 @functools.cache
 def _math_verify():
+    # Imported on first use: it brings sympy (0.3 s), which nothing else in a training run needs.
     try:
         import math_verify
     except ImportError:
@@ -340,29 +491,46 @@ def _math_verify():
 
 
 def math_verify_available() -> bool:
-    """Whether the optional `math-verify` package is installed."""
+    """Whether the `math-verify` package (a dependency of the package) is importable."""
     return _math_verify() is not None
 
 
+_LATEX_COMMAND = re.compile(r"\\[A-Za-z]+")
+_WORD = re.compile(r"[A-Za-z]{2,}")
+
+
 def math_verify_score(pred: str, truth: str) -> float:
-    """1 when math-verify finds the two answers equivalent; 0 when it does not, fails, or is not installed."""
+    """1 when math-verify finds the two answers equivalent; 0 when it does not, fails, or is not installed, and 0 for
+    answers with a word in them (two letters in a row, LaTeX commands aside).
+
+    Each answer is given to math-verify as one LaTeX formula (`$answer$`). math-verify looks for an answer anywhere in
+    a text it is given, and reads bare LaTeX only inside `$`s: unwrapped, `\\dfrac{6}{8}` parses to nothing,
+    `\\frac{1}{2}+\\frac{1}{4}` to its last fraction 1/4, and "2 or 3" or "not 5" to their last number, so they
+    equalled "3" and "5". Words are left to the VQA scorer: as a formula "no" is the product n*o, which equals "on".
+    """
     package = _math_verify()
-    if package is None:
+    if package is None or any(_WORD.search(_LATEX_COMMAND.sub(" ", text)) for text in (pred, truth)):
         return 0.0
     # Its timeouts use signal.alarm, which only the main thread may set (a server backend scores in threads).
     seconds = 5 if threading.current_thread() is threading.main_thread() else None
     try:
-        parsed_truth = package.parse(truth, parsing_timeout=seconds)
-        parsed_pred = package.parse(pred, parsing_timeout=seconds)
+        parsed_truth = package.parse(_as_formula(truth), parsing_timeout=seconds)
+        parsed_pred = package.parse(_as_formula(pred), parsing_timeout=seconds)
         return float(package.verify(parsed_truth, parsed_pred, timeout_seconds=seconds))
     except Exception:  # a parser or timeout failure on odd input is a non-match, not a crash of the whole run
         return 0.0
+
+
+def _as_formula(text: str) -> str:
+    text = text.strip()
+    return text if text.startswith(("$", "\\(", "\\[")) else f"${text}$"
 
 
 _SCORER_FUNCTIONS = {
     "vqa": lambda pred, truth: float(vqa_normalize(pred) == vqa_normalize(truth) != ""),
     "mc": lambda pred, truth: float(choice_letter(pred) is not None and choice_letter(pred) == choice_letter(truth)),
     "numeric": numeric_score,
+    "latex": latex_score,
     "relaxed": relaxed_score,
     "anls": anls_score,
     "math_verify": math_verify_score,
@@ -392,7 +560,7 @@ def scorers_for(source: str) -> tuple[str, ...]:
 
     Example:
         >>> scorers_for("chartqa_train_18k"), scorers_for("DocVQA_val"), scorers_for("ai2d")
-        (('relaxed',), ('anls',), ('vqa', 'mc', 'numeric', 'math_verify'))
+        (('relaxed',), ('anls',), ('vqa', 'mc', 'numeric', 'latex', 'math_verify'))
     """
     name = source.lower()
     return next((scorers for keywords, scorers in SOURCE_SCORERS if any(k in name for k in keywords)), DEFAULT_SCORERS)
@@ -449,10 +617,10 @@ def judge(response: str, truth: str, prompt_version: str = "en", scorers: Sequen
 
 
 def same_answer(pred: str, truth: str) -> bool:
-    """Whether `pred` is `truth` written another way: equal after VQA normalisation, the same option letter, or the
-    same number (units and thousands commas aside, within `NUMERIC_TOLERANCE`). Tolerance matches (relaxed, ANLS)
-    are not: "10.4" is not the chart's "10" written another way."""
-    return any(_SCORER_FUNCTIONS[name](pred, truth) == 1.0 for name in ("vqa", "mc", "numeric"))
+    """Whether `pred` is `truth` written another way: equal after VQA normalisation, the same option letter, the
+    same number (units and thousands commas aside, within `NUMERIC_TOLERANCE`) or the same fraction ("3/4" for
+    "\\frac{3}{4}"). Tolerance matches (relaxed, ANLS) are not: "10.4" is not the chart's "10" written another way."""
+    return any(_SCORER_FUNCTIONS[name](pred, truth) == 1.0 for name in ("vqa", "mc", "numeric", "latex"))
 
 
 def fix_answer(response: str, truth: str, prompt_version: str = "en", scorers: Sequence[str] = DEFAULT_SCORERS) -> str:

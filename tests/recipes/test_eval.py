@@ -67,9 +67,10 @@ def test_eval_accuracy_is_the_judges_count_of_correct_responses(tiny_model_dir, 
 
     with open(out / "predictions.tsv", newline="") as f:
         table = list(csv.DictReader(f, delimiter="\t"))
+    assert list(table[0]) == ["index", "question", "answer", "source", "prediction"]  # the lines' fields but image
     assert [t["index"] for t in table] == [str(i) for i in range(6)]
     assert [t["prediction"] for t in table] == [r["answer_pred"] for r in sorted(rows, key=lambda r: r["index"])]
-    assert {t["category"] for t in table} == {"bench", "chartqa_val"}
+    assert [t["source"] for t in table] == ["", "chartqa_val"] * 3
     assert "overall" in capsys.readouterr().out
 
     # Resume: a second run with the same settings asks nothing; other settings in the same folder are refused.

@@ -28,6 +28,7 @@ import random
 import pytest
 from conftest import draw_image, write_jsonl
 
+from internvl_tune import judge as judge_module
 from internvl_tune.cli import main
 from internvl_tune.data.dataset import RecordDataset
 from internvl_tune.data.preference import PairBuilder
@@ -212,6 +213,22 @@ def test_cap_per_key_is_a_seeded_draw_independent_of_other_keys(tmp_path):
     key = json.dumps([json.dumps(""), "What is 3 + 4?", "7"])  # (image, question, answer)
     expected = sorted(random.Random(f"0\0sums\0{key}\0correctness").sample(range(16), 5))
     assert indices == expected  # the documented seed: (seed, dataset, key, kind)
+
+
+@pytest.mark.parametrize("math_verify", [True, False])
+def test_a_fraction_written_another_way_is_chosen(tmp_path, monkeypatch, math_verify):
+    """ "3/4" against a truth "\\frac{3}{4}" is correct, with math-verify or without it (it was rejected without)."""
+    if not math_verify:
+        monkeypatch.setattr(judge_module, "_math_verify", lambda: None)
+    question = "What fraction is shaded?"
+    right = _record(None, question, "\\frac{3}{4}", "Three of four parts.\nThat is 3/4.\nFinal answer: 3/4")
+    wrong = _record(None, question, "\\frac{3}{4}", "Three of five parts.\nThat is 3/5.\nFinal answer: 3/5")
+    path = tmp_path / "fractions.jsonl"
+    write_jsonl(path, [right, wrong])
+    build_pairs([path], tmp_path / "out")
+    assert _read(tmp_path / "out/raw/fractions_pairs_vqa_correctness_rules.jsonl") == [
+        {"question": question, "chosen": right["response"], "rejected": wrong["response"], "answer_gt": "\\frac{3}{4}"}
+    ]
 
 
 def test_shards_of_one_prompt_file_are_one_dataset(tmp_path):

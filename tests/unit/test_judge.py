@@ -5,6 +5,8 @@ similarity, and its answer fix rewrote wrong answers that merely contain the tru
 """
 
 import doctest
+import threading
+from fractions import Fraction
 
 import pytest
 
@@ -17,7 +19,10 @@ from internvl_tune.judge import (
     fix_answer,
     is_correct,
     judge,
+    latex_score,
+    latex_value,
     levenshtein,
+    math_verify_score,
     resolve_scorers,
     score_answer,
     scorers_for,
@@ -114,7 +119,7 @@ SCORING = [
     ("  john   SMITH ", "John Smith", ("anls",), 1.0),  # case and spaces normalised
     ("John Smth", "John Smith", ("anls",), 0.9),  # 1 edit in 10: exactly the threshold, not above it
     ("Johnn Smith", "John Smith", ("anls",), 1 - 1 / 11),
-    # the default scorers: vqa, mc, numeric (+ math_verify when installed)
+    # the default scorers: vqa, mc, numeric, latex, math_verify
     ("seven", "7", DEFAULT_SCORERS, 1.0),
     ("15", "5", DEFAULT_SCORERS, 0.0),
 ]
@@ -146,7 +151,9 @@ def test_levenshtein(a, b, distance):
 def test_scorers_by_source_kind_and_list():
     assert scorers_for("chartqa_train_18k") == ("relaxed",)
     assert scorers_for("DocVQA_val") == scorers_for("infographics_vqa") == ("anls",)
-    assert scorers_for("CLEVR_math_en") == ("relaxed", "vqa", "mc", "math_verify")
+    assert scorers_for("CLEVR_math_en") == ("relaxed", "vqa", "mc", "latex", "math_verify")
+    # the original's mavis mode: vqa, mc, its math score, its LaTeX scorer (and math-verify)
+    assert DEFAULT_SCORERS == ("vqa", "mc", "numeric", "latex", "math_verify")
     assert scorers_for("ai2d") == scorers_for("mavis_geo") == DEFAULT_SCORERS
     assert resolve_scorers("auto", "chartqa_test") == ("relaxed",)
     assert resolve_scorers("docvqa", "chartqa_test") == ("anls",)  # a kind, whatever the source
@@ -156,18 +163,127 @@ def test_scorers_by_source_kind_and_list():
         resolve_scorers("vqa,bogus")
 
 
+LATEX_VALUES = [
+    # (text, its exact value or None when it is not a rational number written in LaTeX)
+    ("3/4", Fraction(3, 4)),
+    ("\\frac{3}{4}", Fraction(3, 4)),
+    ("\\dfrac{6}{8}", Fraction(3, 4)),  # reduced
+    ("\\tfrac{3}{4}", Fraction(3, 4)),
+    ("\\frac34", Fraction(3, 4)),  # LaTeX's one-character arguments
+    ("0.75", Fraction(3, 4)),  # exactly, not as a float
+    ("\\frac{1}{2}+\\frac{1}{4}", Fraction(3, 4)),
+    ("\\frac{1}{2} - \\frac{1}{4}", Fraction(1, 4)),
+    ("3 \\times \\frac{1}{4}", Fraction(3, 4)),
+    ("\\frac{1}{2} \\cdot 3", Fraction(3, 2)),
+    ("3 \\div 4", Fraction(3, 4)),
+    ("2/3^2", Fraction(2, 9)),  # a power binds before a quotient
+    ("2^{-2}", Fraction(1, 4)),
+    ("-3^2", Fraction(-9)),  # and before a sign
+    ("-\\frac{3}{4}", Fraction(-3, 4)),
+    ("\\frac{-3}{4}", Fraction(-3, 4)),
+    ("-(-3)/4", Fraction(3, 4)),
+    ("\\left(\\frac{3}{4}\\right)", Fraction(3, 4)),
+    ("\\left[ 1 + \\frac{1}{2} \\right]", Fraction(3, 2)),
+    ("$\\frac{3}{4}$", Fraction(3, 4)),
+    ("\\(\\frac{3}{4}\\)", Fraction(3, 4)),
+    ("\\frac{1}{0}", None),  # no value
+    ("0^{-1}", None),
+    ("2\\frac{1}{2}", None),  # a mixed number to a reader, 2 * 1/2 to LaTeX: ambiguous
+    ("2(3)", None),  # two terms side by side
+    ("\\sqrt{4}", None),  # roots, pi, variables: for math-verify
+    ("\\pi", None),
+    ("x", None),
+    ("2^{1/2}", None),  # not a rational power
+    ("(1 + 2", None),  # unbalanced
+    ("(1 + 2]", None),
+    ("2^{100000}", None),  # too large to be an answer
+    ("", None),
+]
+
+
+@pytest.mark.parametrize("text, value", LATEX_VALUES)
+def test_latex_value(text, value):
+    assert latex_value(text) == value
+
+
+LATEX_SCORES = [
+    ("3/4", "\\frac{3}{4}", 1.0),
+    ("\\frac{3}{4}", "3/4", 1.0),
+    ("\\dfrac{6}{8}", "\\frac{3}{4}", 1.0),
+    ("0.75", "\\frac{3}{4}", 1.0),
+    ("\\frac{1}{2}+\\frac{1}{4}", "3/4", 1.0),
+    ("-3/4", "-\\frac{3}{4}", 1.0),
+    ("\\left(\\frac{3}{4}\\right)", "0.75", 1.0),
+    ("3/5", "\\frac{3}{4}", 0.0),  # a different number
+    ("-\\frac{3}{4}", "\\frac{3}{4}", 0.0),  # the sign counts
+    ("\\frac{1}{2}+\\frac{1}{4}", "1/4", 0.0),  # the whole sum, not its last fraction
+    ("\\sqrt{2}", "\\sqrt{2}", 0.0),  # not a rational: left to math-verify (and the exact match)
+    ("1+1", "2", 0.0),  # neither side LaTeX nor a fraction: the original's condition, so no arithmetic on plain text
+]
+
+
+@pytest.mark.parametrize("pred, truth, expected", LATEX_SCORES)
+def test_latex_score(pred, truth, expected):
+    assert latex_score(pred, truth) == expected
+    assert score_answer(pred, truth, ["latex"]) == expected or pred == truth
+
+
+def test_fractions_are_judged_without_math_verify(monkeypatch):
+    """The regression: without math-verify the default scorers judged "3/4" against "\\frac{3}{4}" wrong."""
+    monkeypatch.setattr(judge_module, "_math_verify", lambda: None)  # as if not installed
+    assert score_answer("3/4", "\\frac{3}{4}") == 1.0
+    assert score_answer("\\dfrac{6}{8}", "0.75", scorers_for("mavis_geo")) == 1.0
+    assert score_answer("\\frac{1}{2}", "0.5", scorers_for("geoqa_geometry")) == 1.0
+    assert score_answer("3/5", "\\frac{3}{4}") == 0.0
+    response = "The shaded part is 6 of 8 squares.\nThat is \\boxed{\\dfrac{6}{8}}"
+    assert judge(response, "\\frac{3}{4}", "en_v2") == Judgement("\\dfrac{6}{8}", 1.0)
+    # the answer fix respells it as the truth
+    fixed = fix_answer("Six of eight.\nSo 6/8.\nFinal answer: 6/8", "\\frac{3}{4}")
+    assert fixed == "Six of eight.\nSo 6/8.\nFinal answer: \\frac{3}{4}"
+
+
 def test_math_verify_is_optional(monkeypatch):
     monkeypatch.setattr(judge_module, "_math_verify", lambda: None)  # as if not installed
-    assert score_answer("\\frac{1}{2}", "0.5", ["math_verify"]) == 0.0
+    assert score_answer("\\sqrt{2}", "\\frac{2}{\\sqrt{2}}", ["math_verify"]) == 0.0
     assert score_answer("0.5", "0.5", ["math_verify"]) == 1.0  # exact needs no package
     with pytest.raises(ValueError, match="pip install math-verify"):
         resolve_scorers("vqa,math_verify")
 
 
-def test_math_verify_when_installed():
-    pytest.importorskip("math_verify")
-    assert score_answer("\\frac{1}{2}", "0.5", ["math_verify"]) == 1.0
-    assert score_answer("\\frac{1}{3}", "0.5", ["math_verify"]) == 0.0
+# Each answer goes to math-verify as one formula, `$answer$`: it reads bare LaTeX only inside $s, and in other text
+# looks for an answer anywhere.
+MATH_VERIFY = [
+    ("\\frac{1}{2}", "0.5", 1.0),
+    ("\\frac{1}{3}", "0.5", 0.0),
+    ("30^\\circ", "30", 1.0),
+    ("\\sqrt{2}", "\\frac{1}{\\sqrt{2}}", 0.0),
+    ("on", "no", 0.0),  # as formulas both are n*o: answers with words are left to the VQA scorer
+    # given as bare text, these scored the other way
+    ("\\sqrt{2}", "\\frac{2}{\\sqrt{2}}", 1.0),
+    ("\\frac{\\pi}{2}", "\\pi/2", 1.0),
+    ("x^2+2x+1", "(x+1)^2", 1.0),
+    ("0.75", "\\dfrac{6}{8}", 1.0),  # \\dfrac{6}{8} parsed to nothing
+    ("\\frac{1}{2}+\\frac{1}{4}", "3/4", 1.0),  # the sum parsed to its last fraction, 1/4
+    ("\\frac{1}{2}+\\frac{1}{4}", "1/4", 0.0),
+    ("2 or 3", "3", 0.0),  # its search found the last number
+    ("not 5", "5", 0.0),
+    ("5 cats and 7 dogs", "7", 0.0),
+]
+
+
+@pytest.mark.parametrize("pred, truth, expected", MATH_VERIFY)
+def test_math_verify(pred, truth, expected):
+    assert math_verify_score(pred, truth) == expected
+
+
+def test_math_verify_in_a_thread():
+    """A server backend judges in threads, where math-verify's signal-based timeouts cannot be set (math-verify >= 0.8
+    runs without one when given None)."""
+    scores = []
+    thread = threading.Thread(target=lambda: scores.append(math_verify_score("\\dfrac{6}{8}", "0.75")))
+    thread.start()
+    thread.join()
+    assert scores == [1.0]
     assert resolve_scorers("math_verify") == ("math_verify",)
 
 

@@ -19,8 +19,8 @@ Output folder::
                       the benchmark), "prompt" (the user turn sent), "response", "answer_pred" (null when
                       unparseable), "score", "correct", "prompt_version" (the extraction used)
     report.json       accuracy overall and per source, the counts, the settings
-    predictions.tsv   VLMEvalKit's prediction layout: index, question, answer, prediction (the extracted answer),
-                      category (the source), response
+    predictions.tsv   VLMEvalKit's prediction layout (`predictions_tsv`): index, every other field of the line but
+                      image, prediction (the extracted answer)
     run.json          the settings, so a resumed run cannot mix two evaluations in one folder
 
 Worked example: 4 questions, sources "colour" (3) and "count" (1), correct on 2 colour questions ->
@@ -179,7 +179,7 @@ def evaluate_benchmark(
         },
         "settings": run,
     }
-    atomic_write_text(out / PREDICTIONS, predictions_tsv(rows))
+    atomic_write_text(out / PREDICTIONS, predictions_tsv(questions, rows))
     atomic_write_text(out / REPORT, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return report
 
@@ -268,13 +268,31 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def predictions_tsv(rows: list[dict[str, Any]]) -> str:
-    """The responses in VLMEvalKit's prediction layout (tab-separated; fields with tabs or line breaks quoted)."""
+def predictions_tsv(questions: list[Question], rows: list[dict[str, Any]]) -> str:
+    """The answered questions in VLMEvalKit's prediction layout: the file its inference writes and its evaluators
+    read (`{model}_{dataset}.tsv`): every column of the benchmark line but `image`, then `prediction`.
+
+    `index` comes first: the line's own `index` field (VLMEvalKit's multiple-choice evaluation matches it against its
+    copy of the dataset), else the line's position from 0. `prediction` is the extracted answer, empty when the
+    response was unparseable. Lists are written as VLMEvalKit's TSVs hold them (`['a', 'b']`, read back with
+    `eval`); a field with tabs or line breaks is quoted, as pandas reads it.
+
+    Example: the lines `{"image": "1.png", "question": "Colour?", "A": "red", "B": "blue", "answer": "A"}` and
+    `{"question": "How many?", "answer": "2", "category": "count"}`, answered "A" and "3", give the columns
+    `index question A B answer category prediction` and the rows `0 Colour? red blue A _ A` and
+    `1 How many? _ _ 2 count 3` (`_`: an empty field).
+    """
+    predictions = {r["index"]: r["answer_pred"] for r in rows}
+    answered = [q for q in questions if q.index in predictions]
+    columns = list(dict.fromkeys(k for q in answered for k in q.record if k not in ("index", "image", "prediction")))
     buffer = io.StringIO()
     writer = csv.writer(buffer, delimiter="\t", lineterminator="\n")
-    writer.writerow(["index", "question", "answer", "prediction", "category", "response"])
-    for r in rows:
-        writer.writerow([r["index"], r["question"], r["answer"], r["answer_pred"] or "", r["source"], r["response"]])
+    writer.writerow(["index", *columns, "prediction"])
+    for q in answered:
+        cells = [q.record.get(column) for column in columns]
+        writer.writerow(
+            [q.record.get("index", q.index), *("" if c is None else c for c in cells), predictions[q.index] or ""]
+        )
     return buffer.getvalue()
 
 
