@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib.util
 import inspect
 import itertools
 import types
@@ -186,8 +187,12 @@ class TrainArgs:
     false resumes anyway, in the new order."""
     overwrite_output_dir: bool = False
     """Delete the files of an earlier run in output_dir first (without it, such a folder is refused unless resuming)."""
-    report_to: Literal["none", "tensorboard"] = "none"
-    """Also log metrics to TensorBoard (needs the tensorboard extra)."""
+    report_to: Literal["none", "tensorboard", "wandb", "mlflow"] = "none"
+    """Also log metrics (and the resolved config) to a tracker, through accelerate; metrics.jsonl is always written.
+    tensorboard: output_dir/tensorboard. wandb: project $WANDB_PROJECT (default internvl-tune), run named after
+    output_dir, files in output_dir/wandb; WANDB_MODE=offline works without a network. mlflow: experiment
+    $MLFLOW_EXPERIMENT_NAME (default internvl-tune), run named after output_dir, on mlflow's tracking server or
+    store ($MLFLOW_TRACKING_URI). Each needs the extra of its name (pip install 'internvl-tune[wandb]')."""
 
 
 @dataclass
@@ -213,6 +218,10 @@ class SFTConfig:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(t, name)}")
         if t.logging_steps < 1:
             raise ConfigError(f"train.logging_steps must be >= 1, got {t.logging_steps}")
+        if t.report_to != "none" and importlib.util.find_spec(t.report_to) is None:
+            raise ConfigError(
+                f"train.report_to={t.report_to} needs {t.report_to}: pip install 'internvl-tune[{t.report_to}]'"
+            )
         for name in ("use_llm_lora", "use_backbone_lora"):
             if getattr(m, name) < 0:
                 raise ConfigError(f"model.{name} (a LoRA rank) must be >= 0, got {getattr(m, name)}")

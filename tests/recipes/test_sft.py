@@ -250,9 +250,3 @@ def test_resume_is_exact_with_prefetching_workers_and_video(tmp_path, tiny_model
     )
     assert code == 0
     assert _losses(resumed) == pytest.approx(_losses(out)[3:], abs=1e-6)
-
-
-def test_tensorboard_logging(tmp_path, tiny_model_dir, meta):
-    pytest.importorskip("tensorboard")
-    code, out = _run(tmp_path, tiny_model_dir, meta, "max_steps=1", "report_to=tensorboard")
-    assert code == 0 and any((out / "tensorboard").iterdir())

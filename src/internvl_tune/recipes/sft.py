@@ -54,7 +54,7 @@ from internvl_tune.training.engine import (
     step_totals,
     throughput_metrics,
 )
-from internvl_tune.training.metrics import MetricsWriter
+from internvl_tune.training.metrics import MetricsWriter, start_tracker
 
 logger = logging.getLogger(__name__)
 
@@ -111,12 +111,8 @@ def _train(
     )
     micro_batches = data_stream(dataset, sampler, collate, state, train_args, data_args.dataloader_num_workers)
 
-    metrics = MetricsWriter(
-        output_dir,
-        enabled=accelerator.is_main_process,
-        tensorboard=train_args.report_to == "tensorboard",
-        start_step=state.step,
-    )
+    tracker = start_tracker(accelerator, train_args.report_to, output_dir, to_dict(config), state.step)
+    metrics = MetricsWriter(output_dir, enabled=accelerator.is_main_process, start_step=state.step, accelerator=tracker)
     if accelerator.is_main_process:
         (output_dir / "config.resolved.json").write_text(json.dumps(to_dict(config), indent=2, ensure_ascii=False))
         logger.info(
@@ -223,7 +219,6 @@ def _train(
         if train_args.save_steps and state.step % train_args.save_steps == 0 and state.step < total_steps:
             save_step_checkpoint(accelerator, state, train_args)
     progress.close()
-    metrics.close()
 
     return finish_run(
         accelerator,

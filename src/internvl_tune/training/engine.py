@@ -55,7 +55,15 @@ logger = logging.getLogger(__name__)
 
 # What a run writes into output_dir (beside checkpoint-N/): a folder holding any of them holds a run. Other files
 # (a precomputed reference cache) are not the run's: they are neither a reason to refuse nor deleted on overwrite.
-RUN_FILES = ("metrics.jsonl", "summary.json", "config.resolved.json", "final", "final_adapter", "tensorboard")
+RUN_FILES = (
+    "metrics.jsonl",
+    "summary.json",
+    "config.resolved.json",
+    "final",
+    "final_adapter",
+    "tensorboard",
+    "wandb",
+)
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -117,7 +125,12 @@ def run_session(t: TrainArgs) -> Iterator[Accelerator]:
 
 def make_accelerator(t: TrainArgs) -> Accelerator:
     # cpu=True on machines without an accelerator makes torchrun / accelerate launch give DDP over gloo.
-    return Accelerator(mixed_precision="bf16" if t.bf16 else "no", cpu=not torch.accelerator.is_available())
+    return Accelerator(
+        mixed_precision="bf16" if t.bf16 else "no",
+        cpu=not torch.accelerator.is_available(),
+        log_with=None if t.report_to == "none" else t.report_to,  # its tracker starts in `start_tracker`
+        project_dir=t.output_dir,
+    )
 
 
 def prepare_output_dir(accelerator: Accelerator, t: TrainArgs) -> tuple[Path, Path | None]:
