@@ -45,7 +45,7 @@ def start_tracker(accelerator, report_to: str, output_dir: str | Path, config: d
     """Start `train.report_to`'s tracker on the accelerator (made with `log_with=report_to`, `project_dir=output_dir`)
     and record the run's resolved config in it, flattened to `section.field` values; returns the accelerator to give
     `MetricsWriter`, or None when the run reports to no tracker."""
-    if report_to == "none":
+    if report_to == "none" or not accelerator.is_main_process:  # accelerate would start a W&B run on every rank
         return None
     output_dir = Path(output_dir)
     name = output_dir.resolve().name
