@@ -46,7 +46,8 @@ class ConfigError(ValueError):
 @dataclass
 class ModelArgs:
     model_name_or_path: str = ""
-    """Local folder of an HF-native InternVL checkpoint (`InternVLForConditionalGeneration` + tokenizer)."""
+    """Local folder of an InternVL checkpoint in either layout: HF-native (`InternVLForConditionalGeneration` +
+    tokenizer) or the original remote-code `InternVLChatModel`, converted in memory without running its code."""
     attn_implementation: str = "auto"
     """Attention kernel of training: auto (flex attention for the LLM on CUDA, with block masks for shared-prefix
     pairs and packed rows; sdpa_segments on CPU: one SDPA call per packed sample or answer), sdpa (dense block
