@@ -255,7 +255,9 @@ def test_cli_build_pairs(tmp_path, capsys):
     all_correct.parent.mkdir()
     write_jsonl(all_correct, [R["d1"], R["d1"]])
     assert main(["build-pairs", str(all_correct), "--out", str(out)]) == 1
-    assert "no pairs" in capsys.readouterr().out and not (out / "meta.json").exists()
+    text = capsys.readouterr().out
+    assert f"no pairs written to {out}: no question has both a correct and a wrong" in text
+    assert not (out / "meta.json").exists()
 
 
 @pytest.mark.parametrize(

@@ -121,7 +121,8 @@ class PairSummary:
             ]
         if self.meta_path is None:
             lines.append(
-                f"no pairs: no question has both a correct and a wrong or unparseable response; {self.output_dir}"
+                f"no pairs written to {self.output_dir}: no question has both a correct and a wrong or unparseable "
+                "response (sample more answers per question, or at a higher temperature)"
             )
         else:
             lines.append(
