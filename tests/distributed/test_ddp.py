@@ -104,3 +104,38 @@ def test_packed_two_ranks_equal_one_rank_with_accumulation_2(tmp_path, tiny_mode
     assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-5)
     assert [r["grad_norm"] for r in two] == pytest.approx([r["grad_norm"] for r in one], rel=1e-4)
     assert [r["num_samples"] for r in two] == [r["num_samples"] for r in one]
+
+
+def test_skipped_records_two_ranks_equal_one_rank_and_are_listed_once(tmp_path, tiny_model_dir):
+    """9 records: one malformed (found before training), one truncated image (found only when rank r builds it),
+    seven good. An epoch is the 8 usable records in global batches of 2 (the last partial on neither side here);
+    both runs train the same samples, and each bad record is listed once, whichever rank read it."""
+    import json
+
+    from conftest import draw_image
+
+    meta = make_colour_dataset(tmp_path / "data", num=6)
+    images = tmp_path / "data" / "images"
+    draw_image(images / "cut.png", (56, 56), "red")
+    (images / "cut.png").write_bytes((images / "cut.png").read_bytes()[:120])  # the header reads, the pixels don't
+    train = tmp_path / "data" / "train.jsonl"
+    cut = {
+        "image": "cut.png",
+        "conversations": [{"from": "human", "value": "Colour?"}, {"from": "gpt", "value": "red"}],
+    }
+    train.write_text(train.read_text() + "{broken\n" + json.dumps(cut) + "\n")
+    config = tmp_path / "sft.yaml"
+    config.write_text(
+        f"model: {{model_name_or_path: {tiny_model_dir}, grad_checkpoint: false}}\n"
+        f"data: {{meta_path: {meta}, max_dynamic_patch: 4, on_bad_sample: skip}}\n"
+        "train: {num_train_epochs: 1, learning_rate: 2.0e-3, warmup_ratio: 0.0, seed: 3}\n"
+    )
+    _launch(1, config, f"output_dir={tmp_path / 'one'}", "per_device_train_batch_size=2")
+    _launch(2, config, f"output_dir={tmp_path / 'two'}", "per_device_train_batch_size=1")
+    one, two = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
+    assert len(one) == len(two) == 4
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], abs=1e-5)
+    assert sum(r["num_samples"] for r in two) == sum(r["num_samples"] for r in one) == 7
+    for run in ("one", "two"):
+        summary = json.loads((tmp_path / run / "summary.json").read_text())
+        assert sorted(where.rsplit(":", 1)[1] for where, _ in summary["skipped"]) == ["8", "9"], run
