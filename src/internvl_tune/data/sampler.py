@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from internvl_tune.data.errors import DataError
+
 
 class ResumableBatchSampler:
     """Yields this rank's micro-batches of dataset indices, epoch after epoch, from any saved position.
@@ -43,7 +45,7 @@ class ResumableBatchSampler:
         self.epoch = 0
         self.batch = 0
         if self.batches_per_epoch == 0:
-            raise ValueError(
+            raise DataError(
                 f"{num_samples} samples cannot fill one global batch of {batch_size} x {num_replicas} processes"
             )
 

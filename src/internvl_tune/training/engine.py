@@ -29,12 +29,12 @@ from torch.utils.data import DataLoader, Dataset
 from internvl_tune.atomic import atomic_dir, remove_stale_temporaries
 from internvl_tune.checkpoints.metadata import checkpoint_settings, metadata_for
 from internvl_tune.checkpoints.read import resolve_dtype
-from internvl_tune.checkpoints.write import save_hf_checkpoint
 from internvl_tune.config import ConfigError, DataArgs, TrainArgs, to_dict
 from internvl_tune.data.lengths import dataset_lengths, tokenizer_fingerprint
 from internvl_tune.data.packing import PackedBatchSampler, PackedDataset, PackingSettings
 from internvl_tune.data.sampler import LengthGroupedBatchSampler, ResumableBatchSampler
 from internvl_tune.model.forward import base_model
+from internvl_tune.model.save import save_hf_checkpoint
 from internvl_tune.training.checkpoint import (
     CHECKPOINT_PATTERN,
     STATE_FILE,
