@@ -22,12 +22,15 @@ from internvl_tune.errors import MissingPathError, UserError
 DEBUG_ENV = "INTERNVL_TUNE_DEBUG"  # set (not 0): a user error's traceback is shown too, as with --debug
 
 
-def _run_config(cls: type, args: argparse.Namespace):
-    """The run's config from --config and the overrides, its model folder and meta file checked before any work."""
-    from internvl_tune.config import check_paths, load_config
+def _run_config(cls: type, args: argparse.Namespace, *, trains: bool = True):
+    """The run's config from --config and the overrides, its model folder and meta file checked before any work,
+    and, for a run that trains, the packages it asks for (flash-attn, DeepSpeed)."""
+    from internvl_tune.config import check_installed, check_paths, load_config
 
     config = load_config(cls, args.config, args.overrides)
     check_paths(config)
+    if trains:
+        check_installed(config)
     return config
 
 
@@ -71,7 +74,7 @@ def _check_data(args: argparse.Namespace) -> int:
 
     args.overrides = [f"model.model_name_or_path={args.model}", f"data.meta_path={args.meta}", *args.overrides]
     mpo = args.preference or (args.config is not None and "mpo" in read_run_file(args.config))
-    config = _run_config(MPOConfig if mpo else SFTConfig, args)
+    config = _run_config(MPOConfig if mpo else SFTConfig, args, trains=False)
     from internvl_tune.checkpoints.read import load_tokenizer, read_model_config
     from internvl_tune.data.check import check_data
     from internvl_tune.data.packing import PackingSettings

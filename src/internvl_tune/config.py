@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib.util
 import inspect
 import itertools
+import os
 import types
 import typing
 import warnings
@@ -383,6 +385,27 @@ def check_paths(config: Any) -> None:
         raise ConfigError(f"model.model_name_or_path: {model}: {problem} (models are loaded from local folders)")
     if not Path(config.data.meta_path).is_file():
         raise ConfigError(f"data.meta_path: {config.data.meta_path}: no such file")
+
+
+def check_installed(config: Any) -> None:
+    """The optional packages the run asks for are installed: flash-attn for `flash_attention_2`, DeepSpeed for an
+    accelerate ZeRO config (accelerate marks a DeepSpeed run with `ACCELERATE_USE_DEEPSPEED=true`). Without them
+    the run would stop inside transformers or accelerate with a traceback, after the model or the engine started
+    loading; looked up, not imported, so the check takes no time.
+    """
+    if config.model.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError(
+            "model.attn_implementation=flash_attention_2 needs flash-attn, which is not installed: pip install "
+            "flash-attn (a CUDA build, see README 'GPU install'), or use auto"
+        )
+    if (
+        os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+        and importlib.util.find_spec("deepspeed") is None
+    ):
+        raise ConfigError(
+            "the accelerate config asks for DeepSpeed (ZeRO), which is not installed: pip install deepspeed, or launch "
+            "with configs/accelerate/ddp.yaml or fsdp2.yaml"
+        )
 
 
 def read_run_file(path: str | Path) -> dict[str, Any]:

@@ -179,3 +179,25 @@ def test_debug_shows_a_user_errors_traceback(tmp_path, monkeypatch, capsys, how)
     monkeypatch.setenv("INTERNVL_TUNE_DEBUG", "0")
     assert main(argv[1:] if how == "flag-before" else argv[:-1] if how == "flag-after" else argv) == 2
     _one_error_line(capsys.readouterr().err, "nowhere: no such folder")
+
+
+def _absent(package: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(package) is not None:
+        pytest.skip(f"{package} is installed here")
+
+
+def test_flash_attention_without_flash_attn_is_one_line_naming_the_install(run_file, capsys):
+    """It ended in transformers' ImportError traceback once the model began to load."""
+    _absent("flash_attn")
+    assert main(["sft", "--config", str(run_file), "attn_implementation=flash_attention_2"]) == 2
+    _one_error_line(capsys.readouterr().err, "needs flash-attn, which is not installed: pip install flash-attn")
+
+
+def test_a_deepspeed_launch_without_deepspeed_is_one_line_naming_the_install(run_file, monkeypatch, capsys):
+    """A ZeRO accelerate file (ACCELERATE_USE_DEEPSPEED=true) ended in accelerate's ImportError traceback."""
+    _absent("deepspeed")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert main(["mpo", "--config", str(run_file)]) == 2
+    _one_error_line(capsys.readouterr().err, "asks for DeepSpeed (ZeRO), which is not installed: pip install deepspeed")
