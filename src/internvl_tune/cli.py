@@ -637,6 +637,9 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    # In a run of several processes, a rank that stops tells the others, which stop too (training/failure.py).
+    from internvl_tune.training.failure import peer_failure, report_failure
+
     try:
         return args.func(args)
     except UserError as e:
@@ -644,11 +647,21 @@ def main(argv: list[str] | None = None) -> int:
             import traceback
 
             traceback.print_exc()
-        print(f"error: {' '.join(str(e).splitlines())}", file=sys.stderr)
+        line = f"error: {' '.join(str(e).splitlines())}"
+        print(line, file=sys.stderr)
+        report_failure(2, line)
         return 2
     except KeyboardInterrupt as e:  # a training run's TrainingInterrupted says what it saved
         print(str(e) or "interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        peer = peer_failure()  # this rank's error may only be the consequence of another's
+        if peer is not None and not debug:
+            code, line = peer
+            print(f"error: {line}", file=sys.stderr)
+            return code
+        report_failure(1, f"{type(e).__name__}: {' '.join(str(e).splitlines())}")
+        raise
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ from internvl_tune.training.checkpoint import (
     resolve_resume,
     save_adapter,
 )
+from internvl_tune.training.failure import watch_peers
 from internvl_tune.training.optim import build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
@@ -114,7 +115,9 @@ def run_session(t: TrainArgs) -> Iterator[Accelerator]:
 
 def make_accelerator(t: TrainArgs) -> Accelerator:
     # cpu=True on machines without an accelerator makes torchrun / accelerate launch give DDP over gloo.
-    return Accelerator(mixed_precision="bf16" if t.bf16 else "no", cpu=not torch.accelerator.is_available())
+    accelerator = Accelerator(mixed_precision="bf16" if t.bf16 else "no", cpu=not torch.accelerator.is_available())
+    watch_peers(accelerator.process_index, accelerator.num_processes)  # a rank's error ends every rank
+    return accelerator
 
 
 def prepare_output_dir(accelerator: Accelerator, t: TrainArgs) -> tuple[Path, Path | None]:
