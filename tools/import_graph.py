@@ -1,10 +1,15 @@
-"""The import graph of the internvl_tune package, and any cycle in it.
+"""The import graph of the internvl_tune package, and what breaks its layers: a cycle among modules, a cycle among
+packages, a command module imported from below, a private name imported from another module.
 
-    python tools/import_graph.py          # prints each module's imports of the package; exit 1 on a cycle
+    python tools/import_graph.py          # prints each module's imports of the package; exit 1 on any of those
 
 Every `import` / `from ... import` of an `internvl_tune` module counts, at module level or inside a function
 (a deferred import only hides a circle until the day someone moves it up). `from internvl_tune.pkg import name`
 counts as an import of `internvl_tune.pkg.name` when that is a module, else of `internvl_tune.pkg`.
+
+Packages are the sub-packages (`data`, `model`, ...) and the top-level modules (`config`, `judge`, ...): one that
+imports another stands above it, so two that import each other have no order, and what both need belongs in the
+lower one. The command modules (`cli`, and `chat` under it) are the top: nothing else imports them.
 """
 
 from __future__ import annotations
@@ -53,6 +58,40 @@ def import_graph(src: Path = SRC) -> dict[str, set[str]]:
     return graph
 
 
+COMMAND_MODULES = (f"{PACKAGE}.cli", f"{PACKAGE}.chat")
+
+
+def package_of(module: str) -> str:
+    """`internvl_tune.data.jsonl` -> `internvl_tune.data`; a top-level module (`internvl_tune.config`) is its own."""
+    return ".".join(module.split(".")[:2])
+
+
+def package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """Package -> the other packages its modules import."""
+    packages: dict[str, set[str]] = {}
+    for module, targets in graph.items():
+        edges = packages.setdefault(package_of(module), set())
+        edges.update(package_of(t) for t in targets if package_of(t) not in (package_of(module), PACKAGE))
+    return packages
+
+
+def command_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """(importer, command module) for every import of a command module from outside the CLI."""
+    return sorted((m, t) for m, ts in graph.items() for t in ts if t in COMMAND_MODULES and m != COMMAND_MODULES[0])
+
+
+def private_imports(src: Path = SRC) -> list[tuple[str, str]]:
+    """(importer, `module.name`) for every `_name` (not a dunder) imported from another module of the package."""
+    found = []
+    for name, file in modules(src).items():
+        for node in ast.walk(ast.parse(file.read_text(), filename=str(file))):
+            if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").startswith(PACKAGE):
+                for alias in node.names:
+                    if alias.name.startswith("_") and not alias.name.startswith("__") and node.module != name:
+                        found.append((name, f"{node.module}.{alias.name}"))
+    return sorted(found)
+
+
 def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     """The strongly connected components with more than one module (Tarjan), each sorted; [] when acyclic."""
     index: dict[str, int] = {}
@@ -93,10 +132,18 @@ def main() -> int:
     for name in sorted(graph):
         print(f"{name}: {', '.join(sorted(graph[name])) or '-'}")
     cycles = find_cycles(graph)
-    for cycle in cycles:
-        print("cycle: " + " <-> ".join(cycle), file=sys.stderr)
-    print(f"{len(graph)} modules, {sum(map(len, graph.values()))} imports, {len(cycles)} cycles")
-    return 1 if cycles else 0
+    package_cycles = find_cycles(package_graph(graph))
+    problems = [f"cycle: {' <-> '.join(c)}" for c in cycles]
+    problems += [f"package cycle: {' <-> '.join(c)}" for c in package_cycles]
+    problems += [f"{m} imports the command module {t}" for m, t in command_imports(graph)]
+    problems += [f"{m} imports the private {t}" for m, t in private_imports()]
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    print(
+        f"{len(graph)} modules, {sum(map(len, graph.values()))} imports, {len(package_cycles)} package cycles, "
+        f"{len(problems) - len(cycles) - len(package_cycles)} layer breaks, {len(cycles)} cycles"
+    )
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

@@ -20,34 +20,13 @@ from pathlib import Path
 from typing import TextIO
 
 import torch
-from transformers import InternVLForConditionalGeneration, PreTrainedTokenizerBase, TextIteratorStreamer
+from transformers import TextIteratorStreamer
 
-from internvl_tune.checkpoints.metadata import checkpoint_sample_settings
-from internvl_tune.data.prompt import InferencePrompt, build_inference_prompt, user_turn
+from internvl_tune.data.placeholders import user_turn
+from internvl_tune.data.prompt import InferencePrompt, build_inference_prompt
 from internvl_tune.data.templates import get_template, stop_token_ids
-from internvl_tune.data.transform import SampleSettings
-from internvl_tune.model.load import load_model
-
-
-def load_for_inference(
-    model_path: str | Path,
-) -> tuple[InternVLForConditionalGeneration, PreTrainedTokenizerBase, SampleSettings]:
-    """A model folder (either layout) ready to answer: the model in eval mode on the GPU in bf16 when there is one
-    (else on the CPU in fp32), its tokenizer, and the settings its prompts are built with (`SampleSettings` of the
-    checkpoint). Chat, sampling and the `hf` generation backend load models here.
-
-    Raises:
-        ValueError: a LoRA adapter folder, or a folder that is not an InternVL checkpoint.
-    """
-    if (Path(model_path) / "adapter_config.json").is_file():
-        raise ValueError(
-            f"{model_path} holds LoRA adapters only: use the merged model training wrote next to it "
-            f"(final/), or merge them first: internvl-tune export {model_path} MERGED_DIR --merge-lora"
-        )
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    model, tokenizer = load_model(model_path, dtype=dtype)
-    model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
-    return model, tokenizer, checkpoint_sample_settings(model_path, model.config)
+from internvl_tune.errors import MissingPathError, UserError
+from internvl_tune.model.load import load_for_inference
 
 
 @dataclass
@@ -63,9 +42,9 @@ class ChatSession:
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise UserError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
+            raise UserError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
         self.model, self.tokenizer, self.settings = load_for_inference(self.model_path)
         self.device = self.model.device
         self.template = get_template(self.settings.template)
@@ -81,13 +60,13 @@ class ChatSession:
         with every turn, as in the original `chat()`). The turn joins the history once its answer is complete.
 
         Raises:
-            OSError, ValueError: here, for a missing or unreadable image or an `<image>` count that does not match
-                the images; from the stream, for an error during generation.
+            UserError: here, for a missing or unreadable image or an `<image>` count that does not match the images.
+            Exception: from the stream, for an error during generation.
         """
         images = list(images)
         for path in images:
             if not Path(path).is_file():
-                raise FileNotFoundError(f"{path}: no such image file")
+                raise MissingPathError(f"{path}: no such image file")
         messages = [*self.history, {"role": "user", "content": user_turn(question, len(images))}]
         prompt = self.prompt(messages, [*self.images, *images])
         return self._stream(messages, images, prompt.input_ids, prompt.pixel_values)
@@ -168,7 +147,7 @@ def run_chat(
         # the images attached for it; the conversation goes on.
         try:
             stream = session.ask(line, pending)
-        except (ValueError, OSError) as e:
+        except UserError as e:  # anything else is not the turn's fault: it keeps its traceback
             print(f"error: {e}", file=sys.stderr)
         else:
             out.write("assistant> ")

@@ -1,22 +1,36 @@
-"""`internvl-tune` command line: thin shells over functions that tests call directly."""
+"""`internvl-tune` command line: thin shells over functions that tests call directly.
+
+Each command is a handler, `_name(args) -> exit code`, registered with `_command` in `build_parser`. A handler checks
+its arguments, then imports its machinery: building the parser, `--help` and a mistaken setting or path import
+neither torch nor transformers, so they answer in well under a second. A user's mistake (`UserError`, errors.py)
+is one `error: ...` line, exit 2; any other exception keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from internvl_tune import __version__
+from internvl_tune.errors import MissingPathError, UserError
+
+DEBUG_ENV = "INTERNVL_TUNE_DEBUG"  # set (not 0): a user error's traceback is shown too, as with --debug
 
 
-def _run_config(cls: type, args: argparse.Namespace):
-    """The run's config from --config and the overrides, its model folder and meta file checked before any work."""
-    from internvl_tune.config import check_paths, load_config
+def _run_config(cls: type, args: argparse.Namespace, *, trains: bool = True):
+    """The run's config from --config and the overrides, its model folder and meta file checked before any work,
+    and, for a run that trains, the packages it asks for (flash-attn, DeepSpeed)."""
+    from internvl_tune.config import check_installed, check_paths, load_config
 
     config = load_config(cls, args.config, args.overrides)
     check_paths(config)
+    if trains:
+        check_installed(config)
     return config
 
 
@@ -56,15 +70,16 @@ def _precompute_ref(args: argparse.Namespace) -> int:
 
 
 def _check_data(args: argparse.Namespace) -> int:
-    from internvl_tune.checkpoints.read import load_tokenizer, read_model_config
     from internvl_tune.config import MPOConfig, SFTConfig, read_run_file
+
+    args.overrides = [f"model.model_name_or_path={args.model}", f"data.meta_path={args.meta}", *args.overrides]
+    mpo = args.preference or (args.config is not None and "mpo" in read_run_file(args.config))
+    config = _run_config(MPOConfig if mpo else SFTConfig, args, trains=False)
+    from internvl_tune.checkpoints.read import load_tokenizer, read_model_config
     from internvl_tune.data.check import check_data
     from internvl_tune.data.packing import PackingSettings
     from internvl_tune.model.prepare import sample_settings
 
-    args.overrides = [f"model.model_name_or_path={args.model}", f"data.meta_path={args.meta}", *args.overrides]
-    mpo = args.preference or (args.config is not None and "mpo" in read_run_file(args.config))
-    config = _run_config(MPOConfig if mpo else SFTConfig, args)
     model_config = read_model_config(args.model)  # either layout, as plain JSON: no remote code
     tokenizer = load_tokenizer(args.model)
     d = config.data
@@ -103,7 +118,7 @@ def _parse_size(text: str) -> int:
 def _existing_folder(path: str) -> None:
     """A mistyped folder is "no such folder", not whatever the command would say of a folder without its files."""
     if not Path(path).is_dir():
-        raise FileNotFoundError(f"{path}: no such folder")
+        raise MissingPathError(f"{path}: no such folder")
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -123,9 +138,9 @@ def _convert(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     if args.base and not args.merge_lora:
-        raise ValueError("--base names the base model of a LoRA adapter folder; it is used with --merge-lora only")
+        raise UserError("--base names the base model of a LoRA adapter folder; it is used with --merge-lora only")
     _existing_folder(args.src)
-    from internvl_tune.checkpoints.write import export_checkpoint
+    from internvl_tune.model.save import export_checkpoint
 
     out = export_checkpoint(
         args.src,
@@ -159,17 +174,15 @@ def _generation_backend(args: argparse.Namespace):
     """The backend `sample`, `dropout-ntp` and `eval` generate with, its options checked before a model is loaded."""
     if args.backend == "server":
         if not args.base_url or args.model:
-            raise ValueError("--backend server takes --base-url (and --model-name), not --model")
+            raise UserError("--backend server takes --base-url (and --model-name), not --model")
         from internvl_tune.generation.server import ServerBackend
 
         return ServerBackend(
             args.base_url, model_name=args.model_name, api_key=args.api_key, max_concurrency=args.max_concurrency
         )
     if not args.model or args.base_url:
-        raise ValueError("--backend hf takes --model MODEL_DIR (a server is used with --backend server --base-url)")
+        raise UserError("--backend hf takes --model MODEL_DIR (a server is used with --backend server --base-url)")
     _existing_folder(args.model)
-    import os
-
     import torch
 
     from internvl_tune.generation.hf import HFBackend
@@ -186,12 +199,12 @@ def _generation_run(args: argparse.Namespace, default_n: int, max_new_tokens: in
 
     for path in args.inputs:
         if not Path(path).is_file():
-            raise FileNotFoundError(f"{path}: no such file")
+            raise MissingPathError(f"{path}: no such file")
     shard_index, num_shards = shard_from_env() if args.shard_index is None else (args.shard_index, args.num_shards)
     if not 0 <= shard_index < num_shards:
-        raise ValueError(f"need 0 <= --shard-index < --num-shards, got {shard_index} and {num_shards}")
+        raise UserError(f"need 0 <= --shard-index < --num-shards, got {shard_index} and {num_shards}")
     if args.sample_max_num is not None and args.sample_max_num < 1:
-        raise ValueError(f"--sample-max-num must be >= 1, got {args.sample_max_num}")
+        raise UserError(f"--sample-max-num must be >= 1, got {args.sample_max_num}")
     params = SamplingParams(
         n=default_n if args.num_return_sequences is None else args.num_return_sequences,
         temperature=args.temperature,
@@ -243,7 +256,7 @@ def _dropout_ntp(args: argparse.Namespace) -> int:
 
     run = _generation_run(args, DEFAULT_SAMPLING.n, DEFAULT_SAMPLING.max_new_tokens)
     if not 0 <= args.start_ratio < 1:
-        raise ValueError(f"--start-ratio must be in [0, 1), got {args.start_ratio}")
+        raise UserError(f"--start-ratio must be in [0, 1), got {args.start_ratio}")
     backend = _generation_backend(args)
     try:
         for path in args.inputs:
@@ -262,7 +275,7 @@ def _eval(args: argparse.Namespace) -> int:
     for source in {q.source for q in questions}:
         resolve_scorers(args.scorers, source)
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.backend == "hf" and args.model:
         _existing_folder(args.model)
     model = str(Path(args.model).resolve()) if args.model else f"{args.base_url} {args.model_name or ''}".strip()
@@ -363,6 +376,20 @@ def _fields_help(mpo: bool = False) -> str:
     return "\n".join(lines)
 
 
+def _command(
+    sub: argparse._SubParsersAction, handler: Callable[[argparse.Namespace], int], name: str, **kwargs
+) -> argparse.ArgumentParser:
+    """A subcommand `name` run by `handler(args)`; it takes `--debug` (before or after the command name)."""
+    command = sub.add_parser(name, **kwargs)
+    # SUPPRESS: an absent --debug after the command leaves the one before it in place.
+    command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
+    command.set_defaults(func=handler)
+    return command
+
+
+_DEBUG_HELP = f"show the traceback of a user error too (or set {DEBUG_ENV}=1)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     import typing
 
@@ -371,9 +398,12 @@ def build_parser() -> argparse.ArgumentParser:
     dtypes = typing.get_args(SaveDtype)
     parser = argparse.ArgumentParser(prog="internvl-tune", description="Post-train InternVL models: SFT and MPO.")
     parser.add_argument("--version", action="version", version=f"internvl-tune {__version__}")
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sft = sub.add_parser(
+    sft = _command(
+        sub,
+        _sft,
         "sft",
         help="supervised fine-tuning",
         description="Supervised fine-tuning of InternVL. "
@@ -384,9 +414,10 @@ def build_parser() -> argparse.ArgumentParser:
     sft.epilog = _fields_help()
     sft.add_argument("--config", required=True, help="YAML run file (sections model, data, train)")
     sft.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.learning_rate=1e-5")
-    sft.set_defaults(func=_sft)
 
-    mpo = sub.add_parser(
+    mpo = _command(
+        sub,
+        _mpo,
         "mpo",
         help="Mixed Preference Optimization",
         description="MPO (sigmoid + bco_pair + sft by default) on MMPR-style preference data. Settings come from the "
@@ -396,9 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mpo.add_argument("--config", required=True, help="YAML run file (sections model, data, train, mpo)")
     mpo.add_argument("overrides", nargs="*", help="key=value overrides, e.g. mpo.beta=0.1")
-    mpo.set_defaults(func=_mpo)
 
-    precompute = sub.add_parser(
+    precompute = _command(
+        sub,
+        _precompute_ref,
         "precompute-ref",
         help="compute the reference log-probs of every pair once",
         description="Run the reference model over the MPO run's data once and write its log-probs to "
@@ -406,9 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     precompute.add_argument("--config", required=True, help="the MPO run file")
     precompute.add_argument("overrides", nargs="*", help="key=value overrides")
-    precompute.set_defaults(func=_precompute_ref)
 
-    check = sub.add_parser(
+    check = _command(
+        sub,
+        _check_data,
         "check-data",
         help="validate a dataset and report lengths, tiles and problems",
         description="Validate every record of META.json without running the model. Exits 1 "
@@ -424,9 +457,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--max-listed", type=int, default=10, help="problems listed per kind")
     check.add_argument("--json", help="also write the report as JSON to this file")
     check.add_argument("overrides", nargs="*", help="key=value data overrides, e.g. max_dynamic_patch=6")
-    check.set_defaults(func=_check_data)
 
-    convert = sub.add_parser(
+    convert = _command(
+        sub,
+        _convert,
         "convert",
         help="convert a checkpoint between the original and the HF layout",
         description="Lossless conversion between the original remote-code InternVL layout "
@@ -440,9 +474,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-shard-size", type=_parse_size, default="5GB", help="largest weight shard, e.g. 5GB, 500MB"
     )
     convert.add_argument("--dtype", choices=dtypes, default="auto", help="weights' dtype (auto: keep each tensor's)")
-    convert.set_defaults(func=_convert)
 
-    export = sub.add_parser(
+    export = _command(
+        sub,
+        _export,
         "export",
         help="write a full model (LoRA merged) in either layout",
         description="Write a full model folder from a trained model, an original checkpoint "
@@ -457,9 +492,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-shard-size", type=_parse_size, default="5GB", help="largest weight shard for --to original"
     )
     export.add_argument("--dtype", choices=dtypes, default="auto", help="weights' dtype (auto: the source's or base's)")
-    export.set_defaults(func=_export)
 
-    chat = sub.add_parser(
+    chat = _command(
+        sub,
+        _chat,
         "chat",
         help="chat with a model, with images",
         description="Chat with an InternVL checkpoint (either layout) using its own template, "
@@ -471,11 +507,12 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-new-tokens", type=int, default=512)
     chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     chat.add_argument("--top-p", type=float, default=1.0)
-    chat.set_defaults(func=_chat)
 
     from internvl_tune.preference_data.prompts import DEFAULT_PROMPT_VERSION, PROMPT_VERSIONS
 
-    sample = sub.add_parser(
+    sample = _command(
+        sub,
+        _sample,
         "sample",
         help="sample answers to questions with a ground truth (for build-pairs)",
         description="Answer each question of a prompt JSONL ({image, question, answer}) many times, in a prompt "
@@ -491,9 +528,10 @@ def build_parser() -> argparse.ArgumentParser:
         "InternVL3 data scripts)",
     )
     _add_generation_args(sample, n_default=32, max_new_tokens=4096)
-    sample.set_defaults(func=_sample)
 
-    dropout = sub.add_parser(
+    dropout = _command(
+        sub,
+        _dropout_ntp,
         "dropout-ntp",
         help="rejected answers by dropout next-token prediction (for open-ended questions)",
         description="For each {image, question, chosen} line, keep the first --start-ratio of the chosen answer's "
@@ -503,9 +541,10 @@ def build_parser() -> argparse.ArgumentParser:
     dropout.add_argument("inputs", nargs="+", metavar="PAIRS", help="JSONL file(s) with question and chosen")
     dropout.add_argument("--start-ratio", type=float, default=0.5, help="share of the chosen answer's words kept")
     _add_generation_args(dropout, n_default=1, max_new_tokens=2048)
-    dropout.set_defaults(func=_dropout_ntp)
 
-    demo = sub.add_parser(
+    demo = _command(
+        sub,
+        _demo,
         "demo",
         help="tiny end-to-end run on a synthetic visual task (CPU, minutes)",
         description="Build a synthetic shapes task and a tiny InternVL, fine-tune it on CPU, "
@@ -514,12 +553,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", default="demo_out", help="where the data, model, run and report go")
     demo.add_argument("--quick", action="store_true", help="a shortened setting (for tests)")
     demo.add_argument("overrides", nargs="*", help="DemoSettings field=value overrides")
-    demo.set_defaults(func=_demo)
 
     from internvl_tune.judge import SCORERS
     from internvl_tune.preference_data.pairs import DEFAULT_NUM_PAIRS_PER_KEY
 
-    pairs = sub.add_parser(
+    pairs = _command(
+        sub,
+        _build_pairs,
         "build-pairs",
         help="sampled responses -> preference pairs by correctness",
         description="Judge each response of `sample`'s output against its ground truth and pair correct with "
@@ -548,11 +588,12 @@ def build_parser() -> argparse.ArgumentParser:
     pairs.add_argument(
         "--image-root", help="folder the image paths are relative to (as given to sample; needed for relative paths)"
     )
-    pairs.set_defaults(func=_build_pairs)
 
     from internvl_tune.evaluate.benchmark import PROMPTS
 
-    evaluate = sub.add_parser(
+    evaluate = _command(
+        sub,
+        _eval,
         "eval",
         help="accuracy on a JSONL benchmark, scored by the judge",
         description="Answer each {image, question, answer, source} line of a benchmark (greedy by default) and "
@@ -577,14 +618,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--image-root", help="folder image paths are relative to (default: the benchmark's)")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_backend_args(evaluate)
-    evaluate.set_defaults(func=_eval)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
-    # key=value overrides may come before or after options; argparse alone only takes them in one place.
     args, extra = parser.parse_known_args(argv)
     if "overrides" in vars(args):
         # key=value overrides may come before or after options; argparse alone only takes them in one place.
@@ -597,16 +636,32 @@ def main(argv: list[str] | None = None) -> int:
         args.question = extra[0]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    # In a run of several processes, a rank that stops tells the others, which stop too (training/failure.py).
+    from internvl_tune.training.failure import peer_failure, report_failure
+
     try:
         return args.func(args)
-    except (ValueError, OSError) as e:
-        # A user's mistake: our errors (ConfigError, DataError, ConversionError) are ValueErrors, as are the
-        # argument checks of the libraries we call; a missing file is an OSError.
-        print(f"error: {' '.join(str(e).splitlines())}", file=sys.stderr)
+    except UserError as e:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        line = f"error: {' '.join(str(e).splitlines())}"
+        print(line, file=sys.stderr)
+        report_failure(2, line)
         return 2
     except KeyboardInterrupt as e:  # a training run's TrainingInterrupted says what it saved
         print(str(e) or "interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        peer = peer_failure()  # this rank's error may only be the consequence of another's
+        if peer is not None and not debug:
+            code, line = peer
+            print(f"error: {line}", file=sys.stderr)
+            return code
+        report_failure(1, f"{type(e).__name__}: {' '.join(str(e).splitlines())}")
+        raise
 
 
 if __name__ == "__main__":

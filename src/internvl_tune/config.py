@@ -17,6 +17,7 @@ import dataclasses
 import importlib.util
 import inspect
 import itertools
+import os
 import types
 import typing
 import warnings
@@ -26,7 +27,9 @@ from typing import Any, Literal
 
 import yaml
 
-from internvl_tune.constants import DEFAULT_MAX_DYNAMIC_PATCH, DEFAULT_TEMPLATE
+from internvl_tune.constants import DEFAULT_TEMPLATE
+from internvl_tune.data.settings import PipelineSettings
+from internvl_tune.errors import UserError
 
 SaveDtype = Literal["auto", "bf16", "fp16", "fp32"]
 
@@ -39,7 +42,7 @@ ROW_MASK_KERNELS = (
 )
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A bad configuration value; the message names the file or override and the field."""
 
 
@@ -72,36 +75,6 @@ class ModelArgs:
     """Stochastic depth in the ViT, rising linearly over its layers up to this rate."""
     grad_checkpoint: bool = True
     """Gradient checkpointing in the ViT and the LLM (less memory, about 30% more compute)."""
-
-
-@dataclass
-class PipelineSettings:
-    """How conversations and their images become model inputs: the `data` fields that training, checkpoint metadata,
-    chat and evaluation share. `DataArgs` adds the data files; `SampleSettings` (data/transform.py) adds the template
-    and the model's tile geometry. Each default is written here once."""
-
-    system_message: str | None = None
-    """System message for conversations without a system turn (None = the template's own)."""
-    max_seq_length: int = 8192
-    """Longest sample in tokens, image tokens included; samples whose image tokens do not fit are errors."""
-    dynamic_image_size: bool = True
-    """Split images into up to max_dynamic_patch tiles by aspect ratio (False = one resized tile)."""
-    use_thumbnail: bool = True
-    """Append a whole-image thumbnail tile when an image has more than one tile."""
-    min_dynamic_patch: int = 1
-    """Fewest tiles per image."""
-    max_dynamic_patch: int = DEFAULT_MAX_DYNAMIC_PATCH
-    """Most tiles per image (split across the images of a multi-image record); a meta entry may override."""
-    min_num_frame: int = 8
-    """Fewest frames drawn from a video."""
-    max_num_frame: int = 32
-    """Most frames drawn from a video."""
-    video_sample: str = "rand"
-    """Frame sampling: rand (one random frame per segment), middle, or fpsX (e.g. fps1.0)."""
-    normalize_type: Literal["imagenet", "clip", "siglip"] = "imagenet"
-    """Pixel normalisation statistics."""
-    pad2square: bool = False
-    """Pad images to a square with the mean colour before tiling."""
 
 
 @dataclass
@@ -427,6 +400,27 @@ def check_paths(config: Any) -> None:
         raise ConfigError(f"model.model_name_or_path: {model}: {problem} (models are loaded from local folders)")
     if not Path(config.data.meta_path).is_file():
         raise ConfigError(f"data.meta_path: {config.data.meta_path}: no such file")
+
+
+def check_installed(config: Any) -> None:
+    """The optional packages the run asks for are installed: flash-attn for `flash_attention_2`, DeepSpeed for an
+    accelerate ZeRO config (accelerate marks a DeepSpeed run with `ACCELERATE_USE_DEEPSPEED=true`). Without them
+    the run would stop inside transformers or accelerate with a traceback, after the model or the engine started
+    loading; looked up, not imported, so the check takes no time.
+    """
+    if config.model.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError(
+            "model.attn_implementation=flash_attention_2 needs flash-attn, which is not installed: pip install "
+            "flash-attn (a CUDA build, see README 'GPU install'), or use auto"
+        )
+    if (
+        os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+        and importlib.util.find_spec("deepspeed") is None
+    ):
+        raise ConfigError(
+            "the accelerate config asks for DeepSpeed (ZeRO), which is not installed: pip install deepspeed, or launch "
+            "with configs/accelerate/ddp.yaml or fsdp2.yaml"
+        )
 
 
 def read_run_file(path: str | Path) -> dict[str, Any]:

@@ -4,7 +4,7 @@ the defaults that code outside the settings dataclasses needs as plain values.""
 IGNORE_INDEX = -100
 
 # The default tile budget: most tiles per image (`max_dynamic_patch`), as in the original InternVL training scripts.
-# `PipelineSettings` (config.py) takes its default from here, and so does every other default of a tile count.
+# `PipelineSettings` (data/settings.py) takes its default from here, and so does every other default of a tile count.
 DEFAULT_MAX_DYNAMIC_PATCH = 12
 
 # The conversation template of InternVL 2.5 and 3 (`conv_style`, a checkpoint's `template`).

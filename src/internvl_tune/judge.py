@@ -61,6 +61,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
+from internvl_tune.errors import UserError
+
 CORRECT_THRESHOLD = 0.9  # a score above it is correct (the original's threshold)
 NUMERIC_TOLERANCE = 1e-3  # relative, for the numeric scorer
 RELAXED_TOLERANCE = 0.05  # relative, for charts (pix2struct's relaxed accuracy)
@@ -111,7 +113,7 @@ def answer_span(response: str, prompt_version: str = "en") -> tuple[int, int] | 
         matches = list(_DIRECT.finditer(response))
         start, end = matches[-1].span(1) if matches else (0, len(response))
         return _trim(response, start, end)
-    raise ValueError(f"unknown prompt version {prompt_version!r}: expected one of {', '.join(EXTRACTION_VERSIONS)}")
+    raise UserError(f"unknown prompt version {prompt_version!r}: expected one of {', '.join(EXTRACTION_VERSIONS)}")
 
 
 def extract_answer(response: str, prompt_version: str = "en") -> str | None:
@@ -581,12 +583,12 @@ def resolve_scorers(spec: str, source: str = "") -> tuple[str, ...]:
     names = tuple(name.strip() for name in spec.split(",") if name.strip())
     unknown = [name for name in names if name not in SCORERS]
     if unknown or not names:
-        raise ValueError(
+        raise UserError(
             f"unknown scorer {', '.join(unknown) or repr(spec)}: use auto, a kind ({', '.join(kinds)}) "
             f"or scorers from {', '.join(SCORERS)}"
         )
     if "math_verify" in names and not math_verify_available():
-        raise ValueError("the math_verify scorer needs the math-verify package: pip install math-verify")
+        raise UserError("the math_verify scorer needs the math-verify package: pip install math-verify")
     return names
 
 

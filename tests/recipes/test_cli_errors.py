@@ -150,3 +150,54 @@ def test_interactive_chat_reports_bad_turns_and_goes_on(tiny_model_dir, image, t
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 2 and "missing.png: no such image file" in errors[0] and "placeholders" in errors[1]
     assert result.stdout.count("assistant> ") == 2  # "What colour?" and "Hello?" were answered
+
+
+def test_only_our_errors_become_one_line(tmp_path, monkeypatch, capsys):
+    """A ValueError that is not a user's mistake (here from inside build-pairs) is a bug: it keeps its traceback
+    instead of reading like a mistyped argument."""
+    from internvl_tune.preference_data import pairs
+
+    def broken(*args, **kwargs):
+        raise ValueError("an internal invariant failed")
+
+    monkeypatch.setattr(pairs, "build_pairs", broken)
+    (tmp_path / "r.jsonl").write_text("")
+    with pytest.raises(ValueError, match="internal invariant"):
+        main(["build-pairs", str(tmp_path / "r.jsonl"), "--out", str(tmp_path / "out")])
+    assert "error:" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("how", ["flag-before", "flag-after", "env"])
+def test_debug_shows_a_user_errors_traceback(tmp_path, monkeypatch, capsys, how):
+    argv = ["convert", str(tmp_path / "nowhere"), str(tmp_path / "out"), "--to", "hf"]
+    argv = {"flag-before": ["--debug", *argv], "flag-after": [*argv, "--debug"], "env": argv}[how]
+    if how == "env":
+        monkeypatch.setenv("INTERNVL_TUNE_DEBUG", "1")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "MissingPathError" in err and err.splitlines()[-1].endswith("nowhere: no such folder")
+    monkeypatch.setenv("INTERNVL_TUNE_DEBUG", "0")
+    assert main(argv[1:] if how == "flag-before" else argv[:-1] if how == "flag-after" else argv) == 2
+    _one_error_line(capsys.readouterr().err, "nowhere: no such folder")
+
+
+def _absent(package: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(package) is not None:
+        pytest.skip(f"{package} is installed here")
+
+
+def test_flash_attention_without_flash_attn_is_one_line_naming_the_install(run_file, capsys):
+    """It ended in transformers' ImportError traceback once the model began to load."""
+    _absent("flash_attn")
+    assert main(["sft", "--config", str(run_file), "attn_implementation=flash_attention_2"]) == 2
+    _one_error_line(capsys.readouterr().err, "needs flash-attn, which is not installed: pip install flash-attn")
+
+
+def test_a_deepspeed_launch_without_deepspeed_is_one_line_naming_the_install(run_file, monkeypatch, capsys):
+    """A ZeRO accelerate file (ACCELERATE_USE_DEEPSPEED=true) ended in accelerate's ImportError traceback."""
+    _absent("deepspeed")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert main(["mpo", "--config", str(run_file)]) == 2
+    _one_error_line(capsys.readouterr().err, "asks for DeepSpeed (ZeRO), which is not installed: pip install deepspeed")

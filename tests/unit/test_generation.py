@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from internvl_tune.cli import main
-from internvl_tune.data.prompt import build_inference_prompt, remove_image_placeholders
+from internvl_tune.data.placeholders import remove_image_placeholders
+from internvl_tune.data.prompt import build_inference_prompt
 from internvl_tune.data.transform import SampleBuilder, SampleSettings
 from internvl_tune.generation.base import GenerationRequest, SamplingParams, generate_all
 from internvl_tune.generation.hf import HFBackend

@@ -13,17 +13,12 @@ from internvl_tune.checkpoints import write as checkpoint_write
 from internvl_tune.checkpoints.convert import ConversionError, weight_files
 from internvl_tune.checkpoints.metadata import METADATA_FILE
 from internvl_tune.checkpoints.read import checkpoint_dtype, load_tokenizer, read_model_config
-from internvl_tune.checkpoints.write import (
-    BASE_RECORD,
-    adapter_base,
-    base_model_record,
-    convert_to_hf,
-    convert_to_original,
-    export_checkpoint,
-)
+from internvl_tune.checkpoints.write import BASE_RECORD, base_model_record, convert_to_hf, convert_to_original
 from internvl_tune.data.templates import TEMPLATES, build_generation_prompt, chat_template_jinja, get_template
+from internvl_tune.model import save as model_save
 from internvl_tune.model.load import load_model
 from internvl_tune.model.lora import apply_lora
+from internvl_tune.model.save import adapter_base, export_checkpoint
 from internvl_tune.testing.original_checkpoint import build_original_checkpoint
 from internvl_tune.testing.tiny import build_tiny_model, build_tiny_tokenizer
 from internvl_tune.training.checkpoint import save_adapter
@@ -137,7 +132,10 @@ def test_a_failed_export_leaves_the_previous_folder_whole(tiny_model_dir, tmp_pa
     export_checkpoint(tiny_model_dir, dst, to=to)
     before = {p.name: p.read_bytes() for p in dst.iterdir()}
     # The last writers of each layout: by then the weights are on disk.
-    monkeypatch.setattr(checkpoint_write, "write_processor_files" if to == "hf" else "copy_tokenizer_files", _fail)
+    if to == "hf":
+        monkeypatch.setattr(model_save, "write_processor_files", _fail)
+    else:
+        monkeypatch.setattr(checkpoint_write, "copy_tokenizer_files", _fail)
     with pytest.raises(OSError, match="disk full"):
         export_checkpoint(tiny_model_dir, dst, to=to)
     assert {p.name: p.read_bytes() for p in dst.iterdir()} == before

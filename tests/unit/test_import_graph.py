@@ -1,5 +1,6 @@
-"""The package's modules import each other without a cycle (tools/import_graph.py), and tools/ stands on the
-package alone (no imports from tests/)."""
+"""The package's layers (tools/import_graph.py): no cycle among modules or among packages, no command module
+imported from below, no private name imported from another module; and tools/ stands on the package alone (no
+imports from tests/)."""
 
 import ast
 import subprocess
@@ -9,7 +10,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools"))
 
-from import_graph import find_cycles, import_graph  # noqa: E402
+from import_graph import (  # noqa: E402
+    command_imports,
+    find_cycles,
+    import_graph,
+    package_graph,
+    private_imports,
+)
 
 
 def test_no_import_cycle_among_package_modules():
@@ -18,6 +25,39 @@ def test_no_import_cycle_among_package_modules():
     assert find_cycles(graph) == []
     result = subprocess.run([sys.executable, str(ROOT / "tools" / "import_graph.py")], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.rstrip().endswith("0 cycles"), result.stderr
+
+
+def test_packages_are_layers():
+    """Each package stands above the ones it imports: `checkpoints` <-> `model` (write.py loaded models, load.py
+    read checkpoints) and `config` <-> `data` (transform.py took its settings from config.py) had no order; the
+    generation backend imported the `chat` command and `eval` a private helper of `sample`."""
+    graph = import_graph()
+    packages = package_graph(graph)
+    assert "internvl_tune.data" in packages["internvl_tune.config"]  # the config's data section extends data's
+    assert "internvl_tune.checkpoints" in packages["internvl_tune.model"]  # models are read from checkpoints
+    assert find_cycles(packages) == []
+    assert command_imports(graph) == []
+    assert private_imports() == []
+
+
+def test_the_layer_checks_find_what_they_look_for(tmp_path):
+    package = tmp_path / "internvl_tune"
+    for sub in ("model", "checkpoints"):
+        (package / sub).mkdir(parents=True)
+        (package / sub / "__init__.py").write_text("")
+    (package / "__init__.py").write_text("")
+    (package / "chat.py").write_text("")
+    (package / "model" / "load.py").write_text("from internvl_tune.checkpoints.read import _helper\n")
+    (package / "checkpoints" / "read.py").write_text("def _helper():\n    pass\n")
+    (package / "checkpoints" / "write.py").write_text("def f():\n    from internvl_tune.model import load\n")
+    (package / "checkpoints" / "chat_log.py").write_text("import internvl_tune.chat\n")
+    graph = import_graph(tmp_path)
+    assert find_cycles(graph) == []  # no circle of modules ...
+    assert find_cycles(package_graph(graph)) == [
+        ["internvl_tune.checkpoints", "internvl_tune.model"]
+    ]  # ... of packages
+    assert command_imports(graph) == [("internvl_tune.checkpoints.chat_log", "internvl_tune.chat")]
+    assert private_imports(tmp_path) == [("internvl_tune.model.load", "internvl_tune.checkpoints.read._helper")]
 
 
 def test_the_cycle_finder_finds_a_circle_of_deferred_imports(tmp_path):

@@ -11,7 +11,8 @@ from PIL import Image
 from internvl_tune.chat import ChatSession
 from internvl_tune.checkpoints.metadata import checkpoint_sample_settings
 from internvl_tune.constants import IMG_CONTEXT_TOKEN
-from internvl_tune.data.prompt import build_inference_prompt, user_turn
+from internvl_tune.data.placeholders import user_turn
+from internvl_tune.data.prompt import build_inference_prompt
 from internvl_tune.data.transform import SampleSettings
 from internvl_tune.evaluate.generate import item_prompt
 

@@ -1,4 +1,4 @@
-"""One home for each pipeline setting: `PipelineSettings` (config.py) declares the fields and defaults that the run
+"""One home for each pipeline setting: `PipelineSettings` (data/settings.py) declares the fields and defaults that the run
 config (`DataArgs`), the samples and prompts (`SampleSettings`) and checkpoint metadata share."""
 
 import ast

@@ -4,7 +4,8 @@
 - `read`: a folder in either layout read without running its code (config, tokenizer, dtype, weights
   fingerprint); an original folder as transformers' model in memory.
 - `metadata`: `internvl_tune.json`, what a checkpoint carries besides weights, and the chat template from it.
-- `write`: HF folders from a model, `convert` in both directions, `export` (LoRA merged).
+- `write`: `convert` in both directions. Model folders from a model in memory (`save_hf_checkpoint`, `export`)
+  are model/save.py's.
 """
 
 from internvl_tune._lazy import lazy_exports
@@ -12,8 +13,6 @@ from internvl_tune._lazy import lazy_exports
 _EXPORTS = {
     "convert_to_hf": "write",
     "convert_to_original": "write",
-    "export_checkpoint": "write",
-    "save_hf_checkpoint": "write",
     "load_original": "read",
     "read_metadata": "metadata",
     "ConversionError": "convert",

@@ -47,6 +47,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import InternVLConfig, InternVLForConditionalGeneration
 
+from internvl_tune.errors import UserError
+
 LLM_FAMILIES = ("qwen2", "llama", "internlm2")
 ORIGINAL_ARCHITECTURE = "InternVLChatModel"
 _LLM_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "internlm2": "InternLM2ForCausalLM"}
@@ -69,7 +71,7 @@ _DROPPED_LLM_KEYS = {
 }
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
     """A checkpoint that cannot be converted exactly; the message says what and why."""
 
 

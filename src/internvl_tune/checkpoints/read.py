@@ -35,13 +35,14 @@ from internvl_tune.checkpoints.convert import (
 )
 from internvl_tune.checkpoints.metadata import checkpoint_settings, metadata_for, set_chat_template
 from internvl_tune.constants import IMG_CONTEXT_TOKEN
+from internvl_tune.errors import UserError
 
 
 def read_config_json(path: str | Path) -> dict:
     """A checkpoint folder's `config.json` as a dict; ValueError when the folder has none."""
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
-        raise ValueError(f"{path}: not a checkpoint folder (no config.json); models are loaded from local folders")
+        raise UserError(f"{path}: not a checkpoint folder (no config.json); models are loaded from local folders")
     return json.loads(config_file.read_text())
 
 
@@ -75,7 +76,7 @@ def read_model_config(path: str | Path) -> InternVLConfig:
         tokenizer = load_tokenizer(path)
         return original_to_hf_config(raw, tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN))
     if raw.get("model_type") != "internvl":
-        raise ValueError(
+        raise UserError(
             f"{path / 'config.json'}: model_type is {raw.get('model_type')!r}, expected an InternVL checkpoint"
         )
     return InternVLConfig.from_pretrained(path, local_files_only=True)
@@ -113,7 +114,7 @@ def resolve_dtype(choice: str, source: str | Path) -> torch.dtype:
     if choice == "auto":
         return checkpoint_dtype(source)
     if choice not in SAVE_DTYPES:
-        raise ValueError(f"dtype must be auto, {', '.join(SAVE_DTYPES)}; got {choice!r}")
+        raise UserError(f"dtype must be auto, {', '.join(SAVE_DTYPES)}; got {choice!r}")
     return SAVE_DTYPES[choice]
 
 

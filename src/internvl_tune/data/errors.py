@@ -1,4 +1,7 @@
-class DataError(ValueError):
+from internvl_tune.errors import UserError
+
+
+class DataError(UserError):
     """A problem with user data; the message names the file, the line (when known) and the problem.
 
     `kind` groups problems in reports (e.g. "malformed JSON", "image count", "image tokens cut").

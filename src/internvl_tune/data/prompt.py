@@ -6,7 +6,7 @@ normalisation), and the images go through `SampleBuilder.expand`, the very code 
 model is asked in the form it learned, and two commands never disagree about a prompt.
 
 Worked example (`internvl2_5`, 56 px tiles, 4 image tokens per tile, max_dynamic_patch 2, thumbnail on): the
-question "What colour?" about one 112x56 image becomes the user turn "<image>\\nWhat colour?" (`user_turn`); the
+question "What colour?" about one 112x56 image becomes the user turn "<image>\\nWhat colour?" (`user_turn`, data/placeholders.py); the
 image is a 2x1 grid plus its thumbnail, 3 tiles, so `<image>` becomes `<img>` + `<IMG_CONTEXT>` x 12 + `</img>`;
 the text is the system segment, that user segment and the bare "<|im_start|>assistant\\n"; `pixel_values` is
 `[3, 3, 56, 56]` and `num_tiles` is `[3]`.
@@ -15,7 +15,6 @@ the text is the system segment, that user segment and the bare "<|im_start|>assi
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -24,6 +23,7 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from internvl_tune.constants import IMAGE_PLACEHOLDER
+from internvl_tune.data.errors import DataError
 from internvl_tune.data.images import load_image
 from internvl_tune.data.templates import build_generation_prompt
 from internvl_tune.data.transform import Conversation, SampleBuilder, SampleSettings
@@ -36,34 +36,6 @@ class InferencePrompt:
     input_ids: list[int]
     pixel_values: torch.Tensor | None  # [N, 3, S, S]; None without images
     num_tiles: list[int]  # per image
-
-
-def user_turn(question: str, num_images: int) -> str:
-    """The user turn for a question about `num_images` new images, with their `<image>` placeholders.
-
-    A question that holds placeholders already is kept as it is. Otherwise one image gets `"<image>\\n"` in front,
-    as training does for a single-image record; several get one numbered line each, as the original `chat()` does::
-
-        user_turn("Same?", 2) == "Image-1: <image>\\nImage-2: <image>\\nSame?"
-    """
-    if not num_images or IMAGE_PLACEHOLDER in question:
-        return question
-    if num_images == 1:
-        return f"{IMAGE_PLACEHOLDER}\n{question}"
-    return "".join(f"Image-{i}: {IMAGE_PLACEHOLDER}\n" for i in range(1, num_images + 1)) + question
-
-
-def remove_image_placeholders(text: str) -> str:
-    """The text without its `<image>` placeholders, and without the `"\\n"` after each and the `Image-k: ` labels
-    `user_turn` puts before them: what is left when the images go another way (as separate parts of an API
-    message, or not at all)::
-
-        remove_image_placeholders("Image-1: <image>\\nImage-2: <image>\\nSame?") == "Same?"
-    """
-    return _PLACEHOLDER_WITH_LABEL.sub("", text).strip()
-
-
-_PLACEHOLDER_WITH_LABEL = re.compile(r"(?:Image-\d+: )?" + re.escape(IMAGE_PLACEHOLDER) + r"\n?")
 
 
 def build_inference_prompt(
@@ -100,7 +72,7 @@ def build_inference_prompt(
     """
     num_placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages if m["role"] == "user")
     if num_placeholders != len(images):
-        raise ValueError(f"{num_placeholders} <image> placeholders in the conversation for {len(images)} images")
+        raise DataError(f"{num_placeholders} <image> placeholders in the conversation for {len(images)} images")
     loaded = [load_image(i) if isinstance(i, (str, os.PathLike)) else i.convert("RGB") for i in images]
     builder = SampleBuilder(tokenizer, settings)
     media = builder.expand(Conversation(list(messages), loaded), "prompt", None, rng=None)

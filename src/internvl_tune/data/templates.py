@@ -34,11 +34,14 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from internvl_tune.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER
 from internvl_tune.data.errors import DataError
+from internvl_tune.errors import UserError
+
+if TYPE_CHECKING:  # only a type here: config validation reads the template names without transformers
+    from transformers import PreTrainedTokenizerBase
 
 Message = dict[str, str]
 
@@ -129,7 +132,7 @@ TEMPLATES: dict[str, Template] = {
 def get_template(name: str) -> Template:
     """Look up a template by name; raises ValueError listing the known names."""
     if name not in TEMPLATES:
-        raise ValueError(f"unknown template {name!r}; known templates: {', '.join(TEMPLATES)}")
+        raise UserError(f"unknown template {name!r}; known templates: {', '.join(TEMPLATES)}")
     return TEMPLATES[name]
 
 
@@ -148,10 +151,10 @@ def _render_segments(
     if turns and turns[0]["role"] == "system":
         system = turns.pop(0)["content"]
         if not template.supports_system:
-            raise ValueError(f"template {template.name!r} has no system segment, but the messages have a system turn")
+            raise DataError(f"template {template.name!r} has no system segment, but the messages have a system turn")
     if system_message is not None:
         if not template.supports_system:
-            raise ValueError(f"template {template.name!r} has no system segment; cannot use system_message")
+            raise UserError(f"template {template.name!r} has no system segment; cannot use system_message")
         system = system_message
 
     # The caller validates user data; here a wrong order is a bug upstream.

@@ -23,7 +23,6 @@ from typing import Any
 import torch
 from PIL import Image
 
-from internvl_tune.config import PipelineSettings
 from internvl_tune.constants import (
     DEFAULT_TEMPLATE,
     IGNORE_INDEX,
@@ -43,8 +42,10 @@ from internvl_tune.data.images import (
     tiles_budget,
 )
 from internvl_tune.data.meta import DatasetEntry
+from internvl_tune.data.settings import PipelineSettings
 from internvl_tune.data.templates import get_template, tokenize_conversation
 from internvl_tune.data.video import read_video_frames, video_prompt
+from internvl_tune.errors import UserError
 
 _ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
 
@@ -166,7 +167,7 @@ class ExpandedMedia:
 @dataclass
 class SampleSettings(PipelineSettings):
     """How conversations become samples and prompts for one model: the pipeline settings (`PipelineSettings`,
-    config.py, with their defaults and meanings), the template, and the model's tile size and image tokens per tile
+    data/settings.py, with their defaults and meanings), the template, and the model's tile size and image tokens per tile
     (`sample_settings` fills these in from the model config). Field names follow the original InternVL flags."""
 
     template: str = DEFAULT_TEMPLATE
@@ -183,7 +184,7 @@ class SampleBuilder:
         self.template = get_template(settings.template)
         self.img_context_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
         if self.img_context_id is None or self.img_context_id == tokenizer.unk_token_id:
-            raise ValueError(f"the tokenizer has no {IMG_CONTEXT_TOKEN} token; is this an InternVL tokenizer?")
+            raise UserError(f"the tokenizer has no {IMG_CONTEXT_TOKEN} token; is this an InternVL tokenizer?")
         self.img_end_id = tokenizer.convert_tokens_to_ids(IMG_END_TOKEN)
 
     def tile_limit(self, entry: DatasetEntry | None, num_images: int) -> int:

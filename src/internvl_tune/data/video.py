@@ -23,6 +23,7 @@ from PIL import Image
 from internvl_tune.constants import IMAGE_PLACEHOLDER
 from internvl_tune.data.errors import DataError
 from internvl_tune.data.images import load_image
+from internvl_tune.errors import UserError
 
 FRAME_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _FRAME_NUMBER = re.compile(r"_(\d+)\.(?:jpg|jpeg|png)$", re.IGNORECASE)
@@ -97,13 +98,13 @@ def get_frame_indices(
         except ValueError:
             output_fps = 0.0
         if not output_fps > 0:
-            raise ValueError(f"sample {sample!r}: expected 'fps' followed by a positive number, e.g. 'fps1.0'")
+            raise UserError(f"sample {sample!r}: expected 'fps' followed by a positive number, e.g. 'fps1.0'")
         input_fps = fps if fps else 1.0
         delta = 1 / output_fps
         seconds = np.arange(delta / 2, vlen / input_fps + delta / 2, delta)
         indices = [int(i) for i in np.around(seconds * input_fps).astype(int) if i < vlen]
         return indices[:max_num_frames] if max_num_frames > 0 else indices
-    raise ValueError(f"unknown frame sampling {sample!r}: expected 'rand', 'middle' or 'fps<float>'")
+    raise UserError(f"unknown frame sampling {sample!r}: expected 'rand', 'middle' or 'fps<float>'")
 
 
 def read_video_frames(

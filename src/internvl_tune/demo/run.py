@@ -44,6 +44,7 @@ from typing import Any
 from internvl_tune.atomic import atomic_write_bytes
 from internvl_tune.config import DataArgs, ModelArgs, MPOArgs, MPOConfig, SFTConfig, TrainArgs
 from internvl_tune.demo.task import QUESTION_TYPES, make_pairs, make_task, task_texts
+from internvl_tune.errors import UserError
 from internvl_tune.evaluate.benchmark import Question, evaluate_benchmark, load_benchmark
 from internvl_tune.evaluate.preference import reward_accuracy
 from internvl_tune.generation.base import SamplingParams
@@ -138,7 +139,7 @@ class DemoSettings:
 def run_demo(settings: DemoSettings) -> dict[str, Any]:
     """Run the demo as configured, print a summary table and write `output_dir/report.json`; returns the report."""
     if settings.pass_criterion not in ("colour_accuracy", "loss_decrease"):
-        raise ValueError(f"pass_criterion must be colour_accuracy or loss_decrease, got {settings.pass_criterion!r}")
+        raise UserError(f"pass_criterion must be colour_accuracy or loss_decrease, got {settings.pass_criterion!r}")
     output_dir = Path(settings.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from internvl_tune.errors import UserError
 from internvl_tune.evaluate.benchmark import eval_prompt
 from internvl_tune.judge import extract_answer
 
@@ -136,7 +137,7 @@ def question_answer(scene: Scene, question_type: str) -> tuple[str, str]:
         return "How many shapes are there?", NUMBER_WORDS[scene.num_shapes - 1]
     if question_type == "shape":
         return ("What shape are they?" if many else "What shape is it?"), scene.kind
-    raise ValueError(f"unknown question type {question_type!r}; known types: {', '.join(QUESTION_TYPES)}")
+    raise UserError(f"unknown question type {question_type!r}; known types: {', '.join(QUESTION_TYPES)}")
 
 
 # The reasoning of every answer: fixed, so that the model learns the format at once and the answer from the image.

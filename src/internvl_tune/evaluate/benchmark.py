@@ -45,12 +45,19 @@ from typing import Any
 from internvl_tune.atomic import atomic_write_text
 from internvl_tune.constants import IMAGE_PLACEHOLDER
 from internvl_tune.data.jsonl import JsonlFile
-from internvl_tune.data.prompt import user_turn
+from internvl_tune.data.placeholders import user_turn
+from internvl_tune.errors import UserError
 from internvl_tune.generation.base import Backend, GenerationRequest, SamplingParams
 from internvl_tune.judge import judge, resolve_scorers
 from internvl_tune.preference_data.prompts import mpo_cot_prompt, strip_short_answer_instruction
-from internvl_tune.preference_data.resumable import Job, count_keys, derive_seed, repair_tail, run_jobs
-from internvl_tune.preference_data.sample import _check_prompt
+from internvl_tune.preference_data.resumable import (
+    Job,
+    check_prompt_line,
+    count_keys,
+    derive_seed,
+    repair_tail,
+    run_jobs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +91,7 @@ def load_benchmark(path: str | Path, *, image_root: str | Path | None = None) ->
     questions = []
     for index in range(len(lines)):
         record, where = lines[index]
-        images = _check_prompt(record, where, root)
+        images = check_prompt_line(record, where, root)
         source = str(record.get("source") or lines.path.stem)
         questions.append(Question(index, record, images, source))
     return questions
@@ -200,7 +207,7 @@ def prepare_output(
         ValueError: an unknown prompt, or the folder holds an evaluation with other settings.
     """
     if prompt not in PROMPTS:
-        raise ValueError(f"unknown prompt {prompt!r}: expected one of {', '.join(PROMPTS)}")
+        raise UserError(f"unknown prompt {prompt!r}: expected one of {', '.join(PROMPTS)}")
     run = {
         **(settings or {}),
         "prompt": prompt,
@@ -214,7 +221,7 @@ def prepare_output(
         before = json.loads(path.read_text())
         changed = [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in run.items() if before.get(k) != v]
         if changed:
-            raise ValueError(
+            raise UserError(
                 f"{path.parent} holds an evaluation with other settings ({'; '.join(changed)}): use another --out"
             )
     return run

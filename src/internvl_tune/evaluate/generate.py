@@ -18,7 +18,8 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from internvl_tune.data.prompt import InferencePrompt, build_inference_prompt, user_turn
+from internvl_tune.data.placeholders import user_turn
+from internvl_tune.data.prompt import InferencePrompt, build_inference_prompt
 from internvl_tune.data.transform import SampleSettings
 from internvl_tune.generation.base import GenerationRequest, SamplingParams
 from internvl_tune.generation.hf import HFBackend, left_pad

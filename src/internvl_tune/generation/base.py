@@ -24,6 +24,8 @@ from typing import Protocol
 
 from PIL import Image
 
+from internvl_tune.errors import UserError
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -48,9 +50,9 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if self.n < 1 or self.max_new_tokens < 1:
-            raise ValueError(f"need n >= 1 and max_new_tokens >= 1, got {self.n} and {self.max_new_tokens}")
+            raise UserError(f"need n >= 1 and max_new_tokens >= 1, got {self.n} and {self.max_new_tokens}")
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(
+            raise UserError(
                 f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_k}, "
                 f"{self.top_p}"
             )

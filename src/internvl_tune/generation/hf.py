@@ -22,11 +22,12 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from internvl_tune.chat import load_for_inference
 from internvl_tune.data.prompt import build_inference_prompt
 from internvl_tune.data.templates import get_template, stop_token_ids
 from internvl_tune.data.transform import SampleSettings
+from internvl_tune.errors import UserError
 from internvl_tune.generation.base import GenerationRequest, SamplingParams, generate_all
+from internvl_tune.model.load import load_for_inference
 
 
 class HFBackend:
@@ -50,9 +51,9 @@ class HFBackend:
         max_tiles: int | None = None,
     ):
         if tokenizer.pad_token_id is None:
-            raise ValueError("the tokenizer has no pad token; batched generation needs one")
+            raise UserError("the tokenizer has no pad token; batched generation needs one")
         if batch_size < 1 or (max_tiles is not None and max_tiles < 1):
-            raise ValueError(f"need batch_size >= 1 and max_tiles >= 1, got {batch_size} and {max_tiles}")
+            raise UserError(f"need batch_size >= 1 and max_tiles >= 1, got {batch_size} and {max_tiles}")
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.settings = settings if max_tiles is None else replace(settings, max_dynamic_patch=max_tiles)
         self.eos_token_id = stop_token_ids(tokenizer, get_template(self.settings.template))

@@ -34,7 +34,8 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from internvl_tune.constants import IMAGE_PLACEHOLDER
-from internvl_tune.data.prompt import user_turn
+from internvl_tune.data.placeholders import user_turn
+from internvl_tune.errors import MissingPathError, UserError
 from internvl_tune.generation.base import Backend, GenerationRequest, SamplingParams
 from internvl_tune.generation.hf import HFBackend
 
@@ -262,12 +263,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if not Path(args.model).is_dir():
-            raise FileNotFoundError(f"{args.model}: no such folder")
+            raise MissingPathError(f"{args.model}: no such folder")
         backend = HFBackend.from_folder(args.model, batch_size=args.batch_size, max_tiles=args.max_tiles)
-        server = ChatCompletionsServer(
-            (args.host, args.port), backend, model_name=args.model_name or Path(args.model).resolve().name
-        )
-    except (ValueError, OSError) as e:
+        try:
+            server = ChatCompletionsServer(
+                (args.host, args.port), backend, model_name=args.model_name or Path(args.model).resolve().name
+            )
+        except OSError as e:  # the port is taken, or the host is not this machine's
+            raise UserError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from e
+    except UserError as e:  # any other exception keeps its traceback
         print(f"error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return 2
     print(f"serving {args.model} as {server.model_name!r} at {server.base_url}", flush=True)

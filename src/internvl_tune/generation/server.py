@@ -41,13 +41,14 @@ from typing import Any
 from PIL import Image
 
 from internvl_tune.constants import IMAGE_PLACEHOLDER
-from internvl_tune.data.prompt import remove_image_placeholders
+from internvl_tune.data.placeholders import remove_image_placeholders
+from internvl_tune.errors import UserError
 from internvl_tune.generation.base import GenerationRequest, ImageInput, generate_all
 
 RETRY_STATUS = (429, 500, 502, 503, 504)
 
 
-class ServerError(OSError):
+class ServerError(UserError, OSError):
     """The server cannot be reached, or refused a request (the CLI reports it in one line)."""
 
 
@@ -80,7 +81,7 @@ class ServerBackend:
         timeout_s: float = 3600.0,
     ):
         if max_concurrency < 1 or max_retries < 0:
-            raise ValueError(f"need max_concurrency >= 1 and max_retries >= 0, got {max_concurrency}, {max_retries}")
+            raise UserError(f"need max_concurrency >= 1 and max_retries >= 0, got {max_concurrency}, {max_retries}")
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
         self.max_concurrency, self.max_retries = max_concurrency, max_retries
@@ -88,10 +89,10 @@ class ServerBackend:
         served = [m["id"] for m in self._call("GET", "/models", None, retries=0).get("data", [])]
         if model_name is None:
             if not served:
-                raise ValueError(f"{self.base_url}/models lists no model; pass the model name")
+                raise ServerError(f"{self.base_url}/models lists no model; pass the model name")
             model_name = served[0]
         elif served and model_name not in served:
-            raise ValueError(f"{self.base_url} does not serve {model_name!r}; it serves {', '.join(served)}")
+            raise ServerError(f"{self.base_url} does not serve {model_name!r}; it serves {', '.join(served)}")
         self.model_name = model_name
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[str]]:

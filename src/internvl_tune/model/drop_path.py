@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from internvl_tune.config import ConfigError
+
 
 class DropPath(nn.Module):
     """Drops a residual branch for whole samples with probability `rate` in training; scales kept ones by 1/keep.
@@ -46,7 +48,7 @@ def add_drop_path(model: nn.Module, drop_path_rate: float) -> None:
     layers = model.model.vision_tower.encoder.layer
     vision_config = model.config.vision_config
     if vision_config.hidden_dropout_prob or vision_config.projection_dropout:
-        raise ValueError("drop_path_rate cannot be combined with hidden_dropout_prob / projection_dropout in the ViT")
+        raise ConfigError("drop_path_rate cannot be combined with hidden_dropout_prob / projection_dropout in the ViT")
     rates = torch.linspace(0, drop_path_rate, len(layers)).tolist()
     for layer, rate in zip(layers, rates, strict=True):
         layer.attention.projection_dropout = DropPath(rate)

@@ -1,4 +1,5 @@
-"""`load_model`: an InternVL checkpoint folder in either layout as transformers' model and its tokenizer."""
+"""`load_model`: an InternVL checkpoint folder in either layout as transformers' model and its tokenizer;
+`load_for_inference`: the same, ready to answer (chat, sampling, evaluation, the server)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import torch
 from transformers import InternVLForConditionalGeneration, PreTrainedTokenizerBase
 
 from internvl_tune.checkpoints.convert import is_original_checkpoint
+from internvl_tune.checkpoints.metadata import checkpoint_sample_settings
 from internvl_tune.checkpoints.read import load_original, load_tokenizer, read_model_config
 from internvl_tune.constants import IMG_CONTEXT_TOKEN, INTERNVL_SPECIAL_TOKENS
+from internvl_tune.data.transform import SampleSettings
+from internvl_tune.errors import UserError
 from internvl_tune.model.attention import resolve_attn_implementation
 
 
@@ -46,10 +50,31 @@ def load_model(
     model.name_or_path = model.config.name_or_path = str(path.resolve())
     missing = [t for t in INTERNVL_SPECIAL_TOKENS[:3] if t not in tokenizer.get_vocab()]
     if missing:
-        raise ValueError(f"{path}: the tokenizer lacks the InternVL tokens {missing}")
+        raise UserError(f"{path}: the tokenizer lacks the InternVL tokens {missing}")
     if tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN) != model.config.image_token_id:
-        raise ValueError(
+        raise UserError(
             f"{path}: config.image_token_id={model.config.image_token_id} but the tokenizer maps {IMG_CONTEXT_TOKEN} "
             f"to {tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)}"
         )
     return model, tokenizer
+
+
+def load_for_inference(
+    model_path: str | Path,
+) -> tuple[InternVLForConditionalGeneration, PreTrainedTokenizerBase, SampleSettings]:
+    """A model folder (either layout) ready to answer: the model in eval mode on the GPU in bf16 when there is one
+    (else on the CPU in fp32), its tokenizer, and the settings its prompts are built with (`SampleSettings` of the
+    checkpoint). Chat, sampling and the `hf` generation backend load models here.
+
+    Raises:
+        ValueError: a LoRA adapter folder, or a folder that is not an InternVL checkpoint.
+    """
+    if (Path(model_path) / "adapter_config.json").is_file():
+        raise UserError(
+            f"{model_path} holds LoRA adapters only: use the merged model training wrote next to it "
+            f"(final/), or merge them first: internvl-tune export {model_path} MERGED_DIR --merge-lora"
+        )
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    model, tokenizer = load_model(model_path, dtype=dtype)
+    model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    return model, tokenizer, checkpoint_sample_settings(model_path, model.config)

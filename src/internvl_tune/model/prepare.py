@@ -6,7 +6,7 @@ import dataclasses
 
 from torch import nn
 
-from internvl_tune.config import DataArgs, ModelArgs, PipelineSettings
+from internvl_tune.config import ConfigError, DataArgs, ModelArgs, PipelineSettings
 from internvl_tune.data.images import image_geometry
 from internvl_tune.data.transform import SampleSettings
 from internvl_tune.model.drop_path import add_drop_path
@@ -65,7 +65,7 @@ def sample_settings(d: DataArgs, model_config) -> SampleSettings:
     """Data settings for this model: tile size and image tokens come from the model config."""
     geometry = image_geometry(model_config)
     if d.force_image_size is not None and d.force_image_size != geometry.image_size:
-        raise ValueError(
+        raise ConfigError(
             f"data.force_image_size={d.force_image_size} but the model's vision image_size is {geometry.image_size}; "
             "resizing the ViT position embeddings is not supported: leave force_image_size unset"
         )

@@ -240,6 +240,9 @@ class ReferenceCache:
         values = [self.by_record[k] for k in batch["keys"]]
         if any(math.isnan(c) for c, _ in values):
             # Only a pair that failed to build when the cache was computed has NaN; it fails the same way now.
-            raise ValueError("a pair skipped as bad when the reference cache was computed builds now; recompute it")
+            raise DataError(
+                "a pair skipped as bad when the reference cache was computed builds now; recompute it",
+                "stale reference cache",
+            )
         values = torch.tensor(values, dtype=torch.float32, device=device)
         return values[:, 0], values[:, 1]

@@ -32,7 +32,8 @@ from typing import Any
 from internvl_tune.atomic import atomic_write_text
 from internvl_tune.data.errors import DataError
 from internvl_tune.data.jsonl import JsonlFile
-from internvl_tune.data.prompt import remove_image_placeholders
+from internvl_tune.data.placeholders import remove_image_placeholders
+from internvl_tune.errors import UserError
 from internvl_tune.generation.base import Backend, GenerationRequest, SamplingParams
 from internvl_tune.preference_data.resumable import (
     Job,
@@ -92,7 +93,7 @@ def dropout_ntp(
         DataError: a line without a question or a chosen answer (`file:line`).
     """
     if not 0 <= start_ratio < 1:
-        raise ValueError(f"start_ratio must be in [0, 1), got {start_ratio}")
+        raise UserError(f"start_ratio must be in [0, 1), got {start_ratio}")
     pairs = JsonlFile(pair_file)
     root = Path(image_root) if image_root is not None else pairs.path.parent
     out = output_path(output_dir, pairs.path, shard_index, num_shards)

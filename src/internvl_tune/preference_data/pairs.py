@@ -55,6 +55,7 @@ from typing import Any
 from internvl_tune.atomic import atomic_write_text
 from internvl_tune.data.errors import DataError
 from internvl_tune.data.jsonl import JsonlFile
+from internvl_tune.errors import UserError
 from internvl_tune.judge import EXTRACTION_VERSIONS, fix_answer, judge, resolve_scorers
 
 DEFAULT_NUM_PAIRS_PER_KEY = 15
@@ -182,7 +183,7 @@ def _response_paths(inputs: Sequence[str | Path]) -> list[Path]:
         else:
             paths.append(given)  # JsonlFile reports a missing file
     if not paths:
-        raise ValueError("no response files given")
+        raise UserError("no response files given")
     return paths
 
 
@@ -267,7 +268,7 @@ def build_pairs(
         ValueError: a bad setting.
     """
     if num_pairs_per_key < 1:
-        raise ValueError(f"--num-pairs-per-key must be >= 1, got {num_pairs_per_key}")
+        raise UserError(f"--num-pairs-per-key must be >= 1, got {num_pairs_per_key}")
     resolve_scorers(scorers)  # a bad setting is reported before any file is read
     datasets: dict[str, list[tuple[dict[str, Any], str]]] = {}
     for path in _response_paths(response_files):

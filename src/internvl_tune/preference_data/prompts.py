@@ -28,7 +28,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from internvl_tune.constants import IMAGE_PLACEHOLDER
-from internvl_tune.data.prompt import user_turn
+from internvl_tune.data.placeholders import user_turn
+from internvl_tune.errors import UserError
 
 R1_SYSTEM_PROMPT = (
     "You are an AI assistant that rigorously follows this response protocol:\n"
@@ -87,7 +88,7 @@ def version_for_file(version: str, path: str | Path) -> str:
     Example: `version_for_file("en_v2", "data/geoqa_zh_train.jsonl") == "zh_v2"`.
     """
     if version not in PROMPT_VERSIONS:
-        raise ValueError(f"unknown prompt version {version!r}; choose one of {', '.join(PROMPT_VERSIONS)}")
+        raise UserError(f"unknown prompt version {version!r}; choose one of {', '.join(PROMPT_VERSIONS)}")
     return version.replace("en", "zh") if "_zh_" in Path(path).name else version
 
 

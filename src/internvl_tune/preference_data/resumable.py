@@ -1,4 +1,5 @@
-"""Resumable generation into an append-only JSONL file: what `sample` and `dropout-ntp` share.
+"""Resumable generation into an append-only JSONL file: what `sample`, `dropout-ntp` and `eval` share, with the
+input lines they read (`image_list`, and `check_prompt_line` for the prompt lines of `sample` and `eval`).
 
 A run reads its input lines, keys each one (`sample`: image + question; `dropout-ntp`: image + question + chosen),
 counts the output lines each key has already, and asks the backend only for the rest. A request's lines are
@@ -31,7 +32,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from internvl_tune.constants import IMAGE_PLACEHOLDER
 from internvl_tune.data.errors import DataError
+from internvl_tune.errors import UserError
 from internvl_tune.generation.base import Backend, GenerationRequest
 
 logger = logging.getLogger(__name__)
@@ -58,7 +61,7 @@ def output_path(output_dir: str | Path, input_file: str | Path, shard_index: int
     """Where a run writes the outputs for `input_file`: the input's own file name (the name keeps what the judge and
     the prompt language read from it), or `<stem>.shard-k-of-N<suffix>` for a shard."""
     if not 0 <= shard_index < num_shards:
-        raise ValueError(f"need 0 <= shard index < number of shards, got {shard_index} and {num_shards}")
+        raise UserError(f"need 0 <= shard index < number of shards, got {shard_index} and {num_shards}")
     name = Path(input_file).name
     if num_shards > 1:
         path = Path(name)
@@ -181,6 +184,27 @@ def image_list(record: dict[str, Any], where: str) -> list[str]:
     images = [image] if isinstance(image, str) else image
     if not isinstance(images, list) or not all(isinstance(i, str) and i for i in images):
         raise DataError(f"{where}: 'image' must be a path or a list of paths", "invalid record")
+    return images
+
+
+def check_prompt_line(record: dict[str, Any], where: str, root: Path) -> list[str]:
+    """The image files (resolved against `root`) of a prompt line, `{"image", "question", "answer"}` as `sample` and
+    `eval` read them, after checking its fields."""
+    if not isinstance(record.get("question"), str) or not record["question"].strip():
+        raise DataError(f"{where}: 'question' must be a non-empty string", "missing field")
+    if record.get("answer") is None:
+        raise DataError(
+            f"{where}: 'answer' is required (the ground truth the responses are judged by)", "missing field"
+        )
+    images = [str(root / path) for path in image_list(record, where)]
+    for path in images:
+        if not Path(path).is_file():
+            raise DataError(f"{where}: image {path} not found", "missing image")
+    num_placeholders = record["question"].count(IMAGE_PLACEHOLDER)
+    if num_placeholders and num_placeholders != len(images):
+        raise DataError(
+            f"{where}: {num_placeholders} <image> placeholders in the question for {len(images)} images", "image count"
+        )
     return images
 
 

@@ -21,17 +21,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from internvl_tune.constants import IMAGE_PLACEHOLDER
-from internvl_tune.data.errors import DataError
 from internvl_tune.data.jsonl import JsonlFile
 from internvl_tune.generation.base import Backend, GenerationRequest, SamplingParams
 from internvl_tune.preference_data.prompts import DEFAULT_PROMPT_VERSION, version_for_file, wrap_question
 from internvl_tune.preference_data.resumable import (
     Job,
+    check_prompt_line,
     count_keys,
     derive_seed,
     existing_outputs,
-    image_list,
     output_path,
     record_key,
     repair_tail,
@@ -102,7 +100,7 @@ def sample_responses(
     jobs, seen, num_complete = [], set(), 0
     for index in indices:
         record, where = prompts[index]
-        images = _check_prompt(record, where, root)
+        images = check_prompt_line(record, where, root)
         key = record_key(record, "question")
         if key in seen:
             continue
@@ -138,23 +136,3 @@ def _response_records(record: dict[str, Any], question: str, version: str):
         return [{**base, "response": text.strip(), "prompt_version": version} for text in texts]
 
     return to_records
-
-
-def _check_prompt(record: dict[str, Any], where: str, root: Path) -> list[str]:
-    """The prompt line's image files (resolved against `root`), after checking its fields."""
-    if not isinstance(record.get("question"), str) or not record["question"].strip():
-        raise DataError(f"{where}: 'question' must be a non-empty string", "missing field")
-    if record.get("answer") is None:
-        raise DataError(
-            f"{where}: 'answer' is required (the ground truth the responses are judged by)", "missing field"
-        )
-    images = [str(root / path) for path in image_list(record, where)]
-    for path in images:
-        if not Path(path).is_file():
-            raise DataError(f"{where}: image {path} not found", "missing image")
-    num_placeholders = record["question"].count(IMAGE_PLACEHOLDER)
-    if num_placeholders and num_placeholders != len(images):
-        raise DataError(
-            f"{where}: {num_placeholders} <image> placeholders in the question for {len(images)} images", "image count"
-        )
-    return images

@@ -19,7 +19,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from internvl_tune.checkpoints.read import weights_fingerprint
-from internvl_tune.config import MPOConfig
+from internvl_tune.config import ConfigError, MPOConfig
 from internvl_tune.data.collate import pair_collate
 from internvl_tune.data.dataset import RecordDataset
 from internvl_tune.data.images import blank_tile
@@ -55,7 +55,7 @@ def _precompute_reference(config: MPOConfig, accelerator: Accelerator) -> Path:
     )
     augmented = [e.name for e in dataset.entries if e.data_augment]
     if augmented:
-        raise ValueError(f"precomputed reference log-probs need data_augment false; it is on for {augmented}")
+        raise ConfigError(f"precomputed reference log-probs need data_augment false; it is on for {augmented}")
     reference = LiveReference(frozen_copy(model).to(accelerator.device))
     collate = partial(
         pair_collate,
@@ -73,7 +73,7 @@ def _precompute_reference(config: MPOConfig, accelerator: Accelerator) -> Path:
     for start in tqdm(range(0, len(indices), batch_size), desc="reference", disable=not accelerator.is_main_process):
         chunk = indices[start : start + batch_size]
         if random_frames and any("video" in dataset.record(i)[0] for i in chunk):
-            raise ValueError(
+            raise ConfigError(
                 "precomputed reference log-probs need the frames training will see: set data.video_sample=middle "
                 "and min_num_frame == max_num_frame for video pairs"
             )

@@ -29,13 +29,13 @@ from torch.utils.data import DataLoader, Dataset
 from internvl_tune.atomic import atomic_dir, remove_stale_temporaries
 from internvl_tune.checkpoints.metadata import checkpoint_settings, metadata_for
 from internvl_tune.checkpoints.read import resolve_dtype
-from internvl_tune.checkpoints.write import save_hf_checkpoint
 from internvl_tune.config import ConfigError, DataArgs, ModelArgs, TrainArgs, to_dict
 from internvl_tune.data.errors import DataError
 from internvl_tune.data.lengths import dataset_lengths, tokenizer_fingerprint
 from internvl_tune.data.packing import PackedBatchSampler, PackedDataset, PackingSettings
 from internvl_tune.data.sampler import LengthGroupedBatchSampler, ResumableBatchSampler
 from internvl_tune.model.forward import base_model
+from internvl_tune.model.save import save_hf_checkpoint
 from internvl_tune.training.checkpoint import (
     CHECKPOINT_PATTERN,
     STATE_FILE,
@@ -48,6 +48,7 @@ from internvl_tune.training.checkpoint import (
     resolve_resume,
     save_adapter,
 )
+from internvl_tune.training.failure import watch_peers
 from internvl_tune.training.optim import build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
@@ -125,12 +126,14 @@ def run_session(t: TrainArgs) -> Iterator[Accelerator]:
 
 def make_accelerator(t: TrainArgs) -> Accelerator:
     # cpu=True on machines without an accelerator makes torchrun / accelerate launch give DDP over gloo.
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision="bf16" if t.bf16 else "no",
         cpu=not torch.accelerator.is_available(),
         log_with=None if t.report_to == "none" else t.report_to,  # its tracker starts in `start_tracker`
         project_dir=t.output_dir,
     )
+    watch_peers(accelerator.process_index, accelerator.num_processes)  # a rank's error ends every rank
+    return accelerator
 
 
 def prepare_output_dir(accelerator: Accelerator, t: TrainArgs) -> tuple[Path, Path | None]:

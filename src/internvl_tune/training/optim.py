@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from internvl_tune.config import ConfigError
+
 
 def build_optimizer(
     model: nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float], eps: float, fused: bool = True
@@ -25,7 +27,7 @@ def build_optimizer(
         if p.requires_grad:
             (no_decay if p.ndim < 2 else decay).append(p)
     if not decay and not no_decay:
-        raise ValueError("no trainable parameters: check the freeze_* and LoRA settings")
+        raise ConfigError("no trainable parameters: check the freeze_* and LoRA settings")
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps, fused=fused)
 

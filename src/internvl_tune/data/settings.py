@@ -1,0 +1,41 @@
+"""The pipeline settings: how conversations and their images become model inputs, shared by training (the run
+config's `data` section extends them), checkpoint metadata, chat and evaluation. Here, below the run config, so the
+data package that reads them does not import the config that extends them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from internvl_tune.constants import DEFAULT_MAX_DYNAMIC_PATCH
+
+
+@dataclass
+class PipelineSettings:
+    """How conversations and their images become model inputs: the `data` fields that training, checkpoint metadata,
+    chat and evaluation share. `DataArgs` (config.py) adds the data files; `SampleSettings` (data/transform.py) adds the template
+    and the model's tile geometry. Each default is written here once."""
+
+    system_message: str | None = None
+    """System message for conversations without a system turn (None = the template's own)."""
+    max_seq_length: int = 8192
+    """Longest sample in tokens, image tokens included; samples whose image tokens do not fit are errors."""
+    dynamic_image_size: bool = True
+    """Split images into up to max_dynamic_patch tiles by aspect ratio (False = one resized tile)."""
+    use_thumbnail: bool = True
+    """Append a whole-image thumbnail tile when an image has more than one tile."""
+    min_dynamic_patch: int = 1
+    """Fewest tiles per image."""
+    max_dynamic_patch: int = DEFAULT_MAX_DYNAMIC_PATCH
+    """Most tiles per image (split across the images of a multi-image record); a meta entry may override."""
+    min_num_frame: int = 8
+    """Fewest frames drawn from a video."""
+    max_num_frame: int = 32
+    """Most frames drawn from a video."""
+    video_sample: str = "rand"
+    """Frame sampling: rand (one random frame per segment), middle, or fpsX (e.g. fps1.0)."""
+    normalize_type: Literal["imagenet", "clip", "siglip"] = "imagenet"
+    """Pixel normalisation statistics."""
+    pad2square: bool = False
+    """Pad images to a square with the mean colour before tiling."""
