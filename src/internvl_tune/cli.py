@@ -623,6 +623,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not sys.stderr.isatty():
+        # transformers' "Loading weights" / "Writing model shards" bars are walls of carriage returns in a log file
+        # or a pipe; it reads this setting when it is imported, which no command has done yet.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if "overrides" in vars(args):

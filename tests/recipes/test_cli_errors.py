@@ -201,3 +201,11 @@ def test_a_deepspeed_launch_without_deepspeed_is_one_line_naming_the_install(run
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     assert main(["mpo", "--config", str(run_file)]) == 2
     _one_error_line(capsys.readouterr().err, "asks for DeepSpeed (ZeRO), which is not installed: pip install deepspeed")
+
+
+def test_transformers_progress_bars_stay_out_of_a_log(tiny_model_dir, tmp_path):
+    """Output that is not a terminal (a pipe here) gets no "Loading weights" / "Writing model shards" bars."""
+    result = _cli("export", tiny_model_dir, tmp_path / "exported")  # loads and saves with transformers
+    assert result.returncode == 0, result.stderr
+    assert "Loading weights" not in result.stderr and "Writing model shards" not in result.stderr
+    assert "wrote " in result.stdout
