@@ -345,6 +345,20 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if report["passed"] else 1
 
 
+def _tiny_model(args: argparse.Namespace) -> int:
+    from internvl_tune.testing.tiny_folder import write_tiny_model
+
+    print(write_tiny_model(args.out, layout=args.layout, data=args.data, seed=args.seed).format())
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from internvl_tune.plot import plot_metrics
+
+    print(f"wrote {plot_metrics(args.run, args.out)}")
+    return 0
+
+
 def _build_pairs(args: argparse.Namespace) -> int:
     from internvl_tune.preference_data.pairs import build_pairs
 
@@ -553,6 +567,30 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", default="demo_out", help="where the data, model, run and report go")
     demo.add_argument("--quick", action="store_true", help="a shortened setting (for tests)")
     demo.add_argument("overrides", nargs="*", help="DemoSettings field=value overrides")
+
+    tiny = sub.add_parser(
+        "tiny-model",
+        help="write a random tiny InternVL (and a small dataset) to try the commands on",
+        description="Write a random tiny InternVL folder (a few MB, built offline in seconds) in either layout, and "
+        "with --data a small shapes dataset: SFT records (meta.json), preference pairs (pairs_train_meta.json), a "
+        "benchmark and a prompt file. Its answers are noise: it is for trying the commands, not for results.",
+    )
+    tiny.add_argument("out", help="model folder to write (new or empty)")
+    tiny.add_argument("--layout", choices=["hf", "original"], default="hf", help="checkpoint layout (default hf)")
+    tiny.add_argument("--data", metavar="DIR", help="also write the dataset to this folder (new or empty)")
+    tiny.add_argument("--seed", type=int, default=0, help="seed of the weights and the data")
+    tiny.set_defaults(func=_tiny_model)
+
+    plot = sub.add_parser(
+        "plot",
+        help="draw a run's metrics.jsonl (loss, rewards, lr, throughput) into a PNG",
+        description="Draw the metrics of an `sft` or `mpo` run against the step, one panel per group: loss (and "
+        "MPO's terms), rewards and reward accuracy (MPO), learning rate, gradient norm, samples/s, tokens/s. "
+        'Needs matplotlib: pip install "internvl-tune[plot]".',
+    )
+    plot.add_argument("run", help="run folder (its output_dir) or a metrics.jsonl file")
+    plot.add_argument("--out", help="PNG to write (default: metrics.png beside metrics.jsonl)")
+    plot.set_defaults(func=_plot)
 
     from internvl_tune.judge import SCORERS
     from internvl_tune.preference_data.pairs import DEFAULT_NUM_PAIRS_PER_KEY
