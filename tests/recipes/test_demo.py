@@ -3,14 +3,23 @@ eval, report."""
 
 import importlib.util
 import json
+import os
+import signal
+from pathlib import Path
+
+import torch
 
 from internvl_tune.cli import main
+from internvl_tune.demo.run import cpu_threads
 from internvl_tune.demo.task import QUESTION_TYPES, cot_answer, make_task, task_prompt
 from internvl_tune.judge import judge
+from internvl_tune.training.metrics import MetricsWriter
 
 
 def test_quick_demo_writes_a_passing_report(tmp_path, capsys):
-    assert main(["demo", "--quick", "--output-dir", str(tmp_path)]) == 0
+    threads = torch.get_num_threads()
+    assert main(["demo", "--quick", "--output-dir", str(tmp_path), "num_threads=1"]) == 0
+    assert torch.get_num_threads() == threads  # the demo's thread count does not outlive it
 
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["passed"] is True
@@ -45,6 +54,11 @@ def test_quick_demo_writes_a_passing_report(tmp_path, capsys):
     assert mpo["sampling"]["num_questions"] == num_prompts
     # The quick model's answers are not parseable yet: no sampled pairs, so MPO ran on ground-truth pairs (and says so).
     assert mpo["pairs"]["source"] in ("sampled", "ground truth (no sampled pairs)")
+    # The pair count is that of the data MPO trained on, whichever its source (it said 0 for ground-truth pairs).
+    meta = Path(json.loads((tmp_path / "mpo_run" / "config.resolved.json").read_text())["data"]["meta_path"])
+    (dataset,) = json.loads(meta.read_text()).values()
+    num_pairs = len((meta.parent / dataset["annotation"]).read_text().splitlines())
+    assert mpo["pairs"]["num_pairs"] == num_pairs > 0
     assert len(mpo["losses"]) == len(mpo["reward_margins"]) == settings["mpo_steps"]
     # The MPO model is not its reference: some held-out chosen rewards beat the rejected.
     assert mpo["reward_accuracy"]["reward_accuracy"] > 0.0
@@ -52,12 +66,35 @@ def test_quick_demo_writes_a_passing_report(tmp_path, capsys):
     assert (tmp_path / "run" / "final" / "config.json").is_file()
     assert (tmp_path / "data" / "meta.json").is_file()
     out = capsys.readouterr().out
-    assert "PASSED" in out and "after MPO" in out
+    assert "PASSED" in out and "after MPO" in out and f"MPO on {num_pairs} pairs (" in out
     # The plot needs the optional matplotlib: without it the report says there is none.
     if importlib.util.find_spec("matplotlib") is None:
         assert report["plot"] is None and not (tmp_path / "curves.png").exists()
     else:
         assert report["plot"] == str(tmp_path / "curves.png") and (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_ctrl_c_in_the_demo_says_it_starts_over_not_how_to_resume_a_run(tmp_path, capsys, monkeypatch):
+    """The SFT stage's own line advises train.resume_from_checkpoint=auto, which `demo` does not take."""
+    write = MetricsWriter.write
+
+    def write_then_signal(self, step, values):
+        write(self, step, values)
+        os.kill(os.getpid(), signal.SIGINT)  # as a Ctrl-C while SFT's step 1 finishes
+
+    monkeypatch.setattr(MetricsWriter, "write", write_then_signal)
+    assert main(["demo", "--quick", "--output-dir", str(tmp_path), "mpo_steps=0", "num_eval=1"]) == 130
+    err = capsys.readouterr().err
+    assert err.endswith(f"demo interrupted; it does not resume: the same command starts it over (in {tmp_path})\n")
+    assert "resume_from_checkpoint" not in err and not (tmp_path / "report.json").exists()
+
+
+def test_cpu_threads_leave_the_cores_other_processes_use():
+    assert cpu_threads(cores=2, load=0.1) == 2  # an idle machine: every core
+    assert cpu_threads(cores=2, load=2.7) == 1  # busy: one thread, never none
+    assert cpu_threads(cores=16, load=3.2) == 13
+    assert cpu_threads(cores=4, load=0.0) == 4
+    assert 1 <= cpu_threads() <= (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
 
 
 def test_task_is_deterministic_and_in_the_cot_format(tmp_path):

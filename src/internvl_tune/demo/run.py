@@ -31,9 +31,9 @@ passes when the last SFT loss is below the first.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -41,7 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from internvl_tune.atomic import atomic_write_bytes
+import torch
+
 from internvl_tune.config import DataArgs, ModelArgs, MPOArgs, MPOConfig, SFTConfig, TrainArgs
 from internvl_tune.demo.task import QUESTION_TYPES, make_pairs, make_task, task_texts
 from internvl_tune.errors import UserError
@@ -51,6 +52,7 @@ from internvl_tune.generation.base import SamplingParams
 from internvl_tune.generation.hf import HFBackend
 from internvl_tune.model.load import load_model
 from internvl_tune.model.prepare import sample_settings
+from internvl_tune.plot import import_pyplot, save_figure
 from internvl_tune.preference_data.pairs import build_pairs
 from internvl_tune.preference_data.sample import sample_responses
 from internvl_tune.recipes import mpo, sft
@@ -119,6 +121,8 @@ class DemoSettings:
     """colour_accuracy: colour accuracy after SFT >= pass_threshold and, with MPO, held-out reward accuracy > 0.5;
     loss_decrease: last SFT loss < first."""
     pass_threshold: float = 0.9
+    num_threads: int = 0
+    """torch's CPU threads; 0: the free cores (`cpu_threads`), or OMP_NUM_THREADS when it is set."""
 
     def quick(self) -> DemoSettings:
         """A shortened copy for tests: a few steps on a few images; passes when the loss falls."""
@@ -137,9 +141,58 @@ class DemoSettings:
 
 
 def run_demo(settings: DemoSettings) -> dict[str, Any]:
-    """Run the demo as configured, print a summary table and write `output_dir/report.json`; returns the report."""
+    """Run the demo as configured, print a summary table and write `output_dir/report.json`; returns the report.
+
+    Runs on `settings.num_threads` CPU threads (restored afterwards). A Ctrl-C stops it with one line saying that it
+    does not resume (the training stages' own advice, `train.resume_from_checkpoint=auto`, is for `sft` and `mpo`).
+    """
     if settings.pass_criterion not in ("colour_accuracy", "loss_decrease"):
         raise UserError(f"pass_criterion must be colour_accuracy or loss_decrease, got {settings.pass_criterion!r}")
+    if settings.num_threads < 0:
+        raise UserError(f"num_threads must be >= 0 (0: the free cores), got {settings.num_threads}")
+    threads = settings.num_threads or (None if os.environ.get("OMP_NUM_THREADS") else cpu_threads())
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    logger.info("torch CPU threads: %d (%d cores available)", torch.get_num_threads(), available_cores())
+    try:
+        return _run_demo(settings)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(
+            f"demo interrupted; it does not resume: the same command starts it over (in {settings.output_dir})"
+        ) from None
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, where the OS has one), not all the machine's."""
+    if hasattr(os, "sched_getaffinity"):  # Linux; macOS and Windows have none
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def cpu_threads(cores: int | None = None, load: float | None = None) -> int:
+    """CPU threads for torch: the available cores less those other processes keep busy (the 1-minute load
+    average), at least one.
+
+    Why not torch's default of one thread per core: each op splits its work over every thread and waits for the
+    slowest, so a thread whose core another process holds stalls the op until the scheduler runs it. On a 2-core
+    machine shared with other jobs (load 2-7), 40 SFT steps of the demo's model took 4 to 94 s at 2 threads and 5
+    to 11 s at 1; on an idle machine every core is used.
+
+    Example: 2 cores at load 0.1 -> 2; 2 cores at load 2.7 -> 1; 16 cores at load 3.2 -> 13.
+    """
+    cores = available_cores() if cores is None else cores
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except (AttributeError, OSError):  # no load average (Windows)
+            load = 0.0
+    return max(1, min(cores, round(cores - load)))
+
+
+def _run_demo(settings: DemoSettings) -> dict[str, Any]:
     output_dir = Path(settings.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
@@ -299,10 +352,10 @@ def run_mpo_stages(
     pairs = build_pairs([sampled.output], output_dir / "pairs", seed=settings.seed, image_root=task.root)
     print(pairs.format())
     truth_pairs = make_pairs(task, settings.seed)
-    meta = pairs.meta_path
+    meta, num_pairs = pairs.meta_path, pairs.num_pairs
     if meta is None:
         logger.warning("no question got both a right and a wrong answer: MPO on ground-truth pairs instead")
-        meta = truth_pairs.train_meta
+        meta, num_pairs = truth_pairs.train_meta, truth_pairs.num_train
     times["pairs"] = time.perf_counter() - stage
 
     stage = time.perf_counter()
@@ -346,7 +399,11 @@ def run_mpo_stages(
             "num_incorrect": counts.num_incorrect,
             "num_unparseable": counts.num_unparseable,
         },
-        "pairs": {**counts.num_pairs, "source": "sampled" if pairs.meta_path else "ground truth (no sampled pairs)"},
+        "pairs": {
+            "num_pairs": num_pairs,  # in the data MPO trained on
+            "source": "sampled" if pairs.meta_path else "ground truth (no sampled pairs)",
+            "sampled": counts.num_pairs,  # by kind (build-pairs' correctness and format pairs)
+        },
         "reward_accuracy": rewards,
         "losses": [row["loss"] for row in rows],
         "reward_margins": [row["rewards/margins"] for row in rows],
@@ -357,14 +414,11 @@ def run_mpo_stages(
 
 def plot_curves(report: dict[str, Any], path: Path) -> str | None:
     """`path`: the SFT and MPO loss, the MPO reward margin per step, and the accuracy per question type at each
-    stage, side by side; None (with a note) when matplotlib is not installed."""
+    stage, side by side; None (with a warning) when matplotlib is not installed."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only: no display needed
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.info("matplotlib is not installed: no plot (pip install 'internvl-tune[plot]')")
+        plt = import_pyplot()
+    except UserError as e:
+        logger.warning("no %s: %s", path.name, e)
         return None
     mpo_run = report["mpo"]
     fig, (loss, margin, accuracy) = plt.subplots(1, 3, figsize=(15, 4))
@@ -382,11 +436,7 @@ def plot_curves(report: dict[str, Any], path: Path) -> str | None:
     accuracy.set(title="benchmark accuracy (judge, CoT prompt)", ylim=(-0.05, 1.05))
     accuracy.legend()
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
-    return str(path)
+    return str(save_figure(fig, path))
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -405,7 +455,7 @@ def format_report(report: dict[str, Any]) -> str:
     if report["mpo"]:
         m = report["mpo"]
         lines.append(
-            f"MPO on {sum(v for k, v in m['pairs'].items() if k != 'source')} pairs ({m['pairs']['source']}) from "
+            f"MPO on {m['pairs']['num_pairs']} pairs ({m['pairs']['source']}) from "
             f"{m['sampling']['num_responses']} sampled answers; held-out reward accuracy "
             f"{m['reward_accuracy']['reward_accuracy']:.1%}"
         )

@@ -217,6 +217,8 @@ _ANSWERS = {"colour": tuple(COLOURS), "count": NUMBER_WORDS, "shape": SHAPES}
 class PairPaths:
     train_meta: Path
     eval_meta: Path
+    num_train: int
+    """Pairs in the training file (one per training question)."""
 
 
 def make_pairs(paths: TaskPaths, seed: int) -> PairPaths:
@@ -260,4 +262,4 @@ def make_pairs(paths: TaskPaths, seed: int) -> PairPaths:
             json.dumps({f"{DATASET_NAME}_pairs_{name}": {"root": "images", "annotation": f"pairs_{name}.jsonl"}})
         )
         written.append(meta)
-    return PairPaths(*written)
+    return PairPaths(*written, num_train=len(train))
