@@ -13,7 +13,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet -e ".[test,plot]"  # plot: the demo's curves.png and `internvl-tune plot`
 	touch $@
 
 venv: $(BIN)/.installed
@@ -30,7 +30,7 @@ $(VENV_MIN)/.installed: pyproject.toml tools/min_requirements.py
 	$(VENV_MIN)/bin/pip install --quiet $(TORCH_SPEC)
 	$(PYTHON) tools/min_requirements.py > $(VENV_MIN)/min-requirements.txt
 	$(VENV_MIN)/bin/pip install --quiet -r $(VENV_MIN)/min-requirements.txt
-	$(VENV_MIN)/bin/pip install --quiet -e ".[test]" -c $(VENV_MIN)/min-requirements.txt
+	$(VENV_MIN)/bin/pip install --quiet -e ".[test,plot]" -c $(VENV_MIN)/min-requirements.txt
 	touch $@
 
 test-min: $(VENV_MIN)/.installed
