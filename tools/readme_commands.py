@@ -48,7 +48,8 @@ STANDINS = {
     "data/meta.json": "8 SFT records of the demo's shapes task, images included (internvl_tune.demo.task)",
     "MMPR/meta.json": "8 MMPR pairs of the same task (internvl_tune.demo.task.make_pairs)",
     "data/images": "the images of data/meta.json",
-    "data/benchmark.jsonl": "the shapes task's benchmark (make_task): 3 questions on a held-out image",
+    "data/benchmark.jsonl": "the shapes task's benchmark (make_task): 3 questions on a held-out image, its path "
+    "relative to data/images (the README's --image-root)",
     "responses": "responses as `sample` writes them to the benchmark's questions: one right and one wrong answer each",
     "data/prompts.jsonl": "the benchmark's questions as a prompt file: {image, question, answer}",
     "data/captions.jsonl": "the benchmark's questions with their answers as chosen: {image, question, chosen}",
@@ -89,6 +90,7 @@ RULES = (
     Rule(r"make test$", skip="the test suite: out of scope here"),
     Rule(r"make test-min$", skip="builds .venv-min from the network, then the test suite: out of scope here"),
     Rule(r"python -m venv ", skip="GPU install: creates and activates another environment"),
+    Rule(r"\. \.venv/bin/activate$", skip="activates .venv: every run here has the venv's bin first on PATH"),
     Rule(r"pip install ", skip="GPU install: installs packages into the active environment"),
     Rule(r"accelerate launch --num_processes 8 ", skip="8 processes (GPUs); `...` stands for a run file"),
     Rule(r"accelerate launch --config_file configs/accelerate/", skip="DeepSpeed ZeRO-3 on 8 GPUs"),
@@ -97,7 +99,7 @@ RULES = (
     Rule(r"internvl-tune sample .*--backend server", skip="needs the vLLM server of the line before"),
     Rule(r"internvl-tune (sample|dropout-ntp) ", append=GENERATION_APPENDED),
     Rule(r"internvl-tune eval ", append=EVAL_APPENDED),
-    Rule(r"internvl-tune (precompute-ref|check-data|convert|export|chat|build-pairs) "),
+    Rule(r"internvl-tune (precompute-ref|check-data|convert|export|chat|build-pairs|tiny-model|plot) "),
 )
 
 
@@ -159,8 +161,12 @@ def unresolved_paths(commands: list[Command]) -> list[str]:
         tokens = shlex.split(command.text)
         if tokens[1] in ("convert", "export"):
             produced.add(_key(tokens[3]))  # internvl-tune convert|export SRC DST ...
-        if "--out" in tokens:
-            produced.add(_key(tokens[tokens.index("--out") + 1]))  # an output folder, and what is in it
+        if tokens[1] == "tiny-model":
+            produced.add(_key(tokens[2]))  # internvl-tune tiny-model OUT [--data DIR]
+        for option in ("--out", "--data"):
+            if option in tokens:
+                produced.add(_key(tokens[tokens.index(option) + 1]))  # an output folder, and what is in it
+        produced.update(_key(t.partition("=")[2]) for t in tokens if t.partition("=")[0].endswith("output_dir"))
         for path in map(_key, _named_paths(tokens)):
             made = path in produced or any(path.startswith(folder + "/") for folder in produced)
             known = (REPO / path).is_file() if path.startswith("configs/") else path in STANDINS or made
@@ -206,11 +212,13 @@ def build_standins(root: Path) -> None:
         save_tiny_model(root / name, seed=seed)
     build_original_checkpoint(root / "InternVL2_5-8B", llm="internlm2")
     data = make_task(root / "data", num_train=8, num_eval=1, seed=0)
+    benchmark = [json.loads(line) for line in data.benchmark.read_text().splitlines()]
+    for record in benchmark:
+        record["image"] = record["image"].removeprefix("images/")  # relative to data/images, the README's --image-root
+    data.benchmark.write_text("".join(json.dumps(r) + "\n" for r in benchmark))
     responses = []
-    for line in data.benchmark.read_text().splitlines():
-        record = json.loads(line)
-        image = record["image"].removeprefix("images/")  # relative to data/images, the README's --image-root
-        question, answer = record["question"], record["answer"]
+    for record in benchmark:
+        image, question, answer = record["image"], record["question"], record["answer"]
         item = {"image": image, "question": question, "answer": answer, "prompt_version": "en"}
         item["question_orig"] = question
         for said in (answer, "I cannot tell"):

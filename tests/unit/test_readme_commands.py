@@ -31,6 +31,9 @@ def test_every_readme_command_has_a_rule_and_its_paths_have_stand_ins(tool):
     assert tool.unresolved_paths(commands) == []
     run = [c.text for c in commands if not tool.rule_for(c).skip]
     assert sum(t.startswith("internvl-tune ") for t in run) >= 8
+    # The first section tries the commands on what `tiny-model` writes, and the paths it names are that output's.
+    first = next(i for i, t in enumerate(run) if t.startswith("internvl-tune tiny-model "))
+    assert run[first + 1].startswith("internvl-tune check-data tiny-data/")
 
 
 def test_extraction_cuts_comments_joins_continuations_and_reads_inline_make(tool):
