@@ -3,7 +3,7 @@ demo's `curves.png` is saved the same way. matplotlib is optional: `pip install 
 
 One panel per group of metrics that the run logged (the names of docs/metrics.md), against the step:
 
-    loss              loss, and MPO's terms loss/<type> (unweighted)
+    loss              loss, and MPO's terms loss/<type> (unweighted); log scale
     rewards           rewards/chosen, rewards/rejected, rewards/margins, delta (MPO)
     reward accuracy   rewards/accuracies (MPO)
     learning rate     lr
@@ -110,6 +110,8 @@ def plot_metrics(run: str | Path, out: str | Path | None = None) -> Path:
         for name, (steps, values) in curves.items():
             ax.plot(steps, values, label=name, marker="." if len(steps) < 30 else None)
         ax.set(title=title, xlabel="step")
+        if title == "loss" and all(v > 0 for _, values in curves.values() for v in values):
+            ax.set_yscale("log")  # a loss falls by orders of magnitude; its late steps would be a flat line
         if len(curves) > 1:
             ax.legend(fontsize="small")
     for ax in axes.flat[len(panels) :]:
