@@ -346,7 +346,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _tiny_model(args: argparse.Namespace) -> int:
-    from internvl_tune.testing.tiny_folder import write_tiny_model
+    from internvl_tune.demo.tiny_folder import write_tiny_model
 
     print(write_tiny_model(args.out, layout=args.layout, data=args.data, seed=args.seed).format())
     return 0

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from internvl_tune.atomic import atomic_write_bytes
+from internvl_tune.errors import MissingPathError, UserError
 from internvl_tune.training.metrics import read_metrics
 
 PLOT_EXTRA = 'pip install "internvl-tune[plot]"'
@@ -41,12 +42,12 @@ _COLUMNS = 3
 
 
 def import_pyplot():
-    """matplotlib.pyplot on its file-only backend (no display needed); a ValueError naming the extra to install
+    """matplotlib.pyplot on its file-only backend (no display needed); a UserError naming the extra to install
     when matplotlib is missing (the CLI prints it as its one error line)."""
     try:
         import matplotlib
     except ImportError as e:
-        raise ValueError(f"plotting needs matplotlib: {PLOT_EXTRA}") from e
+        raise UserError(f"plotting needs matplotlib: {PLOT_EXTRA}") from e
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -92,7 +93,7 @@ def metrics_path(run: str | Path) -> Path:
     run = Path(run)
     path = run / METRICS_FILE if run.is_dir() else run
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file (a run folder of `sft` or `mpo` holds {METRICS_FILE})")
+        raise MissingPathError(f"{path}: no such file (a run folder of `sft` or `mpo` holds {METRICS_FILE})")
     return path
 
 
@@ -102,7 +103,7 @@ def plot_metrics(run: str | Path, out: str | Path | None = None) -> Path:
     path = metrics_path(run)
     panels = metric_panels(read_metrics(path))
     if not panels:
-        raise ValueError(f"{path}: no logged step to plot")
+        raise UserError(f"{path}: no logged step to plot")
     plt = import_pyplot()
     num_rows = -(-len(panels) // _COLUMNS)
     fig, axes = plt.subplots(num_rows, _COLUMNS, figsize=(5 * _COLUMNS, 3.6 * num_rows), squeeze=False)

@@ -7,7 +7,7 @@ import pytest
 
 from internvl_tune.checkpoints.convert import is_original_checkpoint
 from internvl_tune.cli import main
-from internvl_tune.testing.tiny_folder import NUM_EVAL, NUM_PROMPTS, NUM_TRAIN
+from internvl_tune.demo.tiny_folder import NUM_EVAL, NUM_PROMPTS, NUM_TRAIN
 
 RUN = ["grad_checkpoint=false", "max_dynamic_patch=2", "per_device_train_batch_size=4", "warmup_ratio=0"]
 

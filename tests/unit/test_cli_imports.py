@@ -65,6 +65,8 @@ def test_setting_and_path_mistakes_import_no_torch(tmp_path):
         ["sample", missing, "--out", tmp_path / "out", "--model", model],
         ["eval", missing, "--out", tmp_path / "out", "--model", model],
         ["build-pairs", missing, "--out", tmp_path / "out"],
+        ["plot", missing],
+        ["tiny-model", tmp_path / "out", "--data", missing / ".." / "out"],  # one folder for both: refused
     ]
     result = _in_fresh_interpreter(
         f"""

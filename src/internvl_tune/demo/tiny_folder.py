@@ -20,12 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from transformers.utils import logging as transformers_logging
-
 from internvl_tune.atomic import atomic_dir
-from internvl_tune.demo.task import make_pairs, make_task, task_texts
-from internvl_tune.testing.original_checkpoint import build_original_checkpoint
-from internvl_tune.testing.tiny import build_tiny_tokenizer, save_tiny_model
+from internvl_tune.errors import UserError
 
 LAYOUTS = ("hf", "original")
 # Sizes of the dataset: enough for a few training steps and a benchmark with every question type.
@@ -61,13 +57,20 @@ def write_tiny_model(
     files there. Each folder is written under a temporary name and renamed when complete; an existing non-empty
     folder is refused (nothing is overwritten)."""
     if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+        raise UserError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     targets = [Path(out)] + ([Path(data)] if data is not None else [])
     if len(targets) == 2 and targets[0].resolve() == targets[1].resolve():
-        raise ValueError(f"{out}: the model and the data need two folders")
+        raise UserError(f"{out} and {data}: the model and the data need two folders")
     for path in targets:
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise FileExistsError(f"{path} exists and is not empty: name a new folder or remove it")
+            raise UserError(f"{path} exists and is not empty: name a new folder or remove it")
+
+    # The arguments are checked before torch and transformers load: a mistake is reported in a second.
+    from transformers.utils import logging as transformers_logging
+
+    from internvl_tune.demo.task import make_pairs, make_task, task_texts
+    from internvl_tune.testing.original_checkpoint import build_original_checkpoint
+    from internvl_tune.testing.tiny import build_tiny_tokenizer, save_tiny_model
 
     texts = task_texts()  # the task's prompts and answers tokenize compactly
     bar = transformers_logging.is_progress_bar_enabled()
