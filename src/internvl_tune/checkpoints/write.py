@@ -32,6 +32,7 @@ from internvl_tune.checkpoints.convert import (
     hf_to_original_tensors,
     is_original_checkpoint,
     iter_original_as_hf,
+    original_lora_ranks,
     original_to_hf_config,
     read_json,
     read_shard,
@@ -207,6 +208,14 @@ def export_checkpoint(
         tokenizer = load_tokenizer(src)
         metadata = read_metadata(src) or metadata_for(model.config, checkpoint_settings(base_dir))
     else:
+        if merge_lora_adapters and not (
+            is_original_checkpoint(src) and any(original_lora_ranks(read_json(src / "config.json")))
+        ):
+            logger.warning(
+                "%s holds no LoRA adapters (no adapter_config.json, no unmerged LoRA weights): nothing was merged, the "
+                "model is exported as it is (a LoRA run's adapters are in its final_adapter/)",
+                src,
+            )
         save_dtype = resolve_dtype(dtype, src)
         model, tokenizer = load_model(src)
         metadata = metadata_for(model.config, checkpoint_settings(src))
