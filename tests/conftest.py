@@ -13,6 +13,16 @@ from internvl_tune.testing.tiny import build_tiny_tokenizer, save_tiny_model
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def user_cache(tmp_path_factory) -> Path:
+    """The package's user cache (weights fingerprints, lengths of read-only data) in a folder of the test session,
+    not the home directory; subprocesses inherit it."""
+    path = tmp_path_factory.mktemp("xdg_cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(path))
+        yield path
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return build_tiny_tokenizer()

@@ -92,6 +92,7 @@ def _check_data(args: argparse.Namespace) -> int:
         packing=PackingSettings(
             d.max_packed_tokens, d.num_images_expected, d.max_buffer_size, d.oversize_sample
         ),  # what packing with the run's budgets (or the defaults) would do
+        packs=d.packing,  # and whether a sample over them is refused, as the run would
     )
     print(report.format(max_listed=args.max_listed))
     if args.json:

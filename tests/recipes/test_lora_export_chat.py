@@ -11,6 +11,7 @@ from internvl_tune.checkpoints.write import EXTRA_WEIGHTS_FILE
 from internvl_tune.cli import main
 from internvl_tune.model.load import load_model
 from internvl_tune.model.lora import load_adapter
+from internvl_tune.testing.original_checkpoint import build_original_checkpoint
 from internvl_tune.testing.parity import multimodal_inputs
 from internvl_tune.training.metrics import read_metrics
 
@@ -81,6 +82,22 @@ def test_export_merge_lora_equals_the_unmerged_model_in_both_layouts(lora_run, t
         model, _ = load_model(root / folder)
         torch.testing.assert_close(_logits(model, tokenizer), expected, atol=1e-5, rtol=1e-5)
     assert json.loads((root / "merged_orig" / "config.json").read_text())["architectures"] == ["InternVLChatModel"]
+
+
+def test_merge_lora_on_a_folder_without_adapters_says_nothing_was_merged(tmp_path, tiny_model_dir, caplog):
+    """A full model folder (e.g. `final/` instead of `final_adapter/`) is exported as it is, and the run says so; it
+    said nothing. An original-layout folder with unmerged LoRA weights is merged, without the warning."""
+    with caplog.at_level("WARNING"):
+        assert main(["export", str(tiny_model_dir), str(tmp_path / "out"), "--merge-lora"]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(f"{tiny_model_dir} holds no LoRA adapters" in w and "nothing was merged" in w for w in warnings)
+    assert (tmp_path / "out" / "config.json").is_file()
+
+    caplog.clear()
+    build_original_checkpoint(tmp_path / "orig_lora", llm_lora_rank=2)
+    with caplog.at_level("WARNING"):
+        assert main(["export", str(tmp_path / "orig_lora"), str(tmp_path / "merged"), "--merge-lora"]) == 0
+    assert not [r for r in caplog.records if "nothing was merged" in r.getMessage()]
 
 
 def test_adapter_folder_without_merge_flag_is_refused_in_one_line(lora_run, capsys):

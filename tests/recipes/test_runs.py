@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -190,35 +191,70 @@ def test_a_folder_without_a_run_is_used(tmp_path, config):
     assert _sft(config, out, "max_steps=1") == 0
 
 
+# The run's process, with step 1's metrics line followed by a wait for the file named first: the test sends the
+# signal while step 1 is ending, so the run has no step to race through before the signal lands.
+_WAIT_AFTER_STEP_1 = """
+import sys, time
+from pathlib import Path
+from internvl_tune.cli import main
+from internvl_tune.training.metrics import MetricsWriter
+
+go, write = Path(sys.argv[1]), MetricsWriter.write
+
+def write_then_wait(self, step, values):
+    write(self, step, values)
+    while not go.exists():
+        time.sleep(0.01)
+
+MetricsWriter.write = write_then_wait
+sys.exit(main(sys.argv[2:]))
+"""
+
+
 def test_ctrl_c_saves_a_checkpoint_and_exits_with_one_line_then_auto_resume_finishes(tmp_path, config):
     """Ctrl-C after the first step (SIGINT to the process group, data loader workers included): the run saves at
     the next step boundary and exits 130 with one line; a resume with auto trains to the end, and each step appears
-    once in metrics.jsonl."""
-    out = tmp_path / "run"
+    once in metrics.jsonl. The run waits after step 1's metrics until the test has seen it take the signal, so it
+    always stops at step 1 (a fast run used to finish all 6 steps before the signal arrived)."""
+    out, go = tmp_path / "run", tmp_path / "go"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    command = [sys.executable, "-m", "internvl_tune.cli", "sft", "--config", str(config), *BASE]
+    argv = ["sft", "--config", str(config), *BASE, f"output_dir={out}", "max_steps=6", "dataloader_num_workers=1"]
     run = subprocess.Popen(
-        [*command, f"output_dir={out}", "max_steps=6", "dataloader_num_workers=1"],
+        [sys.executable, "-c", _WAIT_AFTER_STEP_1, str(go), *argv],
         stderr=subprocess.PIPE,
         text=True,
         env=env,
         start_new_session=True,  # its own process group, as a terminal's foreground job
     )
-    metrics = out / "metrics.jsonl"
-    deadline = time.monotonic() + 240
-    while not (metrics.is_file() and metrics.read_text().strip()) and run.poll() is None:
-        assert time.monotonic() < deadline, "no step finished"
-        time.sleep(0.05)
-    os.killpg(run.pid, signal.SIGINT)
-    _, err = run.communicate(timeout=240)
+    lines, taken = [], threading.Event()
+
+    def read_stderr():
+        for line in run.stderr:
+            lines.append(line)
+            if "SIGINT: stopping after this step" in line:
+                taken.set()
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    try:
+        metrics = out / "metrics.jsonl"
+        deadline = time.monotonic() + 600  # only turns a hang into a failure
+        while not (metrics.is_file() and metrics.read_text().strip()):
+            assert run.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
+            time.sleep(0.05)
+        os.killpg(run.pid, signal.SIGINT)
+        assert taken.wait(timeout=600), "".join(lines)[-3000:]
+        go.touch()
+        run.wait(timeout=600)
+        reader.join(timeout=60)
+    finally:
+        run.kill()
+    err = "".join(lines)
     assert run.returncode == 130, err[-3000:]
     assert "Traceback" not in err and err.count("SIGINT: stopping after this step") == 1  # workers ignore it
     last = err.strip().splitlines()[-1]
-    step = len(_rows(out))
-    assert last == (
-        f"interrupted at step {step}: saved {out}/checkpoint-{step}; resume with train.resume_from_checkpoint=auto"
-    )
-    assert 1 <= step < 6 and not (out / "final").exists()
+    assert last == f"interrupted at step 1: saved {out}/checkpoint-1; resume with train.resume_from_checkpoint=auto"
+    assert len(_rows(out)) == 1 and not (out / "final").exists()
 
     assert _sft(config, out, "max_steps=6", "dataloader_num_workers=1", "resume_from_checkpoint=auto") == 0
     assert [r["step"] for r in _rows(out)] == list(range(1, 7))

@@ -1,9 +1,10 @@
 """check-data: integer histograms, empty answers, original-layout models, MPO run files."""
 
 import re
+from pathlib import Path
 
 import pytest
-from conftest import make_colour_dataset, write_jsonl, write_meta
+from conftest import draw_image, make_colour_dataset, write_jsonl, write_meta
 
 from internvl_tune.cli import main
 from internvl_tune.data.check import histogram
@@ -99,3 +100,53 @@ def test_check_data_takes_an_mpo_run_file(tmp_path, tiny_model_dir, capsys):
         out = capsys.readouterr().out
         assert "errors: 0" in out and "padding waste at batch size 2" in out
         assert " in 4 tiles" in out  # one per image: max_dynamic_patch=1 comes from the run file
+
+
+def _video_dataset(root: Path) -> Path:
+    """Two one-tile images, a text record (lines 1-3) and four records of a 12-frame video (lines 4-7)."""
+    frames = root / "images" / "clip"
+    frames.mkdir(parents=True)
+    for k in range(12):
+        draw_image(frames / f"{k}.png", (56, 56), "red")
+    video = {"video": "clip", "conversations": [{"from": "human", "value": "Colour?"}, {"from": "gpt", "value": "red"}]}
+    return make_colour_dataset(root, num=2, extra_records=[video] * 4)
+
+
+VIDEO_DATA = "min_num_frame: 1, max_num_frame: 12, max_dynamic_patch: 1, num_images_expected: 8"
+
+
+def test_check_data_reports_what_packed_training_refuses(tmp_path, tiny_model_dir, capsys):
+    """Videos of 1 to 12 frames (one tile each) against a budget of 8 tiles: a draw may fit, the most frames a video
+    can get does not. Packed training plans with that maximum and refuses each one; check-data measured one draw and
+    printed "0 over budget" (here 3, one of its draws had 8 frames), exit 0. Now it reports every sample training
+    refuses, with training's message, and the packing line counts them."""
+    meta = _video_dataset(tmp_path / "data")
+    run_file = tmp_path / "sft.yaml"
+    run_file.write_text(
+        f"data: {{packing: true, {VIDEO_DATA}, meta_path: {meta}}}\nmodel: {{model_name_or_path: {tiny_model_dir}}}\n"
+        f"train: {{output_dir: {tmp_path / 'run'}, max_steps: 1}}\n"
+    )
+    assert main(["check-data", str(meta), "--model", str(tiny_model_dir), "--config", str(run_file)]) == 1
+    out = capsys.readouterr().out
+    refused = [line.strip() for line in out.splitlines() if "more than a packed row holds" in line]
+    assert [line.split(":")[1] for line in refused] == ["4", "5", "6", "7"]  # the four videos, by file:line
+    assert "over packing budget: 4" in out and "4 over budget (error: refused)" in out
+
+    assert main(["sft", "--config", str(run_file)]) == 2  # training stops on the first, with the same message
+    error = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("error: "))
+    assert error.removeprefix("error: ") in refused
+
+
+@pytest.mark.parametrize("packing", ["packing: false", "packing: true, oversize_sample: alone"])
+def test_check_data_counts_over_budget_samples_without_refusing_them_when_training_does_not(
+    tmp_path, tiny_model_dir, capsys, packing
+):
+    """Without data.packing, or with oversize_sample=alone, training refuses nothing: the packing line counts the
+    videos over budget and they are no errors. Each video is checked at its most frames: 2 + 4 x 12 tiles."""
+    meta = _video_dataset(tmp_path / "data")
+    run_file = tmp_path / "sft.yaml"
+    run_file.write_text(f"data: {{{packing}, {VIDEO_DATA}}}\n")
+    assert main(["check-data", str(meta), "--model", str(tiny_model_dir), "--config", str(run_file)]) == 0
+    out = capsys.readouterr().out
+    assert "errors: 0" in out and "more than a packed row holds" not in out
+    assert " in 50 tiles" in out and "4 over budget" in out

@@ -142,26 +142,53 @@ class SlowEcho:
         pass
 
 
+def wait_until(condition, what: str, timeout_s: float = 30.0) -> None:
+    """Poll `condition` until it holds; the timeout only turns a hang into a failure, nothing passes by waiting."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.001)
+
+
+class GatedEcho(SlowEcho):
+    """SlowEcho whose first call waits until `server` holds `num_in_flight` requests (the client's whole bound)."""
+
+    def __init__(self, num_in_flight: int):
+        super().__init__()
+        self.num_in_flight, self.server = num_in_flight, None
+
+    def stream(self, requests):
+        if not self.calls:
+            wait_until(lambda: self.server.in_flight >= self.num_in_flight, "the client's first requests")
+        yield from super().stream(requests)
+
+
 def test_concurrency_bound_is_respected(monkeypatch):
-    """The client holds at most 3 requests at once, and the server counts no more. Writing an answer back is slowed
-    down: a server that counted a request until its answer was written would count the client's next one too."""
+    """The client holds at most 3 requests at once, and the server counts no more, in steps that do not depend on
+    timing: the model answers nothing until the server holds the client's first 3 requests (so the most is at least
+    3), and each answer's write-back waits until the client's next request has arrived. A server that counted a
+    request until its answer was written (the bug) counts that request and the next one together: 4."""
     from internvl_tune.generation import serve
 
     send = serve._Handler._send
+    num_requests = 10
 
-    def slow_send(self, status, payload):
+    def send_then_wait_for_the_next_request(self, status, payload):
+        seen = self.server.num_requests
         send(self, status, payload)
         self.wfile.flush()
-        time.sleep(0.05)
+        wait_until(lambda: self.server.num_requests > seen or seen == num_requests, "the client's next request")
 
-    monkeypatch.setattr(serve._Handler, "_send", slow_send)
-    server = start_server(SlowEcho(delay=0.1), max_batch=1)
+    monkeypatch.setattr(serve._Handler, "_send", send_then_wait_for_the_next_request)
+    backend = GatedEcho(num_in_flight=3)
+    server = start_server(backend, max_batch=1)
+    backend.server = server
     try:
         client = ServerBackend(server.base_url, max_concurrency=3)
-        requests = [GenerationRequest(user(f"q{i}"), params=SamplingParams(n=2)) for i in range(10)]
+        requests = [GenerationRequest(user(f"q{i}"), params=SamplingParams(n=2)) for i in range(num_requests)]
         results = client.generate(requests)
-        assert results == [[f"q{i} #0", f"q{i} #1"] for i in range(10)]  # in request order
-        assert server.num_requests == 10
+        assert results == [[f"q{i} #0", f"q{i} #1"] for i in range(num_requests)]  # in request order
+        assert server.num_requests == num_requests
         assert server.max_in_flight == 3
     finally:
         server.shutdown()

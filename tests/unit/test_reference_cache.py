@@ -138,3 +138,42 @@ def test_weights_fingerprint_changes_with_the_weights(tmp_path, tiny_model_dir):
     tensors[name] = tensors[name] + torch.randn_like(tensors[name])
     save_file(tensors, tmp_path / "m" / "model.safetensors", metadata={"format": "pt"})
     assert weights_fingerprint(tmp_path / "m") != original
+
+
+def test_weights_fingerprint_reads_the_weights_only_when_their_stamps_changed(tmp_path, tiny_model_dir, monkeypatch):
+    """It hashed every weight byte at every call (16 GB for an 8B model at each MPO start and LoRA save). Now the
+    fingerprint recorded in the user cache is trusted while each shard's size, mtime, ctime and safetensors header
+    are those it was recorded with; a shard rewritten under the same name (mtime put back) is hashed again. The value
+    is still the SHA-256 of the names and bytes, so fingerprints recorded before stay valid."""
+    import hashlib
+    import shutil
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    model = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, model)
+    weights = model / "model.safetensors"
+    expected = hashlib.sha256(b"model.safetensors" + weights.read_bytes()).hexdigest()[:32]
+    assert weights_fingerprint(model) == expected
+    (record,) = (tmp_path / "cache" / "internvl_tune" / "fingerprints").glob("v1-*.json")
+    stamps = json.loads(record.read_text())
+    assert stamps[str(model.resolve())][-1] == expected
+
+    stamps[str(model.resolve())][-1] = "from-the-record"  # what a call that reads nothing can only have from there
+    record.write_text(json.dumps(stamps))
+    assert weights_fingerprint(model) == "from-the-record"
+
+    stat = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one weight byte: same size, same header
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    changed = hashlib.sha256(b"model.safetensors" + bytes(data)).hexdigest()[:32]
+    assert weights_fingerprint(model) == changed != expected
+    assert weights_fingerprint(model) == changed  # and recorded again
+
+
+def test_weights_fingerprint_without_a_writable_user_cache(tmp_path, tiny_model_dir, monkeypatch):
+    blocked = tmp_path / "not_a_folder"
+    blocked.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))
+    assert weights_fingerprint(tiny_model_dir) == weights_fingerprint(tiny_model_dir)

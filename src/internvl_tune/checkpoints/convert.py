@@ -535,9 +535,14 @@ def hf_module_name(disk_name: str) -> str:
     raise ConversionError(f"unexpected weight name {disk_name!r} in an HF InternVL checkpoint")
 
 
+def original_lora_ranks(original: dict[str, Any]) -> tuple[int, int]:
+    """(LLM rank, ViT rank) of the unmerged LoRA weights an original-layout config declares; 0 for none."""
+    return int(original.get("use_llm_lora", 0)), int(original.get("use_backbone_lora", 0))
+
+
 def _original_tensors(path: Path, original: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
     """Original-layout tensors of a checkpoint: shard by shard, or all at once when LoRA must be merged."""
-    llm_rank, vit_rank = int(original.get("use_llm_lora", 0)), int(original.get("use_backbone_lora", 0))
+    llm_rank, vit_rank = original_lora_ranks(original)
     files = weight_files(path)
     if llm_rank or vit_rank:
         tensors: dict[str, torch.Tensor] = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from internvl_tune.atomic import atomic_write_text
 from internvl_tune.checkpoints.convert import (
     ConversionError,
     check_complete,
@@ -35,7 +37,10 @@ from internvl_tune.checkpoints.convert import (
 )
 from internvl_tune.checkpoints.metadata import checkpoint_settings, metadata_for, set_chat_template
 from internvl_tune.constants import IMG_CONTEXT_TOKEN
+from internvl_tune.digests import StampedDigests, file_stamp, hash_files, user_cache_dir
 from internvl_tune.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 
 def read_config_json(path: str | Path) -> dict:
@@ -135,19 +140,41 @@ def load_original(
     return model, tokenizer
 
 
+FINGERPRINT_VERSION = 1  # of the stamps kept in the user cache: a new one ignores the old
+
+
 def weights_fingerprint(path: str | Path) -> str:
     """SHA-256 over a checkpoint's weight files (names and full contents), so any changed weight is noticed.
 
-    Hashing runs at about 1-2 GB/s; a progress bar shows for checkpoints over 1 GB.
+    The bytes are read only when the files' stamps (sizes, mtimes, ctimes and safetensors headers:
+    `internvl_tune.digests`) differ from those recorded with this folder's last fingerprint in the user cache
+    (`~/.cache/internvl_tune/fingerprints/`); otherwise the recorded fingerprint is returned after a stat and a
+    header read per shard. So an MPO start, a `precompute-ref` and every LoRA save cost milliseconds instead of
+    reading every weight (16 GB for an 8B model), and a rewritten shard is still hashed again. Hashing runs at about
+    1-2 GB/s; a progress bar shows for checkpoints over 1 GB. An unwritable user cache only costs the next call a
+    hash.
     """
     files = weight_files(Path(path))
-    total = sum(f.stat().st_size for f in files)
-    digest = hashlib.sha256()
-    with tqdm(total=total, unit="B", unit_scale=True, desc="fingerprint", disable=total < 1 << 30) as progress:
-        for file in files:
-            digest.update(file.name.encode())
-            with open(file, "rb") as f:
-                while chunk := f.read(1 << 24):
-                    digest.update(chunk)
-                    progress.update(len(chunk))
-    return digest.hexdigest()[:32]
+    key = str(Path(path).resolve())
+    record = user_cache_dir("fingerprints") / (
+        f"v{FINGERPRINT_VERSION}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
+    )
+    try:
+        known = json.loads(record.read_text())
+    except (OSError, ValueError):
+        known = {}  # none yet, or unreadable: hash
+    digests = StampedDigests(known)
+
+    def hash_weights() -> str:
+        total = sum(f.stat().st_size for f in files)
+        with tqdm(total=total, unit="B", unit_scale=True, desc="fingerprint", disable=total < 1 << 30) as progress:
+            return hash_files(files, names=True, progress=progress.update)[:32]
+
+    fingerprint = digests(key, [[f.name, *file_stamp(f)] for f in files], hash_weights)
+    if digests.stamps != known:
+        try:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(record, json.dumps(digests.stamps))
+        except OSError as e:
+            logger.debug("could not record the weights fingerprint of %s in %s: %s", key, record, e)
+    return fingerprint

@@ -3,6 +3,11 @@
 The report gives counts, problems by kind with `file:line`, text / image token and tile histograms, how many
 samples exceed `max_seq_length`, and the padding a batch size would waste. It builds samples with the same
 `SampleBuilder` as training (images are decoded and measured, not transformed), so what passes here trains.
+
+A video is checked at the most frames it can get (`max_num_frame`; training draws between `min_num_frame` and that
+each epoch), and every sample is also measured as packing and length-grouped batching measure it
+(`SampleBuilder.measure`, the planner's maximum): an error there, or a sample over a packed row's budget in a run that
+packs and refuses such samples, is reported with the message training stops with.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from tqdm.auto import tqdm
 
 from internvl_tune.data.dataset import RecordDataset
 from internvl_tune.data.errors import DataError
-from internvl_tune.data.packing import PackingSettings, pack
+from internvl_tune.data.packing import PackingSettings, fits, over_budget_error, pack
 from internvl_tune.data.preference import PairBuilder
 from internvl_tune.data.transform import SampleBuilder, SampleSettings
 
@@ -142,7 +147,8 @@ def pack_report(sizes: list[tuple[int, int]], packing: PackingSettings, seed: in
     """
     order = list(range(len(sizes)))
     random.Random(seed).shuffle(order)
-    over = {i for i in order if sizes[i][0] > packing.max_packed_tokens or sizes[i][1] > packing.num_images_expected}
+    budgets = dict(max_tokens=packing.max_packed_tokens, max_tiles=packing.num_images_expected)
+    over = {i for i in order if not fits(*sizes[i], **budgets)}
     items = [(i, *sizes[i]) for i in order if i not in over]
     rows = list(
         pack(
@@ -173,24 +179,31 @@ def check_data(
     pairs: bool = False,
     progress: bool = True,
     packing: PackingSettings | None = None,
+    packs: bool = False,
 ) -> DataReport:
     """Validate every record of a meta file (SFT conversations, or preference pairs) and collect the report.
 
     For pairs, a sample's length is its longer sequence, prompt + max(chosen, rejected) (what max_seq_length
     limits), and padding and packing are estimated on shared-prefix rows, prompt + chosen + rejected. With `packing`,
-    the report also says what packing with those budgets would do (`pack_report`).
+    the report also says what packing with those budgets would do (`pack_report`), from the lengths training plans
+    with (`measure`); with `packs` too (the run packs), a sample over budget is an error unless `oversize_sample` is
+    `alone`, as in training.
     """
 
     def make_builder(sample_settings: SampleSettings):
         builder = SampleBuilder(tokenizer, sample_settings)
         return PairBuilder(builder) if pairs else builder
 
-    # Measure full lengths: a longer limit during the scan tells "over max_seq_length" apart from other errors.
-    scan = make_builder(replace(settings, max_seq_length=10**9))
+    # Measure full lengths: a longer limit during the scan tells "over max_seq_length" apart from other errors. A
+    # video draws its most frames, so what is checked is the largest sample training can build from it.
+    scan = make_builder(replace(settings, max_seq_length=10**9, min_num_frame=settings.max_num_frame))
     strict = make_builder(settings)
+    refuse_over_budget = packing is not None and packs and packing.oversize_sample == "error"
+    budgets = dict(max_tokens=packing.max_packed_tokens, max_tiles=packing.num_images_expected) if packing else {}
     dataset = RecordDataset(meta_path, scan, seed=seed, require_data_augment=not pairs)
     report = DataReport(max_seq_length=settings.max_seq_length, batch_size=batch_size)
     row_lengths = []
+    planned = []  # (tokens, tiles) as packing plans them: `measure` with the run's settings
     for entry in dataset.entries:
         report.per_dataset[entry.name] = Counter()
     for d, file in enumerate(tqdm(dataset.files, desc="datasets", disable=not progress)):
@@ -211,6 +224,10 @@ def check_data(
                 if length > settings.max_seq_length:
                     report.num_over_max_length += 1
                     strict(record, where, entry, rng, load_pixels=False)  # raises if image tokens would be cut
+                tokens, tiles = strict.measure(record, where, entry)  # raises what planning the run would raise
+                planned.append((tokens, tiles))  # a refused sample too: the packing line counts it over budget
+                if refuse_over_budget and not fits(tokens, tiles, **budgets):
+                    raise over_budget_error(where, tokens, tiles, **budgets)
             except DataError as e:
                 report.problems[e.kind].append(str(e))
                 counts["error"] += 1
@@ -224,6 +241,5 @@ def check_data(
             row_lengths.append(row)
     report.padding_waste = padding_waste(row_lengths, batch_size, seed)
     if packing is not None:
-        sizes = [(min(n, settings.max_seq_length), t) for n, t in zip(row_lengths, report.tiles, strict=True)]
-        report.packing = pack_report(sizes, packing, seed)
+        report.packing = pack_report(planned, packing, seed)
     return report

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from tqdm.auto import tqdm
 
 from internvl_tune.atomic import atomic_write_text
 from internvl_tune.data.errors import DataError
+from internvl_tune.digests import hash_files, user_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -43,19 +43,10 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def cache_paths(annotation: Path, key: str) -> list[Path]:
     """Where the counts of `annotation` under `key` are looked for, in order (beside the data, then the user cache)."""
     name = f"lengths-{annotation.name}-{key}.json"
-    user_cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "internvl_tune" / "lengths"
-    return [annotation.parent / ".internvl_tune_cache" / name, user_cache / name]
+    return [annotation.parent / ".internvl_tune_cache" / name, user_cache_dir("lengths") / name]
 
 
 def dataset_lengths(
@@ -87,7 +78,7 @@ def dataset_lengths(
 
 
 def _file_lengths(entry, file, measure: Measure, settings_fingerprint: str, skip_bad: bool, progress: bool) -> list:
-    key_payload = [CACHE_VERSION, file_sha256(file.path), settings_fingerprint, entry.root, entry.max_dynamic_patch]
+    key_payload = [CACHE_VERSION, hash_files([file.path]), settings_fingerprint, entry.root, entry.max_dynamic_patch]
     key = hashlib.sha256(json.dumps(key_payload).encode()).hexdigest()[:20]
     paths = cache_paths(file.path, key)
     for path in paths:

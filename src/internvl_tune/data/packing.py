@@ -52,6 +52,24 @@ class _Row:
     tiles: int = 0
 
 
+def fits(tokens: int, tiles: int, *, max_tokens: int, max_tiles: int) -> bool:
+    """Whether a sample of `tokens` and `tiles` fits a packed row's budgets (else the packer refuses it or packs it
+    alone, and check-data reports it)."""
+    return tokens <= max_tokens and tiles <= max_tiles
+
+
+def over_budget_error(where: str, tokens: int, tiles: int, *, max_tokens: int, max_tiles: int) -> DataError:
+    """What a sample that does not `fit` is refused with (`oversize_sample: error`): the packer raises it and
+    check-data reports it, word for word."""
+    return DataError(
+        f"{where}: the sample needs {tokens} tokens and {tiles} tiles, more than a packed row holds "
+        f"(max_packed_tokens={max_tokens}, num_images_expected={max_tiles}); raise them, lower "
+        "max_dynamic_patch or max_num_frame, or set data.oversize_sample=alone to train such samples in a row of their "
+        "own",
+        "over packing budget",
+    )
+
+
 def pack(
     items: Iterable[tuple[int, int, int]],
     *,
@@ -70,14 +88,9 @@ def pack(
         raise ValueError(f"oversize_sample must be 'error' or 'alone', got {oversize!r}")
     open_rows: list[_Row] = []  # most tiles first; rows with equal tiles keep their opening order
     for index, tokens, tiles in items:
-        if tokens > max_tokens or tiles > max_tiles:
+        if not fits(tokens, tiles, max_tokens=max_tokens, max_tiles=max_tiles):
             if oversize == "error":
-                raise DataError(
-                    f"{where(index)}: the sample needs {tokens} tokens and {tiles} tiles, more than a packed row holds "
-                    f"(max_packed_tokens={max_tokens}, num_images_expected={max_tiles}); raise them, lower "
-                    "max_dynamic_patch, or set data.oversize_sample=alone to train such samples in a row of their own",
-                    "over packing budget",
-                )
+                raise over_budget_error(where(index), tokens, tiles, max_tokens=max_tokens, max_tiles=max_tiles)
             yield [index]
             continue
         row = next((r for r in open_rows if r.tokens + tokens <= max_tokens and r.tiles + tiles <= max_tiles), None)

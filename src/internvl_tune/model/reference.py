@@ -27,6 +27,7 @@ from internvl_tune.atomic import atomic_write_bytes
 from internvl_tune.data.dataset import RecordDataset
 from internvl_tune.data.errors import DataError
 from internvl_tune.data.preference import pair_media_paths, record_key
+from internvl_tune.digests import StampedDigests, file_stamp, hash_files
 from internvl_tune.model.forward import InternVLTrainingForward
 from internvl_tune.model.logprobs import pair_logps
 
@@ -68,16 +69,17 @@ def frozen_copy(model: nn.Module) -> nn.Module:
 class MediaDigests:
     """Content digests of media files: SHA-256 of the bytes (never decoded), read again only when needed.
 
-    A file whose size, mtime and ctime match a digest recorded with the cache (`known`) keeps that digest without
-    being read; any other file is read and hashed. ctime cannot be set back by tools that preserve mtime (`cp -p`,
-    `rsync -t`, `touch -r`), so a file replaced under the same name is always re-read. A copied or moved dataset is
-    re-read once (its ctimes differ) and still matches. A file that cannot be read digests as "missing", as its pair
-    is skipped or refused when it is built. What each way costs on 10k images: docs/losses.md.
+    A file whose stamp (size, mtime and ctime: `internvl_tune.digests`) matches a digest recorded with the cache
+    (`known`) keeps that digest without being read; any other file is read and hashed. ctime cannot be set back by
+    tools that preserve mtime (`cp -p`, `rsync -t`, `touch -r`), so a file replaced under the same name is always
+    re-read. A copied or moved dataset is re-read once (its ctimes differ) and still matches. A file that cannot be
+    read digests as "missing", as its pair is skipped or refused when it is built. What each way costs on 10k images:
+    docs/losses.md.
     """
 
     def __init__(self, known: dict[str, list] | None = None):
-        self.known = known or {}
-        self.stamps: dict[str, list] = {}  # path -> [size, mtime_ns, ctime_ns, digest] of every file seen this run
+        self._digests = StampedDigests(known)
+        self.stamps = self._digests.stamps  # path -> [size, mtime_ns, ctime_ns, digest] of every file seen this run
 
     def __call__(self, path: str) -> str:
         """The digest of a file, or of a folder of video frames (each file's name and digest, in name order)."""
@@ -92,26 +94,11 @@ class MediaDigests:
 
     def _file(self, path: str) -> str:
         if path in self.stamps:  # one image is often shared by several pairs
-            return self.stamps[path][3]
+            return self.stamps[path][-1]
         try:
-            stat = os.stat(path)
+            return self._digests(path, file_stamp(path), lambda: hash_files([path])[:32])
         except OSError:
             return "missing"
-        stamp = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
-        known = self.known.get(path)
-        if known is not None and list(known[:3]) == stamp:
-            digest = known[3]
-        else:
-            hasher = hashlib.sha256()
-            try:
-                with open(path, "rb") as f:
-                    while chunk := f.read(1 << 20):
-                        hasher.update(chunk)
-            except OSError:
-                return "missing"
-            digest = hasher.hexdigest()[:32]
-        self.stamps[path] = [*stamp, digest]
-        return digest
 
 
 def pair_keys(

@@ -16,7 +16,13 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from internvl_tune.atomic import TMP_MARK, atomic_dir
-from internvl_tune.checkpoints.convert import DEFAULT_MAX_SHARD_BYTES, ConversionError, read_json
+from internvl_tune.checkpoints.convert import (
+    DEFAULT_MAX_SHARD_BYTES,
+    ConversionError,
+    is_original_checkpoint,
+    original_lora_ranks,
+    read_json,
+)
 from internvl_tune.checkpoints.metadata import (
     METADATA_FILE,
     checkpoint_settings,
@@ -137,6 +143,14 @@ def export_checkpoint(
         tokenizer = load_tokenizer(src)
         metadata = read_metadata(src) or metadata_for(model.config, checkpoint_settings(base_dir))
     else:
+        if merge_lora_adapters and not (
+            is_original_checkpoint(src) and any(original_lora_ranks(read_json(src / "config.json")))
+        ):
+            logger.warning(
+                "%s holds no LoRA adapters (no adapter_config.json, no unmerged LoRA weights): nothing was merged, the "
+                "model is exported as it is (a LoRA run's adapters are in its final_adapter/)",
+                src,
+            )
         save_dtype = resolve_dtype(dtype, src)
         model, tokenizer = load_model(src)
         metadata = metadata_for(model.config, checkpoint_settings(src))
