@@ -130,7 +130,10 @@ def test_check_data_reports_what_packed_training_refuses(tmp_path, tiny_model_di
     out = capsys.readouterr().out
     refused = [line.strip() for line in out.splitlines() if "more than a packed row holds" in line]
     assert [line.split(":")[1] for line in refused] == ["4", "5", "6", "7"]  # the four videos, by file:line
-    assert "over packing budget: 4" in out and "4 over budget (error: refused)" in out
+    assert (
+        "over packing budget: 4" in out
+        and "4 over budget (packed training stops on them; data.oversize_sample=alone" in out
+    )
 
     assert main(["sft", "--config", str(run_file)]) == 2  # training stops on the first, with the same message
     error = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("error: "))

@@ -89,8 +89,16 @@ class DataReport:
                 f"packing (max_packed_tokens={p['max_packed_tokens']}, num_images_expected={p['num_images_expected']}, "
                 f"max_buffer_size={p['max_buffer_size']}): {p['num_samples']} samples -> {p['num_rows']} rows, "
                 f"{p['samples_per_row']:.1f} per row, {p['fill_ratio']:.1%} of the token budget filled, "
-                f"{p['num_over_budget']} over budget ({p['oversize_sample']}: "
-                f"{'refused' if p['oversize_sample'] == 'error' else 'trained alone'})"
+                + (
+                    "no sample over budget"
+                    if not p["num_over_budget"]
+                    else f"{p['num_over_budget']} over budget ("
+                    + (
+                        "packed training stops on them; data.oversize_sample=alone trains each in a row of its own)"
+                        if p["oversize_sample"] == "error"
+                        else "data.oversize_sample=alone: each trained in a row of its own)"
+                    )
+                )
             )
         return "\n".join(lines)
 
