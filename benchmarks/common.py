@@ -604,6 +604,23 @@ def summarize_trace(
 # Report helpers.
 
 
+def evict(paths: list[Path]) -> None:
+    """Drop `paths` from the page cache, so the next read is a cold one (the I/O benchmarks)."""
+    os.sync()
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+
+
+def timed(label: str, run: Callable[[], object], *, width: int = 44, precision: int = 2) -> object:
+    """Run `run`, print its wall time on a line labelled `label`, return its result."""
+    start = time.perf_counter()
+    out = run()
+    print(f"  {label:{width}s} {time.perf_counter() - start:{precision + 5}.{precision}f} s")
+    return out
+
+
 def mib(num_bytes: float) -> str:
     return f"{num_bytes / 2**20:,.0f} MiB"
 

@@ -19,8 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
-from collections.abc import Callable
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,9 @@ from PIL import Image
 
 from internvl_tune.data.dataset import RecordDataset
 from internvl_tune.model.reference import MediaDigests, pair_keys
+
+sys.path.insert(0, str(Path(__file__).parent))
+import common  # noqa: E402 (a sibling script module, not a package)
 
 
 def make_images(folder: Path, num: int) -> list[Path]:
@@ -50,21 +52,6 @@ def make_images(folder: Path, num: int) -> list[Path]:
         else:
             image.save(path, quality=int(rng.integers(80, 95)))
     return paths
-
-
-def evict(paths: list[Path]) -> None:
-    os.sync()
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        os.close(fd)
-
-
-def timed(label: str, run: Callable[[], object]) -> object:
-    start = time.perf_counter()
-    out = run()
-    print(f"  {label:44s} {time.perf_counter() - start:7.2f} s")
-    return out
 
 
 def main() -> None:
@@ -93,16 +80,16 @@ def main() -> None:
         return digests
 
     print("media only (MediaDigests over the files):")
-    evict(paths)
-    stamps = timed("cold: read + SHA-256", lambda: digest_all(MediaDigests())).stamps
-    timed("warm: read + SHA-256 (page cache)", lambda: digest_all(MediaDigests()))
-    evict(paths)
-    timed("stat only (size, mtime, ctime match)", lambda: digest_all(MediaDigests(stamps)))
+    common.evict(paths)
+    stamps = common.timed("cold: read + SHA-256", lambda: digest_all(MediaDigests())).stamps
+    common.timed("warm: read + SHA-256 (page cache)", lambda: digest_all(MediaDigests()))
+    common.evict(paths)
+    common.timed("stat only (size, mtime, ctime match)", lambda: digest_all(MediaDigests(stamps)))
     print("start-up check (pair_keys over the dataset):")
-    evict(paths)
-    timed("cold: read + SHA-256", lambda: pair_keys(dataset, MediaDigests(), progress=False))
-    evict(paths)
-    timed("stat only", lambda: pair_keys(dataset, MediaDigests(stamps), progress=False))
+    common.evict(paths)
+    common.timed("cold: read + SHA-256", lambda: pair_keys(dataset, MediaDigests(), progress=False))
+    common.evict(paths)
+    common.timed("stat only", lambda: pair_keys(dataset, MediaDigests(stamps), progress=False))
 
 
 if __name__ == "__main__":

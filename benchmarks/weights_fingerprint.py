@@ -22,8 +22,8 @@ import argparse
 import json
 import os
 import shutil
-import time
-from collections.abc import Callable
+import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -32,6 +32,11 @@ from safetensors.torch import save_file
 from internvl_tune.checkpoints.convert import weight_files
 from internvl_tune.checkpoints.read import weights_fingerprint
 from internvl_tune.digests import hash_files
+
+sys.path.insert(0, str(Path(__file__).parent))
+import common  # noqa: E402 (a sibling script module, not a package)
+
+timed = partial(common.timed, precision=3)  # a stamp check takes milliseconds
 
 SHARD_BYTES = 512 << 20
 
@@ -50,21 +55,6 @@ def make_folder(folder: Path, total_bytes: int) -> None:
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
-def evict(paths: list[Path]) -> None:
-    os.sync()
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        os.close(fd)
-
-
-def timed(label: str, run: Callable[[], object]) -> object:
-    start = time.perf_counter()
-    out = run()
-    print(f"  {label:52s} {time.perf_counter() - start:8.3f} s")
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gb", type=float, default=2.0, help="size of the weights, GB")
@@ -80,13 +70,13 @@ def main() -> None:
         size = sum(f.stat().st_size for f in files)
         print(f"{len(files)} shards, {size / (1 << 30):.2f} GiB; load average {os.getloadavg()[0]:.1f}")
         print("before (every byte hashed at every call):")
-        evict(files)
+        common.evict(files)
         old = timed("cold page cache", lambda: hash_files(files, names=True)[:32])
         timed("warm page cache", lambda: hash_files(files, names=True)[:32])
         print("now (weights_fingerprint):")
-        evict(files)
+        common.evict(files)
         first = timed("first call, cold: hashed and recorded", lambda: weights_fingerprint(model))
-        evict(files)
+        common.evict(files)
         again = timed("later call, cold: stamps match", lambda: weights_fingerprint(model))
         assert old == first == again, (old, first, again)
     finally:
