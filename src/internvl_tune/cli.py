@@ -569,7 +569,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a shortened setting (for tests)")
     demo.add_argument("overrides", nargs="*", help="DemoSettings field=value overrides")
 
-    tiny = sub.add_parser(
+    tiny = _command(
+        sub,
+        _tiny_model,
         "tiny-model",
         help="write a random tiny InternVL (and a small dataset) to try the commands on",
         description="Write a random tiny InternVL folder (a few MB, built offline in seconds) in either layout, and "
@@ -580,9 +582,10 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--layout", choices=["hf", "original"], default="hf", help="checkpoint layout (default hf)")
     tiny.add_argument("--data", metavar="DIR", help="also write the dataset to this folder (new or empty)")
     tiny.add_argument("--seed", type=int, default=0, help="seed of the weights and the data")
-    tiny.set_defaults(func=_tiny_model)
 
-    plot = sub.add_parser(
+    plot = _command(
+        sub,
+        _plot,
         "plot",
         help="draw a run's metrics.jsonl (loss, rewards, lr, throughput) into a PNG",
         description="Draw the metrics of an `sft` or `mpo` run against the step, one panel per group: loss (and "
@@ -591,7 +594,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plot.add_argument("run", help="run folder (its output_dir) or a metrics.jsonl file")
     plot.add_argument("--out", help="PNG to write (default: metrics.png beside metrics.jsonl)")
-    plot.set_defaults(func=_plot)
 
     from internvl_tune.judge import SCORERS
     from internvl_tune.preference_data.pairs import DEFAULT_NUM_PAIRS_PER_KEY
