@@ -177,7 +177,7 @@ def _train(
     micro_batches = data_stream(train_data, sampler, collate, state, train_args, data_args.dataloader_num_workers)
 
     tracker = start_tracker(accelerator, train_args.report_to, output_dir, to_dict(config), state.step)
-    metrics = MetricsWriter(output_dir, enabled=accelerator.is_main_process, start_step=state.step, accelerator=tracker)
+    metrics = MetricsWriter(output_dir, enabled=accelerator.is_main_process, start_step=state.step, tracker=tracker)
     if accelerator.is_main_process:
         (output_dir / "config.resolved.json").write_text(json.dumps(to_dict(config), indent=2, ensure_ascii=False))
         logger.info(

@@ -147,16 +147,17 @@ def prepare_output_dir(accelerator: Accelerator, t: TrainArgs) -> tuple[Path, Pa
     """
     output_dir = Path(t.output_dir)
     found = sorted(p.name for p in output_dir.glob("*") if p.name in RUN_FILES or CHECKPOINT_PATTERN.match(p.name))
-    if found and not _run_started(output_dir):
+    started, has_checkpoint = bool(found) and _run_started(output_dir), bool(list_checkpoints(output_dir))
+    if found and not started:
         logger.info("%s holds a run that stopped before its first step (%s): reusing it", output_dir, ", ".join(found))
     elif found and not (t.resume_from_checkpoint or t.overwrite_output_dir):
         listed = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
-        resume = "resume it with train.resume_from_checkpoint=auto, " if list_checkpoints(output_dir) else ""
+        resume = "resume it with train.resume_from_checkpoint=auto, " if has_checkpoint else ""
         raise ConfigError(
             f"{output_dir} holds another run ({listed}): {resume}replace it with train.overwrite_output_dir=true, or "
             "pick another train.output_dir"
         )
-    elif found and t.resume_from_checkpoint == "auto" and not list_checkpoints(output_dir):
+    elif found and t.resume_from_checkpoint == "auto" and not has_checkpoint:
         raise ConfigError(
             f"{output_dir} holds another run with no checkpoint to resume (a resume would train it again from step "
             "0): replace it with train.overwrite_output_dir=true, or pick another train.output_dir"
@@ -167,7 +168,7 @@ def prepare_output_dir(accelerator: Accelerator, t: TrainArgs) -> tuple[Path, Pa
         output_dir.mkdir(parents=True, exist_ok=True)
         for path in remove_stale_temporaries(output_dir):
             logger.info("removed %s, left by an interrupted save", path)
-        if found and (t.overwrite_output_dir or not _run_started(output_dir)):
+        if found and (t.overwrite_output_dir or not started):
             if t.overwrite_output_dir:
                 logger.warning("overwrite_output_dir: deleting %s in %s", ", ".join(found), output_dir)
             for name in found:
@@ -300,7 +301,7 @@ def next_step(
     all-reduce of the count, and a gather of the messages only when some rank has any), so the summary lists it
     whichever rank read it.
     """
-    epoch, batch_in_epoch = sampler_position(sampler, state.micro_batches)
+    _, batch_in_epoch = sampler_position(sampler, state.micro_batches)
     if batch_in_epoch == 0:
         state.skipped += bad_records
     batches = [next(micro_batches) for _ in range(micro_batches_in_step(state, sampler, t))]
@@ -465,7 +466,6 @@ def prepare_optimization(
     forward, optimizer = accelerator.prepare(forward, optimizer)
     state = TrainState()
     settings = run_settings(m, t, total_steps, warmup_steps)
-    state.settings = settings
     accelerator.register_for_checkpointing(scheduler, state, *checkpointed)
     if uses_lora:
         # LoRA checkpoints hold the trained weights only; the frozen base comes from model_name_or_path on resume.
@@ -482,8 +482,8 @@ def prepare_optimization(
         apply_optimizer_settings(optimizer, scheduler, fresh)
         if saved is not None and (changed := _changes(saved["optimizer"], settings["optimizer"])):
             logger.warning("resumed at step %d with new settings, applied from here on: %s", state.step, changed)
-        state.settings = settings
         logger.info("resumed from %s at step %d", resume_dir, state.step)
+    state.settings = settings  # what this run trains with (a resume loaded the interrupted run's)
     return forward, optimizer, scheduler, state
 
 

@@ -23,10 +23,10 @@ class MetricsWriter:
     again, not twice (TensorBoard purges them the same way).
     """
 
-    def __init__(self, output_dir: str | Path, *, enabled: bool = True, start_step: int = 0, accelerator=None):
+    def __init__(self, output_dir: str | Path, *, enabled: bool = True, start_step: int = 0, tracker=None):
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
-        self.accelerator = accelerator
+        self.tracker = tracker  # the accelerator whose tracker `start_tracker` started, or None
         if enabled:
             keep_rows_up_to(self.path, start_step)
 
@@ -36,15 +36,15 @@ class MetricsWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")
-        if self.accelerator is not None:
+        if self.tracker is not None:
             numbers = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            self.accelerator.log(numbers, step=step)
+            self.tracker.log(numbers, step=step)
 
 
 def start_tracker(accelerator, report_to: str, output_dir: str | Path, config: dict[str, Any], start_step: int):
     """Start `train.report_to`'s tracker on the accelerator (made with `log_with=report_to`, `project_dir=output_dir`)
     and record the run's resolved config in it, flattened to `section.field` values; returns the accelerator to give
-    `MetricsWriter`, or None when the run reports to no tracker."""
+    `MetricsWriter` as its tracker, or None when the run reports to no tracker."""
     if report_to == "none" or not accelerator.is_main_process:  # accelerate would start a W&B run on every rank
         return None
     output_dir = Path(output_dir)
