@@ -169,6 +169,23 @@ class TrainArgs:
     store ($MLFLOW_TRACKING_URI). Each needs the extra of its name (pip install 'internvl-tune[wandb]')."""
 
 
+def check_mlflow_store(uri: str | None) -> None:
+    """Refuse, before anything loads, a tracking store MLflow would refuse at the first step: its default (a SQLite
+    file, which needs the full `mlflow` with SQLAlchemy; mlflow-skinny has neither) and a file store without the
+    opt-in MLflow 3 asks for."""
+    if not uri and importlib.util.find_spec("sqlalchemy") is None:
+        raise ConfigError(
+            "train.report_to=mlflow: set MLFLOW_TRACKING_URI to your tracking server (http://HOST:5000), or to "
+            "file:DIR with MLFLOW_ALLOW_FILE_STORE=true; its default SQLite store needs the full mlflow package"
+        )
+    is_file_store = bool(uri) and ("://" not in uri or uri.startswith("file:"))
+    if is_file_store and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("1", "true"):
+        raise ConfigError(
+            f"train.report_to=mlflow: MLFLOW_TRACKING_URI={uri} is a file store, which MLflow 3 refuses unless "
+            "MLFLOW_ALLOW_FILE_STORE=true is set"
+        )
+
+
 @dataclass
 class SFTConfig:
     model: ModelArgs = field(default_factory=ModelArgs)
@@ -196,6 +213,8 @@ class SFTConfig:
             raise ConfigError(
                 f"train.report_to={t.report_to} needs {t.report_to}: pip install 'internvl-tune[{t.report_to}]'"
             )
+        if t.report_to == "mlflow":
+            check_mlflow_store(os.environ.get("MLFLOW_TRACKING_URI"))
         for name in ("use_llm_lora", "use_backbone_lora"):
             if getattr(m, name) < 0:
                 raise ConfigError(f"model.{name} (a LoRA rank) must be >= 0, got {getattr(m, name)}")

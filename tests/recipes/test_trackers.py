@@ -89,3 +89,28 @@ def test_a_tracker_that_is_not_installed_is_one_line(config, tmp_path, capsys, m
     assert capsys.readouterr().err.strip() == (
         "error: train.report_to=wandb needs wandb: pip install 'internvl-tune[wandb]'"
     )
+
+
+@pytest.mark.parametrize(
+    "environment, message",
+    [
+        ({}, "set MLFLOW_TRACKING_URI to your tracking server"),
+        ({"MLFLOW_TRACKING_URI": "file:/tmp/x"}, "is a file store, which MLflow 3 refuses unless"),
+    ],
+)
+def test_an_mlflow_store_mlflow_would_refuse_is_one_line_before_loading(
+    config, tmp_path, capsys, monkeypatch, environment, message
+):
+    pytest.importorskip("mlflow")
+    import importlib.util
+
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_ALLOW_FILE_STORE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    real = importlib.util.find_spec  # as with mlflow-skinny: no SQLAlchemy for the default store
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sqlalchemy" else real(name, *a))
+    assert main(["sft", "--config", str(config), *BASE, f"output_dir={tmp_path}/run", "report_to=mlflow"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: train.report_to=mlflow: ") and message in err and "\n" not in err
+    assert not (tmp_path / "run").exists()  # refused before the run started
