@@ -29,7 +29,7 @@ from internvl_tune.model.load import load_model
 from internvl_tune.model.prepare import sample_settings
 from internvl_tune.model.reference import LiveReference, MediaDigests, ReferenceCache, frozen_copy, pair_keys
 from internvl_tune.recipes.mpo import cache_settings, reference_cache_path
-from internvl_tune.training.engine import run_session
+from internvl_tune.training.session import run_session
 
 logger = logging.getLogger(__name__)
 

@@ -34,27 +34,26 @@ from internvl_tune.model.forward import InternVLTrainingForward
 from internvl_tune.model.freeze import count_parameters
 from internvl_tune.model.logprobs import label_gather
 from internvl_tune.model.prepare import prepare_policy, sample_settings
-from internvl_tune.training.engine import (
-    StopRequest,
+from internvl_tune.training.batching import (
     data_stream,
     epoch_progress,
-    finish_run,
-    idle_loss,
-    is_logging_step,
     make_batching,
     next_step,
-    prepare_optimization,
-    prepare_output_dir,
-    read_step_metrics,
-    run_session,
     sampler_position,
-    save_and_stop,
-    save_step_checkpoint,
     schedule_lengths,
+)
+from internvl_tune.training.engine import idle_loss
+from internvl_tune.training.metrics import (
+    MetricsWriter,
+    is_logging_step,
+    read_step_metrics,
+    start_tracker,
     step_totals,
     throughput_metrics,
 )
-from internvl_tune.training.metrics import MetricsWriter, start_tracker
+from internvl_tune.training.optim import prepare_optimization
+from internvl_tune.training.saving import finish_run, save_and_stop, save_step_checkpoint
+from internvl_tune.training.session import StopRequest, prepare_output_dir, run_session
 
 logger = logging.getLogger(__name__)
 

@@ -33,9 +33,9 @@ class TrainState:
         self.micro_batches = 0  # consumed since the start of training: the data position
         self.skipped: list[tuple[str, str]] = []
         self.num_truncated = 0
-        # What the data order depends on (the sampler's `order_inputs`); checked on resume (engine.data_stream).
+        # What the data order depends on (the sampler's `order_inputs`); checked on resume (batching.data_stream).
         self.data_order: dict[str, Any] | None = None
-        # What is trained and how it is optimized (engine.run_settings); checked and applied on resume.
+        # What is trained and how it is optimized (optim.run_settings); checked and applied on resume.
         self.settings: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:

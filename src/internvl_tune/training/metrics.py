@@ -9,7 +9,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+from accelerate import Accelerator
+
 from internvl_tune.atomic import atomic_write_text
+from internvl_tune.config import TrainArgs
 
 TRACKER_PROJECT = "internvl-tune"  # the W&B project and MLflow experiment unless their environment names one
 
@@ -79,3 +83,66 @@ def keep_rows_up_to(path: Path, step: int) -> None:
             if json.loads(line)["step"] <= step and line.endswith("\n"):
                 kept.append(line)
     atomic_write_text(path, "".join(kept))
+
+
+def step_totals(accelerator: Accelerator, counts: list[int | float]) -> list[int | float]:
+    """Counts known on this rank's CPU (samples, tokens, loss-weight sums) summed over all ranks, each keeping its
+    type. One process reads nothing back from the device; several make one small all-reduce per step, the one host
+    sync a step needs (its denominators)."""
+    if accelerator.num_processes == 1:
+        return list(counts)
+    summed = accelerator.reduce(torch.tensor(counts, dtype=torch.float64, device=accelerator.device), "sum").tolist()
+    return [type(c)(v) if isinstance(c, float) else round(v) for c, v in zip(counts, summed, strict=True)]
+
+
+def is_logging_step(step: int, t: TrainArgs, total_steps: int) -> bool:
+    """Whether optimizer step `step` (1-based) logs: metrics are read from the device only on these steps."""
+    return step % t.logging_steps == 0 or step == total_steps
+
+
+def read_step_metrics(accelerator: Accelerator, sums: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The step's metric sums (device tensors accumulated over its micro-batches), summed over ranks and read in
+    one transfer: the only time a logging step waits for the device."""
+    names = set(sums)
+    if accelerator.num_processes > 1:
+        # A rank that trained nothing this step (skipped samples, past the end of a packed epoch) has no sums: every
+        # rank must reduce the same names, a missing one counting 0.
+        everyone: list = [None] * accelerator.num_processes
+        torch.distributed.all_gather_object(everyone, sorted(names))
+        names = set().union(*everyone)
+    names = sorted(names)
+    if not names:
+        return {}
+    zero = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    stacked = torch.stack([sums[n].detach().to(torch.float64).reshape(()) if n in sums else zero for n in names])
+    return dict(zip(names, accelerator.reduce(stacked, "sum").tolist(), strict=True))
+
+
+def throughput_metrics(
+    accelerator: Accelerator, batches: list[dict[str, Any]], elapsed: float, *, num_samples: int, num_loss_tokens: int
+) -> dict[str, float]:
+    """The metrics both recipes log under the same names (docs/metrics.md): counts over the step's micro-batches on
+    all ranks (an MPO sample is a pair) and rates over the step's wall time."""
+    real = [b for b in batches if "input_ids" in b]
+    num_image_tokens, num_text_tokens, num_pad_tokens, num_positions = step_totals(
+        accelerator,
+        [
+            sum(b["num_image_tokens"] for b in real),
+            sum(b["num_text_tokens"] for b in real),
+            sum(b["num_pad_tokens"] for b in real),
+            sum(b["input_ids"].numel() for b in real),
+        ],
+    )
+    return {
+        "num_samples": num_samples,
+        "num_loss_tokens": num_loss_tokens,
+        "num_image_tokens": num_image_tokens,
+        "num_text_tokens": num_text_tokens,
+        "padding_share": num_pad_tokens / max(1, num_positions),
+        "samples_per_s": num_samples / elapsed,
+        "loss_tokens_per_s": num_loss_tokens / elapsed,
+        "tokens_per_s": (num_image_tokens + num_text_tokens) / elapsed,
+        "vision_tokens_per_s": num_image_tokens / elapsed,
+        "text_tokens_per_s": num_text_tokens / elapsed,
+        "step_time_s": elapsed,
+    }
