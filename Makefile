@@ -13,7 +13,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
-	$(BIN)/pip install --quiet -e ".[test,plot]"  # plot: the demo's curves.png and `internvl-tune plot`
+	$(BIN)/pip install --quiet -e ".[test,plot,deepspeed]"  # plot: the demo's curves.png and `internvl-tune plot`; deepspeed: the ZeRO tests
 	touch $@
 
 venv: $(BIN)/.installed

@@ -18,6 +18,20 @@ def base_model(model: nn.Module) -> InternVLForConditionalGeneration:
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
+def idle_inputs(pad_token_id: int, dummy_tile: torch.Tensor, device) -> dict[str, torch.Tensor]:
+    """Inputs of the smallest forward (one padding token, one dropped dummy tile, one log-prob read): what a rank with
+    nothing to compute runs so that it joins the others' collectives."""
+    return {
+        "input_ids": torch.full((1, 1), pad_token_id, dtype=torch.long, device=device),
+        "attention_mask": torch.ones((1, 1), dtype=torch.long, device=device),
+        "position_ids": torch.zeros((1, 1), dtype=torch.long, device=device),
+        "pixel_values": dummy_tile.unsqueeze(0).to(device),
+        "image_flags": torch.zeros(1, dtype=torch.bool),
+        "logp_index": torch.zeros(1, dtype=torch.long, device=device),
+        "logp_targets": torch.full((1,), pad_token_id, dtype=torch.long, device=device),
+    }
+
+
 class InternVLTrainingForward(nn.Module):
     """Wraps an InternVL model so that one `forward` call (what DDP/FSDP hook) does the whole multimodal pass.
 
@@ -31,6 +45,9 @@ class InternVLTrainingForward(nn.Module):
         super().__init__()
         self.model = model
         self.logprob_chunk_size = logprob_chunk_size
+        # The blocks FSDP2 shards one by one (accelerate's TRANSFORMER_BASED_WRAP reads this name): each decoder layer
+        # and each ViT layer. Without it only the root would be one FSDP unit, gathered whole for every forward.
+        self._no_split_modules = sorted(getattr(base_model(model), "_no_split_modules", None) or ())
         # Stage timing waits for the device, so it is off unless a recipe turns it on for a logging step.
         self.time_stages = False
         self.vit_seconds = 0.0  # time spent in the ViT + projector since the recipe last reset it (telemetry)

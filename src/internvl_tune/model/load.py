@@ -45,6 +45,7 @@ def load_model(
         model = InternVLForConditionalGeneration.from_pretrained(
             path, config=config, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True
         )
+        keep_used_renamings(model)
         tokenizer = load_tokenizer(path, config)
     # Absolute, so that LoRA adapters (PEFT records this as their base) find the base from any directory.
     model.name_or_path = model.config.name_or_path = str(path.resolve())
@@ -78,3 +79,13 @@ def load_for_inference(
     model, tokenizer = load_model(model_path, dtype=dtype)
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     return model, tokenizer, checkpoint_sample_settings(model_path, model.config)
+
+
+def keep_used_renamings(model) -> None:
+    """Keep only the key renamings the load used, which `save_pretrained` reverses to write the names the folder had.
+
+    transformers' loader keeps only those; its ZeRO-3 loader (5.x, `zero3_init_flag`) keeps every renaming it knows,
+    legacy ones included, and a save then writes `language_model.model.model.*` for `language_model.model.*`."""
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions and all(hasattr(c, "was_used") for c in conversions):
+        model._weight_conversions = [c for c in conversions if c.was_used()]

@@ -28,7 +28,7 @@ from internvl_tune.data.dataset import RecordDataset
 from internvl_tune.data.errors import DataError
 from internvl_tune.data.preference import pair_media_paths, record_key
 from internvl_tune.digests import StampedDigests, file_stamp, hash_files
-from internvl_tune.model.forward import InternVLTrainingForward
+from internvl_tune.model.forward import InternVLTrainingForward, idle_inputs
 from internvl_tune.model.logprobs import pair_logps
 
 CACHE_VERSION = 2
@@ -37,26 +37,42 @@ _LISTED = 3
 
 
 class LiveReference:
-    """Reference log-probs from a model run under no_grad in eval mode: a frozen copy, or the LoRA-disabled policy."""
+    """Reference log-probs from a model run under no_grad in eval mode: a frozen copy, or the LoRA-disabled policy.
 
-    def __init__(self, model: nn.Module, *, disable_lora_of: nn.Module | None = None):
-        self.forward = InternVLTrainingForward(model)
+    `forward` is what is called: by default a plain `InternVLTrainingForward(model)`; under FSDP2 or ZeRO-3 the one
+    the engine sharded (training/engine.py `prepare_reference`), which every rank must call together (`idle`).
+    """
+
+    def __init__(self, model: nn.Module, *, disable_lora_of: nn.Module | None = None, forward: nn.Module | None = None):
+        self.model = model
+        self.forward = forward if forward is not None else InternVLTrainingForward(model)
         self.disable_lora_of = disable_lora_of
 
-    @torch.no_grad()
-    def __call__(self, batch: dict[str, Any], device) -> tuple[torch.Tensor, torch.Tensor]:
-        module = self.forward.model
-        was_training = module.training
-        module.eval()  # the reference never drops paths or dropout, also when it is the policy itself
+    @contextlib.contextmanager
+    def _evaluating(self):
+        was_training = self.model.training
+        self.model.eval()  # the reference never drops paths or dropout, also when it is the policy itself
         context = (
             self.disable_lora_of.disable_adapter() if self.disable_lora_of is not None else contextlib.nullcontext()
         )
         try:
             with context:
-                out = pair_logps(self.forward, batch, device)
+                yield
         finally:
-            module.train(was_training)
+            self.model.train(was_training)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, Any], device) -> tuple[torch.Tensor, torch.Tensor]:
+        with self._evaluating():
+            out = pair_logps(self.forward, batch, device)
         return out["chosen_logps"], out["rejected_logps"]
+
+    @torch.no_grad()
+    def idle(self, pad_token_id: int, dummy_tile: torch.Tensor, device) -> None:
+        """A forward on one padding token, for a rank with no pair in a micro-batch: a sharded reference gathers its
+        parameters collectively, so every rank must run each of its forwards."""
+        with self._evaluating():
+            self.forward(**idle_inputs(pad_token_id, dummy_tile, device))
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -221,6 +237,9 @@ class ReferenceCache:
                 "stale reference cache",
             )
         self.by_record = {key: self.logps[pair] for key, pair, _ in keys}
+
+    def idle(self, pad_token_id: int, dummy_tile: torch.Tensor, device) -> None:
+        """Nothing to run: cached log-probs involve no other rank."""
 
     def __call__(self, batch: dict[str, Any], device) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.by_record is not None, "ReferenceCache.check(dataset) must run before training"

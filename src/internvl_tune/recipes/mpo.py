@@ -54,7 +54,7 @@ from internvl_tune.training.batching import (
     sampler_position,
     schedule_lengths,
 )
-from internvl_tune.training.engine import idle_loss
+from internvl_tune.training.engine import backward, idle_loss, micro_batch, prepare_reference
 from internvl_tune.training.metrics import (
     MetricsWriter,
     is_logging_step,
@@ -158,7 +158,9 @@ def _train(
             dtype=torch.bfloat16 if train_args.bf16 else torch.float32,
             attn_implementation=model_args.attn_implementation,
         )
-        reference = LiveReference(frozen_copy(reference_model).to(accelerator.device))
+        # Sharded like the policy under FSDP2 and ZeRO-3, never a silent whole copy on every rank.
+        reference_model = frozen_copy(reference_model)
+        reference = LiveReference(reference_model, forward=prepare_reference(accelerator, reference_model))
 
     uses_lora = bool(model_args.use_llm_lora or model_args.use_backbone_lora)
     running = RunningRewardMean()
@@ -232,13 +234,13 @@ def _train(
         policy_forward = accelerator.unwrap_model(forward)
         policy_forward.vit_seconds, policy_forward.time_stages = 0.0, logging_step
         for i, batch in enumerate(batches):
-            sync = i == len(batches) - 1
-            with contextlib.nullcontext() if sync else accelerator.no_sync(forward):
+            with micro_batch(accelerator, forward, last=i == len(batches) - 1):
                 if batch["num_pairs"] == 0:
                     # Nothing to train here (pairs skipped, or past the end of a packed epoch): a zero loss from a
                     # real forward keeps the ranks in step.
                     loss = idle_loss(forward, accelerator, tokenizer.pad_token_id, dummy_tile)
-                    accelerator.backward(loss)
+                    backward(accelerator, loss)
+                    reference.idle(tokenizer.pad_token_id, dummy_tile, accelerator.device)  # a sharded one's gathers
                     if objective.needs_delta:
                         update_delta(running, accelerator, None)
                     continue
@@ -262,7 +264,7 @@ def _train(
                     sft_weight_in_step=sft_weight,
                 )
                 # DDP averages gradients over ranks; multiplying by the world size makes it a global sum.
-                accelerator.backward(out.loss * accelerator.num_processes)
+                backward(accelerator, out.loss * accelerator.num_processes)
                 pairs = batch["num_pairs"]
                 for name, value in {
                     "loss": out.loss,
@@ -325,6 +327,7 @@ def _train(
         config,
         settings,
         state,
+        optimizer=optimizer,
         uses_lora=uses_lora,
         extra={"final_loss": last_loss, "num_truncated": state.num_truncated, "delta": float(running.mean)},
     )

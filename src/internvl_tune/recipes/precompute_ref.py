@@ -29,6 +29,7 @@ from internvl_tune.model.load import load_model
 from internvl_tune.model.prepare import sample_settings
 from internvl_tune.model.reference import LiveReference, MediaDigests, ReferenceCache, frozen_copy, pair_keys
 from internvl_tune.recipes.mpo import cache_settings, reference_cache_path
+from internvl_tune.training.engine import prepare_reference
 from internvl_tune.training.session import run_session
 
 logger = logging.getLogger(__name__)
@@ -56,11 +57,13 @@ def _precompute_reference(config: MPOConfig, accelerator: Accelerator) -> Path:
     augmented = [e.name for e in dataset.entries if e.data_augment]
     if augmented:
         raise ConfigError(f"precomputed reference log-probs need data_augment false; it is on for {augmented}")
-    reference = LiveReference(frozen_copy(model).to(accelerator.device))
+    model = frozen_copy(model)
+    reference = LiveReference(model, forward=prepare_reference(accelerator, model))  # sharded under FSDP2 / ZeRO-3
+    dummy_tile = blank_tile(settings.image_size, settings.normalize_type)
     collate = partial(
         pair_collate,
         pad_token_id=tokenizer.pad_token_id,
-        dummy_tile=blank_tile(settings.image_size, settings.normalize_type),
+        dummy_tile=dummy_tile,
         mode="shared",
     )
     indices = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
@@ -70,8 +73,20 @@ def _precompute_reference(config: MPOConfig, accelerator: Accelerator) -> Path:
     batch_size = train_args.per_device_train_batch_size
     # A pair skipped as bad keeps NaN, so the cache covers every pair of the data and training can check that.
     logps: dict[str, tuple[float, float]] = {pair: (math.nan, math.nan) for _, pair, _ in keys}
-    for start in tqdm(range(0, len(indices), batch_size), desc="reference", disable=not accelerator.is_main_process):
+    # Every rank runs as many forwards as the rank with most pairs (one padding forward for each it lacks): a
+    # sharded reference gathers its parameters collectively.
+    num_chunks = math.ceil(len(indices) / batch_size)
+    if accelerator.num_processes > 1:
+        most = torch.tensor(num_chunks, device=accelerator.device)
+        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+        num_chunks = int(most.item())
+    for start in tqdm(
+        range(0, num_chunks * batch_size, batch_size), desc="reference", disable=not accelerator.is_main_process
+    ):
         chunk = indices[start : start + batch_size]
+        if not chunk:
+            reference.idle(tokenizer.pad_token_id, dummy_tile, accelerator.device)
+            continue
         if random_frames and any("video" in dataset.record(i)[0] for i in chunk):
             raise ConfigError(
                 "precomputed reference log-probs need the frames training will see: set data.video_sample=middle "
@@ -79,6 +94,7 @@ def _precompute_reference(config: MPOConfig, accelerator: Accelerator) -> Path:
             )
         batch = collate([dataset[i] for i in chunk])
         if not batch["num_pairs"]:
+            reference.idle(tokenizer.pad_token_id, dummy_tile, accelerator.device)
             continue
         chosen, rejected = reference(batch, accelerator.device)
         pairs = [pair_of[key] for key in batch["keys"]]

@@ -42,7 +42,7 @@ from internvl_tune.training.batching import (
     sampler_position,
     schedule_lengths,
 )
-from internvl_tune.training.engine import idle_loss
+from internvl_tune.training.engine import backward, idle_loss, micro_batch
 from internvl_tune.training.metrics import (
     MetricsWriter,
     is_logging_step,
@@ -154,8 +154,7 @@ def _train(
         policy_forward = accelerator.unwrap_model(forward)
         policy_forward.vit_seconds, policy_forward.time_stages = 0.0, logging_step
         for i, batch in enumerate(batches):
-            sync = i == len(batches) - 1
-            with contextlib.nullcontext() if sync else accelerator.no_sync(forward):
+            with micro_batch(accelerator, forward, last=i == len(batches) - 1):
                 if batch["num_samples"] == 0:
                     # Nothing to train here (samples skipped, or past the end of a packed epoch): a zero loss from
                     # a real forward keeps the ranks in step.
@@ -183,7 +182,7 @@ def _train(
                     sums["loss"] = sums.get("loss", 0.0) + weighted_nll.detach().double() / loss_weight
                     # DDP averages gradients over ranks; multiplying by the world size makes it a global sum.
                     loss = weighted_nll * accelerator.num_processes / loss_weight
-                accelerator.backward(loss)
+                backward(accelerator, loss)
         grad_norm = (
             accelerator.clip_grad_norm_(forward.parameters(), train_args.max_grad_norm)
             if train_args.max_grad_norm > 0
@@ -226,6 +225,7 @@ def _train(
         config,
         settings,
         state,
+        optimizer=optimizer,
         uses_lora=uses_lora,
         extra={"final_loss": last_loss, "num_truncated": state.num_truncated},
     )

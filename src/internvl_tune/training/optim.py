@@ -15,7 +15,8 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from internvl_tune.config import ConfigError, ModelArgs, TrainArgs
-from internvl_tune.training.checkpoint import TrainState, keep_trainable_weights, read_train_state
+from internvl_tune.training.checkpoint import TrainState, read_train_state
+from internvl_tune.training.engine import check_resume_engine, engine_name, keep_only_trained_weights, load_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -131,10 +132,11 @@ def prepare_optimization(
     forward, optimizer = accelerator.prepare(forward, optimizer)
     state = TrainState()
     settings = run_settings(m, t, total_steps, warmup_steps)
+    settings["engine"] = {"engine": engine_name(accelerator), "processes": accelerator.num_processes}
     accelerator.register_for_checkpointing(scheduler, state, *checkpointed)
     if uses_lora:
         # LoRA checkpoints hold the trained weights only; the frozen base comes from model_name_or_path on resume.
-        accelerator.register_save_state_pre_hook(keep_trainable_weights)
+        keep_only_trained_weights(accelerator)
     if resume_dir is not None:
         saved = read_train_state(resume_dir).get("settings")  # None: a checkpoint of an older version
         if saved is not None and (changed := _changes(saved["trained"], settings["trained"])):
@@ -142,8 +144,10 @@ def prepare_optimization(
                 f"{resume_dir} trained other parameters ({changed}); a resume continues the same parameters: "
                 "restore the setting, or start a new run from the checkpoint's weights"
             )
+        if saved is not None and "engine" in saved:
+            check_resume_engine(resume_dir, saved["engine"], settings["engine"])
         fresh = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-        accelerator.load_state(str(resume_dir), strict=not uses_lora)
+        load_checkpoint(accelerator, resume_dir, uses_lora=uses_lora)
         apply_optimizer_settings(optimizer, scheduler, fresh)
         if saved is not None and (changed := _changes(saved["optimizer"], settings["optimizer"])):
             logger.warning("resumed at step %d with new settings, applied from here on: %s", state.step, changed)

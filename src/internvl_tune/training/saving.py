@@ -28,6 +28,7 @@ from internvl_tune.training.checkpoint import (
     prune_checkpoints,
     save_adapter,
 )
+from internvl_tune.training.engine import engine_report, gathered_state_dict, save_checkpoint
 from internvl_tune.training.session import TrainingInterrupted
 
 logger = logging.getLogger(__name__)
@@ -39,13 +40,19 @@ def save_step_checkpoint(accelerator: Accelerator, state: TrainState, t: TrainAr
     folder = Path(t.output_dir) / f"checkpoint-{state.step}"
     with atomic_dir(folder) if accelerator.is_main_process else contextlib.nullcontext() as tmp:
         (tmp,) = broadcast_object_list([tmp])  # its name holds the main process's pid
-        accelerator.save_state(str(tmp))
+        save_checkpoint(accelerator, tmp, uses_lora=trains_lora(state))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             (tmp / STATE_FILE).write_text(json.dumps(state.state_dict()))
     if accelerator.is_main_process:
         prune_checkpoints(t.output_dir, t.save_total_limit)
     return folder
+
+
+def trains_lora(state: TrainState) -> bool:
+    """Whether the run trains LoRA adapters (its checkpoints then hold the trained weights only)."""
+    trained = state.settings["trained"]
+    return bool(trained["model.use_llm_lora"] or trained["model.use_backbone_lora"])
 
 
 def save_and_stop(accelerator: Accelerator, state: TrainState, t: TrainArgs) -> None:
@@ -75,8 +82,7 @@ def save_final(
     gathered state."""
     accelerator.wait_for_everyone()
     final_dir = output_dir / "final"
-    # Gathered on every rank (ZeRO-3 / FSDP shards become whole tensors); written by the main process.
-    final_state = {k.removeprefix("model."): v for k, v in accelerator.get_state_dict(forward).items()}
+    final_state = gathered_state_dict(accelerator, forward)
     if accelerator.is_main_process:
         trained = accelerator.unwrap_model(forward).model
         if uses_lora:
@@ -93,10 +99,12 @@ def finish_run(
     settings,
     state: TrainState,
     *,
+    optimizer,
     uses_lora: bool,
     extra: dict[str, Any],
 ) -> dict[str, Any]:
-    """Save the final model with its metadata, write `summary.json`, report skipped samples."""
+    """Save the final model with its metadata, write `summary.json` (with what each rank held: `engine_report`),
+    report skipped samples."""
     d, output_dir = config.data, Path(config.train.output_dir)
     model = accelerator.unwrap_model(forward).model
     # The family of the starting checkpoint (InternLM2 models train as Llama) travels on for `convert --to original`.
@@ -106,6 +114,14 @@ def finish_run(
     )
     dtype = resolve_dtype(config.train.save_dtype, config.model.model_name_or_path)
     final_dir = save_final(accelerator, forward, tokenizer, output_dir, metadata, uses_lora=uses_lora, dtype=dtype)
+    engine = engine_report(accelerator, forward, optimizer)
+    logger.info(
+        "%s over %d ranks; per rank: %s MB of parameters, %s MB of optimizer moments",
+        engine["engine"],
+        engine["num_processes"],
+        ", ".join(f"{b / 2**20:.2f}" for b in engine["parameter_bytes_per_rank"]),
+        ", ".join(f"{b / 2**20:.2f}" for b in engine["optimizer_bytes_per_rank"]),
+    )
     summary = {
         "steps": state.step,
         **extra,
@@ -113,6 +129,7 @@ def finish_run(
         "skipped": state.skipped,
         "output_dir": str(output_dir),
         "final_model": str(final_dir),
+        "engine": engine,
     }
     if accelerator.is_main_process:
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
