@@ -4,6 +4,7 @@
 #   2. benchmarks/mpo_step.py --preset internvl2_5-1b: shared, trl, precomputed, with 1 and with 4 pairs per step;
 #   3. benchmarks/sft_step.py --preset internvl2_5-1b: ours, trl;
 #   4. benchmarks/sft_packing.py --preset internvl2_5-1b: packed vs padded SFT on a long-tailed mix;
+#   5. benchmarks/sharded_smoke.sh: a tiny SFT under configs/accelerate/fsdp2.yaml and zero3.yaml on 1 GPU;
 # all with bf16 and --profile, then writes benchmarks/RESULTS-gpu.md (and copies it with the logs to $OUT when set).
 # A failing step or benchmark row is recorded in the report and the script goes on; each step has a time limit.
 #
@@ -35,7 +36,7 @@ if [[ $CPU_SMOKE == 1 ]]; then
     MPO_EXTRA=(--no-memory-runs)
     SFT_TOKENS=600
     PACKING=(--device cpu --num-samples 8 --batch-size 2 --max-packed-tokens 1024)
-    LIMITS=(120 400 400 300 400)  # pytest, MPO 1 pair, MPO 4 pairs, SFT, packing (seconds; a slow shared CPU)
+    LIMITS=(120 400 400 300 400 300)  # pytest, MPO 1 pair, MPO 4 pairs, SFT, packing, sharded (seconds; slow CPU)
 else
     PYTHON=${PYTHON:-python3}
     REPORT=$ROOT/benchmarks/RESULTS-gpu.md
@@ -45,7 +46,7 @@ else
     SFT_TOKENS=16384
     PACKING=(--device cuda --bf16 --num-samples 48 --batch-size 4 --max-packed-tokens 16384)
     # Caps, not estimates (each run: about 30 s of start-up, model load and final save, then seconds of steps).
-    LIMITS=(45 170 140 100 100)
+    LIMITS=(45 170 140 100 100 90)
 fi
 export PYTHONPATH=$ROOT/src${PYTHONPATH:+:$PYTHONPATH}
 rm -rf "$WORK"
@@ -96,6 +97,8 @@ run_step sft "${LIMITS[3]}" "$PYTHON" benchmarks/sft_step.py "${COMMON[@]}" \
     --configs ours,trl --tokens-per-step "$SFT_TOKENS" --workdir "$WORK/sft" --results "$WORK/sft.md"
 run_step packing "${LIMITS[4]}" "$PYTHON" benchmarks/sft_packing.py "${MODEL[@]}" "${PACKING[@]}" \
     --configs padded,packed --workdir "$WORK/packing" --results "$WORK/packing.md"
+# FSDP2 and ZeRO-3 start, train, save and report on CUDA (ZeRO-3 when deepspeed imports: put its wheel in WHEELS).
+run_step sharded "${LIMITS[5]}" env PYTHON="$PYTHON" CPU_SMOKE="$CPU_SMOKE" benchmarks/sharded_smoke.sh "$WORK/sharded"
 
 # The report: what ran and how it went, then each benchmark's own report (headings one level down).
 DEVICE=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')" \

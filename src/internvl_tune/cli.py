@@ -37,14 +37,19 @@ def _run_config(cls: type, args: argparse.Namespace, *, trains: bool = True):
 # Each command checks its arguments before importing its machinery: a mistake is reported in a second.
 
 
+def _print_summary(summary: dict) -> None:
+    """The run's summary on stdout, once: by the main process of a multi-process launch."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: v for k, v in summary.items() if k != "skipped"}, indent=2))
+
+
 def _sft(args: argparse.Namespace) -> int:
     from internvl_tune.config import SFTConfig
 
     config = _run_config(SFTConfig, args)
     from internvl_tune.recipes.sft import train
 
-    summary = train(config)
-    print(json.dumps({k: v for k, v in summary.items() if k != "skipped"}, indent=2))
+    _print_summary(train(config))
     return 0
 
 
@@ -54,8 +59,7 @@ def _mpo(args: argparse.Namespace) -> int:
     config = _run_config(MPOConfig, args)
     from internvl_tune.recipes.mpo import train
 
-    summary = train(config)
-    print(json.dumps({k: v for k, v in summary.items() if k != "skipped"}, indent=2))
+    _print_summary(train(config))
     return 0
 
 
