@@ -2,6 +2,8 @@
 either layout and a small dataset; `check-data`, `sft`, `mpo` and `plot` take them."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -75,3 +77,20 @@ def test_sft_then_mpo_on_the_tiny_folders_then_plot_each_run(folders, tmp_path, 
         assert capsys.readouterr().out == f"wrote {png}\n"
         with Image.open(png) as image:
             assert image.format == "PNG" and image.size == (1500, height)
+
+
+def test_a_first_try_on_a_machine_without_a_gpu_prints_no_deepspeed_accelerator_notice(tmp_path):
+    """transformers imports DeepSpeed (installed by `make`) with every model it loads; DeepSpeed's "Setting accelerator
+    to CPU" warning would greet every command on a CPU machine. The CLI drops that one line (cli.py)."""
+    pytest.importorskip("deepspeed")
+    code = "import sys; from internvl_tune.cli import main; sys.exit(main(sys.argv[1:]))"
+    result = subprocess.run(
+        [sys.executable, "-c", code, "tiny-model", str(tmp_path / "m")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Setting accelerator" not in result.stdout + result.stderr
+    assert "wrote" in result.stdout + result.stderr

@@ -7,13 +7,14 @@ import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any
-
-import torch
-from accelerate import Accelerator
+from typing import TYPE_CHECKING, Any
 
 from internvl_tune.atomic import atomic_write_text
 from internvl_tune.config import TrainArgs
+
+if TYPE_CHECKING:  # `plot` reads metrics.jsonl through this module without torch (tests/unit/test_cli_imports.py)
+    import torch
+    from accelerate import Accelerator
 
 TRACKER_PROJECT = "internvl-tune"  # the W&B project and MLflow experiment unless their environment names one
 
@@ -91,6 +92,8 @@ def step_totals(accelerator: Accelerator, counts: list[int | float]) -> list[int
     sync a step needs (its denominators)."""
     if accelerator.num_processes == 1:
         return list(counts)
+    import torch
+
     summed = accelerator.reduce(torch.tensor(counts, dtype=torch.float64, device=accelerator.device), "sum").tolist()
     return [type(c)(v) if isinstance(c, float) else round(v) for c, v in zip(counts, summed, strict=True)]
 
@@ -103,6 +106,8 @@ def is_logging_step(step: int, t: TrainArgs, total_steps: int) -> bool:
 def read_step_metrics(accelerator: Accelerator, sums: dict[str, torch.Tensor]) -> dict[str, float]:
     """The step's metric sums (device tensors accumulated over its micro-batches), summed over ranks and read in
     one transfer: the only time a logging step waits for the device."""
+    import torch
+
     names = set(sums)
     if accelerator.num_processes > 1:
         # A rank that trained nothing this step (skipped samples, past the end of a packed epoch) has no sums: every
