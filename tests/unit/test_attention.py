@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from internvl_tune.model.attention import (
+    SEGMENT_KERNEL,
     SEGMENTS_KWARG,
     Segment,
     dense_block_mask,
@@ -61,8 +62,8 @@ def test_flex_block_mask_applies_the_same_rule():
 @pytest.mark.parametrize(
     ("requested", "device", "expected"),
     [
-        ("auto", "cpu", {"text_config": "sdpa_segments", "vision_config": "sdpa"}),
-        ("sdpa_segments", "cuda", {"text_config": "sdpa_segments", "vision_config": "sdpa"}),
+        ("auto", "cpu", {"text_config": SEGMENT_KERNEL, "vision_config": "sdpa"}),
+        ("sdpa_segments", "cuda", {"text_config": SEGMENT_KERNEL, "vision_config": "sdpa"}),
         ("auto", "cuda", {"text_config": "flex_attention", "vision_config": "sdpa"}),
         ("eager", "cuda", "eager"),
         ("sdpa", "cuda", "sdpa"),

@@ -20,6 +20,14 @@ from internvl_tune.testing.original_checkpoint import build_original_checkpoint
 from internvl_tune.testing.parity import max_logit_diff
 
 FAMILIES = [("qwen2", "300m"), ("llama", "300m"), ("internlm2", "300m"), ("qwen2", "6b"), ("internlm2", "6b")]
+# InternVL3.5 (docs/internvl3_5.md): Qwen3 (tied head as the small Qwen3s, and not), Qwen3-MoE, GPT-OSS (YaRN, sinks,
+# sliding windows, clamped SwiGLU experts). Tolerance 1e-5 in fp32, as the issue asks.
+FAMILIES_3_5 = [
+    ("qwen3", "300m", True),
+    ("qwen3", "6b", False),
+    ("qwen3_moe", "300m", False),
+    ("gpt_oss", "300m", False),
+]
 
 
 def _weights(path):
@@ -114,3 +122,61 @@ def test_convert_cli(tmp_path, tokenizer, capsys):
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "back"), "--to", "original"]) == 0
     assert "modeling_" in capsys.readouterr().out
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "x"), "--to", "hf"]) == 2  # hf is not original
+
+
+@pytest.mark.parametrize(
+    "llm, vit, tied", FAMILIES_3_5, ids=[f"{a}-{b}{'-tied' if t else ''}" for a, b, t in FAMILIES_3_5]
+)
+def test_internvl3_5_checkpoints_convert_with_the_original_logits_and_round_trip(tmp_path, tokenizer, llm, vit, tied):
+    """Original 3.5 folder (as the 3.5 code saves it: bf16 `mlp1`, `tie_word_embeddings` from the LLM) -> in-memory
+    load and HF folder, both with the original's logits (<= 1e-5, fp32); HF -> original -> HF bit-exact with every
+    tensor's dtype kept."""
+    state_dict = build_original_checkpoint(
+        tmp_path / "orig", llm=llm, vit=vit, tokenizer=tokenizer, seed=5, num_shards=3, tie_word_embeddings=tied
+    )
+    config = json.loads((tmp_path / "orig" / "config.json").read_text())
+    assert (
+        state_dict["mlp1.1.weight"].dtype == torch.bfloat16 and ("language_model.lm_head.weight" in state_dict) != tied
+    )
+    model, loaded_tokenizer = load_model(tmp_path / "orig")
+    assert max_logit_diff(model.eval(), state_dict, config, loaded_tokenizer) < 1e-5
+
+    convert_to_hf(tmp_path / "orig", tmp_path / "hf", max_shard_bytes=200_000)
+    hf1 = _weights(tmp_path / "hf")
+    assert hf1["multi_modal_projector.linear_1.weight"].dtype == torch.bfloat16  # kept, as every tensor
+    assert hf1["vision_tower.embeddings.cls_token"].dtype == torch.float32
+    assert ("language_model.lm_head.weight" in hf1) != tied
+    if llm == "qwen3_moe":  # experts one by one on disk, as transformers saves them
+        assert "language_model.model.layers.1.mlp.experts.3.down_proj.weight" in hf1
+    plain = InternVLForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert max_logit_diff(plain, state_dict, config, hf_tokenizer) < 1e-5
+    assert plain.config.tie_word_embeddings == tied
+    assert json.loads((tmp_path / "hf" / "internvl_tune.json").read_text())["llm_family"] == llm
+
+    convert_to_original(tmp_path / "hf", tmp_path / "orig2")
+    convert_to_hf(tmp_path / "orig2", tmp_path / "hf2")
+    hf2, orig2 = _weights(tmp_path / "hf2"), _weights(tmp_path / "orig2")
+    for a, b in ((hf1, hf2), (state_dict, orig2)):
+        assert a.keys() == b.keys()
+        assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    config2 = json.loads((tmp_path / "orig2" / "config.json").read_text())
+    assert config2["llm_config"]["architectures"] == config["llm_config"]["architectures"]
+    assert config2["tie_word_embeddings"] == tied == config2["llm_config"]["tie_word_embeddings"]
+    for key in ("num_experts", "num_local_experts", "sliding_window", "layer_types", "head_dim", "swiglu_limit"):
+        if key in config["llm_config"]:
+            assert config2["llm_config"][key] == config["llm_config"][key], key
+    assert config2["llm_config"]["rope_scaling"] == (
+        None
+        if config["llm_config"]["rope_scaling"] is None
+        else {"type": "yarn", **{k: v for k, v in config["llm_config"]["rope_scaling"].items() if k != "rope_type"}}
+    )
+
+
+def test_a_quantized_llm_is_refused_in_one_line(tmp_path, tokenizer):
+    build_original_checkpoint(tmp_path / "orig", llm="gpt_oss", tokenizer=tokenizer)
+    config = json.loads((tmp_path / "orig" / "config.json").read_text())
+    config["llm_config"]["quantization_config"] = {"quant_method": "mxfp4"}
+    (tmp_path / "orig" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConversionError, match="quantized \\(mxfp4\\)"):
+        convert_to_hf(tmp_path / "orig", tmp_path / "hf")

@@ -80,13 +80,26 @@ def _logps(model, batch):
     return [(out[f"{s}_logps"], out[f"{s}_num_tokens"]) for s in ("chosen", "rejected")]
 
 
+def sinks_that_matter(model, seed: int = 0) -> None:
+    """GPT-OSS initialises its attention sinks near 0 (std 0.02), where a kernel that dropped them would still
+    pass: draw them O(1)."""
+    generator = torch.Generator().manual_seed(seed)
+    for layer in model.model.language_model.layers:
+        if hasattr(layer.self_attn, "sinks"):
+            layer.self_attn.sinks.data = torch.randn(layer.self_attn.sinks.shape, generator=generator)
+
+
+@pytest.mark.parametrize("llm", ["qwen2", "gpt_oss", "qwen3_moe"])
 @pytest.mark.parametrize("kernel", ["sdpa", "sdpa_segments"])
-def test_shared_prefix_equals_separate_forwards_values_and_gradients(tokenizer, tmp_path, kernel):
+def test_shared_prefix_equals_separate_forwards_values_and_gradients(tokenizer, tmp_path, kernel, llm):
     """Tolerance: fp32, 1e-5 absolute on summed log-probs (O(10-100)) and on gradients. The shared rows run the
-    dense block mask (`sdpa`) or one SDPA call per segment (`sdpa_segments`, the CPU default)."""
+    dense block mask (`sdpa`; `eager` for GPT-OSS, which has no SDPA path) or one SDPA call per segment
+    (`sdpa_segments`, the CPU default). GPT-OSS: sliding-window layers (window 8, shorter than the prompts) and
+    attention sinks; Qwen3-MoE: routed experts."""
     pairs = _pairs(tokenizer, tmp_path)
-    model, _ = build_tiny_model(tokenizer, seed=1)
-    model.set_attn_implementation(resolve_attn_implementation(kernel, "cpu"))
+    model, _ = build_tiny_model(tokenizer, seed=1, llm=llm)
+    sinks_that_matter(model)
+    model.set_attn_implementation(resolve_attn_implementation(kernel, "cpu", llm))
     segment_calls = []
     if kernel == "sdpa_segments":
         model.model.language_model.layers[0].register_forward_pre_hook(

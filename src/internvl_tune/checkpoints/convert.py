@@ -26,6 +26,16 @@ Key table (original -> HF module names; `L` = a ViT layer, `N` = an LLM layer)::
     ....attention_norm / ffn_norm                    ....input_layernorm / post_attention_layernorm
     language_model.output.weight                     lm_head.weight
 
+InternVL3.5's LLMs (Qwen3, Qwen3-MoE, GPT-OSS) are transformers models in the original code too
+(`AutoModelForCausalLM.from_config`), so their `language_model.model.*` names are transformers' own and only the
+prefix changes, as for Qwen2 / LLaMA. What a checkpoint folder holds for them is what transformers' `save_pretrained`
+writes (docs/internvl3_5.md): Qwen3-MoE experts one by one (`mlp.experts.E.{gate,up,down}_proj.weight`, which the
+loaded model fuses into `mlp.experts.gate_up_proj` / `down_proj`), GPT-OSS experts as stored 3-D tensors
+(`mlp.experts.gate_up_proj[_bias]`, `down_proj[_bias]`, gate and up interleaved), `mlp.router.*`, and one attention
+sink per head (`self_attn.sinks`). An LLM whose config ties the LM head to the embeddings (the small Qwen3s) is
+saved without `lm_head.weight`; InternVL3.5 takes `tie_word_embeddings` from the LLM config, where 2.5 / 3 forced it
+off. 3.5 also builds its projector `mlp1` in bf16 whatever the rest is: conversion keeps every tensor's dtype.
+
 InternLM2's `wqkv` rows are `[KV groups, G + 2, head_dim]` with G = heads / kv_heads: each group holds its G query
 heads, then its key head, then its value head. Example with 4 heads, 2 kv heads (G = 2), rows in head units::
 
@@ -49,9 +59,18 @@ from transformers import InternVLConfig, InternVLForConditionalGeneration
 
 from internvl_tune.errors import UserError
 
-LLM_FAMILIES = ("qwen2", "llama", "internlm2")
+# InternVL 2.5 / 3 (Qwen2, LLaMA, InternLM2) and 3.5 (Qwen3, Qwen3-MoE, GPT-OSS).
+LLM_FAMILIES = ("qwen2", "llama", "internlm2", "qwen3", "qwen3_moe", "gpt_oss")
+MOE_FAMILIES = ("qwen3_moe", "gpt_oss")
 ORIGINAL_ARCHITECTURE = "InternVLChatModel"
-_LLM_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "internlm2": "InternLM2ForCausalLM"}
+_LLM_ARCHITECTURES = {
+    "qwen2": "Qwen2ForCausalLM",
+    "llama": "LlamaForCausalLM",
+    "internlm2": "InternLM2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "gpt_oss": "GptOssForCausalLM",
+}
 # llm_config keys that are bookkeeping of the original code, not architecture.
 _DROPPED_LLM_KEYS = {
     "architectures",
@@ -87,7 +106,7 @@ def llm_family(llm_config: dict[str, Any]) -> str:
     if family not in LLM_FAMILIES:
         arch = (llm_config.get("architectures") or ["?"])[0]
         raise ConversionError(
-            f"LLM {arch} (model_type {family!r}) is not supported; InternVL 2.5 / 3 use {', '.join(LLM_FAMILIES)}"
+            f"LLM {arch} (model_type {family!r}) is not supported; InternVL 2.5 / 3 / 3.5 use {', '.join(LLM_FAMILIES)}"
         )
     return family
 
@@ -136,7 +155,8 @@ def original_to_hf_config(original: dict[str, Any], image_token_id: int) -> Inte
     text = {k: v for k, v in llm.items() if k not in _DROPPED_LLM_KEYS}
     text["model_type"] = "llama" if family == "internlm2" else family
     text["rope_parameters"] = _rope(llm)
-    text["tie_word_embeddings"] = False
+    tied = tied_embeddings(original)
+    text["tie_word_embeddings"] = tied
     if family == "internlm2":
         text["attention_bias"] = bool(llm.get("bias", False))  # InternLM2's `bias` covers wqkv and wo, as Llama's
         text["mlp_bias"] = False
@@ -164,9 +184,15 @@ def original_to_hf_config(original: dict[str, Any], image_token_id: int) -> Inte
         projector_hidden_act="gelu",
         vision_feature_layer=select_layer,
         vision_feature_select_strategy="default",
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
     )
     return config
+
+
+def tied_embeddings(original: dict[str, Any]) -> bool:
+    """Whether an original checkpoint ties its LM head to the token embeddings: the top-level
+    `tie_word_embeddings`, which InternVL 2.5 / 3 write False for every LLM and 3.5 copies from `llm_config`."""
+    return bool(original.get("tie_word_embeddings", False))
 
 
 def hf_to_original_config(config: InternVLConfig, settings: dict[str, Any]) -> dict[str, Any]:
@@ -184,6 +210,10 @@ def hf_to_original_config(config: InternVLConfig, settings: dict[str, Any]) -> d
     llm["rope_scaling"] = {"type": rope_type, **rope} if rope_type != "default" else None
     llm["architectures"] = [_LLM_ARCHITECTURES[family]]
     llm["model_type"] = family
+    if family == "qwen3_moe" and "num_local_experts" in llm:
+        # transformers 5 stores Qwen3-MoE's expert count as num_local_experts; the original's (4.x) config class
+        # reads num_experts and would build its default 128 experts from the other spelling.
+        llm["num_experts"] = llm.pop("num_local_experts")
     if family == "internlm2":
         llm["bias"] = bool(llm.pop("attention_bias", False))
         for key in ("mlp_bias", "head_dim"):
@@ -209,7 +239,7 @@ def hf_to_original_config(config: InternVLConfig, settings: dict[str, Any]) -> d
         "use_backbone_lora": 0,
         "use_llm_lora": 0,
         "pad2square": False,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": bool(config.tie_word_embeddings),
         "vision_config": {
             "architectures": ["InternVisionModel"],
             "model_type": "intern_vit_6b",
@@ -554,10 +584,48 @@ def _original_tensors(path: Path, original: dict[str, Any]) -> Iterator[tuple[st
         yield from read_shard(file).items()
 
 
-def check_complete(config: InternVLConfig, names, where: Path) -> None:
-    """Raise ConversionError unless `names` are exactly the module names of the model `config` describes."""
+_FUSED_QWEN3_MOE = re.compile(r"(.+\.mlp\.experts)\.(gate_up_proj|down_proj)")
+
+
+def checkpoint_names(config: InternVLConfig) -> set[str]:
+    """The weight names (module form) a checkpoint of the model `config` describes holds: the model's parameters,
+    without `lm_head.weight` when it is tied to the embeddings, and Qwen3-MoE experts one by one, as transformers'
+    `save_pretrained` writes them (the loaded model fuses them)."""
     with torch.device("meta"):
-        expected = set(InternVLForConditionalGeneration(config).state_dict())
+        expected = InternVLForConditionalGeneration(config).state_dict()
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    if config.text_config.model_type != "qwen3_moe":
+        return set(expected)
+    names = set()
+    for name in expected:
+        if m := _FUSED_QWEN3_MOE.fullmatch(name):
+            parts = ("gate_proj", "up_proj") if m.group(2) == "gate_up_proj" else ("down_proj",)
+            names |= {f"{m.group(1)}.{e}.{p}.weight" for e in range(config.text_config.num_experts) for p in parts}
+        else:
+            names.add(name)
+    return names
+
+
+def unfuse_qwen3_moe_experts(name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """Qwen3-MoE experts as transformers' loaded model holds them (`gate_up_proj` [E, 2I, D] = gate rows then up
+    rows, `down_proj` [E, D, I]) one by one, as checkpoints store them; any other tensor as it is."""
+    m = _FUSED_QWEN3_MOE.fullmatch(name)
+    if m is None:
+        return [(name, tensor)]
+    if m.group(2) == "down_proj":
+        return [(f"{m.group(1)}.{e}.down_proj.weight", t.clone()) for e, t in enumerate(tensor)]
+    out = []
+    for e, t in enumerate(tensor):
+        gate, up = t.chunk(2, dim=0)
+        out += [(f"{m.group(1)}.{e}.gate_proj.weight", gate.clone()), (f"{m.group(1)}.{e}.up_proj.weight", up.clone())]
+    return out
+
+
+def check_complete(config: InternVLConfig, names, where: Path) -> None:
+    """Raise ConversionError unless `names` are exactly the weight names of a checkpoint of the model `config`
+    describes (`checkpoint_names`)."""
+    expected = checkpoint_names(config)
     missing, unexpected = expected - set(names), set(names) - expected
     if missing or unexpected:
         raise ConversionError(
@@ -571,7 +639,15 @@ def iter_original_as_hf(path: str | Path, original: dict[str, Any]) -> Iterator[
     path = Path(path)
     vision = original["vision_config"]
     image_size = int(original.get("force_image_size") or vision["image_size"])
+    if "quantization_config" in original["llm_config"]:
+        raise ConversionError(
+            f"{path}: the LLM weights are quantized ({original['llm_config']['quantization_config'].get('quant_method')}"
+            "); only unquantized checkpoints convert exactly"
+        )
+    tied = tied_embeddings(original)
     for name, tensor in _original_tensors(path, original):
+        if tied and name == "language_model.lm_head.weight":
+            continue  # the original ties the head to the embeddings at load, so a stored copy is never used
         if name == "vision_model.embeddings.position_embedding":
             # force_image_size != the ViT's trained size: the original interpolates on every forward; once is equal.
             tensor = resize_position_embedding(tensor, image_size, int(vision["patch_size"]))

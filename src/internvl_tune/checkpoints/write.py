@@ -33,6 +33,7 @@ from internvl_tune.checkpoints.convert import (
     original_to_hf_config,
     read_json,
     read_shard,
+    unfuse_qwen3_moe_experts,
     weight_files,
     write_shards,
 )
@@ -165,8 +166,13 @@ def convert_to_original(
     cast = _written_dtype(src, dtype)
     original["torch_dtype"] = str(cast or checkpoint_dtype(src)).removeprefix("torch.")
     tensors: dict[str, torch.Tensor] = {}
+    moe = config.text_config.model_type == "qwen3_moe"
     for file in weight_files(src):
-        tensors.update({hf_module_name(k): v for k, v in read_shard(file).items()})
+        for name, tensor in read_shard(file).items():
+            name = hf_module_name(name)
+            if config.tie_word_embeddings and name == "lm_head.weight":
+                continue  # tied: transformers never reads a stored head
+            tensors.update(unfuse_qwen3_moe_experts(name, tensor) if moe else [(name, tensor)])
     check_complete(config, tensors, src)
     with atomic_dir(dst) as tmp:
         write_shards(_cast(hf_to_original_tensors(tensors, original["llm_config"]), cast), tmp, max_shard_bytes)

@@ -31,7 +31,17 @@ Three kernels apply the rule:
   other two are tested against.
 
 The ViT always runs SDPA (its tiles have no mask). `model.attn_implementation: auto` picks by device; an explicit
-value is honoured.
+value is honoured, except that an LLM without an SDPA path in transformers (GPT-OSS: its attention sinks) runs
+`eager` where SDPA was asked for.
+
+Sliding windows and attention sinks (GPT-OSS; docs/internvl3_5.md). A layer with a window W lets a token see only the
+keys less than W tokens before it *in its own sequence*: in a shared-prefix row a rejected answer's first token is
+one token after the prompt, however long the chosen answer between them is. So the window is measured on
+`sequence_offsets` (each token's index in its own sequence), not on row positions, by all three kernels: the
+segments compute it per segment, the dense and flex masks get one mask per layer type (`{"full_attention": ...,
+"sliding_attention": ...}`, which transformers' models take as they are). A sink is one learned logit per head that
+joins every softmax row and is dropped after it; the segment kernel and its dense fallback apply it (SDPA has no
+such term), flex attention through transformers' own log-sum-exp correction (CUDA only).
 """
 
 from __future__ import annotations
@@ -47,20 +57,32 @@ from internvl_tune.constants import PADDING_GROUP
 from internvl_tune.constants import REJECTED_ROLE as REJECTED
 
 FLEX = "flex_attention"
-SEGMENTS = "sdpa_segments"
+SEGMENTS = "sdpa_segments"  # the setting (model.attn_implementation)
+# The name transformers knows the segment kernel by: one without "sdpa" in it, because transformers checks any
+# name containing "sdpa" against the model's SDPA support, which GPT-OSS lacks and this kernel does not need.
+SEGMENT_KERNEL = "internvl_tune_segments"
 
 
-def resolve_attn_implementation(requested: str, device: torch.device | str) -> str | dict[str, str]:
+# LLM families (text_config.model_type) that transformers runs without SDPA: their layers need a term SDPA lacks.
+NO_SDPA_LLMS = ("gpt_oss",)
+
+
+def resolve_attn_implementation(
+    requested: str, device: torch.device | str, llm_type: str | None = None
+) -> str | dict[str, str]:
     """The `attn_implementation` to load the model with: `auto` is flex attention for the LLM on CUDA and
     `sdpa_segments` elsewhere (the ViT runs SDPA with either); `sdpa_segments` asked for is that on any device; any
-    other value is passed through (`sdpa`, `eager`, `flash_attention_2`, ...)."""
+    other value is passed through (`sdpa`, `eager`, `flash_attention_2`, ...), with `eager` for the LLM instead of
+    `sdpa` when `llm_type` (the LLM's model_type) is one of `NO_SDPA_LLMS`."""
+    if requested == "sdpa" and llm_type in NO_SDPA_LLMS:
+        return {"text_config": "eager", "vision_config": "sdpa"}
     if requested == SEGMENTS:
-        requested = {"text_config": SEGMENTS, "vision_config": "sdpa"}
+        requested = {"text_config": SEGMENT_KERNEL, "vision_config": "sdpa"}
     elif requested == "auto":
         if torch.device(device).type == "cuda" and flex_attention_available():
             return {"text_config": FLEX, "vision_config": "sdpa"}
-        requested = {"text_config": SEGMENTS, "vision_config": "sdpa"}
-    if isinstance(requested, dict) and SEGMENTS in requested.values():
+        requested = {"text_config": SEGMENT_KERNEL, "vision_config": "sdpa"}
+    if isinstance(requested, dict) and SEGMENT_KERNEL in requested.values():
         register_segment_attention()
     return requested
 
@@ -85,26 +107,63 @@ def uses_flex(model) -> bool:
     return llm_attn_implementation(model) == FLEX
 
 
-def dense_block_mask(groups: torch.Tensor, roles: torch.Tensor) -> torch.Tensor:
-    """The rule above as [R, 1, T, T] bool (True = may attend), for SDPA. A padding token attends to itself only,
-    so no softmax row is empty."""
+def sliding_windows(model) -> dict[str, int | None]:
+    """The LLM's attention layer types and each one's window (None: full attention), e.g. GPT-OSS's
+    `{"sliding_attention": 128, "full_attention": None}`; `{}` for an LLM whose layers all see every earlier key."""
+    config = getattr(model, "config", None)
+    text = getattr(config, "text_config", config)
+    layer_types = set(getattr(text, "layer_types", None) or ())
+    if "sliding_attention" not in layer_types or not getattr(text, "sliding_window", None):
+        return {}
+    return {kind: text.sliding_window if kind == "sliding_attention" else None for kind in layer_types}
+
+
+def sequence_offsets(groups: torch.Tensor, roles: torch.Tensor) -> torch.Tensor:
+    """Each token's index in its own sequence [R, T]: a packed sample's tokens count from 0, a pair's prompt from 0
+    and each of its answers from the prompt's length (as in a separate forward of prompt + that answer). Assumes the
+    layout `row_segments` accepts (each group's context, chosen and rejected tokens contiguous, in that order)."""
+    length = groups.shape[1]
+    t = torch.arange(length, device=groups.device).expand_as(groups)
+    key = groups * 3 + roles
+    starts = torch.ones_like(groups, dtype=torch.bool)
+    starts[:, 1:] = key[:, 1:] != key[:, :-1]
+    run_start = torch.where(starts, t, torch.zeros_like(t)).cummax(dim=1).values
+    slot = groups + 1  # padding (-1) counts in slot 0, never read
+    prompt_lengths = torch.zeros(groups.shape[0], int(slot.max()) + 1, dtype=torch.long, device=groups.device)
+    prompt_lengths.scatter_add_(1, slot, (roles == CONTEXT).long())
+    prompt = prompt_lengths.gather(1, slot)
+    return (t - run_start) + torch.where(roles != CONTEXT, prompt, torch.zeros_like(prompt))
+
+
+def dense_block_mask(groups: torch.Tensor, roles: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """The rule above as [R, 1, T, T] bool (True = may attend), for SDPA; with `window`, only keys less than
+    `window` tokens back in the query's own sequence. A padding token attends to itself only, so no softmax row is
+    empty."""
     length = groups.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool, device=groups.device).tril()
     same = groups[:, :, None] == groups[:, None, :]  # [R, T, T]
     sees_chosen = (roles[:, :, None] == REJECTED) & (roles[:, None, :] == CHOSEN)
     real = (groups != PADDING_GROUP)[:, :, None]
     eye = torch.eye(length, dtype=torch.bool, device=groups.device)
-    mask = (same & causal & ~sees_chosen & real) | (~real & eye)
-    return mask.unsqueeze(1)
+    allowed = same & causal & ~sees_chosen & real
+    if window is not None:
+        offsets = sequence_offsets(groups, roles)
+        allowed = allowed & (offsets[:, :, None] - offsets[:, None, :] < window)
+    return (allowed | (~real & eye)).unsqueeze(1)
 
 
-def flex_block_mask(groups: torch.Tensor, roles: torch.Tensor):
+def flex_block_mask(groups: torch.Tensor, roles: torch.Tensor, window: int | None = None):
     """The rule above as a flex-attention `BlockMask` on the tensors' device (padding attends causally to padding,
-    which keeps its rows non-empty; their outputs are never read)."""
+    which keeps its rows non-empty; their outputs are never read); `window` as in `dense_block_mask`."""
     from torch.nn.attention.flex_attention import create_block_mask
 
+    offsets = sequence_offsets(groups, roles) if window is not None else None
+
     def mask_mod(b, h, q, kv):
-        return (groups[b, q] == groups[b, kv]) & (kv <= q) & ~((roles[b, q] == REJECTED) & (roles[b, kv] == CHOSEN))
+        allowed = (groups[b, q] == groups[b, kv]) & (kv <= q) & ~((roles[b, q] == REJECTED) & (roles[b, kv] == CHOSEN))
+        if offsets is not None:
+            allowed = allowed & (offsets[b, q] - offsets[b, kv] < window)
+        return allowed
 
     rows, length = groups.shape
     return create_block_mask(mask_mod, rows, None, length, length, device=groups.device)
@@ -112,22 +171,37 @@ def flex_block_mask(groups: torch.Tensor, roles: torch.Tensor):
 
 def row_attention(
     model, groups: torch.Tensor, roles: torch.Tensor, device: torch.device | str
-) -> tuple[torch.Tensor | None, dict]:
+) -> tuple[torch.Tensor | dict | None, dict]:
     """What the model's LLM takes for rows described by (groups, roles): `(attention_mask, extra kwargs)`.
 
     Under `sdpa_segments` the mask is None and the kwargs carry the rows' segments (when every row is laid out as
-    segments, see `row_segments`); under flex attention a `BlockMask`; else the dense [R, 1, T, T] mask. All on
-    `device`.
+    segments, see `row_segments`); under flex attention a `BlockMask`; else the dense [R, 1, T, T] mask. An LLM with
+    sliding-window layers gets one mask per layer type (`sliding_windows`). All on `device`.
     """
     implementation = llm_attn_implementation(model)
-    if implementation == SEGMENTS:
-        segments = row_segments(groups, roles)
-        if segments is not None:
-            return None, {SEGMENTS_KWARG: segments}
+    windows = sliding_windows(model)
+    segments = row_segments(groups, roles) if implementation == SEGMENT_KERNEL or windows else None
+    if implementation == SEGMENT_KERNEL and segments is not None:
+        return None, {SEGMENTS_KWARG: segments}
+    if windows and segments is None:
+        raise ValueError("rows not laid out as segments cannot be given sliding-window masks (model/attention.py)")
     groups, roles = groups.to(device, non_blocking=True), roles.to(device, non_blocking=True)
     if implementation == FLEX:
-        return flex_block_mask(groups, roles), {}
-    return dense_block_mask(groups, roles), {}
+        build = flex_block_mask
+    elif implementation == "eager":
+        # transformers' eager attention adds the mask to the scores: it takes 0 / a large negative, not a bool.
+        dtype = next(model.parameters()).dtype
+
+        def build(groups, roles, window=None):
+            allowed = dense_block_mask(groups, roles, window)
+            return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+                ~allowed, torch.finfo(dtype).min
+            )
+    else:
+        build = dense_block_mask
+    if windows:
+        return {kind: build(groups, roles, window) for kind, window in windows.items()}, {}
+    return build(groups, roles), {}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -213,7 +287,12 @@ def segment_sdpa_forward(
     """transformers' attention-function interface for `sdpa_segments`: per-segment SDPA when the forward passed
     the rows' segments, else transformers' own SDPA. Returns [B, T, H, D] like every attention function."""
     segments = kwargs.pop(SEGMENTS_KWARG, None)
+    window, sinks = kwargs.get("sliding_window"), kwargs.get("s_aux")
     if segments is None:
+        if sinks is not None:  # SDPA has no sink term
+            if attention_mask is None:  # transformers leaves it out where SDPA's is_causal would do: spell it out
+                attention_mask = _causal_mask(query.shape[2], key.shape[2], window, query.device)
+            return _sink_attention(query, key, value, attention_mask, sinks, dropout, scaling, module.training)
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(
@@ -247,7 +326,10 @@ def segment_sdpa_forward(
             context = None
             if seg.context_end > seg.context_start:
                 context = _context_keys(ks, vs, pieces, seg)
-            out.append(_segment_attention(qs[i], ks[i], vs[i], context, dropout, scaling))
+            if window is None and sinks is None:
+                out.append(_segment_attention(qs[i], ks[i], vs[i], context, dropout, scaling))
+            else:
+                out.append(_windowed_segment_attention(qs[i], ks[i], vs[i], context, window, sinks, dropout, scaling))
         outputs.append(torch.cat(out, dim=2))
     return torch.cat(outputs, dim=0).transpose(1, 2).contiguous(), None
 
@@ -273,11 +355,48 @@ def _segment_attention(q, k, v, context, dropout: float, scaling: float | None) 
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
 
 
+def _windowed_segment_attention(q, k, v, context, window, sinks, dropout: float, scaling: float | None):
+    """`_segment_attention` for a layer with a sliding window and / or attention sinks. The keys are the context
+    (the prompt) then the segment itself, so a key's index in them is its index in the query's own sequence and the
+    window is a plain offset: query i (at c + i) sees key j when j <= c + i and c + i - j < window."""
+    if context is not None:
+        k, v = torch.cat([context[0], k], dim=2), torch.cat([context[1], v], dim=2)
+    mask = _causal_mask(q.shape[2], k.shape[2], window, q.device)
+    if sinks is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
+    out, _ = _sink_attention(q, k, v, mask, sinks, dropout, scaling, dropout > 0)
+    return out.transpose(1, 2)
+
+
+def _causal_mask(queries: int, keys: int, window: int | None, device) -> torch.Tensor:
+    """[Tq, Tk] bool: the queries are the last `queries` of the `keys` positions (a KV cache holds the others)."""
+    query_at = torch.arange(keys - queries, keys, device=device)[:, None]
+    key_at = torch.arange(keys, device=device)[None, :]
+    mask = key_at <= query_at
+    return mask & (query_at - key_at < window) if window is not None else mask
+
+
+def _sink_attention(query, key, value, mask, sinks, dropout: float, scaling: float | None, training: bool):
+    """Attention with one sink logit per head in every softmax row (dropped after it), as GPT-OSS defines it.
+    `mask`: bool (True = may attend) or additive float, broadcastable to [B, H, Tq, Tk]. Returns [B, Tq, H, D]."""
+    repeat = query.shape[1] // key.shape[1]
+    if repeat > 1:
+        key, value = key.repeat_interleave(repeat, dim=1), value.repeat_interleave(repeat, dim=1)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = query @ key.transpose(-1, -2) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    sink = sinks.reshape(1, -1, 1, 1).to(scores.dtype).expand(scores.shape[0], -1, scores.shape[2], 1)
+    probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    probs = F.dropout(probs, p=dropout, training=training)
+    return (probs.to(value.dtype) @ value).transpose(1, 2).contiguous(), None
+
+
 def register_segment_attention() -> None:
     """Make `sdpa_segments` a transformers attention implementation (idempotent). Its masks, for batches without
     segments and for generation, are SDPA's."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-    AttentionInterface.register(SEGMENTS, segment_sdpa_forward)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(SEGMENTS, sdpa_mask)
+    AttentionInterface.register(SEGMENT_KERNEL, segment_sdpa_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(SEGMENT_KERNEL, sdpa_mask)

@@ -35,13 +35,13 @@ def load_model(
             special tokens.
     """
     path = Path(path)
+    config = read_model_config(path)
     attn_implementation = resolve_attn_implementation(
-        attn_implementation, "cuda" if torch.cuda.is_available() else "cpu"
+        attn_implementation, "cuda" if torch.cuda.is_available() else "cpu", config.text_config.model_type
     )
     if is_original_checkpoint(path):  # converted in memory; runs no remote code
         model, tokenizer = load_original(path, dtype=dtype, attn_implementation=attn_implementation)
     else:
-        config = read_model_config(path)
         model = InternVLForConditionalGeneration.from_pretrained(
             path, config=config, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True
         )

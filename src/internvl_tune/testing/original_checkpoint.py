@@ -31,7 +31,8 @@ from transformers import PreTrainedTokenizerBase
 from internvl_tune.constants import DEFAULT_MAX_DYNAMIC_PATCH
 from internvl_tune.testing.tiny import build_tiny_tokenizer
 
-LLM_FAMILIES = ("qwen2", "llama", "internlm2")
+LLM_FAMILIES = ("qwen2", "llama", "internlm2", "qwen3", "qwen3_moe", "gpt_oss")
+INTERNVL3_5_FAMILIES = ("qwen3", "qwen3_moe", "gpt_oss")  # built as the InternVL3.5 code saves them
 VIT_STYLES = ("300m", "6b")
 WEIGHT_FORMATS = ("safetensors", "bin")
 
@@ -43,6 +44,8 @@ LLM_LORA_TARGETS = {
     "llama": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
     + ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
     "internlm2": ("attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"),
+    "qwen3": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+    + ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
 }
 VIT_LORA_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 LORA_ALPHA_PER_RANK = 2
@@ -89,6 +92,48 @@ _LLM_CONFIG_BASE = {
         "bias": False,
         "attn_implementation": "eager",
     },
+    "qwen3": {
+        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": "qwen3",
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000,
+        "rope_scaling": None,
+        "attention_bias": False,
+        "use_sliding_window": False,
+    },
+    "qwen3_moe": {
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "model_type": "qwen3_moe",
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000,
+        "rope_scaling": None,
+        "attention_bias": False,
+        "use_sliding_window": False,
+        "norm_topk_prob": True,
+        "decoder_sparse_step": 1,
+        "output_router_logits": False,
+        "router_aux_loss_coef": 0.001,
+    },
+    "gpt_oss": {
+        "architectures": ["GptOssForCausalLM"],
+        "model_type": "gpt_oss",
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 150000,
+        # YaRN as GPT-OSS ships it, on a short original length so that the ramp covers the tiny head dims.
+        "rope_scaling": {
+            "rope_type": "yarn",
+            "factor": 32.0,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "truncate": False,
+            "original_max_position_embeddings": 4096,
+        },
+        "attention_bias": True,
+        "sliding_window": 4,  # GPT-OSS: 128; tiny, so that the window cuts the test sequences
+        "swiglu_limit": 1.0,  # GPT-OSS: 7.0; tiny, so that the clamps act on the tiny activations
+        "output_router_logits": False,
+        "router_aux_loss_coef": 0.9,
+    },
 }
 
 
@@ -116,6 +161,9 @@ def build_original_checkpoint(
     llm_heads: int = 4,
     llm_kv_heads: int = 2,
     template: str = "internvl2_5",
+    num_experts: int = 4,
+    experts_per_token: int = 2,
+    tie_word_embeddings: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Write a tiny random `InternVLChatModel` checkpoint folder in the original layout.
 
@@ -131,6 +179,13 @@ def build_original_checkpoint(
         llm_lora_rank, vit_lora_rank: rank r > 0 leaves that tower in the unmerged PEFT layout (alpha = 2r).
         image_size, patch_size, vision_hidden, vision_layers, vision_heads: ViT shape.
         llm_hidden, llm_layers, llm_heads, llm_kv_heads: LLM shape (head dim = llm_hidden // llm_heads).
+        num_experts, experts_per_token: the MoE shape of qwen3_moe and gpt_oss (expert width = llm_hidden; for
+            qwen3_moe with 2+ layers, layer 0 is dense: `mlp_only_layers` [0]).
+        tie_word_embeddings: for the InternVL3.5 families (qwen3, qwen3_moe, gpt_oss), an LLM whose head is its
+            embedding matrix; no `lm_head` weight is written, as transformers saves tied models.
+
+    The InternVL3.5 families are written as the 3.5 code saves them: `tie_word_embeddings` copied from the LLM
+    config to the top level, no `pad2square`, and the projector `mlp1` in bf16 (the 3.5 constructor casts it).
 
     Returns:
         The float32 state dict exactly as written (original key names, LoRA keys unmerged).
@@ -139,6 +194,8 @@ def build_original_checkpoint(
         raise ValueError(f"llm={llm!r}: expected one of {LLM_FAMILIES}")
     if vit not in VIT_STYLES:
         raise ValueError(f"vit={vit!r}: expected one of {VIT_STYLES}")
+    if tie_word_embeddings and llm not in INTERNVL3_5_FAMILIES:
+        raise ValueError("tie_word_embeddings: InternVL 2.5 / 3 never tie (only the 3.5 families)")
     if weight_format not in WEIGHT_FORMATS:
         raise ValueError(f"weight_format={weight_format!r}: expected one of {WEIGHT_FORMATS}")
     if vision_hidden % vision_heads or llm_hidden % llm_heads or llm_heads % llm_kv_heads:
@@ -199,9 +256,13 @@ def build_original_checkpoint(
             "vocab_size": vocab_size,
             "max_position_embeddings": 4096,
             "hidden_act": "silu",
-            "tie_word_embeddings": False,
+            "tie_word_embeddings": tie_word_embeddings,
+            **_moe_config(llm, llm_hidden, llm_layers, llm_heads, num_experts, experts_per_token),
         },
     }
+    if llm in INTERNVL3_5_FAMILIES:
+        config.pop("pad2square")
+        config["tie_word_embeddings"] = tie_word_embeddings
 
     generator = torch.Generator().manual_seed(seed)
     projector_in = vision_hidden * int(1 / downsample_ratio) ** 2
@@ -211,8 +272,12 @@ def build_original_checkpoint(
         "mlp1.0.bias": _randn(generator, projector_in, std=_NORM_STD),
         **_linear(generator, "mlp1.1", llm_hidden, projector_in),
         **_linear(generator, "mlp1.3", llm_hidden, llm_hidden),
-        **_llm_weights(generator, llm, llm_hidden, llm_layers, llm_heads, llm_kv_heads, vocab_size),
+        **_llm_weights(generator, llm, config["llm_config"], vocab_size),
     }
+    if llm in INTERNVL3_5_FAMILIES:
+        state_dict |= {k: v.to(torch.bfloat16) for k, v in state_dict.items() if k.startswith("mlp1.")}
+    if tie_word_embeddings:
+        del state_dict["language_model.lm_head.weight"]
     lora_generator = torch.Generator().manual_seed(seed + _LORA_SEED_OFFSET)
     if vit_lora_rank > 0:
         state_dict = _to_peft_layout(state_dict, "vision_model.", VIT_LORA_TARGETS, vit_lora_rank, lora_generator)
@@ -298,10 +363,36 @@ def _vision_weights(
     return weights
 
 
-def _llm_weights(
-    generator: torch.Generator, llm: str, hidden: int, num_layers: int, num_heads: int, num_kv_heads: int, vocab: int
-) -> dict[str, torch.Tensor]:
-    head_dim = hidden // num_heads
+def _moe_config(llm: str, hidden: int, num_layers: int, num_heads: int, num_experts: int, top_k: int) -> dict:
+    """The llm_config keys of the MoE (and GPT-OSS attention) shape; {} for dense families."""
+    # Head dims other than hidden / heads, as the real models have (Qwen3-0.6B: 1024 / 16 heads, head_dim 128;
+    # GPT-OSS-20B: 2880 / 64, head_dim 64), so that a converter that derives it from the hidden size breaks here.
+    if llm == "qwen3_moe":
+        return {
+            "head_dim": 2 * hidden // num_heads,
+            "num_experts": num_experts,
+            "num_experts_per_tok": top_k,
+            "moe_intermediate_size": hidden,
+            "mlp_only_layers": [0] if num_layers > 1 else [],  # one dense layer, as a model may have
+        }
+    if llm == "gpt_oss":
+        return {
+            "head_dim": 3 * hidden // (2 * num_heads),
+            "num_local_experts": num_experts,
+            "num_experts_per_tok": top_k,
+            "experts_per_token": top_k,
+            "intermediate_size": hidden,
+            "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)],
+        }
+    if llm == "qwen3":
+        return {"head_dim": 2 * hidden // num_heads}
+    return {}
+
+
+def _llm_weights(generator: torch.Generator, llm: str, llm_config: dict, vocab: int) -> dict[str, torch.Tensor]:
+    hidden, num_layers = llm_config["hidden_size"], llm_config["num_hidden_layers"]
+    num_heads, num_kv_heads = llm_config["num_attention_heads"], llm_config["num_key_value_heads"]
+    head_dim = llm_config.get("head_dim") or hidden // num_heads
     q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
     if llm == "internlm2":
         embed, head = "language_model.model.tok_embeddings.weight", "language_model.output.weight"
@@ -319,20 +410,52 @@ def _llm_weights(
             weights |= _linear(generator, f"{layer}.feed_forward.w2", hidden, 4 * hidden, bias=False)
             weights[f"{layer}.attention_norm.weight"] = _norm_weight(generator, hidden)
             weights[f"{layer}.ffn_norm.weight"] = _norm_weight(generator, hidden)
-        else:
-            qkv_bias = llm == "qwen2"
-            weights |= _linear(generator, f"{layer}.self_attn.q_proj", q_size, hidden, bias=qkv_bias)
-            weights |= _linear(generator, f"{layer}.self_attn.k_proj", kv_size, hidden, bias=qkv_bias)
-            weights |= _linear(generator, f"{layer}.self_attn.v_proj", kv_size, hidden, bias=qkv_bias)
-            weights |= _linear(generator, f"{layer}.self_attn.o_proj", hidden, q_size, bias=False)
-            weights |= _linear(generator, f"{layer}.mlp.gate_proj", 4 * hidden, hidden, bias=False)
-            weights |= _linear(generator, f"{layer}.mlp.up_proj", 4 * hidden, hidden, bias=False)
-            weights |= _linear(generator, f"{layer}.mlp.down_proj", hidden, 4 * hidden, bias=False)
-            weights[f"{layer}.input_layernorm.weight"] = _norm_weight(generator, hidden)
-            weights[f"{layer}.post_attention_layernorm.weight"] = _norm_weight(generator, hidden)
+            continue
+        qkv_bias = llm in ("qwen2", "gpt_oss")
+        weights |= _linear(generator, f"{layer}.self_attn.q_proj", q_size, hidden, bias=qkv_bias)
+        weights |= _linear(generator, f"{layer}.self_attn.k_proj", kv_size, hidden, bias=qkv_bias)
+        weights |= _linear(generator, f"{layer}.self_attn.v_proj", kv_size, hidden, bias=qkv_bias)
+        weights |= _linear(generator, f"{layer}.self_attn.o_proj", hidden, q_size, bias=llm == "gpt_oss")
+        if llm in ("qwen3", "qwen3_moe"):
+            weights[f"{layer}.self_attn.q_norm.weight"] = _norm_weight(generator, head_dim)
+            weights[f"{layer}.self_attn.k_norm.weight"] = _norm_weight(generator, head_dim)
+        if llm == "gpt_oss":
+            weights[f"{layer}.self_attn.sinks"] = _randn(generator, num_heads, std=1.0)
+        weights |= _feed_forward(generator, llm, llm_config, i, layer)
+        weights[f"{layer}.input_layernorm.weight"] = _norm_weight(generator, hidden)
+        weights[f"{layer}.post_attention_layernorm.weight"] = _norm_weight(generator, hidden)
     weights["language_model.model.norm.weight"] = _norm_weight(generator, hidden)
     weights[head] = _randn(generator, vocab, hidden, std=_EMBEDDING_STD)
     return weights
+
+
+def _feed_forward(generator: torch.Generator, llm: str, llm_config: dict, index: int, layer: str) -> dict:
+    """A layer's MLP weights: SwiGLU, Qwen3-MoE's router and experts one by one (as transformers saves them), or
+    GPT-OSS's router and 3-D expert tensors (gate and up interleaved along the last dimension)."""
+    hidden = llm_config["hidden_size"]
+    if llm == "gpt_oss":
+        experts, width = llm_config["num_local_experts"], llm_config["intermediate_size"]
+        return {
+            **_linear(generator, f"{layer}.mlp.router", experts, hidden),
+            f"{layer}.mlp.experts.gate_up_proj": _randn(generator, experts, hidden, 2 * width, std=hidden**-0.5),
+            f"{layer}.mlp.experts.gate_up_proj_bias": _randn(generator, experts, 2 * width, std=_LINEAR_BIAS_STD),
+            f"{layer}.mlp.experts.down_proj": _randn(generator, experts, width, hidden, std=width**-0.5),
+            f"{layer}.mlp.experts.down_proj_bias": _randn(generator, experts, hidden, std=_LINEAR_BIAS_STD),
+        }
+    if llm == "qwen3_moe" and index not in llm_config["mlp_only_layers"]:
+        experts, width = llm_config["num_experts"], llm_config["moe_intermediate_size"]
+        weights = _linear(generator, f"{layer}.mlp.gate", experts, hidden, bias=False)
+        for e in range(experts):
+            weights |= _linear(generator, f"{layer}.mlp.experts.{e}.gate_proj", width, hidden, bias=False)
+            weights |= _linear(generator, f"{layer}.mlp.experts.{e}.up_proj", width, hidden, bias=False)
+            weights |= _linear(generator, f"{layer}.mlp.experts.{e}.down_proj", hidden, width, bias=False)
+        return weights
+    width = llm_config["intermediate_size"]
+    return {
+        **_linear(generator, f"{layer}.mlp.gate_proj", width, hidden, bias=False),
+        **_linear(generator, f"{layer}.mlp.up_proj", width, hidden, bias=False),
+        **_linear(generator, f"{layer}.mlp.down_proj", hidden, width, bias=False),
+    }
 
 
 def _to_peft_layout(

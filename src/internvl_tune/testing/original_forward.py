@@ -27,7 +27,14 @@ import torch.nn.functional as F
 LORA_SCALING = 2.0  # alpha = 2r in the original (docs/original-differences.md §4.6)
 PEFT_PREFIX = "base_model.model."
 PROJECTOR_NORM_EPS = 1e-5  # mlp1.0 is nn.LayerNorm with its default eps
-_LLM_FAMILIES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama", "InternLM2ForCausalLM": "internlm2"}
+_LLM_FAMILIES = {
+    "Qwen2ForCausalLM": "qwen2",
+    "LlamaForCausalLM": "llama",
+    "InternLM2ForCausalLM": "internlm2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "GptOssForCausalLM": "gpt_oss",
+}
 
 
 def original_logits(
@@ -233,51 +240,161 @@ def llm_logits(
     inputs_embeds: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """A Llama-style decoder (Qwen2, LLaMA, InternLM2) from `inputs_embeds` [B, T, D] to logits [B, T, V].
+    """The LLM decoder from `inputs_embeds` [B, T, D] to logits [B, T, V], for every family InternVL uses.
 
-    Per layer: `x + o(attn(rms(x)))`, then `x + down(silu(gate(rms(x))) * up(rms(x)))`; final RMSNorm; lm head.
-    RoPE uses the rotate_half convention with inv_freq = 1 / theta^(arange(0, hd, 2) / hd) at positions 0..T-1.
-    Attention is causal GQA: query head h reads kv head h // (H / KV). `llm_weights` are keyed relative to
-    `language_model.` (`model.layers.0...`, `lm_head.weight` or InternLM2's `output.weight`).
+    Per layer: `x + o(attn(rms(x)))`, then `x + mlp(rms(x))`; final RMSNorm; LM head (the embeddings when
+    `tie_word_embeddings`). RoPE rotates the two halves of each head (rotate_half) at positions 0..T-1, with
+    inv_freq = 1 / theta^(arange(0, hd, 2) / hd), or YaRN's (`_rope_frequencies`). Attention is causal GQA: query
+    head h reads kv head h // (H / KV). Family differences, as the original builds each LLM:
+
+    - Qwen3, Qwen3-MoE: an RMSNorm over each head's q and k (`q_norm`, `k_norm`, weight [hd]) before RoPE.
+    - Qwen3-MoE: layer i is sparse unless it is in `mlp_only_layers` or (i + 1) % `decoder_sparse_step` != 0. The
+      router takes softmax(x W_g^T) over all experts, keeps the top k, renormalises them when `norm_topk_prob`; the
+      output is the weighted sum of the chosen experts' SwiGLU MLPs.
+    - GPT-OSS: biases on q, k, v, o; one learned sink logit per head joins every softmax row and is dropped after
+      it; layers listed `sliding_attention` in `layer_types` see only the last `sliding_window` keys (q - k <
+      window). The router takes the top k of x W_r^T + b and a softmax over those k; an expert computes
+      gu = x W_gu + b_gu with gate = gu[0::2], up = gu[1::2], gate clamped above at `swiglu_limit`, up clamped to
+      +-limit, and returns ((up + 1) * gate * sigmoid(alpha * gate)) W_down + b_down (alpha = `swiglu_alpha`).
+
+    `llm_weights` are keyed relative to `language_model.` (`model.layers.0...`, `lm_head.weight` or InternLM2's
+    `output.weight`).
     """
     family = llm_family(llm_config)
-    if llm_config.get("rope_scaling") is not None:
-        raise ValueError(f"llm_config.rope_scaling={llm_config['rope_scaling']!r}: only plain RoPE is implemented")
+    if llm_config.get("use_sliding_window"):
+        raise ValueError("llm_config.use_sliding_window: Qwen-style sliding windows are not implemented here")
     num_heads, num_kv_heads = llm_config["num_attention_heads"], llm_config["num_key_value_heads"]
     head_dim = llm_config.get("head_dim") or llm_config["hidden_size"] // num_heads
     eps = llm_config["rms_norm_eps"]
     batch, length, _ = inputs_embeds.shape
 
     positions = torch.arange(length, dtype=torch.float64)
-    inv_freq = 1.0 / llm_config["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    inv_freq, attention_factor = _rope_frequencies(llm_config, head_dim)
     angles = torch.cat([positions[:, None] * inv_freq] * 2, dim=-1)  # [T, hd]
-    cos, sin = angles.cos(), angles.sin()
+    cos, sin = angles.cos() * attention_factor, angles.sin() * attention_factor
 
-    allowed = torch.ones(length, length, dtype=torch.bool).tril()[None, None]  # [1, 1, Tq, Tk]
-    if attention_mask is not None:
-        allowed = allowed & attention_mask.bool()[:, None, None, :]
-    # A large finite negative (not -inf) keeps fully masked rows (left padding) free of NaN.
-    bias = torch.zeros(allowed.shape, dtype=inputs_embeds.dtype).masked_fill(
-        ~allowed, torch.finfo(inputs_embeds.dtype).min
-    )
+    causal = torch.ones(length, length, dtype=torch.bool).tril()[None, None]  # [1, 1, Tq, Tk]
+    offsets = torch.arange(length)[:, None] - torch.arange(length)[None, :]  # q - k
+    layer_types = llm_config.get("layer_types") or ["full_attention"] * llm_config["num_hidden_layers"]
 
     x = inputs_embeds
     for i in range(llm_config["num_hidden_layers"]):
+        allowed = causal
+        if layer_types[i] == "sliding_attention":
+            allowed = allowed & (offsets < llm_config["sliding_window"])[None, None]
+        if attention_mask is not None:
+            allowed = allowed & attention_mask.bool()[:, None, None, :]
+        # A large finite negative (not -inf) keeps fully masked rows (left padding) free of NaN.
+        bias = torch.zeros(allowed.shape, dtype=x.dtype).masked_fill(~allowed, torch.finfo(x.dtype).min)
         layer = _decoder_layer(llm_weights, family, i, num_heads, num_kv_heads)
         h = _rms_norm(x, layer["attn_norm"], eps)
-        q = F.linear(h, layer["q"], layer["q_bias"]).reshape(batch, length, num_heads, head_dim).transpose(1, 2)
-        k = F.linear(h, layer["k"], layer["k_bias"]).reshape(batch, length, num_kv_heads, head_dim).transpose(1, 2)
+        q = F.linear(h, layer["q"], layer["q_bias"]).reshape(batch, length, num_heads, head_dim)
+        k = F.linear(h, layer["k"], layer["k_bias"]).reshape(batch, length, num_kv_heads, head_dim)
         v = F.linear(h, layer["v"], layer["v_bias"]).reshape(batch, length, num_kv_heads, head_dim).transpose(1, 2)
+        if layer["q_norm"] is not None:
+            q, k = _rms_norm(q, layer["q_norm"], eps), _rms_norm(k, layer["k_norm"], eps)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
         k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)  # [B, H, T, hd]
         v = v.repeat_interleave(num_heads // num_kv_heads, dim=1)
-        probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(head_dim) + bias, dim=-1)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(head_dim) + bias
+        if layer["sinks"] is not None:
+            sinks = layer["sinks"].reshape(1, num_heads, 1, 1).expand(batch, num_heads, length, 1)
+            probs = torch.softmax(torch.cat([scores, sinks], dim=-1), dim=-1)[..., :-1]
+        else:
+            probs = torch.softmax(scores, dim=-1)
         out = (probs @ v).transpose(1, 2).reshape(batch, length, num_heads * head_dim)
         x = x + F.linear(out, layer["o"], layer["o_bias"])
         h = _rms_norm(x, layer["ffn_norm"], eps)
-        x = x + F.linear(_silu(F.linear(h, layer["gate"])) * F.linear(h, layer["up"]), layer["down"])
+        x = x + _mlp(h, llm_weights, family, i, llm_config)
     x = _rms_norm(x, llm_weights["model.norm.weight"], eps)
+    if llm_config.get("tie_word_embeddings") and family != "internlm2":
+        return F.linear(x, llm_weights["model.embed_tokens.weight"])
     return F.linear(x, llm_weights["output.weight" if family == "internlm2" else "lm_head.weight"])
+
+
+def _rope_frequencies(llm_config: dict, head_dim: int) -> tuple[torch.Tensor, float]:
+    """RoPE's inverse frequencies [hd / 2] and the factor on cos and sin: plain, or YaRN (GPT-OSS).
+
+    YaRN (arXiv 2309.00071): dimension pair d keeps its frequency theta^(-2d/hd) where it rotates fast (more than
+    `beta_fast` turns over `original_max_position_embeddings`), is divided by `factor` where it rotates slowly (fewer
+    than `beta_slow`), with a linear ramp between those two dimensions; cos and sin are scaled by
+    0.1 ln(factor) + 1. Without `truncate` the ramp ends are not rounded to whole dimensions.
+    """
+    theta = float(llm_config["rope_theta"])
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim
+    plain = 1.0 / theta**exponents
+    scaling = llm_config.get("rope_scaling")
+    if not scaling:
+        return plain, 1.0
+    rope_type = scaling.get("rope_type", scaling.get("type"))
+    if rope_type != "yarn":
+        raise ValueError(f"llm_config.rope_scaling={scaling!r}: only plain RoPE and YaRN are implemented")
+    factor = float(scaling["factor"])
+    original_length = scaling["original_max_position_embeddings"]
+
+    def dimension_of(turns: float) -> float:  # the dimension index whose pair turns `turns` times in that length
+        return head_dim * math.log(original_length / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dimension_of(scaling.get("beta_fast") or 32), dimension_of(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)  # 0: keep, 1: scale
+    inv_freq = plain * (1 - ramp) + plain / factor * ramp
+    attention_factor = scaling.get("attention_factor") or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
+    return inv_freq, float(attention_factor)
+
+
+def _mlp(h: torch.Tensor, llm_weights: dict[str, torch.Tensor], family: str, index: int, llm_config: dict):
+    """The layer's feed-forward on [B, T, D]: SwiGLU, or a mixture of experts (see `llm_logits`)."""
+    w = _subdict(llm_weights, f"model.layers.{index}.")
+    if family == "internlm2":
+        return F.linear(
+            _silu(F.linear(h, w["feed_forward.w1.weight"])) * F.linear(h, w["feed_forward.w3.weight"]),
+            w["feed_forward.w2.weight"],
+        )
+    sparse = family == "gpt_oss" or (
+        family == "qwen3_moe"
+        and index not in llm_config.get("mlp_only_layers", [])
+        and (index + 1) % llm_config.get("decoder_sparse_step", 1) == 0
+    )
+    if not sparse:
+        return F.linear(
+            _silu(F.linear(h, w["mlp.gate_proj.weight"])) * F.linear(h, w["mlp.up_proj.weight"]),
+            w["mlp.down_proj.weight"],
+        )
+    top_k = llm_config["num_experts_per_tok"]
+    tokens = h.reshape(-1, h.shape[-1])
+    out = torch.zeros_like(tokens)
+    if family == "qwen3_moe":
+        probs = torch.softmax(F.linear(tokens, w["mlp.gate.weight"]), dim=-1)
+        weights, experts = probs.topk(top_k, dim=-1)
+        if llm_config.get("norm_topk_prob", False):
+            weights = weights / weights.sum(-1, keepdim=True)
+    else:
+        logits, experts = F.linear(tokens, w["mlp.router.weight"], w["mlp.router.bias"]).topk(top_k, dim=-1)
+        weights = torch.softmax(logits, dim=-1)
+    for t in range(tokens.shape[0]):
+        for slot in range(top_k):
+            e = int(experts[t, slot])
+            x = tokens[t]
+            if family == "qwen3_moe":
+                prefix = f"mlp.experts.{e}."
+                y = F.linear(
+                    _silu(F.linear(x, w[prefix + "gate_proj.weight"])) * F.linear(x, w[prefix + "up_proj.weight"]),
+                    w[prefix + "down_proj.weight"],
+                )
+            else:
+                gate_up = x @ w["mlp.experts.gate_up_proj"][e] + w["mlp.experts.gate_up_proj_bias"][e]  # [2I]
+                limit, alpha = llm_config["swiglu_limit"], llm_config.get("swiglu_alpha", 1.702)
+                gate, up = gate_up[0::2].clamp(max=limit), gate_up[1::2].clamp(-limit, limit)
+                y = ((up + 1) * gate * torch.sigmoid(alpha * gate)) @ w["mlp.experts.down_proj"][e]
+                y = y + w["mlp.experts.down_proj_bias"][e]
+            out[t] = out[t] + weights[t, slot] * y
+    return out.reshape(h.shape)
 
 
 def split_internlm2_wqkv(
@@ -304,7 +421,8 @@ def split_internlm2_wqkv(
 def _decoder_layer(
     llm_weights: dict[str, torch.Tensor], family: str, index: int, num_heads: int, num_kv_heads: int
 ) -> dict[str, torch.Tensor | None]:
-    """One decoder layer's weights under family-neutral names (biases None where the family has none)."""
+    """One decoder layer's attention and norm weights under family-neutral names (None where the family has none;
+    the feed-forward is `_mlp`'s)."""
     w = _subdict(llm_weights, f"model.layers.{index}.")
     if family == "internlm2":
         q, k, v = split_internlm2_wqkv(w["attention.wqkv.weight"], num_heads, num_kv_heads)
@@ -320,9 +438,9 @@ def _decoder_layer(
             "v_bias": v_bias,
             "o": w["attention.wo.weight"],
             "o_bias": w.get("attention.wo.bias"),
-            "gate": w["feed_forward.w1.weight"],
-            "up": w["feed_forward.w3.weight"],
-            "down": w["feed_forward.w2.weight"],
+            "q_norm": None,
+            "k_norm": None,
+            "sinks": None,
             "attn_norm": w["attention_norm.weight"],
             "ffn_norm": w["ffn_norm.weight"],
         }
@@ -335,9 +453,9 @@ def _decoder_layer(
         "v_bias": w.get("self_attn.v_proj.bias"),
         "o": w["self_attn.o_proj.weight"],
         "o_bias": w.get("self_attn.o_proj.bias"),
-        "gate": w["mlp.gate_proj.weight"],
-        "up": w["mlp.up_proj.weight"],
-        "down": w["mlp.down_proj.weight"],
+        "q_norm": w.get("self_attn.q_norm.weight"),
+        "k_norm": w.get("self_attn.k_norm.weight"),
+        "sinks": w.get("self_attn.sinks"),
         "attn_norm": w["input_layernorm.weight"],
         "ffn_norm": w["post_attention_layernorm.weight"],
     }

@@ -15,6 +15,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import InternVLConfig, InternVLForConditionalGeneration, PreTrainedTokenizerFast
 
 from internvl_tune.constants import IMG_CONTEXT_TOKEN, INTERNVL_SPECIAL_TOKENS
+from internvl_tune.model.attention import NO_SDPA_LLMS
 
 CHAT_SPECIAL_TOKENS = (
     "<|endoftext|>",
@@ -65,6 +66,30 @@ def build_tiny_tokenizer(extra_texts: Iterable[str] = (), vocab_size: int = 600)
     return fast
 
 
+TINY_LLMS = ("qwen2", "qwen3", "qwen3_moe", "gpt_oss")
+_TINY_LLM_EXTRAS = {
+    "qwen2": lambda hidden, layers, heads: {},
+    "qwen3": lambda hidden, layers, heads: {"head_dim": hidden // heads},
+    "qwen3_moe": lambda hidden, layers, heads: {
+        "head_dim": hidden // heads,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": hidden,
+        "norm_topk_prob": True,
+        "router_aux_loss_coef": 0.001,
+    },
+    "gpt_oss": lambda hidden, layers, heads: {
+        "head_dim": hidden // heads,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "intermediate_size": hidden,
+        "sliding_window": 8,
+        "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
+        "router_aux_loss_coef": 0.9,
+    },
+}
+
+
 def build_tiny_config(
     vocab_size: int,
     image_token_id: int,
@@ -80,11 +105,17 @@ def build_tiny_config(
     text_kv_heads: int = 2,
     downsample_ratio: float = 0.5,
     vision_norm_type: str = "layer_norm",
+    llm: str = "qwen2",
 ) -> InternVLConfig:
-    """An InternVL config (InternViT-300M style ViT + Qwen2 LLM) scaled down to test size.
+    """An InternVL config (InternViT-300M style ViT + a Qwen2 LLM, or one of InternVL3.5's: `llm` = "qwen3",
+    "qwen3_moe" or "gpt_oss") scaled down to test size.
 
-    With the defaults a 56 px tile has (56/14)^2 = 16 patches and, after the 0.5 pixel shuffle, 4 image tokens.
+    With the defaults a 56 px tile has (56/14)^2 = 16 patches and, after the 0.5 pixel shuffle, 4 image tokens. The
+    MoE LLMs have 4 experts, 2 per token; GPT-OSS alternates sliding-window (window 8, so that it cuts the tests'
+    sequences) and full layers, with attention sinks, as the real model.
     """
+    if llm not in TINY_LLMS:
+        raise ValueError(f"llm={llm!r}: expected one of {TINY_LLMS}")
     num_patches = (image_size // patch_size) ** 2
     return InternVLConfig(
         vision_config={
@@ -99,7 +130,7 @@ def build_tiny_config(
             "norm_type": vision_norm_type,
         },
         text_config={
-            "model_type": "qwen2",
+            "model_type": llm,
             "vocab_size": vocab_size,
             "hidden_size": text_hidden_size,
             "intermediate_size": 4 * text_hidden_size,
@@ -108,6 +139,7 @@ def build_tiny_config(
             "num_key_value_heads": text_kv_heads,
             "max_position_embeddings": 4096,
             "tie_word_embeddings": False,
+            **_TINY_LLM_EXTRAS[llm](text_hidden_size, text_layers, text_heads),
         },
         image_token_id=image_token_id,
         image_seq_length=int(num_patches * downsample_ratio**2),
@@ -122,6 +154,8 @@ def build_tiny_model(
     """Build a random tiny InternVL and its tokenizer, deterministically from `seed`."""
     tokenizer = tokenizer if tokenizer is not None else build_tiny_tokenizer()
     config = build_tiny_config(len(tokenizer), tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN), **config_kwargs)
+    if config.text_config.model_type in NO_SDPA_LLMS:
+        config.text_config._attn_implementation = "eager"  # transformers refuses SDPA for these (model/attention.py)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = InternVLForConditionalGeneration(config)
