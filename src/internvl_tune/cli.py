@@ -353,7 +353,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _tiny_model(args: argparse.Namespace) -> int:
     from internvl_tune.demo.tiny_folder import write_tiny_model
 
-    print(write_tiny_model(args.out, layout=args.layout, data=args.data, seed=args.seed).format())
+    print(write_tiny_model(args.out, layout=args.layout, data=args.data, seed=args.seed, llm=args.llm).format())
     return 0
 
 
@@ -586,6 +586,12 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--layout", choices=["hf", "original"], default="hf", help="checkpoint layout (default hf)")
     tiny.add_argument("--data", metavar="DIR", help="also write the dataset to this folder (new or empty)")
     tiny.add_argument("--seed", type=int, default=0, help="seed of the weights and the data")
+    tiny.add_argument(
+        "--llm",
+        choices=["qwen2", "qwen3", "qwen3_moe", "gpt_oss"],
+        default="qwen2",
+        help="the LLM family: qwen2 (as InternVL 2.5 / 3) or one of InternVL3.5's (default qwen2)",
+    )
 
     plot = _command(
         sub,

@@ -138,6 +138,10 @@ class TrainArgs:
     loss_reduction: Literal["token", "sample", "square"] = "token"
     """How the SFT loss averages tokens over the whole optimizer step: token (each token alike), sample (each sample
     alike: weight 1/n), square (weight 1/sqrt(n), as InternVL's packed SFT); n = a sample's supervised tokens."""
+    router_aux_loss_coef: float | None = None
+    """MoE LLMs (Qwen3-MoE, GPT-OSS): weight of the router's load-balancing loss added to the loss (0 = off). None =
+    as the original InternVL3.5 trains: the LLM config's router_aux_loss_coef, in SFT always for GPT-OSS and
+    otherwise when the config's output_router_logits is on (docs/internvl3_5.md)."""
     bf16: bool = False
     """bfloat16 autocast (mixed precision); weights and optimizer state stay fp32."""
     save_dtype: SaveDtype = "auto"
@@ -204,6 +208,8 @@ class SFTConfig:
             raise ConfigError(f"data.conv_style: unknown template {d.conv_style!r}; known: {', '.join(TEMPLATES)}")
         if d.max_seq_length < 1:
             raise ConfigError(f"data.max_seq_length must be >= 1, got {d.max_seq_length}")
+        if t.router_aux_loss_coef is not None and t.router_aux_loss_coef < 0:
+            raise ConfigError(f"train.router_aux_loss_coef must be >= 0, got {t.router_aux_loss_coef}")
         for name in ("learning_rate", "weight_decay", "max_grad_norm", "save_steps", "save_total_limit"):
             if getattr(t, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(t, name)}")

@@ -3,6 +3,7 @@ commands on in seconds before fetching a real checkpoint.
 
     internvl-tune tiny-model tiny-hf --data tiny-data         # HF layout (InternVLForConditionalGeneration)
     internvl-tune tiny-model tiny-orig --layout original      # the original remote-code layout (InternVLChatModel)
+    internvl-tune tiny-model tiny-oss --llm gpt_oss           # an InternVL3.5 LLM: qwen3, qwen3_moe or gpt_oss
 
 The model is random (its answers are noise), a few MB, with a tokenizer trained on the demo's shapes task, and it
 loads wherever a model path is taken. The dataset is that task (`demo/task.py`), with paths relative to its folder:
@@ -24,6 +25,7 @@ from internvl_tune.atomic import atomic_dir
 from internvl_tune.errors import UserError
 
 LAYOUTS = ("hf", "original")
+LLMS = ("qwen2", "qwen3", "qwen3_moe", "gpt_oss")  # InternVL 2.5 / 3's Qwen2, or one of InternVL3.5's
 # Sizes of the dataset: enough for a few training steps and a benchmark with every question type.
 NUM_TRAIN = 32
 NUM_EVAL = 4  # benchmark images; 3 questions each
@@ -37,10 +39,14 @@ class TinyFolders:
     model: Path
     layout: str
     data: Path | None = None
+    llm: str = "qwen2"
 
     def format(self) -> str:
         """The lines `tiny-model` prints: what each folder holds and what it is for."""
-        lines = [f"wrote {self.model}: a random tiny InternVL in the {self.layout} layout (for trying the commands)"]
+        lines = [
+            f"wrote {self.model}: a random tiny InternVL ({self.llm} LLM) in the {self.layout} layout (for trying the "
+            "commands)"
+        ]
         if self.data is not None:
             lines.append(
                 f"wrote {self.data}: meta.json ({NUM_TRAIN} SFT samples), pairs_train_meta.json ({NUM_TRAIN} "
@@ -51,13 +57,15 @@ class TinyFolders:
 
 
 def write_tiny_model(
-    out: str | Path, *, layout: str = "hf", data: str | Path | None = None, seed: int = 0
+    out: str | Path, *, layout: str = "hf", data: str | Path | None = None, seed: int = 0, llm: str = "qwen2"
 ) -> TinyFolders:
-    """Write a tiny random InternVL to `out` in `layout` ("hf" or "original") and, with `data`, the shapes task's
-    files there. Each folder is written under a temporary name and renamed when complete; an existing non-empty
-    folder is refused (nothing is overwritten)."""
+    """Write a tiny random InternVL with a `llm` LLM to `out` in `layout` ("hf" or "original") and, with `data`, the
+    shapes task's files there. Each folder is written under a temporary name and renamed when complete; an existing
+    non-empty folder is refused (nothing is overwritten)."""
     if layout not in LAYOUTS:
         raise UserError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if llm not in LLMS:
+        raise UserError(f"llm must be one of {', '.join(LLMS)}, got {llm!r}")
     targets = [Path(out)] + ([Path(data)] if data is not None else [])
     if len(targets) == 2 and targets[0].resolve() == targets[1].resolve():
         raise UserError(f"{out} and {data}: the model and the data need two folders")
@@ -78,13 +86,13 @@ def write_tiny_model(
     try:
         with atomic_dir(out) as tmp:
             if layout == "hf":
-                save_tiny_model(tmp, extra_texts=texts, seed=seed)
+                save_tiny_model(tmp, extra_texts=texts, seed=seed, llm=llm)
             else:
-                build_original_checkpoint(tmp, tokenizer=build_tiny_tokenizer(texts), seed=seed)
+                build_original_checkpoint(tmp, tokenizer=build_tiny_tokenizer(texts), seed=seed, llm=llm)
     finally:
         if bar:
             transformers_logging.enable_progress_bar()
     if data is not None:
         with atomic_dir(data) as tmp:
             make_pairs(make_task(tmp, NUM_TRAIN, NUM_EVAL, seed, NUM_PROMPTS), seed)
-    return TinyFolders(Path(out), layout, Path(data) if data is not None else None)
+    return TinyFolders(Path(out), layout, Path(data) if data is not None else None, llm)

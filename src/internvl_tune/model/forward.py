@@ -9,6 +9,7 @@ from peft import PeftModel
 from torch import nn
 from transformers import InternVLForConditionalGeneration
 
+from internvl_tune.losses.router import load_balancing_loss
 from internvl_tune.model.attention import row_attention
 from internvl_tune.model.logprobs import DEFAULT_LOGPROB_CHUNK, target_logps
 
@@ -51,6 +52,26 @@ class InternVLTrainingForward(nn.Module):
         # Stage timing waits for the device, so it is off unless a recipe turns it on for a logging step.
         self.time_stages = False
         self.vit_seconds = 0.0  # time spent in the ViT + projector since the recipe last reset it (telemetry)
+        # MoE: the routers' logits of the current forward, and the load-balancing loss of the last one (losses/router.py)
+        self._router_logits: list[torch.Tensor] | None = None
+        self.router_top_k = 0
+        self.aux_loss: torch.Tensor | None = None
+
+    def track_router_loss(self) -> None:
+        """Compute the MoE load-balancing loss on every forward from now on (`self.aux_loss`), from the logits the
+        LLM's routers (transformers' `*TopKRouter` modules, which return them first) produce in that forward."""
+        text = base_model(self.model).config.text_config
+        self.router_top_k = int(text.num_experts_per_tok)
+        routers = [m for m in base_model(self.model).modules() if type(m).__name__.endswith("TopKRouter")]
+        if not routers:
+            raise ValueError(f"{text.model_type}: no MoE router modules found for the load-balancing loss")
+
+        def keep_logits(module, args, output):
+            if self._router_logits is not None:  # in a forward, not in a gradient checkpoint's recomputation
+                self._router_logits.append(output[0])
+
+        for router in routers:
+            router.register_forward_hook(keep_logits)
 
     def forward(
         self,
@@ -71,6 +92,57 @@ class InternVLTrainingForward(nn.Module):
         computed without waiting for the device.
         """
         internvl = base_model(self.model)
+        if self.router_top_k:
+            self._router_logits = []
+            try:
+                out = self._forward(
+                    internvl,
+                    input_ids,
+                    attention_mask,
+                    position_ids,
+                    pixel_values,
+                    image_flags,
+                    logp_index,
+                    logp_targets,
+                    attention_groups,
+                    attention_roles,
+                )
+            finally:
+                logits, self._router_logits = self._router_logits, None
+            if attention_groups is not None:
+                real = attention_groups != -1
+            elif attention_mask is not None and attention_mask.dim() == 2:
+                real = attention_mask.bool()
+            else:
+                real = None
+            self.aux_loss = load_balancing_loss(logits, self.router_top_k, None if real is None else real.reshape(-1))
+            return out
+        return self._forward(
+            internvl,
+            input_ids,
+            attention_mask,
+            position_ids,
+            pixel_values,
+            image_flags,
+            logp_index,
+            logp_targets,
+            attention_groups,
+            attention_roles,
+        )
+
+    def _forward(
+        self,
+        internvl,
+        input_ids,
+        attention_mask,
+        position_ids,
+        pixel_values,
+        image_flags,
+        logp_index,
+        logp_targets,
+        attention_groups,
+        attention_roles,
+    ) -> torch.Tensor:
         attention_kwargs = {}
         if attention_groups is not None:
             # Segments under sdpa_segments, a BlockMask under flex attention, else the dense mask (model/attention.py).

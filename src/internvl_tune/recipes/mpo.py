@@ -39,8 +39,9 @@ from internvl_tune.data.preference import PairBuilder
 from internvl_tune.data.transform import SampleBuilder
 from internvl_tune.losses.objective import PreferenceObjective
 from internvl_tune.losses.reduction import weight_total
+from internvl_tune.losses.router import router_aux_coefficient
 from internvl_tune.losses.running import RunningRewardMean
-from internvl_tune.model.forward import InternVLTrainingForward, stage_clock
+from internvl_tune.model.forward import InternVLTrainingForward, base_model, stage_clock
 from internvl_tune.model.freeze import count_parameters
 from internvl_tune.model.load import load_model
 from internvl_tune.model.logprobs import pair_logps
@@ -164,9 +165,14 @@ def _train(
 
     uses_lora = bool(model_args.use_llm_lora or model_args.use_backbone_lora)
     running = RunningRewardMean()
+    # MoE LLMs: the router's load-balancing loss joins the loss as the original adds it (losses/router.py).
+    aux_coef = router_aux_coefficient(train_args.router_aux_loss_coef, base_model(model).config.text_config, "mpo")
+    training_forward = InternVLTrainingForward(model)
+    if aux_coef:
+        training_forward.track_router_loss()
     forward, optimizer, scheduler, state = prepare_optimization(
         accelerator,
-        InternVLTrainingForward(model),
+        training_forward,
         model_args,
         train_args,
         total_steps,
@@ -204,13 +210,15 @@ def _train(
         # The step's denominators: pairs and chosen tokens over all its micro-batches on all ranks (CPU counts).
         real = [b for b in batches if b["num_pairs"]]
         chosen_lengths = [int(n) for b in real for n in b["chosen_mask"].sum(-1)]
-        num_pairs, num_chosen_tokens, num_rejected_tokens, sft_weight = step_totals(
+        # The router loss is a mean over the step's policy forwards on all ranks (as TRL adds it to each forward's).
+        num_pairs, num_chosen_tokens, num_rejected_tokens, sft_weight, num_forwards = step_totals(
             accelerator,
             [
                 sum(b["num_pairs"] for b in real),
                 sum(chosen_lengths),
                 sum(int(b["rejected_mask"].sum()) for b in real),
                 weight_total(chosen_lengths, objective.sft_reduction),
+                len(real),
             ],
         )
         if num_pairs == 0:
@@ -264,7 +272,12 @@ def _train(
                     sft_weight_in_step=sft_weight,
                 )
                 # DDP averages gradients over ranks; multiplying by the world size makes it a global sum.
-                backward(accelerator, out.loss * accelerator.num_processes)
+                loss = out.loss
+                if aux_coef:
+                    aux = policy_forward.aux_loss
+                    sums["aux_loss"] = sums.get("aux_loss", 0.0) + aux.detach().double() / num_forwards
+                    loss = loss + aux_coef * aux / num_forwards
+                backward(accelerator, loss * accelerator.num_processes)
                 pairs = batch["num_pairs"]
                 for name, value in {
                     "loss": out.loss,
@@ -297,6 +310,7 @@ def _train(
                 state.step,
                 {
                     "loss": last_loss,
+                    **({"aux_loss": totals.get("aux_loss", float("nan"))} if aux_coef else {}),
                     "lr": scheduler.get_last_lr()[0],
                     "grad_norm": float(grad_norm) if grad_norm is not None else None,
                     "epoch": epoch_progress(sampler, state.micro_batches),
@@ -310,7 +324,11 @@ def _train(
                     "num_truncated": state.num_truncated,
                     "vit_time_share": policy_forward.vit_seconds / elapsed,
                     # loss/* are already the step's values (shares summed); the rest are sums over its pairs.
-                    **{k: v if k.startswith("loss/") else v / num_pairs for k, v in totals.items() if k != "loss"},
+                    **{
+                        k: v if k.startswith("loss/") else v / num_pairs
+                        for k, v in totals.items()
+                        if k not in ("loss", "aux_loss")
+                    },
                     "delta": float(running.mean),
                     "reference_time_share": timing["reference_s"] / elapsed,
                     "policy_forward_time_share": timing["policy_s"] / elapsed,

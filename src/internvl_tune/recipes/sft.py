@@ -30,7 +30,8 @@ from internvl_tune.data.errors import DataError
 from internvl_tune.data.images import blank_tile
 from internvl_tune.data.transform import SampleBuilder
 from internvl_tune.losses.reduction import token_weights, weight_total
-from internvl_tune.model.forward import InternVLTrainingForward
+from internvl_tune.losses.router import router_aux_coefficient
+from internvl_tune.model.forward import InternVLTrainingForward, base_model
 from internvl_tune.model.freeze import count_parameters
 from internvl_tune.model.logprobs import label_gather
 from internvl_tune.model.prepare import prepare_policy, sample_settings
@@ -98,9 +99,14 @@ def _train(
     total_steps, warmup_steps = schedule_lengths(sampler, train_args)
 
     uses_lora = bool(model_args.use_llm_lora or model_args.use_backbone_lora)
+    # MoE LLMs: the router's load-balancing loss joins the loss as the original adds it (losses/router.py).
+    aux_coef = router_aux_coefficient(train_args.router_aux_loss_coef, base_model(model).config.text_config, "sft")
+    training_forward = InternVLTrainingForward(model)
+    if aux_coef:
+        training_forward.track_router_loss()
     forward, optimizer, scheduler, state = prepare_optimization(
         accelerator,
-        InternVLTrainingForward(model),
+        training_forward,
         model_args,
         train_args,
         total_steps,
@@ -132,8 +138,15 @@ def _train(
         # The step's loss denominator: Σ w(n)·n over its samples, all micro-batches, all ranks (CPU counts;
         # losses/reduction.py), and its labelled tokens.
         sample_tokens = [int(n) for b in batches if b["num_samples"] for n in b["num_labels"]]
-        num_tokens, loss_weight = step_totals(
-            accelerator, [sum(sample_tokens), weight_total(sample_tokens, train_args.loss_reduction)]
+        # The router loss is a mean over the step's trained micro-batches on all ranks (the original adds it to each
+        # forward's loss, which the accumulation and DDP then average).
+        num_tokens, loss_weight, num_forwards = step_totals(
+            accelerator,
+            [
+                sum(sample_tokens),
+                weight_total(sample_tokens, train_args.loss_reduction),
+                sum(1 for b in batches if b["num_samples"]),
+            ],
         )
         if num_tokens == 0:
             empty_micro_batches += len(batches)
@@ -182,6 +195,10 @@ def _train(
                     sums["loss"] = sums.get("loss", 0.0) + weighted_nll.detach().double() / loss_weight
                     # DDP averages gradients over ranks; multiplying by the world size makes it a global sum.
                     loss = weighted_nll * accelerator.num_processes / loss_weight
+                    if aux_coef:
+                        aux = policy_forward.aux_loss
+                        sums["aux_loss"] = sums.get("aux_loss", 0.0) + aux.detach().double() / num_forwards
+                        loss = loss + aux_coef * aux * accelerator.num_processes / num_forwards
                 backward(accelerator, loss)
         grad_norm = (
             accelerator.clip_grad_norm_(forward.parameters(), train_args.max_grad_norm)
@@ -204,6 +221,7 @@ def _train(
                 state.step,
                 {
                     "loss": last_loss,
+                    **({"aux_loss": totals.get("aux_loss", float("nan"))} if aux_coef else {}),
                     "lr": scheduler.get_last_lr()[0],
                     "grad_norm": float(grad_norm) if grad_norm is not None else None,
                     "epoch": epoch_progress(sampler, state.micro_batches),
