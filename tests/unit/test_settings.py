@@ -153,3 +153,25 @@ def test_template_comes_from_the_checkpoint_not_its_folder_name(tmp_path):
     bare = tmp_path / "InternVL3_5-GPT-OSS-20B-A4B-Preview"
     bare.mkdir()
     assert checkpoint_settings(bare)["template"] == DEFAULT_TEMPLATE
+
+
+def test_training_samples_follow_data_thinking(tiny_model_dir):
+    """`data.thinking` reaches the sample builder training uses: the thinking system message, the analysis channel."""
+    from internvl_tune.data.transform import SampleBuilder
+    from internvl_tune.testing.tiny import build_tiny_tokenizer
+
+    config = read_model_config(tiny_model_dir)
+    tokenizer = build_tiny_tokenizer(harmony=True)
+    record = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "<think>hm</think>Hello!"}]}
+    texts = {}
+    for thinking in (False, True):
+        settings = sample_settings(DataArgs(conv_style="internvl3_5_gpt_oss", thinking=thinking), config)
+        sample = SampleBuilder(tokenizer, settings)(record, "test:1", None, rng=None)
+        texts[thinking] = tokenizer.decode(sample["input_ids"])
+    assert "Reasoning: low" in texts[False]
+    assert texts[False].endswith("<|start|>assistant<|channel|>final<|message|><think>hm</think>Hello!<|return|>")
+    assert "Reasoning: high" in texts[True]
+    assert texts[True].endswith(
+        "<|start|>assistant<|channel|>analysis<|message|>hm<|end|><|start|>assistant<|channel|>final<|message|>"
+        "Hello!<|return|>"
+    )
