@@ -24,7 +24,7 @@ from transformers import TextIteratorStreamer
 
 from internvl_tune.data.placeholders import user_turn
 from internvl_tune.data.prompt import InferencePrompt, build_inference_prompt
-from internvl_tune.data.templates import get_template, stop_token_ids
+from internvl_tune.data.templates import decodes_special_tokens, get_template, stop_token_ids, stream_answer
 from internvl_tune.errors import MissingPathError, UserError
 from internvl_tune.model.load import load_for_inference
 
@@ -47,7 +47,7 @@ class ChatSession:
             raise UserError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
         self.model, self.tokenizer, self.settings = load_for_inference(self.model_path)
         self.device = self.model.device
-        self.template = get_template(self.settings.template)
+        self.template = get_template(self.settings.template, thinking=self.settings.thinking)
 
     def prompt(self, messages: list[dict[str, str]], images: Sequence[str] | None = None) -> InferencePrompt:
         """Token ids and tiles for the conversation; the k-th `<image>` is the k-th of `images` (default: the
@@ -74,7 +74,9 @@ class ChatSession:
     def _stream(
         self, messages: list[dict[str, str]], images: list[str], input_ids: list[int], pixel_values: torch.Tensor | None
     ) -> Iterator[str]:
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        # GPT-OSS answers follow a channel header of special tokens: kept in the stream, parsed off by stream_answer.
+        skip_special = not decodes_special_tokens(self.template)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=skip_special)
         kwargs = {
             "input_ids": torch.tensor([input_ids], device=self.device),
             "attention_mask": torch.ones(1, len(input_ids), dtype=torch.long, device=self.device),
@@ -100,7 +102,7 @@ class ChatSession:
         thread = threading.Thread(target=generate, daemon=True)
         thread.start()
         pieces = []
-        for piece in streamer:
+        for piece in stream_answer(self.template, streamer):
             pieces.append(piece)
             yield piece
         thread.join()

@@ -82,7 +82,8 @@ class DataArgs(PipelineSettings):
     meta_path: str = ""
     """Meta JSON naming the datasets (root, annotation, data_augment, repeat_time, max_dynamic_patch)."""
     conv_style: str = DEFAULT_TEMPLATE
-    """Conversation template: internvl2_5, Hermes-2, internlm2-chat or phi3-chat."""
+    """Conversation template: internvl2_5 (InternVL 2.5, 3 and the Qwen3-based 3.5), internvl3_5_gpt_oss, Hermes-2,
+    internlm2-chat or phi3-chat; the one the checkpoint was trained with (its config's template)."""
     force_image_size: int | None = None
     """Tile size in pixels; must equal the model's vision image_size (None = take it from the model)."""
     on_bad_sample: Literal["error", "skip"] = "error"
@@ -201,11 +202,15 @@ class SFTConfig:
             raise ConfigError("model.model_name_or_path is required")
         if not self.data.meta_path:
             raise ConfigError("data.meta_path is required")
-        from internvl_tune.data.templates import TEMPLATES  # lazily: it imports transformers
+        from internvl_tune.data.templates import TEMPLATES, get_template  # lazily: it imports transformers
 
         m, d, t = self.model, self.data, self.train
         if d.conv_style not in TEMPLATES:
             raise ConfigError(f"data.conv_style: unknown template {d.conv_style!r}; known: {', '.join(TEMPLATES)}")
+        try:
+            get_template(d.conv_style, thinking=d.thinking)
+        except UserError as e:
+            raise ConfigError(f"data.thinking: {e}") from e
         if d.max_seq_length < 1:
             raise ConfigError(f"data.max_seq_length must be >= 1, got {d.max_seq_length}")
         if t.router_aux_loss_coef is not None and t.router_aux_loss_coef < 0:

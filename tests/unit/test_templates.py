@@ -10,12 +10,15 @@ import pytest
 
 from internvl_tune.constants import IGNORE_INDEX
 from internvl_tune.data.templates import (
+    R1_SYSTEM_PROMPT,
     TEMPLATES,
     TemplateMismatchError,
     build_generation_prompt,
     chat_template_jinja,
+    decode_answer,
     get_template,
     stop_token_ids,
+    stream_answer,
     tokenize_conversation,
 )
 from internvl_tune.testing.tiny import build_tiny_tokenizer
@@ -27,7 +30,8 @@ IMAGE = "<img>" + "<IMG_CONTEXT>" * 4 + "</img>"
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return build_tiny_tokenizer()
+    # The harmony tokens of GPT-OSS and Qwen3's <think> tokens, so every template renders with one tokenizer.
+    return build_tiny_tokenizer(harmony=True, think_tokens=True)
 
 
 def enc(tokenizer, text: str) -> list[int]:
@@ -233,9 +237,13 @@ def test_each_template_renders_and_labels_answers(tokenizer, name):
 
 
 def test_registry_names_and_unknown_template():
-    assert list(TEMPLATES) == ["internvl2_5", "Hermes-2", "internlm2-chat", "phi3-chat"]
-    with pytest.raises(ValueError, match="unknown template 'chatml'.*internvl2_5, Hermes-2, internlm2-chat, phi3-chat"):
+    assert list(TEMPLATES) == ["internvl2_5", "Hermes-2", "internlm2-chat", "phi3-chat", "internvl3_5_gpt_oss"]
+    with pytest.raises(
+        ValueError, match="unknown template 'chatml'.*internvl2_5, Hermes-2, internlm2-chat, phi3-chat, internvl3_5_gpt"
+    ):
         get_template("chatml")
+    with pytest.raises(ValueError, match="'Hermes-2' has no thinking mode .*: internvl2_5, internvl3_5_gpt_oss"):
+        get_template("Hermes-2", thinking=True)
 
 
 def test_stop_token_ids(tokenizer):
@@ -308,10 +316,12 @@ def test_generation_prompt():
     )
 
 
-@pytest.mark.parametrize("name", list(TEMPLATES))
-def test_jinja_chat_template_matches_python_rendering(tokenizer, name):
-    template = get_template(name)
-    tokenizer = build_tiny_tokenizer()
+@pytest.mark.parametrize(
+    "name, thinking", [(name, False) for name in TEMPLATES] + [("internvl2_5", True), ("internvl3_5_gpt_oss", True)]
+)
+def test_jinja_chat_template_matches_python_rendering(name, thinking):
+    template = get_template(name, thinking=thinking)
+    tokenizer = build_tiny_tokenizer(harmony=True, think_tokens=True)
     tokenizer.chat_template = chat_template_jinja(template)
     without_system = [
         {"role": "user", "content": f"{IMAGE}\nWhat is in the picture?"},
@@ -330,3 +340,370 @@ def test_jinja_chat_template_matches_python_rendering(tokenizer, name):
         with_system, tokenize=False, add_generation_prompt=True, system_message="Be brief."
     )
     assert rendered == build_generation_prompt(template, with_system, system_message="Be brief.")
+
+
+# InternVL3.5: the Qwen3-based models keep `internvl2_5` (ChatML; every 3.5 Qwen3 script of the original sets
+# conv_style internvl2_5), GPT-OSS uses `internvl3_5_gpt_oss` (harmony tokens). Each with and without thinking.
+# The expected texts are written out by hand from the original's templates and preprocessors, with the end-token
+# rule its comment states: the last assistant message ends with <|return|>, earlier ones with <|end|>.
+
+GPT_OSS_SYSTEM = (
+    "You are InternVL, a large language model trained by Shanghai AI Laboratory.\nKnowledge cutoff: 2024-06\n"
+    "Current date: 2025-08-06\n\nReasoning: low\n\n# Valid channels: final. Channel must be included for every message."
+)
+GPT_OSS_THINKING_SYSTEM = (
+    "You are InternVL, a large language model trained by Shanghai AI Laboratory.\nKnowledge cutoff: 2024-06\n"
+    "Current date: 2025-08-06\n\nReasoning: high\n\n# Valid channels: analysis, final. Channel must be included for "
+    "every message."
+)
+R1 = R1_SYSTEM_PROMPT
+VARIANTS = {  # variant -> (template name, thinking)
+    "qwen3": ("internvl2_5", False),
+    "qwen3_thinking": ("internvl2_5", True),
+    "gpt_oss": ("internvl3_5_gpt_oss", False),
+    "gpt_oss_thinking": ("internvl3_5_gpt_oss", True),
+}
+
+
+def test_r1_system_prompt_is_the_mpo_trainers():
+    assert R1.startswith("You are an AI assistant that rigorously follows this response protocol:\n\n1. First,")
+    assert "Enclose this entire thinking process within <think> and </think> tags.\n\n2. After" in R1
+    assert R1.endswith("The final answer should be standalone and not reference the thinking section.\n")
+    assert get_template("internvl2_5", thinking=True).system_message == R1
+    assert get_template("internvl3_5_gpt_oss").system_message == GPT_OSS_SYSTEM
+    assert get_template("internvl3_5_gpt_oss", thinking=True).system_message == GPT_OSS_THINKING_SYSTEM
+
+
+def think(thought: str, answer: str) -> str:
+    return f"<think>\n{thought}\n</think>\n\n{answer}"
+
+
+ONE_IMAGE_Q = f"{IMAGE}\nWhat colour is the shape?"
+TWO_IMAGES_Q = f"Image-1: {IMAGE}\nImage-2: {IMAGE}\nHow many shapes are there?"
+TEXT_Q = "Hello! How are you?"
+
+
+def one_image(thinking: bool) -> list[dict[str, str]]:
+    answer = think("One shape, red.", "Red.") if thinking else "Red."
+    return [{"role": "user", "content": ONE_IMAGE_Q}, {"role": "assistant", "content": answer}]
+
+
+def two_images(thinking: bool) -> list[dict[str, str]]:
+    return [{"role": "user", "content": TWO_IMAGES_Q}, {"role": "assistant", "content": "There are two shapes."}]
+
+
+def pure_text(thinking: bool) -> list[dict[str, str]]:
+    return [{"role": "user", "content": TEXT_Q}, {"role": "assistant", "content": "I am fine, thank you."}]
+
+
+def two_turns(thinking: bool) -> list[dict[str, str]]:
+    first = think("A round shape.", "A red circle.") if thinking else "A red circle."
+    return [
+        {"role": "user", "content": f"{IMAGE}\nWhat is in the picture?"},
+        {"role": "assistant", "content": first},
+        {"role": "user", "content": "And the colour?"},
+        {"role": "assistant", "content": "red"},
+    ]
+
+
+CASES = {"one_image": one_image, "two_images": two_images, "pure_text": pure_text, "two_turns": two_turns}
+QWEN_USER = {
+    "one_image": f"<|im_start|>user\n{ONE_IMAGE_Q}<|im_end|>\n",
+    "two_images": f"<|im_start|>user\n{TWO_IMAGES_Q}<|im_end|>\n",
+    "pure_text": f"<|im_start|>user\n{TEXT_Q}<|im_end|>\n",
+}
+OSS_USER = {
+    "one_image": f"<|start|>user<|message|>{ONE_IMAGE_Q}<|end|>",
+    "two_images": f"<|start|>user<|message|>{TWO_IMAGES_Q}<|end|>",
+    "pure_text": f"<|start|>user<|message|>{TEXT_Q}<|end|>",
+}
+QA, OA = "<|im_start|>assistant\n", "<|start|>assistant"  # the assistant roles: never trained
+# (variant, case) -> the rendered pieces, each with whether its tokens are trained.
+EXPECTED_PIECES = {
+    ("qwen3", "one_image"): [
+        (f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n", False),
+        (QWEN_USER["one_image"], False),
+        (QA, False),
+        ("Red.<|im_end|>", True),
+        ("\n", False),
+    ],
+    ("qwen3", "two_images"): [
+        (f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n", False),
+        (QWEN_USER["two_images"], False),
+        (QA, False),
+        ("There are two shapes.<|im_end|>", True),
+        ("\n", False),
+    ],
+    ("qwen3", "pure_text"): [
+        (f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n", False),
+        (QWEN_USER["pure_text"], False),
+        (QA, False),
+        ("I am fine, thank you.<|im_end|>", True),
+        ("\n", False),
+    ],
+    ("qwen3", "two_turns"): [
+        (f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n", False),
+        (f"<|im_start|>user\n{IMAGE}\nWhat is in the picture?<|im_end|>\n", False),
+        (QA, False),
+        ("A red circle.<|im_end|>", True),
+        ("\n", False),
+        ("<|im_start|>user\nAnd the colour?<|im_end|>\n", False),
+        (QA, False),
+        ("red<|im_end|>", True),
+        ("\n", False),
+    ],
+    ("qwen3_thinking", "one_image"): [
+        (f"<|im_start|>system\n{R1}<|im_end|>\n", False),
+        (QWEN_USER["one_image"], False),
+        (QA, False),
+        ("<think>\nOne shape, red.\n</think>\n\nRed.<|im_end|>", True),  # the thought is trained as written
+        ("\n", False),
+    ],
+    ("qwen3_thinking", "two_images"): [
+        (f"<|im_start|>system\n{R1}<|im_end|>\n", False),
+        (QWEN_USER["two_images"], False),
+        (QA, False),
+        ("There are two shapes.<|im_end|>", True),
+        ("\n", False),
+    ],
+    ("qwen3_thinking", "pure_text"): [
+        (f"<|im_start|>system\n{R1}<|im_end|>\n", False),
+        (QWEN_USER["pure_text"], False),
+        (QA, False),
+        ("I am fine, thank you.<|im_end|>", True),
+        ("\n", False),
+    ],
+    ("qwen3_thinking", "two_turns"): [
+        (f"<|im_start|>system\n{R1}<|im_end|>\n", False),
+        (f"<|im_start|>user\n{IMAGE}\nWhat is in the picture?<|im_end|>\n", False),
+        (QA, False),
+        ("<think>\nA round shape.\n</think>\n\nA red circle.<|im_end|>", True),
+        ("\n", False),
+        ("<|im_start|>user\nAnd the colour?<|im_end|>\n", False),
+        (QA, False),
+        ("red<|im_end|>", True),
+        ("\n", False),
+    ],
+    # GPT-OSS: the channel header is trained (the prompt ends at the role, the model writes it), and the last
+    # answer ends with <|return|> whatever the number of images (the original: <|end|> for one image, <|return|>
+    # for two, a NameError for pure text).
+    ("gpt_oss", "one_image"): [
+        (f"<|start|>system<|message|>{GPT_OSS_SYSTEM}<|end|>", False),
+        (OSS_USER["one_image"], False),
+        (OA, False),
+        ("<|channel|>final<|message|>Red.<|return|>", True),
+    ],
+    ("gpt_oss", "two_images"): [
+        (f"<|start|>system<|message|>{GPT_OSS_SYSTEM}<|end|>", False),
+        (OSS_USER["two_images"], False),
+        (OA, False),
+        ("<|channel|>final<|message|>There are two shapes.<|return|>", True),
+    ],
+    ("gpt_oss", "pure_text"): [
+        (f"<|start|>system<|message|>{GPT_OSS_SYSTEM}<|end|>", False),
+        (OSS_USER["pure_text"], False),
+        (OA, False),
+        ("<|channel|>final<|message|>I am fine, thank you.<|return|>", True),
+    ],
+    ("gpt_oss", "two_turns"): [
+        (f"<|start|>system<|message|>{GPT_OSS_SYSTEM}<|end|>", False),
+        (f"<|start|>user<|message|>{IMAGE}\nWhat is in the picture?<|end|>", False),
+        (OA, False),
+        ("<|channel|>final<|message|>A red circle.<|end|>", True),  # an earlier answer: <|end|>
+        ("<|start|>user<|message|>And the colour?<|end|>", False),
+        (OA, False),
+        ("<|channel|>final<|message|>red<|return|>", True),
+    ],
+    # Thinking: the thought goes to the analysis channel, stripped; everything after the first role is trained.
+    ("gpt_oss_thinking", "one_image"): [
+        (f"<|start|>system<|message|>{GPT_OSS_THINKING_SYSTEM}<|end|>", False),
+        (OSS_USER["one_image"], False),
+        (OA, False),
+        (
+            "<|channel|>analysis<|message|>One shape, red.<|end|><|start|>assistant<|channel|>final<|message|>Red."
+            "<|return|>",
+            True,
+        ),
+    ],
+    ("gpt_oss_thinking", "two_images"): [
+        (f"<|start|>system<|message|>{GPT_OSS_THINKING_SYSTEM}<|end|>", False),
+        (OSS_USER["two_images"], False),
+        (OA, False),
+        ("<|channel|>final<|message|>There are two shapes.<|return|>", True),  # no thought: final channel only
+    ],
+    ("gpt_oss_thinking", "pure_text"): [
+        (f"<|start|>system<|message|>{GPT_OSS_THINKING_SYSTEM}<|end|>", False),
+        (OSS_USER["pure_text"], False),
+        (OA, False),
+        ("<|channel|>final<|message|>I am fine, thank you.<|return|>", True),
+    ],
+    ("gpt_oss_thinking", "two_turns"): [
+        (f"<|start|>system<|message|>{GPT_OSS_THINKING_SYSTEM}<|end|>", False),
+        (f"<|start|>user<|message|>{IMAGE}\nWhat is in the picture?<|end|>", False),
+        (OA, False),
+        (
+            "<|channel|>analysis<|message|>A round shape.<|end|><|start|>assistant<|channel|>final<|message|>"
+            "A red circle.<|end|>",  # an earlier answer ends with <|end|> in thinking mode too
+            True,
+        ),
+        ("<|start|>user<|message|>And the colour?<|end|>", False),
+        (OA, False),
+        ("<|channel|>final<|message|>red<|return|>", True),
+    ],
+}
+
+
+@pytest.mark.parametrize("variant, case", sorted(EXPECTED_PIECES))
+def test_internvl3_5_text_ids_and_labels(tokenizer, variant, case):
+    name, thinking = VARIANTS[variant]
+    template = get_template(name, thinking=thinking)
+    out = tokenize_conversation(tokenizer, template, CASES[case](thinking))
+    pieces = EXPECTED_PIECES[variant, case]
+    expected_ids, expected_labels = [], []
+    for text, trained in pieces:
+        ids = enc(tokenizer, text)
+        expected_ids += ids
+        expected_labels += ids if trained else [IGN] * len(ids)
+    assert tokenizer.decode(out.input_ids) == "".join(text for text, _ in pieces)
+    assert out.input_ids == expected_ids
+    assert out.labels == expected_labels
+    assert labelled_runs(tokenizer, out.input_ids, out.labels) == [text for text, trained in pieces if trained]
+
+
+def test_gpt_oss_end_tokens_are_one_token_each_and_trained(tokenizer):
+    """The end tokens themselves: <|return|> closes the last answer, <|end|> the earlier one, both trained."""
+    ids = tokenizer.convert_tokens_to_ids
+    for case in ("one_image", "two_images", "pure_text", "two_turns"):
+        out = tokenize_conversation(tokenizer, get_template("internvl3_5_gpt_oss"), CASES[case](False))
+        assert out.input_ids[-1] == out.labels[-1] == ids("<|return|>"), case
+        assert out.labels.count(ids("<|return|>")) == 1, case
+    out = tokenize_conversation(tokenizer, get_template("internvl3_5_gpt_oss"), two_turns(False))
+    trained_ends = [t for t in out.labels if t in (ids("<|end|>"), ids("<|return|>"))]
+    assert trained_ends == [ids("<|end|>"), ids("<|return|>")]  # system and user <|end|> are not trained
+
+
+EXPECTED_PROMPTS = {  # two_turns without its last answer: where the original chat() ends the prompt
+    "qwen3": (
+        f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n<|im_start|>user\n{IMAGE}\nWhat is in the picture?<|im_end|>\n"
+        "<|im_start|>assistant\nA red circle.<|im_end|>\n<|im_start|>user\nAnd the colour?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    ),
+    "qwen3_thinking": (
+        f"<|im_start|>system\n{R1}<|im_end|>\n<|im_start|>user\n{IMAGE}\nWhat is in the picture?<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\nA round shape.\n</think>\n\nA red circle.<|im_end|>\n"
+        "<|im_start|>user\nAnd the colour?<|im_end|>\n<|im_start|>assistant\n"
+    ),
+    "gpt_oss": (
+        f"<|start|>system<|message|>{GPT_OSS_SYSTEM}<|end|><|start|>user<|message|>{IMAGE}\nWhat is in the picture?"
+        "<|end|><|start|>assistant<|channel|>final<|message|>A red circle.<|end|>"
+        "<|start|>user<|message|>And the colour?<|end|><|start|>assistant"
+    ),
+    "gpt_oss_thinking": (
+        f"<|start|>system<|message|>{GPT_OSS_THINKING_SYSTEM}<|end|><|start|>user<|message|>{IMAGE}\n"
+        "What is in the picture?<|end|><|start|>assistant<|channel|>analysis<|message|>A round shape.<|end|>"
+        "<|start|>assistant<|channel|>final<|message|>A red circle.<|end|>"
+        "<|start|>user<|message|>And the colour?<|end|><|start|>assistant"
+    ),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(EXPECTED_PROMPTS))
+def test_internvl3_5_inference_prompt(tokenizer, variant):
+    name, thinking = VARIANTS[variant]
+    template = get_template(name, thinking=thinking)
+    messages = two_turns(thinking)
+    prompt = build_generation_prompt(template, messages[:-1])
+    assert prompt == EXPECTED_PROMPTS[variant]
+    # The prompt's ids are the training ids up to the first trained token of the last answer (MPO's prompt split).
+    out = tokenize_conversation(tokenizer, template, messages)
+    answer_start = max(i for i, label in enumerate(out.labels) if label != IGN)
+    while out.labels[answer_start - 1] != IGN:
+        answer_start -= 1
+    assert enc(tokenizer, prompt) == out.input_ids[:answer_start]
+
+
+def test_internvl3_5_prefill_continues_where_training_puts_the_answer():
+    messages = one_image(False)[:1]
+    oss, oss_thinking = get_template("internvl3_5_gpt_oss"), get_template("internvl3_5_gpt_oss", thinking=True)
+    start = f"<|start|>system<|message|>{GPT_OSS_SYSTEM}<|end|><|start|>user<|message|>{ONE_IMAGE_Q}<|end|>"
+    assert build_generation_prompt(oss, messages, assistant_prefill="The") == (
+        start + "<|start|>assistant<|channel|>final<|message|>The"
+    )
+    start = start.replace(GPT_OSS_SYSTEM, GPT_OSS_THINKING_SYSTEM)
+    assert build_generation_prompt(oss_thinking, messages, assistant_prefill="<think>\nLet me") == (
+        start + "<|start|>assistant<|channel|>analysis<|message|>Let me"
+    )
+    assert build_generation_prompt(oss_thinking, messages, assistant_prefill="<think>x</think> The") == (
+        start
+        + "<|start|>assistant<|channel|>analysis<|message|>x<|end|><|start|>assistant<|channel|>final<|message|>The"
+    )
+    qwen = get_template("internvl2_5", thinking=True)
+    assert build_generation_prompt(qwen, messages, assistant_prefill="<think>\nLet me").endswith(
+        "<|im_start|>assistant\n<think>\nLet me"
+    )
+
+
+def test_internvl3_5_stop_tokens(tokenizer):
+    ids = tokenizer.convert_tokens_to_ids
+    for thinking in (False, True):
+        assert stop_token_ids(tokenizer, get_template("internvl2_5", thinking=thinking)) == [ids("<|im_end|>")]
+        # <|return|> only, as the original chat() (sep2): <|end|> closes the analysis message mid-answer.
+        assert stop_token_ids(tokenizer, get_template("internvl3_5_gpt_oss", thinking=thinking)) == [ids("<|return|>")]
+
+
+def test_decode_answer_of_generated_ids(tokenizer):
+    pad = tokenizer.pad_token_id
+    oss = get_template("internvl3_5_gpt_oss")
+    generated = enc(tokenizer, "<|channel|>final<|message|>Red.<|return|>") + [pad, pad]
+    assert decode_answer(tokenizer, oss, generated) == "Red."
+    generated = enc(
+        tokenizer,
+        "<|channel|>analysis<|message|>Two shapes.<|end|><|start|>assistant<|channel|>final<|message|>Red.<|return|>",
+    )
+    assert decode_answer(tokenizer, oss, generated) == "<think>\nTwo shapes.\n</think>\n\nRed."
+    # A model trained by the original's rule may end a one-image answer with <|end|> and go on: the first answer.
+    generated = enc(tokenizer, "<|channel|>final<|message|>Red.<|end|><|start|>assistant<|channel|>final")
+    assert decode_answer(tokenizer, oss, generated) == "Red."
+    assert decode_answer(tokenizer, oss, enc(tokenizer, "Red.")) == "Red."  # off the format: as it is
+    # ChatML: decoded without special tokens; Qwen3's <think> markers are not special and stay.
+    generated = enc(tokenizer, "<think>\nTwo shapes.\n</think>\n\nRed.<|im_end|>") + [pad]
+    assert decode_answer(tokenizer, get_template("internvl2_5"), generated) == think("Two shapes.", "Red.")
+
+
+def test_decoded_gpt_oss_answer_renders_back_to_the_generated_ids(tokenizer):
+    """What chat puts into its history renders to the very tokens the model generated."""
+    template = get_template("internvl3_5_gpt_oss", thinking=True)
+    messages = one_image(True)[:1]
+    generated_text = "<|channel|>analysis<|message|>One shape, red.<|end|><|start|>assistant<|channel|>final<|message|>Red.<|return|>"
+    answer = decode_answer(tokenizer, template, enc(tokenizer, generated_text))
+    out = tokenize_conversation(tokenizer, template, [*messages, {"role": "assistant", "content": answer}])
+    prompt = enc(tokenizer, build_generation_prompt(template, messages))
+    assert out.input_ids == prompt + enc(tokenizer, generated_text)
+
+
+def test_stream_answer_gives_out_the_answer_as_it_grows():
+    template = get_template("internvl3_5_gpt_oss", thinking=True)
+    text = "<|channel|>analysis<|message|>Two shapes.<|end|><|start|>assistant<|channel|>final<|message|>Red.<|return|>"
+    pieces = [text[i : i + 3] for i in range(0, len(text), 3)]
+    streamed = list(stream_answer(template, pieces))
+    assert "".join(streamed) == "<think>\nTwo shapes.\n</think>\n\nRed."
+    assert not any("<|" in piece for piece in streamed)
+    assert list(stream_answer(template, ["<|channel|>final<|message|>a <", " b"])) == ["a ", "< b"]
+    assert list(stream_answer(get_template("internvl2_5"), ["a", "b"])) == ["a", "b"]
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_jinja_renders_internvl3_5_thoughts_like_python(variant):
+    name, thinking = VARIANTS[variant]
+    template = get_template(name, thinking=thinking)
+    tokenizer = build_tiny_tokenizer(harmony=True, think_tokens=True)
+    tokenizer.chat_template = chat_template_jinja(template)
+    finished = two_turns(True)  # thoughts in both answers, also where thinking is off (then kept as text)
+    finished[-1] = {"role": "assistant", "content": "  <think> It is red. </think>\nred "}
+    rendered = tokenizer.apply_chat_template(finished, tokenize=False)
+    assert rendered == tokenizer.decode(tokenize_conversation(tokenizer, template, finished).input_ids)
+    rendered = tokenizer.apply_chat_template(finished[:-1], tokenize=False, add_generation_prompt=True)
+    assert rendered == build_generation_prompt(template, finished[:-1])
+    prefilled = [*finished[:-1], {"role": "assistant", "content": "The"}]
+    rendered = tokenizer.apply_chat_template(prefilled, tokenize=False, continue_final_message=True)
+    assert rendered == build_generation_prompt(template, finished[:-1], assistant_prefill="The")

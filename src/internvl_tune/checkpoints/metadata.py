@@ -41,8 +41,10 @@ def read_metadata(path: str | Path) -> dict:
 
 
 def checkpoint_settings(path: str | Path) -> dict[str, Any]:
-    """Template, system message, image settings (`IMAGE_SETTINGS`) and LLM family of a checkpoint in either layout:
-    what its metadata (or original config) records, else the defaults of `PipelineSettings`."""
+    """Template, system message, thinking mode, image settings (`IMAGE_SETTINGS`) and LLM family of a checkpoint in
+    either layout: what its metadata (or original config) records, else the defaults of `PipelineSettings`. The
+    template is the one recorded (`internvl_tune.json`, or the original config's `template`), never guessed from the
+    folder's or the model's name."""
     path = Path(path)
     defaults = PipelineSettings()
     settings: dict[str, Any] = {name: getattr(defaults, name) for name in IMAGE_SETTINGS}
@@ -52,6 +54,8 @@ def checkpoint_settings(path: str | Path) -> dict[str, Any]:
         return {
             "template": original.get("template") or DEFAULT_TEMPLATE,
             "system_message": original.get("system_message"),
+            # The original has no such switch (its thinking prompt is its system_message); a folder we wrote says.
+            "thinking": read_metadata(path).get("thinking", False),
             **settings,
             "llm_family": original["llm_config"].get("model_type"),
         }
@@ -60,6 +64,7 @@ def checkpoint_settings(path: str | Path) -> dict[str, Any]:
     return {
         "template": metadata.get("template", DEFAULT_TEMPLATE),
         "system_message": metadata.get("system_message"),
+        "thinking": metadata.get("thinking", False),
         **settings,
         "llm_family": metadata.get("llm_family"),
     }
@@ -74,6 +79,7 @@ def checkpoint_sample_settings(path: str | Path, model_config: InternVLConfig) -
     return SampleSettings(
         template=settings["template"],
         system_message=settings["system_message"],
+        thinking=settings["thinking"],
         image_size=geometry.image_size,
         num_image_token=geometry.num_image_token,
         **{name: settings[name] for name in IMAGE_SETTINGS},
@@ -81,18 +87,21 @@ def checkpoint_sample_settings(path: str | Path, model_config: InternVLConfig) -
 
 
 def metadata_for(model_config: InternVLConfig, settings: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    """The `internvl_tune.json` content for a checkpoint: template, system message, image settings, version.
+    """The `internvl_tune.json` content for a checkpoint: template, system message (resolved: the template's, or its
+    thinking one, when the settings give none), thinking mode, image settings, version.
 
     `settings`: a `checkpoint_settings` dict, or a run's `SampleSettings` as a dict (plus `llm_family`); a missing
     image setting is recorded with its `PipelineSettings` default.
     """
-    template = get_template(settings.get("template") or DEFAULT_TEMPLATE)
+    thinking = bool(settings.get("thinking"))
+    template = get_template(settings.get("template") or DEFAULT_TEMPLATE, thinking=thinking)
     geometry = image_geometry(model_config)
     defaults = PipelineSettings()
     return {
         "internvl_tune_version": __version__,
         "template": template.name,
         "system_message": settings.get("system_message") or template.system_message,
+        "thinking": thinking,
         "llm_family": settings.get("llm_family") or model_config.text_config.model_type,
         "image": {
             "image_size": geometry.image_size,
@@ -106,7 +115,7 @@ def metadata_for(model_config: InternVLConfig, settings: dict[str, Any], **extra
 
 def set_chat_template(tokenizer: PreTrainedTokenizerBase, metadata: dict[str, Any]) -> None:
     """The checkpoint's template (and system message) as the tokenizer's Jinja chat template."""
-    template = get_template(metadata["template"])
+    template = get_template(metadata["template"], thinking=metadata.get("thinking", False))
     if metadata.get("system_message"):
         template = replace(template, system_message=metadata["system_message"])
     bos = tokenizer.bos_token if getattr(tokenizer, "add_bos_token", False) else None

@@ -63,8 +63,9 @@ def build_inference_prompt(
         settings: the settings the model was trained with (`sample_settings` of a run's data arguments, or the
             settings a checkpoint records).
         assistant_prefill: the start of the answer, for the model to continue (dropout next-token prediction). It
-            follows the assistant role and is tokenized with the rest of the text, as training tokenizes the role
-            and the answer of the assistant segment together.
+            follows the assistant role (and the answer header of templates with one, e.g. GPT-OSS
+            `<|channel|>final<|message|>`) and is tokenized with the rest of the text, as training tokenizes the
+            role and the answer of the assistant segment together.
 
     Raises:
         ValueError: the number of `<image>` placeholders in the user turns is not the number of images.
@@ -76,8 +77,9 @@ def build_inference_prompt(
     loaded = [load_image(i) if isinstance(i, (str, os.PathLike)) else i.convert("RGB") for i in images]
     builder = SampleBuilder(tokenizer, settings)
     media = builder.expand(Conversation(list(messages), loaded), "prompt", None, rng=None)
-    text = build_generation_prompt(builder.template, media.messages, system_message=settings.system_message)
-    text += assistant_prefill
+    text = build_generation_prompt(
+        builder.template, media.messages, system_message=settings.system_message, assistant_prefill=assistant_prefill
+    )
     input_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None:
         input_ids = [tokenizer.bos_token_id, *input_ids]

@@ -19,6 +19,10 @@ class PipelineSettings:
 
     system_message: str | None = None
     """System message for conversations without a system turn (None = the template's own)."""
+    thinking: bool = False
+    """Thinking mode: the template's thinking system message replaces its default (internvl2_5: the InternVL3.5 MPO
+    trainer's R1_SYSTEM_PROMPT; internvl3_5_gpt_oss: Reasoning: high), and internvl3_5_gpt_oss trains an answer's
+    `<think>...</think>` in the analysis channel. ChatML answers keep their `<think>` text, trained as written."""
     max_seq_length: int = 8192
     """Longest sample in tokens, image tokens included; samples whose image tokens do not fit are errors."""
     dynamic_image_size: bool = True

@@ -27,13 +27,31 @@ Worked example (`internvl2_5`, no system turn, so the default system message is 
 
 So the loss covers the answer text plus `<|im_end|>`, which teaches the model to stop. At inference the prompt
 is the same text with the final assistant segment replaced by the bare role `"<|im_start|>assistant\\n"`.
+
+The InternVL3.5 GPT-OSS template (`internvl3_5_gpt_oss`, OpenAI's harmony tokens) adds two things to this shape
+(docs/original-differences.md §1.2): a trained `answer_prefix` between the role and the answer (the channel header
+the model writes itself), and an end token that depends on the position: the conversation's last assistant message
+ends with `<|return|>` (where generation stops), earlier ones with `<|end|>`::
+
+    "<|start|>assistant" "<|channel|>final<|message|>" "Red." "<|end|>"      an earlier answer
+    "<|start|>assistant" "<|channel|>final<|message|>" "Red." "<|return|>"   the last answer
+     ^ role: IGNORE       ^ trained ...................................^
+
+Thinking mode (`get_template(name, thinking=True)`, the `thinking` data setting) changes the default system message
+to the template's thinking one (`R1_SYSTEM_PROMPT` of the 3.5 MPO trainer for ChatML, "Reasoning: high" for
+GPT-OSS); for ChatML the `<think>...</think>` text of an answer is trained as written, while GPT-OSS moves it into an
+analysis message of its own (`reasoning_prefix`), as `preprocess_internvl3_5_gpt_oss_with_think` does::
+
+    "<think>Two shapes.</think> Red."  ->
+    "<|start|>assistant" "<|channel|>analysis<|message|>Two shapes.<|end|><|start|>assistant<|channel|>final"
+                         "<|message|>Red.<|return|>"        (all trained after the first role)
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from internvl_tune.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER
@@ -44,6 +62,8 @@ if TYPE_CHECKING:  # only a type here: config validation reads the template name
     from transformers import PreTrainedTokenizerBase
 
 Message = dict[str, str]
+
+THINK_START, THINK_END = "<think>", "</think>"
 
 
 class TemplateMismatchError(DataError):
@@ -64,6 +84,16 @@ class Template:
         stop_str: the end-of-turn token the model must learn to emit; trained on every assistant turn.
         supports_system: whether a system segment is rendered at all.
         extra_stop_strs: further tokens that end generation (not trained).
+        last_stop_str: if set, the end token of the conversation's last message when it is an assistant turn, in
+            place of `stop_str` (GPT-OSS `<|return|>`); generation stops at it, not at `stop_str`.
+        answer_prefix: trained text between the assistant role and the answer, which the model writes itself
+            after the prompt's bare role (GPT-OSS `<|channel|>final<|message|>`). Answers decoded from generated
+            tokens drop it (`decode_answer`).
+        thinking_system_message: the default system message in thinking mode (None: no thinking mode).
+        reasoning_prefix: if set, in thinking mode the `<think>...</think>` text of an answer becomes a message of
+            its own: `reasoning_prefix + thought + stop_str + assistant_role + answer_prefix + answer`. None: the
+            `<think>` text stays in the answer as written.
+        thinking: whether this is the thinking variant (`get_template(name, thinking=True)`).
     """
 
     name: str
@@ -75,12 +105,31 @@ class Template:
     stop_str: str
     supports_system: bool = True
     extra_stop_strs: tuple[str, ...] = ()
+    last_stop_str: str | None = None
+    answer_prefix: str = ""
+    thinking_system_message: str | None = None
+    reasoning_prefix: str | None = None
+    thinking: bool = False
 
     def __post_init__(self) -> None:
         if self.system_template.count("{system_message}") != 1:
             raise ValueError(f"template {self.name!r}: system_template must contain '{{system_message}}' once")
         if not self.sep.startswith(self.stop_str):
             raise ValueError(f"template {self.name!r}: sep {self.sep!r} must start with stop_str {self.stop_str!r}")
+
+    @property
+    def generation_stop_str(self) -> str:
+        """The token that ends a generated answer: `last_stop_str` where the template has one, else `stop_str`."""
+        return self.last_stop_str or self.stop_str
+
+    @property
+    def splits_thoughts(self) -> bool:
+        """Whether `<think>...</think>` of an answer is rendered as a reasoning message of its own."""
+        return self.thinking and self.reasoning_prefix is not None
+
+    def end_of(self, *, last: bool) -> str:
+        """The end token of an assistant message: `last_stop_str` for the conversation's last message."""
+        return self.last_stop_str if last and self.last_stop_str else self.stop_str
 
 
 @dataclass
@@ -97,6 +146,25 @@ _INTERNVL2_5_SYSTEM_MESSAGE = (
 _INTERNVL2_SYSTEM_MESSAGE = (
     "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
 )
+# `R1_SYSTEM_PROMPT` of the InternVL3.5 MPO trainer (`internvl_chat_mpo.py`), its trailing newline included: the
+# thinking mode of the Qwen3-based 3.5 models, which keep the `internvl2_5` template.
+R1_SYSTEM_PROMPT = (
+    "You are an AI assistant that rigorously follows this response protocol:\n\n"
+    "1. First, conduct a detailed analysis of the question. Consider different angles, potential solutions, and "
+    "reason through the problem step-by-step. Enclose this entire thinking process within <think> and </think> "
+    "tags.\n\n"
+    "2. After the thinking section, provide a clear, concise, and direct answer to the user's question. Separate "
+    "the answer from the think section with a newline.\n\n"
+    "Ensure that the thinking process is thorough but remains focused on the query. The final answer should be "
+    "standalone and not reference the thinking section.\n"
+)
+# The GPT-OSS system message of `internvl3_5_gpt_oss`; thinking mode raises the reasoning effort and opens the
+# analysis channel, the rewrite the 3.5 MPO trainer (commented out there) makes for R1 questions.
+_GPT_OSS_SYSTEM_MESSAGE = (
+    "You are InternVL, a large language model trained by Shanghai AI Laboratory.\nKnowledge cutoff: 2024-06\n"
+    "Current date: 2025-08-06\n\nReasoning: {reasoning}\n\n# Valid channels: {channels}. Channel must be included "
+    "for every message."
+)
 _CHATML = {
     "system_template": "<|im_start|>system\n{system_message}",
     "user_role": "<|im_start|>user\n",
@@ -107,7 +175,13 @@ _CHATML = {
 TEMPLATES: dict[str, Template] = {
     t.name: t
     for t in (
-        Template(name="internvl2_5", system_message=_INTERNVL2_5_SYSTEM_MESSAGE, sep="<|im_end|>\n", **_CHATML),
+        Template(
+            name="internvl2_5",
+            system_message=_INTERNVL2_5_SYSTEM_MESSAGE,
+            sep="<|im_end|>\n",
+            thinking_system_message=R1_SYSTEM_PROMPT,
+            **_CHATML,
+        ),
         Template(
             name="Hermes-2",
             system_message=_INTERNVL2_SYSTEM_MESSAGE,
@@ -125,27 +199,81 @@ TEMPLATES: dict[str, Template] = {
             sep="<|end|>",
             stop_str="<|end|>",
         ),
+        Template(
+            name="internvl3_5_gpt_oss",
+            system_template="<|start|>system<|message|>{system_message}",
+            system_message=_GPT_OSS_SYSTEM_MESSAGE.format(reasoning="low", channels="final"),
+            user_role="<|start|>user<|message|>",
+            assistant_role="<|start|>assistant",
+            sep="<|end|>",
+            stop_str="<|end|>",
+            last_stop_str="<|return|>",
+            answer_prefix="<|channel|>final<|message|>",
+            thinking_system_message=_GPT_OSS_SYSTEM_MESSAGE.format(reasoning="high", channels="analysis, final"),
+            reasoning_prefix="<|channel|>analysis<|message|>",
+        ),
     )
 }
 
 
-def get_template(name: str) -> Template:
-    """Look up a template by name; raises ValueError listing the known names."""
+def get_template(name: str, *, thinking: bool = False) -> Template:
+    """Look up a template by name, or its thinking variant; raises UserError listing the known names."""
     if name not in TEMPLATES:
         raise UserError(f"unknown template {name!r}; known templates: {', '.join(TEMPLATES)}")
-    return TEMPLATES[name]
+    template = TEMPLATES[name]
+    if not thinking:
+        return template
+    if template.thinking_system_message is None:
+        with_thinking = ", ".join(n for n, t in TEMPLATES.items() if t.thinking_system_message is not None)
+        raise UserError(f"template {name!r} has no thinking mode (templates with one: {with_thinking})")
+    return replace(template, system_message=template.thinking_system_message, thinking=True)
 
 
 @dataclass(frozen=True)
 class _Segment:
+    """One rendered segment, `text = head + trained + tail`. Only assistant segments have a `trained` part: the
+    answer through its end token (`end`); `head` is the role, `tail` the rest of `sep` after the end token."""
+
     role: str
-    text: str
+    head: str
+    trained: str = ""
+    tail: str = ""
+    end: str = ""
+
+    @property
+    def text(self) -> str:
+        return self.head + self.trained + self.tail
+
+
+def _answer_body(template: Template, content: str, *, partial: bool = False) -> str:
+    """What follows the assistant role up to (not including) the end token; `partial`: the start of an answer (an
+    assistant prefill), whose thought may still be open and whose end is not stripped."""
+    if template.splits_thoughts and THINK_START in content:
+        assert template.reasoning_prefix is not None
+        if THINK_END in content:
+            # As `preprocess_internvl3_5_gpt_oss_with_think`: the last `</think>` closes the thought, text before
+            # the first `<think>` is dropped, and both parts are stripped.
+            thought, answer = content.rsplit(THINK_END, 1)
+            thought = thought.split(THINK_START, 1)[-1].strip()
+            answer = answer.lstrip() if partial else answer.strip()
+            return (
+                template.reasoning_prefix
+                + thought
+                + template.stop_str
+                + template.assistant_role
+                + template.answer_prefix
+                + answer
+            )
+        if partial:
+            return template.reasoning_prefix + content.split(THINK_START, 1)[-1].lstrip()
+    return template.answer_prefix + content
 
 
 def _render_segments(
     template: Template, messages: Sequence[Message], system_message: str | None, *, for_generation: bool
 ) -> list[_Segment]:
-    """The system segment (if any) and one segment per turn, each ending with `template.sep`."""
+    """The system segment (if any) and one segment per turn, each ending with `template.sep` (the last assistant
+    segment with `last_stop_str` in place of `stop_str`, where the template has one)."""
     turns = list(messages)
     system = template.system_message
     if turns and turns[0]["role"] == "system":
@@ -170,14 +298,23 @@ def _render_segments(
     segments = []
     if template.supports_system:
         segments.append(_Segment("system", template.system_template.format(system_message=system) + template.sep))
-    for message in turns:
-        role_text = template.user_role if message["role"] == "user" else template.assistant_role
-        segments.append(_Segment(message["role"], role_text + message["content"] + template.sep))
+    tail = template.sep[len(template.stop_str) :]
+    for index, message in enumerate(turns):
+        if message["role"] == "user":
+            segments.append(_Segment("user", template.user_role + message["content"] + template.sep))
+            continue
+        end = template.end_of(last=index == len(turns) - 1)
+        body = _answer_body(template, message["content"])
+        segments.append(_Segment("assistant", template.assistant_role, body + end, tail, end))
     return segments
 
 
 def build_generation_prompt(
-    template: Template, messages: Sequence[Message], *, system_message: str | None = None
+    template: Template,
+    messages: Sequence[Message],
+    *,
+    system_message: str | None = None,
+    assistant_prefill: str = "",
 ) -> str:
     """The inference prompt: system segment, every turn, then the bare assistant role for the model to continue.
 
@@ -185,14 +322,98 @@ def build_generation_prompt(
     (e.g. a checkpoint's `config.system_message`). Example (`internvl2_5`, one user turn "Hi")::
 
         "<|im_start|>system\\n{default}<|im_end|>\\n<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n"
+
+    The prompt ends where the original `chat()` ends it, after the role: for `internvl3_5_gpt_oss` at
+    `<|start|>assistant`, the model writing the channel header. An `assistant_prefill` (the start of the answer,
+    for the model to continue) is rendered as training renders an answer's start: after the role for ChatML, after
+    `<|channel|>final<|message|>` for GPT-OSS (in thinking mode, a prefill that opens `<think>` continues in the
+    analysis channel).
     """
     segments = _render_segments(template, messages, system_message, for_generation=True)
-    return "".join(s.text for s in segments) + template.assistant_role
+    prompt = "".join(s.text for s in segments) + template.assistant_role
+    if assistant_prefill:
+        prompt += _answer_body(template, assistant_prefill, partial=True)
+    return prompt
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase, template: Template) -> list[int]:
-    """Ids that end generation: the trained stop token first, then the template's extra stop tokens."""
-    return [_single_token_id(tokenizer, template, s) for s in (template.stop_str, *template.extra_stop_strs)]
+    """Ids that end generation: the template's generation stop token first, then its extra stop tokens. GPT-OSS
+    stops at `<|return|>` only, as the original `chat()` does: `<|end|>` also closes a thought in thinking mode."""
+    return [_single_token_id(tokenizer, template, s) for s in (template.generation_stop_str, *template.extra_stop_strs)]
+
+
+def decode_answer(tokenizer: PreTrainedTokenizerBase, template: Template, ids: Sequence[int]) -> str:
+    """The answer text of generated token ids (what follows the prompt), in the form a data record holds.
+
+    ChatML and the other InternVL 2 templates: the ids decoded without special tokens (Qwen3's `<think>` tokens are
+    not special and stay). GPT-OSS: the ids up to the first stop token, decoded with special tokens and parsed by
+    `parse_answer` (`<|channel|>final<|message|>Red.` -> `Red.`).
+    """
+    if not template.answer_prefix:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+    stops = set(stop_token_ids(tokenizer, template))
+    cut = next((i for i, token_id in enumerate(ids) if token_id in stops), len(ids))
+    return parse_answer(template, tokenizer.decode(list(ids[:cut]), skip_special_tokens=False))
+
+
+def parse_answer(template: Template, text: str) -> str:
+    """The answer in generated text that keeps its special tokens, for templates with an `answer_prefix`.
+
+    Example (`internvl3_5_gpt_oss`)::
+
+        "<|channel|>final<|message|>Red.<|return|>"                                   -> "Red."
+        "<|channel|>analysis<|message|>Two shapes.<|end|><|start|>assistant"
+        "<|channel|>final<|message|>Red."                                            -> "<think>\\nTwo shapes.\\n</think>\\n\\nRed."
+
+    The answer ends at the first end token. The result of a text's start is a start of the text's result (while the
+    channel header is incomplete it is empty), so a stream can be parsed as it grows (`stream_answer`). Text off
+    the format (a model that does not write the header) is returned as it is.
+    """
+    if not template.answer_prefix:
+        return text
+    ends = (template.stop_str, template.generation_stop_str, *template.extra_stop_strs)
+    if any(p.startswith(text) for p in (template.answer_prefix, template.reasoning_prefix) if p):
+        return ""  # the header is not complete yet
+    if template.reasoning_prefix and text.startswith(template.reasoning_prefix):
+        rest = text[len(template.reasoning_prefix) :]
+        if template.stop_str not in rest:
+            return f"{THINK_START}\n{rest}"
+        thought, _, after = rest.partition(template.stop_str)
+        header = template.assistant_role + template.answer_prefix
+        answer = "" if header.startswith(after) else after[len(header) :] if after.startswith(header) else after
+        return f"{THINK_START}\n{thought}\n{THINK_END}\n\n{_cut_at(answer, ends)}"
+    if text.startswith(template.answer_prefix):
+        return _cut_at(text[len(template.answer_prefix) :], ends)
+    return text
+
+
+def _cut_at(text: str, ends: Iterable[str]) -> str:
+    return text[: min((i for i in (text.find(e) for e in ends) if i >= 0), default=len(text))]
+
+
+def decodes_special_tokens(template: Template) -> bool:
+    """Whether generated text must keep its special tokens for `parse_answer` (a streamer's `skip_special_tokens`
+    is the opposite)."""
+    return bool(template.answer_prefix)
+
+
+def stream_answer(template: Template, pieces: Iterable[str]) -> Iterator[str]:
+    """The answer of a stream of generated text pieces, as pieces (`parse_answer` of the text so far, less what was
+    given out). Pieces pass through for templates without an `answer_prefix`."""
+    if not template.answer_prefix:
+        yield from pieces
+        return
+    text, given = "", ""
+    for piece in [*pieces, None]:  # None: the end, where a held-back tail is parsed too
+        if piece is not None:
+            text += piece
+        # A tail that may be the start of a special token (`<|en`) waits for the piece that completes it.
+        tag = text.rfind("<")
+        complete = text if piece is None or tag < 0 or ">" in text[tag:] else text[:tag]
+        answer = parse_answer(template, complete)
+        if len(answer) > len(given) and answer.startswith(given):
+            yield answer[len(given) :]
+            given = answer
 
 
 def tokenize_conversation(
@@ -220,14 +441,12 @@ def tokenize_conversation(
             (a merge across the role/answer boundary), or the stop token is not a single token where it belongs.
     """
     segments = _render_segments(template, messages, system_message, for_generation=False)
-    stop_id = _single_token_id(tokenizer, template, template.stop_str)
-    answer_ends = [  # each assistant segment up to and including the stop string
-        s.text[: len(s.text) - len(template.sep) + len(template.stop_str)] for s in segments if s.role == "assistant"
-    ]
-    texts = [s.text for s in segments] + answer_ends + [template.assistant_role]
+    assistants = [s for s in segments if s.role == "assistant"]
+    end_ids = {e: _single_token_id(tokenizer, template, e) for e in {s.end for s in assistants}}
+    texts = [s.text for s in segments] + [s.head + s.trained for s in assistants] + [template.assistant_role]
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]  # one batched call
     segment_ids, role_ids = encoded[: len(segments)], encoded[-1]
-    answer_end_ids = iter(encoded[len(segments) : -1])
+    through_end_ids = iter(encoded[len(segments) : -1])
 
     input_ids: list[int] = []
     labels: list[int] = []
@@ -239,10 +458,12 @@ def tokenize_conversation(
         if segment.role != "assistant":
             labels.extend([IGNORE_INDEX] * len(ids))
             continue
-        through_stop = next(answer_end_ids)
-        _check_assistant_segment(tokenizer, template, segment_index, ids, role_ids, through_stop, stop_id)
-        num_trailing = len(ids) - len(through_stop)
-        labels.extend([IGNORE_INDEX] * len(role_ids) + ids[len(role_ids) : len(through_stop)])
+        through_end = next(through_end_ids)
+        _check_assistant_segment(
+            tokenizer, template, segment_index, segment.end, ids, role_ids, through_end, end_ids[segment.end]
+        )
+        num_trailing = len(ids) - len(through_end)
+        labels.extend([IGNORE_INDEX] * len(role_ids) + ids[len(role_ids) : len(through_end)])
         labels.extend([IGNORE_INDEX] * num_trailing)
     return TokenizedConversation(input_ids=input_ids, labels=labels)
 
@@ -261,10 +482,11 @@ def _check_assistant_segment(
     tokenizer: PreTrainedTokenizerBase,
     template: Template,
     segment_index: int,
+    end: str,
     ids: list[int],
     role_ids: list[int],
-    through_stop: list[int],
-    stop_id: int,
+    through_end: list[int],
+    end_id: int,
 ) -> None:
     """Fail loudly where the original would silently train on nothing (docs/original-differences.md §1.3)."""
     where = f"template {template.name!r}, segment {segment_index} (role 'assistant')"
@@ -275,9 +497,9 @@ def _check_assistant_segment(
             f"{tokenizer.convert_ids_to_tokens(ids[: len(role_ids) + 1])}; the role merges with the answer, "
             "so its tokens cannot be masked exactly"
         )
-    if len(through_stop) <= len(role_ids) or ids[: len(through_stop)] != through_stop or through_stop[-1] != stop_id:
+    if len(through_end) <= len(role_ids) or ids[: len(through_end)] != through_end or through_end[-1] != end_id:
         raise TemplateMismatchError(
-            f"{where}: expected the stop token {template.stop_str!r} right after the answer, but the segment "
+            f"{where}: expected the stop token {end!r} right after the answer, but the segment "
             f"tokenizes to {tokenizer.convert_ids_to_tokens(ids)}"
         )
 
@@ -291,10 +513,11 @@ def chat_template_jinja(template: Template, *, bos_token: str | None = None) -> 
     """A Jinja chat template that renders like `build_generation_prompt`, for a saved tokenizer.
 
     With `add_generation_prompt=True` it equals `build_generation_prompt`; without, it renders every turn with its
-    separator, i.e. the text `tokenize_conversation` tokenizes. A `system_message` keyword passed to
-    `apply_chat_template` overrides the system turn and the default, as the `system_message` argument does.
-    `bos_token`, if given, is put first: pass it for tokenizers that add a BOS, because `apply_chat_template`
-    tokenizes without special tokens.
+    separator, i.e. the text `tokenize_conversation` tokenizes (the last message, if an assistant turn, with the
+    template's `last_stop_str`; GPT-OSS answers with their channel header, thoughts split off in thinking mode). A
+    `system_message` keyword passed to `apply_chat_template` overrides the system turn and the default, as the
+    `system_message` argument does. `bos_token`, if given, is put first: pass it for tokenizers that add a BOS,
+    because `apply_chat_template` tokenizes without special tokens.
 
     A message's content is a string, or transformers' list of parts: `{"type": "text", "text": ...}` renders
     its text, `{"type": "image"}` the placeholder `<image>` and a newline, as the data records put it::
@@ -313,6 +536,27 @@ def chat_template_jinja(template: Template, *, bos_token: str | None = None) -> 
         "{%- else -%}{{- raise_exception('content parts must have type text or image') -}}",
         "{%- endif -%}{%- endfor -%}{%- endif -%}",
         "{%- endmacro -%}",
+    ]
+    if template.splits_thoughts:
+        assert template.reasoning_prefix is not None
+        split_prefix = template.stop_str + template.assistant_role + template.answer_prefix
+        lines += [  # the `_answer_body` rule: the last `</think>` closes the thought; both parts stripped
+            "{%- macro answer(content) -%}",
+            "{%- if " + q(THINK_START) + " in content and " + q(THINK_END) + " in content -%}",
+            "{%- set parts = content.rsplit(" + q(THINK_END) + ", 1) -%}",
+            "{{- "
+            + q(template.reasoning_prefix)
+            + " + parts[0].split("
+            + q(THINK_START)
+            + ", 1)[-1].strip() + "
+            + q(split_prefix)
+            + " + parts[1].strip() -}}",
+            "{%- else -%}{{- " + q(template.answer_prefix) + " + content -}}{%- endif -%}",
+            "{%- endmacro -%}",
+        ]
+    else:
+        lines.append("{%- macro answer(content) -%}{{- " + q(template.answer_prefix) + " + content -}}{%- endmacro -%}")
+    lines += [
         "{%- set has_system = messages and messages[0]['role'] == 'system' -%}",
         "{%- set turns = messages[1:] if has_system else messages -%}",
         "{%- set system = text(messages[0]['content']) if has_system else " + q(template.system_message) + " -%}",
@@ -325,12 +569,18 @@ def chat_template_jinja(template: Template, *, bos_token: str | None = None) -> 
         lines.append("{{- " + q(prefix) + " + system + " + q(suffix + template.sep) + " -}}")
     else:
         lines.append("{%- if has_system -%}{{- raise_exception('this template has no system segment') -}}{%- endif -%}")
+    tail = template.sep[len(template.stop_str) :]
     lines += [
         "{%- for message in turns -%}",
         "{%- if message['role'] == 'user' -%}",
         "{{- " + q(template.user_role) + " + text(message['content']) + " + q(template.sep) + " -}}",
         "{%- elif message['role'] == 'assistant' -%}",
-        "{{- " + q(template.assistant_role) + " + text(message['content']) + " + q(template.sep) + " -}}",
+        "{%- set end = "
+        + q(template.end_of(last=True))
+        + " if loop.last else "
+        + q(template.end_of(last=False))
+        + " -%}",
+        "{{- " + q(template.assistant_role) + " + answer(text(message['content'])) + end + " + q(tail) + " -}}",
         "{%- else -%}",
         "{{- raise_exception('roles must be system (first only), user or assistant') -}}",
         "{%- endif -%}",

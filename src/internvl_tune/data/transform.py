@@ -181,7 +181,7 @@ class SampleBuilder:
     def __init__(self, tokenizer, settings: SampleSettings):
         self.tokenizer = tokenizer
         self.settings = settings
-        self.template = get_template(settings.template)
+        self.template = get_template(settings.template, thinking=settings.thinking)
         self.img_context_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
         if self.img_context_id is None or self.img_context_id == tokenizer.unk_token_id:
             raise UserError(f"the tokenizer has no {IMG_CONTEXT_TOKEN} token; is this an InternVL tokenizer?")

@@ -23,7 +23,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from internvl_tune.data.prompt import build_inference_prompt
-from internvl_tune.data.templates import get_template, stop_token_ids
+from internvl_tune.data.templates import decode_answer, get_template, stop_token_ids
 from internvl_tune.data.transform import SampleSettings
 from internvl_tune.errors import UserError
 from internvl_tune.generation.base import GenerationRequest, SamplingParams, generate_all
@@ -56,7 +56,8 @@ class HFBackend:
             raise UserError(f"need batch_size >= 1 and max_tiles >= 1, got {batch_size} and {max_tiles}")
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.settings = settings if max_tiles is None else replace(settings, max_dynamic_patch=max_tiles)
-        self.eos_token_id = stop_token_ids(tokenizer, get_template(self.settings.template))
+        self.template = get_template(self.settings.template, thinking=self.settings.thinking)
+        self.eos_token_id = stop_token_ids(tokenizer, self.template)
 
     @classmethod
     def from_folder(cls, path: str | Path, *, batch_size: int = 8, max_tiles: int | None = None) -> HFBackend:
@@ -122,7 +123,7 @@ class HFBackend:
                 )  # [rows, T + new]
         finally:
             model.train(was_training)
-        texts = self.tokenizer.batch_decode(output[:, input_ids.shape[1] :], skip_special_tokens=True)
+        texts = [decode_answer(self.tokenizer, self.template, row) for row in output[:, input_ids.shape[1] :].tolist()]
         if greedy:
             return [[text] * params.n for text in texts]
         return [texts[i * copies : (i + 1) * copies] for i in range(len(requests))]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import InternVLConfig, InternVLForConditionalGeneration, PreTrainedTokenizerFast
 
 from internvl_tune.constants import IMG_CONTEXT_TOKEN, INTERNVL_SPECIAL_TOKENS
@@ -26,6 +26,11 @@ CHAT_SPECIAL_TOKENS = (
     "<|assistant|>",
     "<|end|>",
 )
+# OpenAI's harmony tokens that the `internvl3_5_gpt_oss` template renders (`<|end|>` is above); special tokens of
+# the GPT-OSS tokenizer.
+HARMONY_SPECIAL_TOKENS = ("<|start|>", "<|message|>", "<|channel|>", "<|return|>")
+# Qwen3's thought markers: added tokens of its tokenizer, but not special ones, so decoded text keeps them.
+THINK_TOKENS = ("<think>", "</think>")
 
 _BASE_CORPUS = """\
 The quick brown fox jumps over the lazy dog. A picture shows a red circle, a blue square and a green triangle.
@@ -37,12 +42,17 @@ system user assistant Hello! How are you? I am fine, thank you. 1 2 3 4 5 6 7 8 
 """
 
 
-def build_tiny_tokenizer(extra_texts: Iterable[str] = (), vocab_size: int = 600) -> PreTrainedTokenizerFast:
+def build_tiny_tokenizer(
+    extra_texts: Iterable[str] = (), vocab_size: int = 600, *, harmony: bool = False, think_tokens: bool = False
+) -> PreTrainedTokenizerFast:
     """Train a small byte-level BPE tokenizer with the InternVL and chat special tokens.
 
     Args:
         extra_texts: more training text (e.g. a task's questions and answers) so they tokenize compactly.
         vocab_size: target size of the BPE vocabulary before the special tokens are added.
+        harmony: add the GPT-OSS harmony special tokens (`HARMONY_SPECIAL_TOKENS`), after the others.
+        think_tokens: add Qwen3's `<think>` and `</think>` as added, non-special tokens, last. Both are off by
+            default so the ids and sizes of the default tokenizer (and the pinned losses) stay as they are.
 
     Returns:
         A fast tokenizer whose EOS is `<|im_end|>` and whose pad token is `<|endoftext|>` (as Qwen2 chat models).
@@ -62,7 +72,10 @@ def build_tiny_tokenizer(extra_texts: Iterable[str] = (), vocab_size: int = 600)
         pad_token="<|endoftext|>",
         clean_up_tokenization_spaces=False,
     )
-    fast.add_special_tokens({"additional_special_tokens": [*CHAT_SPECIAL_TOKENS, *INTERNVL_SPECIAL_TOKENS]})
+    special = [*CHAT_SPECIAL_TOKENS, *INTERNVL_SPECIAL_TOKENS, *(HARMONY_SPECIAL_TOKENS if harmony else ())]
+    fast.add_special_tokens({"additional_special_tokens": special})
+    if think_tokens:
+        fast.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
     return fast
 
 
