@@ -90,7 +90,7 @@ def _check_data(args: argparse.Namespace) -> int:
     report = check_data(
         args.meta,
         tokenizer,
-        sample_settings(config.data, model_config),
+        sample_settings(config.data, model_config, args.model),
         batch_size=args.batch_size or config.train.per_device_train_batch_size,
         pairs=mpo,  # a run file with an mpo section checks pair data, like --preference
         packing=PackingSettings(

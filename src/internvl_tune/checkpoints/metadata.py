@@ -40,6 +40,17 @@ def read_metadata(path: str | Path) -> dict:
     return json.loads(file.read_text()) if file.is_file() else {}
 
 
+# The template of an HF folder that records none (OpenGVLab's own `-HF` folders, transformers' conversions): the one
+# the original trains that LLM family with, read from the folder's config (never from its name).
+_FAMILY_TEMPLATES = {"gpt_oss": "internvl3_5_gpt_oss"}
+
+
+def _family_template(path: Path) -> str:
+    config_file = path / "config.json"
+    text = json.loads(config_file.read_text()).get("text_config", {}) if config_file.is_file() else {}
+    return _FAMILY_TEMPLATES.get(text.get("model_type"), DEFAULT_TEMPLATE)
+
+
 def checkpoint_settings(path: str | Path) -> dict[str, Any]:
     """Template, system message, thinking mode, image settings (`IMAGE_SETTINGS`) and LLM family of a checkpoint in
     either layout: what its metadata (or original config) records, else the defaults of `PipelineSettings`. The
@@ -62,7 +73,7 @@ def checkpoint_settings(path: str | Path) -> dict[str, Any]:
     metadata = read_metadata(path)
     settings.update({name: value for name, value in metadata.get("image", {}).items() if name in IMAGE_SETTINGS})
     return {
-        "template": metadata.get("template", DEFAULT_TEMPLATE),
+        "template": metadata.get("template") or _family_template(path),
         "system_message": metadata.get("system_message"),
         "thinking": metadata.get("thinking", False),
         **settings,

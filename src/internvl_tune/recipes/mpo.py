@@ -120,7 +120,7 @@ def _train(
     num_trainable, num_total = count_parameters(model)
 
     # Data: meta -> records -> pairs -> this rank's [prompt | chosen | rejected] micro-batches.
-    settings = sample_settings(data_args, model.config)
+    settings = sample_settings(data_args, model.config, model_args.model_name_or_path)
     builder = PairBuilder(SampleBuilder(tokenizer, settings))
     dataset = RecordDataset(
         data_args.meta_path,

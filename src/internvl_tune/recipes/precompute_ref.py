@@ -45,7 +45,7 @@ def precompute_reference(config: MPOConfig) -> Path:
 def _precompute_reference(config: MPOConfig, accelerator: Accelerator) -> Path:
     model_args, data_args, train_args = config.model, config.data, config.train
     model, tokenizer = load_model(model_args.model_name_or_path, attn_implementation=model_args.attn_implementation)
-    settings = sample_settings(data_args, model.config)
+    settings = sample_settings(data_args, model.config, model_args.model_name_or_path)
     random_frames = data_args.video_sample == "rand" or data_args.min_num_frame != data_args.max_num_frame
     dataset = RecordDataset(
         data_args.meta_path,

@@ -79,7 +79,7 @@ def _train(
     num_trainable, num_total = count_parameters(model)
 
     # Data: meta -> records -> samples -> this rank's padded micro-batches.
-    settings = sample_settings(data_args, model.config)
+    settings = sample_settings(data_args, model.config, model_args.model_name_or_path)
     builder = SampleBuilder(tokenizer, settings)
     dataset = RecordDataset(data_args.meta_path, builder, seed=train_args.seed, on_bad_sample=data_args.on_bad_sample)
     # Random batches, length-grouped batches, or packed rows (planned from the length cache).
