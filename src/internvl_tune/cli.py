@@ -82,15 +82,16 @@ def _check_data(args: argparse.Namespace) -> int:
     from internvl_tune.checkpoints.read import load_tokenizer, read_model_config
     from internvl_tune.data.check import check_data
     from internvl_tune.data.packing import PackingSettings
-    from internvl_tune.model.prepare import sample_settings
+    from internvl_tune.model.prepare import check_template, sample_settings
 
+    check_template(config.data, args.model)
     model_config = read_model_config(args.model)  # either layout, as plain JSON: no remote code
     tokenizer = load_tokenizer(args.model)
     d = config.data
     report = check_data(
         args.meta,
         tokenizer,
-        sample_settings(config.data, model_config, args.model),
+        sample_settings(config.data, model_config),
         batch_size=args.batch_size or config.train.per_device_train_batch_size,
         pairs=mpo,  # a run file with an mpo section checks pair data, like --preference
         packing=PackingSettings(

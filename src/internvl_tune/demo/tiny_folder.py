@@ -26,6 +26,13 @@ from internvl_tune.errors import UserError
 
 LAYOUTS = ("hf", "original")
 LLMS = ("qwen2", "qwen3", "qwen3_moe", "gpt_oss")  # InternVL 2.5 / 3's Qwen2, or one of InternVL3.5's
+
+
+def template_of(llm: str) -> str:
+    """The template the original trains an LLM family with (what a run on the tiny folder sets as conv_style)."""
+    return "internvl3_5_gpt_oss" if llm == "gpt_oss" else "internvl2_5"
+
+
 # Sizes of the dataset: enough for a few training steps and a benchmark with every question type.
 NUM_TRAIN = 32
 NUM_EVAL = 4  # benchmark images; 3 questions each
@@ -78,7 +85,7 @@ def write_tiny_model(
 
     from internvl_tune.demo.task import make_pairs, make_task, task_texts
     from internvl_tune.testing.original_checkpoint import build_original_checkpoint
-    from internvl_tune.testing.tiny import build_tiny_tokenizer, save_tiny_model
+    from internvl_tune.testing.tiny import save_tiny_model, tiny_tokenizer_for
 
     texts = task_texts()  # the task's prompts and answers tokenize compactly
     bar = transformers_logging.is_progress_bar_enabled()
@@ -88,7 +95,9 @@ def write_tiny_model(
             if layout == "hf":
                 save_tiny_model(tmp, extra_texts=texts, seed=seed, llm=llm)
             else:
-                build_original_checkpoint(tmp, tokenizer=build_tiny_tokenizer(texts), seed=seed, llm=llm)
+                build_original_checkpoint(
+                    tmp, tokenizer=tiny_tokenizer_for(llm, texts), seed=seed, llm=llm, template=template_of(llm)
+                )
     finally:
         if bar:
             transformers_logging.enable_progress_bar()

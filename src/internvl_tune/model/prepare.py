@@ -63,17 +63,20 @@ def _output_requires_grad(module: nn.Module, inputs, output) -> None:
     output.requires_grad_(True)
 
 
-def sample_settings(d: DataArgs, model_config, checkpoint: str | Path | None = None) -> SampleSettings:
-    """Data settings for this model: tile size and image tokens come from the model config. With `checkpoint` (the
-    folder it was loaded from), `data.conv_style` must be the template that checkpoint was trained with (recorded in
-    it: `checkpoints/metadata.py`), or its tokens and stop rule are not the ones the model knows."""
-    if checkpoint is not None:
-        trained_with = checkpoint_settings(checkpoint)["template"]
-        if trained_with != d.conv_style:
-            raise ConfigError(
-                f"data.conv_style={d.conv_style} but {checkpoint} was trained with the {trained_with} template; "
-                f"set data.conv_style={trained_with}"
-            )
+def check_template(d: DataArgs, checkpoint: str | Path) -> None:
+    """`data.conv_style` must be the template the checkpoint was trained with (recorded in it:
+    `checkpoints/metadata.py`), or its tokens and stop rule are not the ones the model knows. Reads JSON only, so a
+    run checks it before loading the model."""
+    trained_with = checkpoint_settings(checkpoint)["template"]
+    if trained_with != d.conv_style:
+        raise ConfigError(
+            f"data.conv_style={d.conv_style} but {checkpoint} was trained with the {trained_with} template; "
+            f"set data.conv_style={trained_with}"
+        )
+
+
+def sample_settings(d: DataArgs, model_config) -> SampleSettings:
+    """Data settings for this model: tile size and image tokens come from the model config."""
     geometry = image_geometry(model_config)
     if d.force_image_size is not None and d.force_image_size != geometry.image_size:
         raise ConfigError(

@@ -45,7 +45,7 @@ from internvl_tune.model.forward import InternVLTrainingForward, base_model, sta
 from internvl_tune.model.freeze import count_parameters
 from internvl_tune.model.load import load_model
 from internvl_tune.model.logprobs import pair_logps
-from internvl_tune.model.prepare import prepare_policy, sample_settings
+from internvl_tune.model.prepare import check_template, prepare_policy, sample_settings
 from internvl_tune.model.reference import LiveReference, ReferenceCache, frozen_copy
 from internvl_tune.training.batching import (
     data_stream,
@@ -116,11 +116,12 @@ def _train(
     objective = build_objective(config)
 
     # Model: load, then the original order of DropPath, freezing, LoRA, checkpointing.
+    check_template(data_args, model_args.model_name_or_path)  # before the model loads: a wrong one is one line
     model, tokenizer = prepare_policy(model_args)
     num_trainable, num_total = count_parameters(model)
 
     # Data: meta -> records -> pairs -> this rank's [prompt | chosen | rejected] micro-batches.
-    settings = sample_settings(data_args, model.config, model_args.model_name_or_path)
+    settings = sample_settings(data_args, model.config)
     builder = PairBuilder(SampleBuilder(tokenizer, settings))
     dataset = RecordDataset(
         data_args.meta_path,

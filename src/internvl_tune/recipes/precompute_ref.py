@@ -26,7 +26,7 @@ from internvl_tune.data.images import blank_tile
 from internvl_tune.data.preference import PairBuilder
 from internvl_tune.data.transform import SampleBuilder
 from internvl_tune.model.load import load_model
-from internvl_tune.model.prepare import sample_settings
+from internvl_tune.model.prepare import check_template, sample_settings
 from internvl_tune.model.reference import LiveReference, MediaDigests, ReferenceCache, frozen_copy, pair_keys
 from internvl_tune.recipes.mpo import cache_settings, reference_cache_path
 from internvl_tune.training.engine import prepare_reference
@@ -44,8 +44,9 @@ def precompute_reference(config: MPOConfig) -> Path:
 @torch.no_grad()
 def _precompute_reference(config: MPOConfig, accelerator: Accelerator) -> Path:
     model_args, data_args, train_args = config.model, config.data, config.train
+    check_template(data_args, model_args.model_name_or_path)
     model, tokenizer = load_model(model_args.model_name_or_path, attn_implementation=model_args.attn_implementation)
-    settings = sample_settings(data_args, model.config, model_args.model_name_or_path)
+    settings = sample_settings(data_args, model.config)
     random_frames = data_args.video_sample == "rand" or data_args.min_num_frame != data_args.max_num_frame
     dataset = RecordDataset(
         data_args.meta_path,

@@ -34,7 +34,7 @@ from internvl_tune.losses.router import router_aux_coefficient
 from internvl_tune.model.forward import InternVLTrainingForward, base_model
 from internvl_tune.model.freeze import count_parameters
 from internvl_tune.model.logprobs import label_gather
-from internvl_tune.model.prepare import prepare_policy, sample_settings
+from internvl_tune.model.prepare import check_template, prepare_policy, sample_settings
 from internvl_tune.training.batching import (
     data_stream,
     epoch_progress,
@@ -75,11 +75,12 @@ def _train(
     output_dir, resume_dir = prepare_output_dir(accelerator, train_args)
 
     # Model: load, then the original order of DropPath, freezing, LoRA, checkpointing.
+    check_template(data_args, model_args.model_name_or_path)  # before the model loads: a wrong one is one line
     model, tokenizer = prepare_policy(model_args)
     num_trainable, num_total = count_parameters(model)
 
     # Data: meta -> records -> samples -> this rank's padded micro-batches.
-    settings = sample_settings(data_args, model.config, model_args.model_name_or_path)
+    settings = sample_settings(data_args, model.config)
     builder = SampleBuilder(tokenizer, settings)
     dataset = RecordDataset(data_args.meta_path, builder, seed=train_args.seed, on_bad_sample=data_args.on_bad_sample)
     # Random batches, length-grouped batches, or packed rows (planned from the length cache).

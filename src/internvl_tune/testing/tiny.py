@@ -175,8 +175,16 @@ def build_tiny_model(
     return model, tokenizer
 
 
-def save_tiny_model(path, *, extra_texts: Iterable[str] = (), seed: int = 0, **config_kwargs) -> None:
+def tiny_tokenizer_for(llm: str, extra_texts: Iterable[str] = ()) -> PreTrainedTokenizerFast:
+    """The tiny tokenizer with the tokens the `llm` family's real tokenizer has: harmony's for GPT-OSS, `<think>` for
+    the Qwen3s."""
+    return build_tiny_tokenizer(extra_texts, harmony=llm == "gpt_oss", think_tokens=llm in ("qwen3", "qwen3_moe"))
+
+
+def save_tiny_model(
+    path, *, extra_texts: Iterable[str] = (), seed: int = 0, llm: str = "qwen2", **config_kwargs
+) -> None:
     """Build a tiny InternVL and write it as an HF-native checkpoint folder that `load_model` reads."""
-    model, tokenizer = build_tiny_model(build_tiny_tokenizer(extra_texts), seed=seed, **config_kwargs)
+    model, tokenizer = build_tiny_model(tiny_tokenizer_for(llm, extra_texts), seed=seed, llm=llm, **config_kwargs)
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
