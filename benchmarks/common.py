@@ -8,11 +8,13 @@ counted per token that passes through them, each multiply-add as 2 FLOPs:
 - ViT: every tile is `(S/14)^2` patches + 1 class token through 24-ish layers of `4 d^2 + 2 d F` weights (QKV,
   projection, MLP) plus the patch embedding (`3 * 14^2 * d`, per patch).
 - Projector: `(S/14)^2 / 4` tokens per tile (pixel shuffle 0.5) through `4 d_vit x d_llm` and `d_llm x d_llm`.
-- LLM: every non-padding position through `2 d^2 + 2 d (kv_heads * head_dim) + 3 d F` weights per layer (Q, O, K,
-  V, gate/up/down). The embedding lookup is not a matmul and is not counted.
+- LLM: every non-padding position through `2 d (heads * head_dim) + 2 d (kv_heads * head_dim) + 3 d F` weights per
+  layer (Q, O, K, V, gate/up/down). A mixture of experts (InternVL3.5's Qwen3-MoE and GPT-OSS presets) counts the
+  weights a token runs, its active parameters: `k * 3 d F_expert` for its k experts plus the router's `d E`. The
+  embedding lookup is not a matmul and is not counted.
 - LM head: `d x vocab`, only at the positions a loss reads (the labelled / answer tokens): both tools score only
   those (ours gathers them, TRL uses its fused LM head), and the rest of a `[B, T, V]` product would be waste.
-- Attention scores and values: per layer `4 * d * pairs` for a forward, where `pairs` is the number of
+- Attention scores and values: per layer `4 * (heads * head_dim) * pairs` for a forward, where `pairs` is the number of
   (query, key) pairs the mask allows: `T (T + 1) / 2` for a causal row of T tokens (the "causal half" of the usual
   `4 T^2 d`), `T^2` for a ViT tile; in a shared-prefix MPO row `[P | C | R]` the rejected answer sees the prompt and
   itself: `(P + C)(P + C + 1) / 2 + R P + R (R + 1) / 2`.
@@ -81,6 +83,17 @@ class ModelShape:
     image_size: int = 448
     patch_size: int = 14
     downsample_ratio: float = 0.5
+    # InternVL3.5's LLMs: the family, a head width other than hidden / heads, and a mixture of experts (each token
+    # runs experts_per_token of num_experts SwiGLU experts of width expert_ffn; 0 experts = dense, text_ffn wide).
+    text_model_type: str = "qwen2"
+    text_head_dim: int = 0
+    num_experts: int = 0
+    experts_per_token: int = 0
+    expert_ffn: int = 0
+
+    @property
+    def head_dim(self) -> int:
+        return self.text_head_dim or self.text_hidden // self.text_heads
 
     @property
     def vit_tokens_per_tile(self) -> int:
@@ -96,6 +109,13 @@ class ModelShape:
             f"{self.vision_ffn}), LLM {self.text_hidden} x {self.text_layers} layers ({self.text_heads} heads, "
             f"{self.text_kv_heads} KV heads, FFN {self.text_ffn}), vocab {self.vocab_size:,}, {self.image_size} px "
             f"tiles, patch {self.patch_size}, downsample {self.downsample_ratio}"
+            + (f", {self.text_model_type}" if self.text_model_type != "qwen2" else "")
+            + (f", head dim {self.text_head_dim}" if self.text_head_dim else "")
+            + (
+                f", MoE: {self.experts_per_token} of {self.num_experts} experts per token, expert FFN {self.expert_ffn}"
+                if self.num_experts
+                else ""
+            )
         )
 
 
@@ -113,6 +133,45 @@ PRESETS = {
     "internvl3-8b": ModelShape(
         **_VIT_300M, text_hidden=3584, text_layers=28, text_heads=28, text_kv_heads=4, text_ffn=18944
     ),
+    # InternViT-300M + Qwen3-8B
+    "internvl3_5-8b": ModelShape(
+        **_VIT_300M,
+        text_hidden=4096,
+        text_layers=36,
+        text_heads=32,
+        text_kv_heads=8,
+        text_ffn=12288,
+        text_model_type="qwen3",
+        text_head_dim=128,
+    ),
+    # InternViT-300M + Qwen3-30B-A3B (128 experts, 8 per token)
+    "internvl3_5-30b-a3b": ModelShape(
+        **_VIT_300M,
+        text_hidden=2048,
+        text_layers=48,
+        text_heads=32,
+        text_kv_heads=4,
+        text_ffn=6144,
+        text_model_type="qwen3_moe",
+        text_head_dim=128,
+        num_experts=128,
+        experts_per_token=8,
+        expert_ffn=768,
+    ),
+    # InternViT-300M + GPT-OSS-20B (32 experts, 4 per token)
+    "internvl3_5-gpt-oss-20b-a4b": ModelShape(
+        **_VIT_300M,
+        text_hidden=2880,
+        text_layers=24,
+        text_heads=64,
+        text_kv_heads=8,
+        text_ffn=2880,
+        text_model_type="gpt_oss",
+        text_head_dim=64,
+        num_experts=32,
+        experts_per_token=4,
+        expert_ffn=2880,
+    ),
 }
 # Small enough for a 2-core CPU; the vocabulary is the real one, so the LM head and embedding weigh what they do.
 DEFAULT_SHAPE = ModelShape(
@@ -126,7 +185,11 @@ DEFAULT_SHAPE = ModelShape(
     text_kv_heads=2,
     text_ffn=2048,
 )
-_SHAPE_FLAGS = [f.name for f in dataclasses.fields(ModelShape) if f.name not in ("patch_size", "downsample_ratio")]
+_SHAPE_FLAGS = [
+    f.name
+    for f in dataclasses.fields(ModelShape)
+    if f.name not in ("patch_size", "downsample_ratio", "text_model_type")
+]
 
 
 def add_common_args(p: argparse.ArgumentParser, *, configs: tuple[str, ...], workdir: str, answer_tokens: int) -> None:
@@ -135,6 +198,9 @@ def add_common_args(p: argparse.ArgumentParser, *, configs: tuple[str, ...], wor
     for name in _SHAPE_FLAGS:
         default = getattr(DEFAULT_SHAPE, name)
         p.add_argument(f"--{name.replace('_', '-')}", type=int, help=f"without --preset: {default}")
+    p.add_argument(
+        "--text-model-type", choices=("qwen2", "qwen3", "qwen3_moe", "gpt_oss"), help="the LLM family (default qwen2)"
+    )
     p.add_argument("--max-dynamic-patch", type=int, default=6, help="tiles per image (a thumbnail is added)")
     p.add_argument("--answer-tokens", type=int, default=answer_tokens, help="tokens of each answer")
     p.add_argument("--warmup-steps", type=int, default=2, help="untimed steps at the start of each run")
@@ -166,8 +232,12 @@ def finish_common_args(p: argparse.ArgumentParser, args: argparse.Namespace, con
         p.error("need --warmup-steps >= 1 (TRL's step times are taken between step ends) and --timed-steps >= 1")
     base = PRESETS[args.preset] if args.preset else DEFAULT_SHAPE
     args.shape = dataclasses.replace(
-        base, **{n: getattr(args, n) for n in _SHAPE_FLAGS if getattr(args, n) is not None}
+        base, **{n: getattr(args, n) for n in (*_SHAPE_FLAGS, "text_model_type") if getattr(args, n) is not None}
     )
+    if (args.shape.num_experts > 0) != (args.shape.text_model_type in ("qwen3_moe", "gpt_oss")):
+        p.error(
+            "--num-experts (with --experts-per-token, --expert-ffn) goes with --text-model-type qwen3_moe or gpt_oss"
+        )
     args.names = [n.strip() for n in args.configs.split(",") if n.strip()]
     unknown = sorted(set(args.names) - set(configs))
     if unknown:
@@ -220,9 +290,20 @@ def model_dir_for(shape: ModelShape, models: str | Path, bf16: bool) -> Path:
         text_heads=shape.text_heads,
         text_kv_heads=shape.text_kv_heads,
         downsample_ratio=shape.downsample_ratio,
+        llm=shape.text_model_type,
     )
     config.vision_config.intermediate_size = shape.vision_ffn
     config.text_config.intermediate_size = shape.text_ffn
+    text = config.text_config
+    if shape.text_model_type != "qwen2":
+        text.head_dim = shape.head_dim
+    if shape.text_model_type == "qwen3_moe":
+        text.num_experts, text.num_experts_per_tok = shape.num_experts, shape.experts_per_token
+        text.moe_intermediate_size = shape.expert_ffn
+    elif shape.text_model_type == "gpt_oss":
+        text.num_local_experts, text.num_experts_per_tok = shape.num_experts, shape.experts_per_token
+        text.intermediate_size = shape.expert_ffn  # GPT-OSS's every layer is MoE; its experts' width
+        text.sliding_window = 128
     config.text_config.max_position_embeddings = 32768
     started = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"  # random init of billions of weights: faster there
@@ -287,6 +368,17 @@ def write_dataset(data_dir: Path, records: list[dict[str, Any]]) -> Path:
     return meta
 
 
+def active_parameters(shape: ModelShape, num_params: int) -> int:
+    """Of a model folder's `num_params`, those a token runs: all but (E - k) / E of the experts' weights."""
+    if not shape.num_experts:
+        return num_params
+    per_expert = 3 * shape.text_hidden * shape.expert_ffn
+    if shape.text_model_type == "gpt_oss":
+        per_expert += 2 * shape.expert_ffn + shape.text_hidden  # its experts' gate/up and down biases
+    expert_weights = shape.text_layers * shape.num_experts * per_expert
+    return num_params - expert_weights * (shape.num_experts - shape.experts_per_token) // shape.num_experts
+
+
 def num_parameters(model_dir: Path) -> int:
     """Parameters in the folder's safetensors files (shapes from the headers; nothing is loaded)."""
     import math
@@ -339,9 +431,13 @@ def forward_flops(shape: ModelShape, work: Work) -> float:
     vit += s.vision_layers * 4 * s.vision_hidden * work.tiles * s.vit_tokens_per_tile**2
     shuffled = int(s.vision_hidden / s.downsample_ratio**2)
     projector = 2 * (shuffled * s.text_hidden + s.text_hidden**2) * work.tiles * s.image_tokens_per_tile
-    kv_width = s.text_kv_heads * (s.text_hidden // s.text_heads)
-    llm_weights = s.text_layers * (2 * s.text_hidden**2 + 2 * s.text_hidden * kv_width + 3 * s.text_hidden * s.text_ffn)
-    llm = 2 * llm_weights * work.llm_tokens + s.text_layers * 4 * s.text_hidden * work.attention_pairs
+    q_width, kv_width = s.text_heads * s.head_dim, s.text_kv_heads * s.head_dim
+    if s.num_experts:  # the weights a token runs: its k experts and the router
+        mlp_weights = s.experts_per_token * 3 * s.text_hidden * s.expert_ffn + s.text_hidden * s.num_experts
+    else:
+        mlp_weights = 3 * s.text_hidden * s.text_ffn
+    llm_weights = s.text_layers * (2 * s.text_hidden * q_width + 2 * s.text_hidden * kv_width + mlp_weights)
+    llm = 2 * llm_weights * work.llm_tokens + s.text_layers * 4 * q_width * work.attention_pairs
     head = 2 * s.text_hidden * s.vocab_size * work.scored
     return float(vit + projector + llm + head)
 
@@ -660,7 +756,9 @@ def header_lines(title: str, script: str, argv: list[str], args: argparse.Namesp
         f"- Date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- Machine: {machine(args.device)}",
         f"- Versions: {versions()}",
-        f"- Model: random InternVL, {name}: {shape.describe()}; {num_params / 1e6:,.1f} M parameters (the tokenizer "
+        f"- Model: random InternVL, {name}: {shape.describe()}; {num_params / 1e6:,.1f} M parameters"
+        + (f" ({active_parameters(shape, num_params) / 1e6:,.1f} M active per token)" if shape.num_experts else "")
+        + " (the tokenizer "
         "uses the first ids of the vocabulary; the other embedding and LM-head rows are padding, as in the real "
         "checkpoints, and never produced)",
     ]

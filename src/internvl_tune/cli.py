@@ -100,9 +100,23 @@ def _check_data(args: argparse.Namespace) -> int:
         packs=d.packing,  # and whether a sample over them is refused, as the run would
     )
     print(report.format(max_listed=args.max_listed))
+    print(_parameter_line(model_config))
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
     return 1 if report.num_errors else 0
+
+
+def _parameter_line(model_config) -> str:
+    """The model's size as check-data reports it: parameters, and for a MoE LLM those active per token."""
+    import torch
+    from transformers import InternVLForConditionalGeneration
+
+    from internvl_tune.model.freeze import active_parameter_counts
+
+    with torch.device("meta"):  # shapes only: nothing is allocated or read
+        total, active = active_parameter_counts(InternVLForConditionalGeneration(model_config))
+    line = f"model: {total / 1e6:,.1f} M parameters ({model_config.text_config.model_type} LLM)"
+    return line + (f", {active / 1e6:,.1f} M active per token" if active != total else "")
 
 
 def _parse_size(text: str) -> int:

@@ -3,6 +3,7 @@ presets, and the padded-vocabulary model folder."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -43,6 +44,21 @@ def test_forward_flops_worked_example():
     assert common.forward_flops(SMALL, work) == 24848
     assert common.step_flops(SMALL, work) == 74544
     assert common.step_flops(SMALL, work, reference=work) == 99392
+
+
+def test_forward_flops_of_a_mixture_of_experts_count_the_active_weights():
+    """SMALL with a Qwen3-MoE LLM of head dim 2, 4 experts of width 6, 2 per token, on the same work: only the LLM
+    changes. Q, O 2 * 8 * (2 heads * 2) = 64, K, V 2 * 8 * (1 * 2) = 32, MLP 2 experts * 3 * 8 * 6 = 288 + router
+    8 * 4 = 32: 416 on 3 tokens -> 2496; attention 4 * (2 * 2) * 6 = 96 -> 2592 (dense SMALL: 3648); so the forward
+    is 24848 - 3648 + 2592 = 23792. Active parameters: a folder's total less (E - k) / E = 1/2 of its 1 x 4 x 3 x 8 x
+    6 = 576 expert weights."""
+    moe = dataclasses.replace(
+        SMALL, text_model_type="qwen3_moe", text_head_dim=2, num_experts=4, experts_per_token=2, expert_ffn=6
+    )
+    work = common.Work(tiles=1, llm_tokens=3, attention_pairs=6, scored=2)
+    assert common.forward_flops(moe, work) == 23792
+    assert common.active_parameters(moe, 1000) == 1000 - SMALL.text_layers * 4 * 3 * 8 * 6 // 2
+    assert common.active_parameters(SMALL, 1000) == 1000
 
 
 @pytest.mark.parametrize(("prompt", "chosen", "rejected"), [(2, 2, 1), (5, 3, 4), (1, 1, 1)])

@@ -71,3 +71,26 @@ def test_when_the_loss_is_on():
     assert router_aux_coefficient(None, _Config("qwen2"), "sft") == 0.0
     with pytest.raises(UserError, match="has no MoE router"):
         router_aux_coefficient(0.01, _Config("qwen2"), "sft")
+
+
+@pytest.mark.parametrize("llm", ["gpt_oss", "qwen3_moe"])
+def test_lora_on_a_moe_llm_adapts_attention_and_keeps_experts_and_routers_frozen(tokenizer, llm):
+    from internvl_tune.model.lora import apply_lora
+
+    model, _ = build_tiny_model(tokenizer, seed=0, llm=llm)
+    peft_model = apply_lora(model, use_llm_lora=4)
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert any("self_attn.q_proj.lora_A" in n for n in trainable)
+    assert not any(".mlp.experts." in n or ".mlp.router." in n or ".mlp.gate." in n for n in trainable)
+
+
+def test_active_parameters_count_k_of_e_experts(tokenizer):
+    """Tiny Qwen3-MoE: 2 layers of 4 experts (gate_up [4, 128, 64] + down [4, 64, 64] = 49,152 weights per layer),
+    2 per token: half of the 98,304 expert weights are active. A dense LLM's counts are equal."""
+    from internvl_tune.model.freeze import active_parameter_counts
+
+    model, _ = build_tiny_model(tokenizer, llm="qwen3_moe")
+    total, active = active_parameter_counts(model)
+    assert total == sum(p.numel() for p in model.parameters()) and total - active == 98_304 // 2
+    dense, _ = build_tiny_model(tokenizer, llm="qwen3")
+    assert len(set(active_parameter_counts(dense))) == 1

@@ -43,3 +43,16 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
+
+
+def active_parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(total, active per token) parameter counts: a MoE layer's experts count k / E of their weights, since each
+    token runs k of its E experts (the router, attention and everything else count whole). Equal for dense LLMs."""
+    text = model.config.text_config
+    experts = getattr(text, "num_local_experts", None) or getattr(text, "num_experts", None) or 0
+    share = text.num_experts_per_tok / experts if experts else 1.0
+    total = active = 0
+    for name, p in model.named_parameters():
+        total += p.numel()
+        active += p.numel() * share if ".mlp.experts." in name else p.numel()
+    return total, round(active)

@@ -6,6 +6,7 @@ See docs/original-differences.md §4.6.
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,10 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
+
+from internvl_tune.losses.router import MOE_LLMS
+
+logger = logging.getLogger(__name__)
 
 # Regexes on full module names: plain names like "q_proj" would also hit the ViT (design "known facts").
 LLM_LORA_TARGETS = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
@@ -60,6 +65,15 @@ def apply_lora(
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
     )
+    text = getattr(getattr(model, "config", None), "text_config", None)
+    if use_llm_lora and getattr(text, "model_type", None) in MOE_LLMS:
+        # transformers holds each MoE layer's experts as 3-D parameters, not Linear modules; PEFT adapts those only
+        # through `target_parameters`, whose merge our exports do not reproduce exactly. So the experts and the
+        # routers stay frozen, as the rest of the LLM under LoRA, and the attention projections (and any dense MLP
+        # layers) are adapted.
+        logger.info(
+            "LoRA on a %s LLM: attention (and dense MLP) layers adapted; experts and routers frozen", text.model_type
+        )
     with _quiet_peft():
         peft_model = get_peft_model(model, config)
     adapted = []
