@@ -209,7 +209,8 @@ def _generation_backend(args: argparse.Namespace):
 
     if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:  # one GPU per process under torchrun
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    return HFBackend.from_folder(args.model, batch_size=args.batch_size, max_tiles=args.max_tiles)
+    thinking = getattr(args, "thinking", False)
+    return HFBackend.from_folder(args.model, batch_size=args.batch_size, max_tiles=args.max_tiles, thinking=thinking)
 
 
 def _generation_run(args: argparse.Namespace, default_n: int, max_new_tokens: int) -> dict:
@@ -299,9 +300,12 @@ def _eval(args: argparse.Namespace) -> int:
     if args.backend == "hf" and args.model:
         _existing_folder(args.model)
     model = str(Path(args.model).resolve()) if args.model else f"{args.base_url} {args.model_name or ''}".strip()
+    if args.thinking and args.backend != "hf":
+        raise UserError("--thinking sets the prompt of --backend hf; a server's thinking mode is set where it runs")
     run = dict(
         prompt=args.prompt,
         scorers=args.scorers,
+        thinking=args.thinking,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         seed=args.seed,
@@ -678,7 +682,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--scorers", default="auto", help="auto (by each line's source, else the file name), a kind or a comma list"
     )
-    evaluate.add_argument("--max-new-tokens", type=int, help="longest response (default: direct 64, cot 4096)")
+    evaluate.add_argument(
+        "--thinking",
+        action="store_true",
+        help="InternVL3.5 thinking mode: the template's thinking system prompt (hf backend), longer responses "
+        "(default 16384 tokens); with or without it, an answer is read after its </think>",
+    )
+    evaluate.add_argument(
+        "--max-new-tokens", type=int, help="longest response (default: direct 64, cot 4096, --thinking 16384)"
+    )
     evaluate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     evaluate.add_argument("--seed", type=int, default=0, help="seeds each question's draw when sampling")
     evaluate.add_argument("--image-root", help="folder image paths are relative to (default: the benchmark's)")

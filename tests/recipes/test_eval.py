@@ -149,3 +149,44 @@ def test_eval_through_a_server_equals_eval_in_process(tiny_model_dir, tmp_path):
     assert [r["response"] for r in by_index("server")] == [r["response"] for r in by_index("hf")]
     settings = json.loads((tmp_path / "server" / "report.json").read_text())["settings"]
     assert settings["model"] == server.base_url
+
+
+class _ThinkingBackend:
+    """Answers every question with a thought, then an answer (the last one's thought never ends)."""
+
+    def __init__(self, responses):
+        self.responses = responses
+        self.requests = []
+
+    def stream(self, requests):
+        self.requests += requests
+        for i in range(len(requests)):
+            yield i, [self.responses[len(self.requests) - len(requests) + i]]
+
+    def close(self):
+        pass
+
+
+def test_a_thinking_models_answer_is_read_after_its_thought(tmp_path):
+    """InternVL3.5 thinking mode: judged on the text after `</think>`; a thought cut by the length limit answers
+    nothing; the run records thinking and its longer default."""
+    from internvl_tune.evaluate.benchmark import (
+        THINKING_MAX_NEW_TOKENS,
+        answer_after_thinking,
+        evaluate_benchmark,
+        load_benchmark,
+    )
+
+    assert answer_after_thinking("<think>\nIt is red, not green.\n</think>\n\nRed.") == "Red."
+    assert answer_after_thinking("<think>\nIt is red, not") == ""
+    assert answer_after_thinking("Red.") == "Red."
+    bench = _benchmark(tmp_path, ["red", "green", "blue"])
+    backend = _ThinkingBackend(
+        ["<think>\nGreen? No: red.\n</think>\n\nRed", "<think>\nred or green\n</think>\n\ngreen", "<think>\nblue"]
+    )
+    report = evaluate_benchmark(backend, load_benchmark(bench), tmp_path / "out", thinking=True, progress=False)
+    rows = sorted(_rows(tmp_path / "out" / "responses.jsonl"), key=lambda r: r["index"])
+    assert [r["correct"] for r in rows] == [True, True, False]  # "Green" / "red" in the thoughts are not read
+    assert rows[0]["response"].startswith("<think>")  # kept whole for reading
+    assert report["settings"]["thinking"] is True
+    assert report["settings"]["max_new_tokens"] == THINKING_MAX_NEW_TOKENS == backend.requests[0].params.max_new_tokens

@@ -139,6 +139,7 @@ def test_every_command_runs(case, data, capsys):
                 str(model),
                 "--max-new-tokens",
                 "4",
+                "--thinking",  # the template's thinking prompt (each family has one)
                 "--no-progress",
             ]
         )

@@ -65,6 +65,19 @@ logger = logging.getLogger(__name__)
 PROMPTS = {"direct": "direct", "cot": "en"}
 # Longest response: a short answer, or a chain of thought (VLMEvalKit's CoT evaluations allow 4096 tokens).
 DEFAULT_MAX_NEW_TOKENS = {"direct": 64, "cot": 4096}
+THINKING_MAX_NEW_TOKENS = 16384  # a thinking model reasons before it answers, whatever the prompt
+
+
+def answer_after_thinking(response: str) -> str:
+    """What a response answers: the text after its `</think>` (InternVL3.5's thinking mode), the whole response
+    when it has no thought, and "" when its thought never ended (cut by max_new_tokens: no answer was given).
+
+    Example: `answer_after_thinking("<think>\nTwo red shapes.\n</think>\n\nTwo.")` -> "Two."
+    """
+    if "</think>" in response:
+        return response.rsplit("</think>", 1)[1].strip()
+    return "" if response.lstrip().startswith("<think>") else response
+
 
 RESPONSES, REPORT, PREDICTIONS, RUN = "responses.jsonl", "report.json", "predictions.tsv", "run.json"
 
@@ -118,6 +131,7 @@ def evaluate_benchmark(
     *,
     prompt: str = "direct",
     scorers: str = "auto",
+    thinking: bool = False,
     max_new_tokens: int | None = None,
     temperature: float = 0.0,
     seed: int = 0,
@@ -132,6 +146,8 @@ def evaluate_benchmark(
         output_dir: where responses.jsonl, report.json, predictions.tsv and run.json go.
         prompt: `direct` or `cot`.
         scorers: `auto` (by each line's source), a kind or a comma list (`judge.resolve_scorers`).
+        thinking: the backend prompts in thinking mode (recorded; the default length is `THINKING_MAX_NEW_TOKENS`).
+            Every response is judged on `answer_after_thinking`.
         max_new_tokens: longest response (default: `DEFAULT_MAX_NEW_TOKENS[prompt]`).
         temperature: 0 = greedy.
         seed: with a temperature, each question's draw is seeded from it.
@@ -146,7 +162,7 @@ def evaluate_benchmark(
         ValueError: an unknown prompt or scorer, or `output_dir` holds an evaluation with other settings.
     """
     scorers_by_source = {q.source: resolve_scorers(scorers, q.source) for q in questions}
-    run = prepare_output(output_dir, prompt, scorers, max_new_tokens, temperature, seed, settings)
+    run = prepare_output(output_dir, prompt, scorers, max_new_tokens, temperature, seed, settings, thinking=thinking)
     params = SamplingParams(n=1, temperature=temperature, max_new_tokens=run["max_new_tokens"], seed=seed)
     out = Path(output_dir)
     if not (out / RUN).is_file():
@@ -199,6 +215,8 @@ def prepare_output(
     temperature: float = 0.0,
     seed: int = 0,
     settings: dict[str, Any] | None = None,
+    *,
+    thinking: bool = False,
 ) -> dict[str, Any]:
     """The run's settings, checked against those of the run that wrote `output_dir/run.json` before (a resumed run
     must not mix two evaluations). Cheap: the CLI calls it before a model loads.
@@ -212,7 +230,8 @@ def prepare_output(
         **(settings or {}),
         "prompt": prompt,
         "scorers": scorers,
-        "max_new_tokens": max_new_tokens or DEFAULT_MAX_NEW_TOKENS[prompt],
+        **({"thinking": True} if thinking else {}),  # absent when off: folders written before it still resume
+        "max_new_tokens": max_new_tokens or (THINKING_MAX_NEW_TOKENS if thinking else DEFAULT_MAX_NEW_TOKENS[prompt]),
         "temperature": temperature,
         "seed": seed,
     }
@@ -230,7 +249,7 @@ def prepare_output(
 def _judged_records(q: Question, prompt_text: str, version: str, scorers: tuple[str, ...]):
     def to_records(texts: list[str]) -> list[dict[str, Any]]:
         response = texts[0].strip()
-        judgement = judge(response, str(q.record["answer"]), version, scorers)
+        judgement = judge(answer_after_thinking(response), str(q.record["answer"]), version, scorers)
         return [
             {
                 **q.record,

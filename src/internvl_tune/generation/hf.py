@@ -60,9 +60,14 @@ class HFBackend:
         self.eos_token_id = stop_token_ids(tokenizer, self.template)
 
     @classmethod
-    def from_folder(cls, path: str | Path, *, batch_size: int = 8, max_tiles: int | None = None) -> HFBackend:
-        """Load a model folder (either layout; on the GPU in bf16 when there is one, else the CPU in fp32)."""
+    def from_folder(
+        cls, path: str | Path, *, batch_size: int = 8, max_tiles: int | None = None, thinking: bool = False
+    ) -> HFBackend:
+        """Load a model folder (either layout; on the GPU in bf16 when there is one, else the CPU in fp32).
+        `thinking`: prompt in the template's thinking mode even if the checkpoint was not trained in it."""
         model, tokenizer, settings = load_for_inference(path)
+        if thinking:
+            settings = replace(settings, thinking=True)
         return cls(model, tokenizer, settings, batch_size=batch_size, max_tiles=max_tiles)
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[str]]:
