@@ -26,6 +26,7 @@ from internvl_tune.data.placeholders import user_turn
 from internvl_tune.data.prompt import InferencePrompt, build_inference_prompt
 from internvl_tune.data.templates import decodes_special_tokens, get_template, stop_token_ids, stream_answer
 from internvl_tune.errors import MissingPathError, UserError
+from internvl_tune.generation.hf import generation_positions
 from internvl_tune.model.load import load_for_inference
 
 
@@ -69,17 +70,18 @@ class ChatSession:
                 raise MissingPathError(f"{path}: no such image file")
         messages = [*self.history, {"role": "user", "content": user_turn(question, len(images))}]
         prompt = self.prompt(messages, [*self.images, *images])
-        return self._stream(messages, images, prompt.input_ids, prompt.pixel_values)
+        return self._stream(messages, images, prompt)
 
-    def _stream(
-        self, messages: list[dict[str, str]], images: list[str], input_ids: list[int], pixel_values: torch.Tensor | None
-    ) -> Iterator[str]:
+    def _stream(self, messages: list[dict[str, str]], images: list[str], prompt: InferencePrompt) -> Iterator[str]:
         # GPT-OSS answers follow a channel header of special tokens: kept in the stream, parsed off by stream_answer.
         skip_special = not decodes_special_tokens(self.template)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=skip_special)
+        input_ids, pixel_values = prompt.input_ids, prompt.pixel_values
+        positions = generation_positions([prompt], self.settings.v2pe)  # V2PE's, else none: generate counts them
         kwargs = {
             "input_ids": torch.tensor([input_ids], device=self.device),
             "attention_mask": torch.ones(1, len(input_ids), dtype=torch.long, device=self.device),
+            **{k: v.to(self.device) for k, v in positions.items()},
             "max_new_tokens": self.max_new_tokens,
             "eos_token_id": stop_token_ids(self.tokenizer, self.template),
             "pad_token_id": self.tokenizer.pad_token_id,

@@ -252,6 +252,13 @@ class SFTConfig:
         for name in ("max_packed_tokens", "num_images_expected", "max_buffer_size"):
             if getattr(d, name) < 1:
                 raise ConfigError(f"data.{name} must be >= 1, got {getattr(d, name)}")
+        if d.v2pe != "off" and d.v2pe_stride is None:
+            raise ConfigError(
+                f"data.v2pe={d.v2pe} needs data.v2pe_stride: the positions one image tile spans (1 to the model's image "
+                "tokens per tile, 256 for InternVL 2.5 / 3; the stride chat and eval use)"
+            )
+        if d.v2pe_stride is not None and d.v2pe_stride < 1:
+            raise ConfigError(f"data.v2pe_stride must be >= 1, got {d.v2pe_stride}")
         if d.packing and d.group_by_length:
             raise ConfigError("data.group_by_length is for unpacked batches; with data.packing rows are filled instead")
         if d.packing and m.attn_implementation.startswith("flash_attention"):
@@ -315,6 +322,10 @@ class MPOConfig:
             raise ConfigError("data.packing packs shared-prefix pairs; set mpo.pair_layout=shared")
         if self.mpo.pair_layout == "shared" and self.model.attn_implementation.startswith("flash_attention"):
             raise ConfigError(ROW_MASK_KERNELS.format(self.model.attn_implementation, "mpo.pair_layout=separate"))
+        if self.mpo.reference == "precomputed" and self.data.v2pe == "random":
+            raise ConfigError(
+                "mpo.reference=precomputed needs data.v2pe off or fixed: random draws other strides each epoch"
+            )
         if self.mpo.reference == "lora_disabled" and not (self.model.use_llm_lora or self.model.use_backbone_lora):
             raise ConfigError("mpo.reference=lora_disabled needs a LoRA policy (use_llm_lora or use_backbone_lora)")
         # The recipe builds the objective through the same function, so a spelling accepted here trains as read.

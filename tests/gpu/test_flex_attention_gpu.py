@@ -20,13 +20,21 @@ pytestmark = [
 ]
 
 
-def _pairs(tokenizer, num_pairs=3):
+def _pairs(tokenizer, num_pairs=3, *, v2pe=False):
+    """Random pairs; with `v2pe`, float positions as V2PE gives them: 16 prompt tokens 1/4 apart (an image of 4 tiles
+    at stride 1 in the tiny model), the rest 1 apart."""
     generator = torch.Generator().manual_seed(0)
     pairs = []
     for i in range(num_pairs):
         prompt = torch.randint(10, 200, (40 + 7 * i,), generator=generator)
         chosen = torch.randint(10, 200, (20 + 5 * i,), generator=generator)
         rejected = torch.randint(10, 200, (30 - 3 * i,), generator=generator)
+        prompt_positions = torch.arange(len(prompt))
+        if v2pe:
+            steps = torch.ones(len(prompt))
+            steps[5:21] = 0.25
+            prompt_positions = torch.cat([torch.zeros(1), steps[1:].cumsum(0)])
+        end = prompt_positions[-1]
         pairs.append(
             {
                 "prompt_ids": prompt,
@@ -34,6 +42,9 @@ def _pairs(tokenizer, num_pairs=3):
                 "chosen_labels": chosen.clone(),
                 "rejected_ids": rejected,
                 "rejected_labels": rejected.clone(),
+                "prompt_position_ids": prompt_positions,
+                "chosen_position_ids": end + 1 + torch.arange(len(chosen)),
+                "rejected_position_ids": end + 1 + torch.arange(len(rejected)),
                 "pixel_values": None,
                 "num_image_tokens": 0,
                 "truncated": False,
@@ -52,10 +63,12 @@ def _run(model, batch):
     return out["chosen_logps"].detach(), out["rejected_logps"].detach(), grads
 
 
+@pytest.mark.parametrize("v2pe", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_flex_block_mask_equals_sdpa_dense_mask(tokenizer, dtype):
-    """fp32: 1e-3 on summed log-probs; bf16: 2% of the magnitude (two kernels round differently)."""
-    batch = pair_collate(_pairs(tokenizer), tokenizer.pad_token_id, torch.zeros(3, 56, 56))
+def test_flex_block_mask_equals_sdpa_dense_mask(tokenizer, dtype, v2pe):
+    """fp32: 1e-3 on summed log-probs; bf16: 2% of the magnitude (two kernels round differently). With V2PE's float
+    positions too."""
+    batch = pair_collate(_pairs(tokenizer, v2pe=v2pe), tokenizer.pad_token_id, torch.zeros(3, 56, 56))
     results = {}
     for implementation in ("sdpa", {"text_config": "flex_attention", "vision_config": "sdpa"}):
         model = build_tiny_model(tokenizer, seed=1)[0]

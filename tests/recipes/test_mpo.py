@@ -159,6 +159,24 @@ def test_separate_layout_gives_the_same_training(tmp_path, tiny_model_dir, meta)
     assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], abs=1e-4)
 
 
+def test_v2pe_shared_and_separate_layouts_train_alike_and_precompute_refuses_random(
+    tmp_path, tiny_model_dir, meta, capsys
+):
+    """With V2PE random the pair's strides are drawn once, so the shared row and the two separate rows see the same
+    positions (policy and reference alike); precomputed log-probs cannot hold per-epoch draws and are refused."""
+    v2pe = ["max_steps=2", "v2pe=random", "v2pe_stride=2"]
+    _, shared = _run(tmp_path, tiny_model_dir, meta, *v2pe, name="shared")
+    _, separate = _run(tmp_path, tiny_model_dir, meta, *v2pe, "pair_layout=separate", name="separate")
+    a, b = read_metrics(shared / "metrics.jsonl"), read_metrics(separate / "metrics.jsonl")
+    assert len(a) == 2 and [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], abs=1e-4)
+    capsys.readouterr()
+    code, _ = _run(tmp_path, tiny_model_dir, meta, *v2pe, name="ref", command="precompute-ref")
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: precomputed reference log-probs need data.v2pe off or fixed; random draws strides per epoch"
+    )
+
+
 def test_lora_disabled_reference(tmp_path, tiny_model_dir, meta):
     code, out = _run(
         tmp_path, tiny_model_dir, meta, "max_steps=2", "use_llm_lora=4", "reference=lora_disabled", "learning_rate=1e-2"

@@ -4,6 +4,7 @@ packed micro-batches == one bigger packed micro-batch, exact resume of a packed 
 Tolerances: fp32 on CPU; a packed row runs attention per sample (or with a dense block mask) where the padded batch
 uses a padding mask, so sums are taken in another order: losses agree to rel 1e-5, gradient norms to rel 1e-4."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -211,3 +212,22 @@ def test_length_grouped_epoch_trains_every_full_batch(tmp_path, tiny_model_dir, 
     assert sum(r["num_samples"] for r in grouped) == sum(r["num_samples"] for r in plain) > 0
     padding = lambda rows: sum(r["padding_share"] for r in rows)  # noqa: E731
     assert padding(grouped) <= padding(plain)
+
+
+def test_sft_v2pe_packed_equals_padded_and_records_its_stride(tmp_path, tiny_model_dir, sft_meta):
+    """V2PE random (strides drawn per image from 1, 2, 4 with each sample's seed): packed rows keep each sample's
+    positions, so packed and padded train alike; they train otherwise than plain positions, and final/ records the
+    mode and the stride chat and eval use."""
+    common = ["max_steps=2", "per_device_train_batch_size=21", "v2pe=random", "v2pe_stride=2"]
+    code, padded = _run(tmp_path, tiny_model_dir, sft_meta, "sft", "padded", *common)
+    assert code == 0
+    code, packed = _run(
+        tmp_path, tiny_model_dir, sft_meta, "sft", "packed", *common, "packing=true", "max_packed_tokens=600"
+    )
+    assert code == 0
+    _assert_same_training(padded, packed)
+    code, plain = _run(tmp_path, tiny_model_dir, sft_meta, "sft", "plain", *common[:2])
+    assert code == 0
+    assert padded[1]["loss"] != pytest.approx(plain[1]["loss"], rel=1e-5)
+    metadata = json.loads((tmp_path / "packed" / "final" / "internvl_tune.json").read_text())
+    assert metadata["v2pe"] == {"mode": "random", "stride": 2}

@@ -10,6 +10,7 @@ def _sample(ids, labels, tiles=None):
     return {
         "input_ids": torch.tensor(ids),
         "labels": torch.tensor(labels),
+        "position_ids": torch.arange(len(ids)),
         "pixel_values": tiles,
         "num_image_tokens": 0,
         "num_text_tokens": len(ids),

@@ -64,6 +64,7 @@ def _samples(tokenizer, lengths, seed=0):
             {
                 "input_ids": ids,
                 "labels": labels,
+                "position_ids": torch.arange(n),
                 "pixel_values": None,
                 "num_image_tokens": 0,
                 "num_text_tokens": n,

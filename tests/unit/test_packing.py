@@ -91,6 +91,7 @@ def _sample(ids, labels, tiles=0):
     return {
         "input_ids": torch.tensor(ids),
         "labels": torch.tensor(labels),
+        "position_ids": torch.arange(len(ids)),
         "pixel_values": torch.full((tiles, 3, 2, 2), float(ids[0])) if tiles else None,
         "num_image_tokens": 0,
         "num_text_tokens": len(ids),

@@ -28,7 +28,7 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 def test_data_args_and_sample_settings_agree_field_by_field():
     pipeline = {f.name for f in dataclasses.fields(PipelineSettings)}
     shared = {f.name for f in dataclasses.fields(DataArgs)} & {f.name for f in dataclasses.fields(SampleSettings)}
-    assert shared == pipeline and len(pipeline) == 12
+    assert shared == pipeline and len(pipeline) == 14
     data, sample = DataArgs(), SampleSettings()
     assert {name: getattr(data, name) for name in shared} == {name: getattr(sample, name) for name in shared}
     assert data.conv_style == sample.template == DEFAULT_TEMPLATE

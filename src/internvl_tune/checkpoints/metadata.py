@@ -1,5 +1,5 @@
 """`internvl_tune.json`: what a checkpoint carries besides its weights (template, system message, image settings,
-package version, and for runs the resolved config), and the chat template written from it."""
+V2PE mode and stride, package version, and for runs the resolved config), and the chat template written from it."""
 
 from __future__ import annotations
 
@@ -52,13 +52,17 @@ def _family_template(path: Path) -> str:
 
 
 def checkpoint_settings(path: str | Path) -> dict[str, Any]:
-    """Template, system message, thinking mode, image settings (`IMAGE_SETTINGS`) and LLM family of a checkpoint in
-    either layout: what its metadata (or original config) records, else the defaults of `PipelineSettings`. The
-    template is the one recorded (`internvl_tune.json`, or the original config's `template`), never guessed from the
-    folder's or the model's name."""
+    """Template, system message, thinking mode, image settings (`IMAGE_SETTINGS`), V2PE (`v2pe`, `v2pe_stride`) and LLM
+    family of a checkpoint in either layout: what its metadata (or original config) records, else the defaults of
+    `PipelineSettings` (V2PE: what a folder we wrote records, in either layout, else off). The template is the one recorded
+    (`internvl_tune.json`, or the original config's `template`), never guessed from the folder's or the model's
+    name."""
     path = Path(path)
     defaults = PipelineSettings()
-    settings: dict[str, Any] = {name: getattr(defaults, name) for name in IMAGE_SETTINGS}
+    settings: dict[str, Any] = {name: getattr(defaults, name) for name in (*IMAGE_SETTINGS, "v2pe", "v2pe_stride")}
+    metadata = read_metadata(path)
+    if "v2pe" in metadata:
+        settings.update(v2pe=metadata["v2pe"]["mode"], v2pe_stride=metadata["v2pe"]["stride"])
     if is_original_checkpoint(path):
         original = read_json(path / "config.json")
         settings.update({name: original[name] for name in _ORIGINAL_IMAGE_SETTINGS if name in original})
@@ -66,11 +70,10 @@ def checkpoint_settings(path: str | Path) -> dict[str, Any]:
             "template": original.get("template") or DEFAULT_TEMPLATE,
             "system_message": original.get("system_message"),
             # The original has no such switch (its thinking prompt is its system_message); a folder we wrote says.
-            "thinking": read_metadata(path).get("thinking", False),
+            "thinking": metadata.get("thinking", False),
             **settings,
             "llm_family": original["llm_config"].get("model_type"),
         }
-    metadata = read_metadata(path)
     settings.update({name: value for name, value in metadata.get("image", {}).items() if name in IMAGE_SETTINGS})
     return {
         "template": metadata.get("template") or _family_template(path),
@@ -82,9 +85,9 @@ def checkpoint_settings(path: str | Path) -> dict[str, Any]:
 
 
 def checkpoint_sample_settings(path: str | Path, model_config: InternVLConfig) -> SampleSettings:
-    """The settings a checkpoint was trained with, for its prompts (chat, evaluation): template, system message and
-    image settings from `checkpoint_settings`, tile size and image tokens from the model config; the rest (text
-    length, video frames) at their defaults."""
+    """The settings a checkpoint was trained with, for its prompts (chat, evaluation): template, system message,
+    image settings and V2PE from `checkpoint_settings` (prompts use its fixed stride, `build_inference_prompt`), tile
+    size and image tokens from the model config; the rest (text length, video frames) at their defaults."""
     settings = checkpoint_settings(path)
     geometry = image_geometry(model_config)
     return SampleSettings(
@@ -93,16 +96,19 @@ def checkpoint_sample_settings(path: str | Path, model_config: InternVLConfig) -
         thinking=settings["thinking"],
         image_size=geometry.image_size,
         num_image_token=geometry.num_image_token,
+        v2pe=settings["v2pe"],
+        v2pe_stride=settings["v2pe_stride"],
         **{name: settings[name] for name in IMAGE_SETTINGS},
     )
 
 
 def metadata_for(model_config: InternVLConfig, settings: dict[str, Any], **extra: Any) -> dict[str, Any]:
     """The `internvl_tune.json` content for a checkpoint: template, system message (resolved: the template's, or its
-    thinking one, when the settings give none), thinking mode, image settings, version.
+    thinking one, when the settings give none), thinking mode, image settings, V2PE, version.
 
     `settings`: a `checkpoint_settings` dict, or a run's `SampleSettings` as a dict (plus `llm_family`); a missing
-    image setting is recorded with its `PipelineSettings` default.
+    image or V2PE setting is recorded with its `PipelineSettings` default. V2PE is `{"mode": off | fixed | random,
+    "stride": S}`: the stride chat and evaluation use (docs/v2pe.md).
     """
     thinking = bool(settings.get("thinking"))
     template = get_template(settings.get("template") or DEFAULT_TEMPLATE, thinking=thinking)
@@ -119,6 +125,10 @@ def metadata_for(model_config: InternVLConfig, settings: dict[str, Any], **extra
             "patch_size": geometry.patch_size,
             "num_image_token": geometry.num_image_token,
             **{name: settings.get(name, getattr(defaults, name)) for name in IMAGE_SETTINGS},
+        },
+        "v2pe": {
+            "mode": settings.get("v2pe", defaults.v2pe),
+            "stride": settings.get("v2pe_stride", defaults.v2pe_stride),
         },
         **extra,
     }

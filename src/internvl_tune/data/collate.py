@@ -1,6 +1,8 @@
 """Collators: padded or packed SFT micro-batches, and preference pairs (shared or separate layout, packed or not).
 
 Padding is always described explicitly (an attention mask or attention groups), never inferred from `input_ids != 0`.
+Position ids come with each sample (`SampleBuilder.position_ids`: 0, 1, 2, ... or V2PE's, data/v2pe.py) and are
+placed as they are; padding takes position 0.
 """
 
 from __future__ import annotations
@@ -28,10 +30,10 @@ def pad_collate(samples: list[dict[str, Any]], pad_token_id: int, dummy_tile: to
         sample_ids     [[0, 0, 0], [1, 1, -1]]
 
     Returns:
-        input_ids, labels, position_ids [B, T] long; attention_mask [B, T] long; sample_ids [B, T] (the sample each
-        token belongs to, -1 for padding); num_labels [S] (each sample's supervised tokens); pixel_values
-        [N, 3, S, S]; image_flags [N] bool; skipped (list of (where, message)); num_samples; num_image_tokens;
-        num_text_tokens; num_pad_tokens; num_truncated.
+        input_ids, labels [B, T] long; position_ids [B, T] (the samples' own: long, or float32 with V2PE);
+        attention_mask [B, T] long; sample_ids [B, T] (the sample each token belongs to, -1 for padding); num_labels
+        [S] (each sample's supervised tokens); pixel_values [N, 3, S, S]; image_flags [N] bool; skipped (list of
+        (where, message)); num_samples; num_image_tokens; num_text_tokens; num_pad_tokens; num_truncated.
     """
     return _collate_rows(samples, pad_token_id, dummy_tile, packed=False)
 
@@ -40,9 +42,9 @@ def pack_collate(
     samples: list[dict[str, Any]], pad_token_id: int, dummy_tile: torch.Tensor, max_packed_tokens: int
 ) -> dict[str, Any]:
     """Collate packed rows: the samples of each row slot (`"row"`, set by `PackedDataset`) one after another, the rows
-    right-padded to the longest. Each sample's position ids restart at 0 and it attends only to itself: the rows are
-    described by `attention_groups` (the sample's place in its row; -1 for padding) and `attention_roles` (all 0),
-    which the model turns into a block mask (model/attention.py).
+    right-padded to the longest. Each sample keeps its own position ids (restarting at 0) and attends only to itself:
+    the rows are described by `attention_groups` (the sample's place in its row; -1 for padding) and
+    `attention_roles` (all 0), which the model turns into a block mask (model/attention.py).
 
     Example, row 0 = samples of lengths 3 and 2, row 1 = one sample of length 4, pad id 9::
 
@@ -93,7 +95,7 @@ def _collate_rows(
     shape = (len(rows), max_len)
     input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
     labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
-    position_ids = torch.zeros(shape, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=_position_dtype([s["position_ids"] for s in samples]))
     sample_ids = torch.full(shape, PADDING_GROUP, dtype=torch.long)
     groups = torch.full(shape, PADDING_GROUP, dtype=torch.long)
     num_labels = torch.zeros(len(samples), dtype=torch.long)
@@ -105,7 +107,7 @@ def _collate_rows(
             input_ids[r, start : start + n] = s["input_ids"]
             labels[r, start : start + n] = s["labels"]
             labels[r, start] = IGNORE_INDEX  # never predicted across a sample boundary
-            position_ids[r, start : start + n] = torch.arange(n)
+            position_ids[r, start : start + n] = s["position_ids"]
             sample_ids[r, start : start + n] = sample
             groups[r, start : start + n] = k
             num_labels[sample] = int((labels[r, start : start + n] != IGNORE_INDEX).sum())
@@ -139,9 +141,9 @@ def pair_collate(
     """Collate preference pairs for one forward pass, in one of two layouts.
 
     `shared` (one row per pair): `[prompt | chosen | rejected | pad]`. Rejected tokens attend to the prompt and
-    to themselves, never to the chosen answer, and their position ids restart at the end of the prompt, so each
-    response sees exactly what it would see alone; the tiles go through the ViT once. Example, P=2, Lc=2, Lr=1
-    (rows = queries, columns = keys, 1 = may attend)::
+    to themselves, never to the chosen answer, and their position ids restart at the end of the prompt (the pair's
+    `*_position_ids`, so V2PE positions too), so each response sees exactly what it would see alone; the tiles go
+    through the ViT once. Example, P=2, Lc=2, Lr=1 (rows = queries, columns = keys, 1 = may attend)::
 
         tokens    p0 p1 c0 c1 r0        position ids  0 1 2 3 2
         p0         1  .  .  .  .
@@ -186,7 +188,8 @@ def pair_collate(
         rows = [torch.cat([s["prompt_ids"], s[f"{side}_ids"]]) for side in ("chosen", "rejected") for s in samples]
     length = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
-    position_ids = torch.zeros((len(rows), length), dtype=torch.long)
+    dtype = _position_dtype([s["prompt_position_ids"] for s in samples])
+    position_ids = torch.zeros((len(rows), length), dtype=dtype)
     for i, row in enumerate(rows):
         input_ids[i, : len(row)] = row
     gather = {side: _response_gather(samples, side) for side in ("chosen", "rejected")}
@@ -202,7 +205,9 @@ def pair_collate(
             groups[slot, o : o + p + c + r] = sum(1 for j in range(i) if slot_of[j] == slot)
             roles[slot, o + p : o + p + c] = CHOSEN_ROLE
             roles[slot, o + p + c : o + p + c + r] = REJECTED_ROLE
-            position_ids[slot, o : o + p + c + r] = torch.cat([torch.arange(p + c), torch.arange(p, p + r)])
+            position_ids[slot, o : o + p + c + r] = torch.cat(
+                [s["prompt_position_ids"], s["chosen_position_ids"], s["rejected_position_ids"]]
+            )
             gather["chosen"]["positions"][i] += o
             gather["rejected"]["positions"][i] += o + c  # rejected sits after the chosen answer
             gather["rejected"]["positions"][i, 0] = o + p - 1  # ... but its first token is predicted from the prompt
@@ -212,9 +217,10 @@ def pair_collate(
         tiles_repeat = 1
     else:
         attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, row in enumerate(rows):
-            attention_mask[i, : len(row)] = 1
-            position_ids[i, : len(row)] = torch.arange(len(row))
+        sides = [(s, side) for side in ("chosen", "rejected") for s in samples]  # the rows' order
+        for i, (s, side) in enumerate(sides):
+            attention_mask[i, : len(rows[i])] = 1
+            position_ids[i, : len(rows[i])] = torch.cat([s["prompt_position_ids"], s[f"{side}_position_ids"]])
         rows_of = {"chosen": torch.arange(num_pairs), "rejected": torch.arange(num_pairs, 2 * num_pairs)}
         tiles_repeat = 2
         layout = {"attention_mask": attention_mask}
@@ -236,6 +242,11 @@ def pair_collate(
         for name, value in gather[side].items():
             batch[f"{side}_{name}"] = value
     return batch
+
+
+def _position_dtype(positions: list[torch.Tensor]) -> torch.dtype:
+    """float32 when any sample has fractional (V2PE) positions, else long."""
+    return torch.float32 if any(p.is_floating_point() for p in positions) else torch.long
 
 
 def _tiles(

@@ -115,9 +115,11 @@ class PairBuilder:
 
         Returns:
             `prompt_ids` [P], `chosen_ids` / `rejected_ids` [Lc] / [Lr] (response tokens after the prompt),
-            `chosen_labels` / `rejected_labels` (same lengths; IGNORE_INDEX where no loss), `pixel_values`
-            [N, 3, S, S] or None, `num_tiles`, `num_image_tokens`, `key` (for the reference cache), `where`,
-            `meta` (the record's extra keys), `truncated` (an answer was cut to max_seq_length).
+            `chosen_labels` / `rejected_labels` (same lengths; IGNORE_INDEX where no loss), `prompt_position_ids`,
+            `chosen_position_ids`, `rejected_position_ids` (both answers continue the prompt's positions, made with
+            the same V2PE strides: `SampleBuilder.position_ids`), `pixel_values` [N, 3, S, S] or None, `num_tiles`,
+            `num_image_tokens`, `key` (for the reference cache), `where`, `meta` (the record's extra keys),
+            `truncated` (an answer was cut to max_seq_length).
         """
         conversation, chosen, rejected = record_to_pair(record, where)
         media = self.builder.expand(conversation, where, entry, rng, load_pixels=load_pixels)
@@ -131,6 +133,9 @@ class PairBuilder:
             label != IGNORE_INDEX for label in rejected_labels[:prompt_length]
         ):
             raise DataError(f"{where}: chosen and rejected do not share their prompt tokens", "template mismatch")
+        strides = self.builder.image_strides(len(media.num_tiles), rng)
+        chosen_positions = self.builder.position_ids(chosen_ids, strides)
+        rejected_positions = self.builder.position_ids(rejected_ids, strides)
         as_tensor = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
         return {
             "prompt_ids": as_tensor(chosen_ids[:prompt_length]),
@@ -138,6 +143,9 @@ class PairBuilder:
             "chosen_labels": as_tensor(chosen_labels[prompt_length:]),
             "rejected_ids": as_tensor(rejected_ids[prompt_length:]),
             "rejected_labels": as_tensor(rejected_labels[prompt_length:]),
+            "prompt_position_ids": chosen_positions[:prompt_length],
+            "chosen_position_ids": chosen_positions[prompt_length:],
+            "rejected_position_ids": rejected_positions[prompt_length:],
             "pixel_values": media.pixel_values,
             "num_tiles": media.num_tiles,
             "num_image_tokens": media.num_image_tokens,

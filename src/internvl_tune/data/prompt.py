@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from PIL import Image
@@ -36,6 +36,7 @@ class InferencePrompt:
     input_ids: list[int]
     pixel_values: torch.Tensor | None  # [N, 3, S, S]; None without images
     num_tiles: list[int]  # per image
+    position_ids: torch.Tensor  # [T]: 0, 1, 2, ... (long), or V2PE's at the fixed stride (float32, data/v2pe.py)
 
 
 def build_inference_prompt(
@@ -61,7 +62,8 @@ def build_inference_prompt(
             `images[k]`.
         images: image files or images already loaded, in placeholder order.
         settings: the settings the model was trained with (`sample_settings` of a run's data arguments, or the
-            settings a checkpoint records).
+            settings a checkpoint records). A model trained with `v2pe: random` is asked with its fixed
+            `v2pe_stride`, as V2PE evaluates.
         assistant_prefill: the start of the answer, for the model to continue (dropout next-token prediction). It
             follows the assistant role (and the answer header of templates with one, e.g. GPT-OSS
             `<|channel|>final<|message|>`) and is tokenized with the rest of the text, as training tokenizes the
@@ -75,6 +77,8 @@ def build_inference_prompt(
     if num_placeholders != len(images):
         raise DataError(f"{num_placeholders} <image> placeholders in the conversation for {len(images)} images")
     loaded = [load_image(i) if isinstance(i, (str, os.PathLike)) else i.convert("RGB") for i in images]
+    if settings.v2pe == "random":
+        settings = replace(settings, v2pe="fixed")  # inference has no per-sample draw: the recorded stride
     builder = SampleBuilder(tokenizer, settings)
     media = builder.expand(Conversation(list(messages), loaded), "prompt", None, rng=None)
     text = build_generation_prompt(
@@ -83,4 +87,5 @@ def build_inference_prompt(
     input_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None:
         input_ids = [tokenizer.bos_token_id, *input_ids]
-    return InferencePrompt(input_ids, media.pixel_values, media.num_tiles)
+    position_ids = builder.position_ids(input_ids, builder.image_strides(len(media.num_tiles), None))
+    return InferencePrompt(input_ids, media.pixel_values, media.num_tiles, position_ids)

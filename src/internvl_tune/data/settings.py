@@ -43,3 +43,10 @@ class PipelineSettings:
     """Pixel normalisation statistics."""
     pad2square: bool = False
     """Pad images to a square with the mean colour before tiling."""
+    v2pe: Literal["off", "fixed", "random"] = "off"
+    """Variable visual position encoding (V2PE, docs/v2pe.md): off (every token advances the position by 1), fixed (an
+    image's tokens advance it by v2pe_stride / tokens per tile each), random (the stride drawn per image from 1, 2, 4,
+    ..., tokens per tile). Chat and eval use the fixed v2pe_stride."""
+    v2pe_stride: int | None = None
+    """V2PE: positions one image tile spans, 1 to the model's image tokens per tile (256 for InternVL 2.5 / 3; equal
+    to it = plain positions); required with v2pe fixed or random (random: the stride chat and eval use)."""

@@ -44,6 +44,7 @@ from internvl_tune.data.images import (
 from internvl_tune.data.meta import DatasetEntry
 from internvl_tune.data.settings import PipelineSettings
 from internvl_tune.data.templates import get_template, tokenize_conversation
+from internvl_tune.data.v2pe import draw_strides, v2pe_position_ids
 from internvl_tune.data.video import read_video_frames, video_prompt
 from internvl_tune.errors import UserError
 
@@ -186,6 +187,7 @@ class SampleBuilder:
         if self.img_context_id is None or self.img_context_id == tokenizer.unk_token_id:
             raise UserError(f"the tokenizer has no {IMG_CONTEXT_TOKEN} token; is this an InternVL tokenizer?")
         self.img_end_id = tokenizer.convert_tokens_to_ids(IMG_END_TOKEN)
+        self.img_start_id = tokenizer.convert_tokens_to_ids(IMG_START_TOKEN)
 
     def tile_limit(self, entry: DatasetEntry | None, num_images: int) -> int:
         """Most tiles one image of this record may use (per-dataset override, multi-image budget)."""
@@ -207,16 +209,18 @@ class SampleBuilder:
         """Build one sample.
 
         Returns:
-            A dict with `input_ids` and `labels` (LongTensor [T]), `pixel_values` (FloatTensor [N, 3, S, S], or
-            None for text), `num_tiles` (tiles per image, or per frame), `num_image_tokens`, `num_text_tokens`,
-            `truncated` (text was cut to max_seq_length) and `where`. With `load_pixels=False` images are
-            decoded and measured but not transformed, and `pixel_values` is None (for the data checker).
+            A dict with `input_ids` and `labels` (LongTensor [T]), `position_ids` [T] (the method below), `pixel_values`
+            (FloatTensor [N, 3, S, S], or None for text), `num_tiles` (tiles per image, or per frame),
+            `num_image_tokens`, `num_text_tokens`, `truncated` (text was cut to max_seq_length) and `where`. With
+            `load_pixels=False` images are decoded and measured but not transformed, and `pixel_values` is None (for
+            the data checker).
         """
         media = self.expand(record_to_conversation(record, where), where, entry, rng, load_pixels=load_pixels)
         input_ids, labels, truncated = self.tokenize(media.messages, where, media.num_image_tokens)
         return {
             "input_ids": torch.tensor(input_ids, dtype=torch.long),
             "labels": torch.tensor(labels, dtype=torch.long),
+            "position_ids": self.position_ids(input_ids, self.image_strides(len(media.num_tiles), rng)),
             "pixel_values": media.pixel_values,
             "num_tiles": media.num_tiles,
             "num_image_tokens": media.num_image_tokens,
@@ -301,6 +305,32 @@ class SampleBuilder:
             transform = ImageTransform(s.image_size, s.normalize_type, data_augment, s.pad2square)
             pixel_values = torch.stack([transform(tile, rng) for tile in tiles])
         return ExpandedMedia(messages, pixel_values, num_tiles_per_image, sum(num_tiles_per_image) * s.num_image_token)
+
+    def image_strides(self, num_images: int, rng: random.Random | None) -> list[int]:
+        """The V2PE stride of each image (or video frame), data/v2pe.py: `v2pe_stride` for each in fixed mode, drawn
+        from the sample's `rng` in random mode (after its augmentation and frames, which are drawn first and so stay
+        as without V2PE); none when V2PE is off."""
+        s = self.settings
+        if s.v2pe == "off":
+            return []
+        if s.v2pe == "fixed":
+            return [s.v2pe_stride] * num_images
+        assert rng is not None, "v2pe=random draws its strides from the sample's random stream"
+        return draw_strides(rng, num_images, s.num_image_token)
+
+    def position_ids(self, input_ids: list[int], strides: list[int]) -> torch.Tensor:
+        """Position ids [T] of a sequence: 0, 1, 2, ... (long) with V2PE off, else the V2PE positions (float32) of its
+        images' `strides` (`image_strides`). They travel with the sample: collators and generation use them as
+        they are."""
+        if self.settings.v2pe == "off":
+            return torch.arange(len(input_ids))
+        return v2pe_position_ids(
+            input_ids,
+            strides,
+            tokens_per_tile=self.settings.num_image_token,
+            img_start_id=self.img_start_id,
+            img_end_id=self.img_end_id,
+        )
 
     def tokenize(
         self, messages: list[dict[str, str]], where: str, num_image_tokens: int

@@ -7,6 +7,10 @@ texts becomes `n` rows of one batch, each row with its own copy of the image til
 with an explicit attention mask (`left_pad`), so a batched text equals the text generated alone (greedy decoding;
 sampled texts draw from one random stream per batch).
 
+With V2PE (docs/v2pe.md) each row's prompt positions (`InferencePrompt.position_ids`, the checkpoint's fixed stride)
+go to `generate` as `position_ids`, left-padded like the tokens; transformers continues them by 1 per new token, as
+the V2PE rule continues text (`generation_positions`).
+
 Batches hold requests with equal sampling parameters (seeds aside), about `batch_size` rows each, and at least one
 whole request. A batch with seeded requests runs under a seed derived from theirs, inside `torch.random.fork_rng`,
 so the caller's random state is left as it was and the same requests in the same batches give the same texts.
@@ -20,14 +24,19 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from internvl_tune.data.prompt import build_inference_prompt
+from internvl_tune.data.prompt import InferencePrompt, build_inference_prompt
 from internvl_tune.data.templates import decode_answer, get_template, stop_token_ids
 from internvl_tune.data.transform import SampleSettings
 from internvl_tune.errors import UserError
 from internvl_tune.generation.base import GenerationRequest, SamplingParams, generate_all
 from internvl_tune.model.load import load_for_inference
+
+# transformers' generate continues explicit position ids (each new token at the last position + 1) from 5.2 on;
+# 5.0 and 5.1 give every new token the prompt's last position.
+V2PE_GENERATE_MIN_TRANSFORMERS = (5, 2)
 
 
 class HFBackend:
@@ -119,6 +128,7 @@ class HFBackend:
                 output = model.generate(
                     input_ids=input_ids.to(device),
                     attention_mask=attention_mask.to(device),
+                    **{k: v.to(device) for k, v in generation_positions(rows, self.settings.v2pe).items()},
                     **images,
                     max_new_tokens=params.max_new_tokens,
                     do_sample=not greedy,
@@ -148,6 +158,27 @@ def left_pad(sequences: Sequence[list[int]], pad_token_id: int) -> tuple[torch.T
         input_ids[row, length - len(ids) :] = torch.tensor(ids, dtype=torch.long)
         attention_mask[row, length - len(ids) :] = 1
     return input_ids, attention_mask
+
+
+def generation_positions(prompts: Sequence[InferencePrompt], v2pe: str) -> dict[str, torch.Tensor]:
+    """What `generate` takes for the prompts' positions: nothing with V2PE off (it counts 0, 1, 2, ... from the
+    attention mask, the same positions), else `position_ids` [B, T] float32, left-padded with 0 like `left_pad`.
+
+    Raises:
+        UserError: V2PE with a transformers older than `V2PE_GENERATE_MIN_TRANSFORMERS`.
+    """
+    if v2pe == "off":
+        return {}
+    if tuple(int(part) for part in transformers.__version__.split(".")[:2]) < V2PE_GENERATE_MIN_TRANSFORMERS:
+        raise UserError(
+            f"generating with V2PE positions needs transformers >= {'.'.join(map(str, V2PE_GENERATE_MIN_TRANSFORMERS))} "
+            f"(older generate does not continue explicit position ids); this is {transformers.__version__}"
+        )
+    length = max(len(p.position_ids) for p in prompts)
+    position_ids = torch.zeros((len(prompts), length), dtype=torch.float32)
+    for row, prompt in enumerate(prompts):
+        position_ids[row, length - len(prompt.position_ids) :] = prompt.position_ids
+    return {"position_ids": position_ids}
 
 
 def _batch_seed(seeds: list[int | None]) -> int:

@@ -83,6 +83,12 @@ def sample_settings(d: DataArgs, model_config) -> SampleSettings:
             f"data.force_image_size={d.force_image_size} but the model's vision image_size is {geometry.image_size}; "
             "resizing the ViT position embeddings is not supported: leave force_image_size unset"
         )
+    if d.v2pe != "off" and d.v2pe_stride > geometry.num_image_token:
+        # A tile spanning more positions than it has tokens would stretch images, the opposite of V2PE's purpose.
+        raise ConfigError(
+            f"data.v2pe_stride={d.v2pe_stride} is more than the model's {geometry.num_image_token} image tokens per "
+            f"tile; use 1 to {geometry.num_image_token} ({geometry.num_image_token} = plain positions)"
+        )
     pipeline = {f.name: getattr(d, f.name) for f in dataclasses.fields(PipelineSettings)}
     return SampleSettings(
         **pipeline,

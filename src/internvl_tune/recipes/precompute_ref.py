@@ -45,6 +45,9 @@ def precompute_reference(config: MPOConfig) -> Path:
 def _precompute_reference(config: MPOConfig, accelerator: Accelerator) -> Path:
     model_args, data_args, train_args = config.model, config.data, config.train
     check_template(data_args, model_args.model_name_or_path)
+    if data_args.v2pe == "random":
+        # Each epoch would draw other strides, so one log-prob per pair would not be the reference's.
+        raise ConfigError("precomputed reference log-probs need data.v2pe off or fixed; random draws strides per epoch")
     model, tokenizer = load_model(model_args.model_name_or_path, attn_implementation=model_args.attn_implementation)
     settings = sample_settings(data_args, model.config)
     random_frames = data_args.video_sample == "rand" or data_args.min_num_frame != data_args.max_num_frame
