@@ -94,3 +94,27 @@ def test_pair_forward_and_backward_do_not_sync(tokenizer):
         _run(model, batch)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("llm", ["gpt_oss", "qwen3_moe"])
+def test_flex_with_sliding_windows_and_sinks_equals_the_dense_rule(tokenizer, llm):
+    """InternVL3.5's LLMs under flex attention: GPT-OSS's sliding-window layers get their own BlockMask (window 8,
+    counted in each sequence) and its sinks transformers' log-sum-exp correction; equal to the dense masks (GPT-OSS:
+    eager) in fp32, 1e-3 on summed log-probs."""
+    from internvl_tune.model.attention import resolve_attn_implementation
+
+    batch = pair_collate(_pairs(tokenizer), tokenizer.pad_token_id, torch.zeros(3, 56, 56))
+    results = []
+    for implementation in (
+        resolve_attn_implementation("sdpa", "cuda", llm),
+        {"text_config": "flex_attention", "vision_config": "sdpa"},
+    ):
+        model = build_tiny_model(tokenizer, seed=1, llm=llm)[0]
+        for layer in model.model.language_model.layers:
+            if hasattr(layer.self_attn, "sinks"):
+                torch.nn.init.normal_(layer.self_attn.sinks, std=1.0, generator=torch.Generator().manual_seed(0))
+        model.set_attn_implementation(implementation)
+        results.append(_run(model.to("cuda").eval(), batch))
+    (dense, flex) = results
+    torch.testing.assert_close(flex[0], dense[0], atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(flex[1], dense[1], atol=1e-3, rtol=1e-4)

@@ -129,7 +129,8 @@ def sequence_offsets(groups: torch.Tensor, roles: torch.Tensor) -> torch.Tensor:
     starts[:, 1:] = key[:, 1:] != key[:, :-1]
     run_start = torch.where(starts, t, torch.zeros_like(t)).cummax(dim=1).values
     slot = groups + 1  # padding (-1) counts in slot 0, never read
-    prompt_lengths = torch.zeros(groups.shape[0], int(slot.max()) + 1, dtype=torch.long, device=groups.device)
+    # A row holds at most T groups: sized so, nothing is read back from the device.
+    prompt_lengths = torch.zeros(groups.shape[0], length + 1, dtype=torch.long, device=groups.device)
     prompt_lengths.scatter_add_(1, slot, (roles == CONTEXT).long())
     prompt = prompt_lengths.gather(1, slot)
     return (t - run_start) + torch.where(roles != CONTEXT, prompt, torch.zeros_like(prompt))
@@ -180,11 +181,12 @@ def row_attention(
     """
     implementation = llm_attn_implementation(model)
     windows = sliding_windows(model)
-    segments = row_segments(groups, roles) if implementation == SEGMENT_KERNEL or windows else None
-    if implementation == SEGMENT_KERNEL and segments is not None:
-        return None, {SEGMENTS_KWARG: segments}
-    if windows and segments is None:
-        raise ValueError("rows not laid out as segments cannot be given sliding-window masks (model/attention.py)")
+    if implementation == SEGMENT_KERNEL:
+        segments = row_segments(groups, roles)
+        if segments is not None:
+            return None, {SEGMENTS_KWARG: segments}
+        if windows:  # `sequence_offsets` needs the segment layout, which every collator of ours makes
+            raise ValueError("rows not laid out as segments cannot be given sliding-window masks")
     groups, roles = groups.to(device, non_blocking=True), roles.to(device, non_blocking=True)
     if implementation == FLEX:
         build = flex_block_mask

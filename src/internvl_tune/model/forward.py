@@ -94,21 +94,22 @@ class InternVLTrainingForward(nn.Module):
         internvl = base_model(self.model)
         if self.router_top_k:
             self._router_logits = []
-            try:
-                out = self._forward(
-                    internvl,
-                    input_ids,
-                    attention_mask,
-                    position_ids,
-                    pixel_values,
-                    image_flags,
-                    logp_index,
-                    logp_targets,
-                    attention_groups,
-                    attention_roles,
-                )
-            finally:
-                logits, self._router_logits = self._router_logits, None
+        try:
+            out = self._forward(
+                internvl,
+                input_ids,
+                attention_mask,
+                position_ids,
+                pixel_values,
+                image_flags,
+                logp_index,
+                logp_targets,
+                attention_groups,
+                attention_roles,
+            )
+        finally:
+            logits, self._router_logits = self._router_logits, None
+        if self.router_top_k:
             if attention_groups is not None:
                 real = attention_groups != -1
             elif attention_mask is not None and attention_mask.dim() == 2:
@@ -116,19 +117,7 @@ class InternVLTrainingForward(nn.Module):
             else:
                 real = None
             self.aux_loss = load_balancing_loss(logits, self.router_top_k, None if real is None else real.reshape(-1))
-            return out
-        return self._forward(
-            internvl,
-            input_ids,
-            attention_mask,
-            position_ids,
-            pixel_values,
-            image_flags,
-            logp_index,
-            logp_targets,
-            attention_groups,
-            attention_roles,
-        )
+        return out
 
     def _forward(
         self,
