@@ -249,6 +249,74 @@ def _position_dtype(positions: list[torch.Tensor]) -> torch.dtype:
     return torch.float32 if any(p.is_floating_point() for p in positions) else torch.long
 
 
+def group_collate(groups: list[dict[str, Any]], pad_token_id: int, dummy_tile: torch.Tensor) -> dict[str, Any]:
+    """Collate RL groups, one row each: `[prompt | r1 | ... | rG | pad]`, so a prompt's image and text go through the
+    model once for its G responses. Every response attends to the prompt and to itself (roles 1..G,
+    model/attention.py) and its position ids continue from the prompt's end, so each sees exactly what it would see
+    alone. Example, P=2 and responses of 2 and 1 tokens::
+
+        tokens    p0 p1 a0 a1 b0        position ids  0 1 2 3 2
+        roles      0  0  1  1  2        b0 sees p0 p1 and itself, never a0 a1
+
+    Log-probs are read per response token with a flat gather (`logp_index`: row * T + the position whose logits
+    predict the token; every response's first token is predicted from the last prompt position).
+
+    Args:
+        groups: per prompt, `prompt_ids` [P] long, `prompt_position_ids` [P], `pixel_values` [n, 3, S, S] or None,
+            `num_image_tokens`, and `responses`: a list of response token ids (long tensors, at least one token).
+
+    Returns:
+        input_ids, position_ids, attention_groups, attention_roles [R, T]; pixel_values, image_flags; logp_index,
+        logp_targets, response_of_token [K] (which response, numbered over the batch in order, each token is);
+        response_lengths [N]; num_groups, num_responses, num_image_tokens, num_text_tokens, num_pad_tokens.
+    """
+    if any(len(g["responses"]) == 0 or any(len(r) == 0 for r in g["responses"]) for g in groups):
+        raise ValueError("every group needs at least one response, and every response at least one token")
+    rows = [torch.cat([g["prompt_ids"], *g["responses"]]) for g in groups]
+    length = max(len(r) for r in rows)
+    shape = (len(rows), length)
+    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=_position_dtype([g["prompt_position_ids"] for g in groups]))
+    attention_groups = torch.full(shape, PADDING_GROUP, dtype=torch.long)
+    roles = torch.zeros(shape, dtype=torch.long)
+    index, targets, response_of_token, lengths = [], [], [], []
+    for i, (g, row) in enumerate(zip(groups, rows, strict=True)):
+        p = len(g["prompt_ids"])
+        input_ids[i, : len(row)] = row
+        attention_groups[i, : len(row)] = 0
+        position_ids[i, :p] = g["prompt_position_ids"]
+        start, after_prompt = p, g["prompt_position_ids"][-1] + 1
+        for j, response in enumerate(g["responses"]):
+            n = len(response)
+            roles[i, start : start + n] = 1 + j
+            position_ids[i, start : start + n] = after_prompt + torch.arange(n)
+            predicting = torch.cat([torch.tensor([p - 1]), torch.arange(start, start + n - 1)])
+            index.append(i * length + predicting)
+            targets.append(response)
+            response_of_token.append(torch.full((n,), len(lengths)))
+            lengths.append(n)
+            start += n
+    pixel_values, image_flags = _tiles(groups, dummy_tile)
+    num_image_tokens = sum(g["num_image_tokens"] for g in groups)
+    return {
+        "input_ids": input_ids,
+        "position_ids": position_ids,
+        "attention_groups": attention_groups,
+        "attention_roles": roles,
+        "pixel_values": pixel_values,
+        "image_flags": image_flags,
+        "logp_index": torch.cat(index),
+        "logp_targets": torch.cat(targets),
+        "response_of_token": torch.cat(response_of_token),
+        "response_lengths": torch.tensor(lengths),
+        "num_groups": len(groups),
+        "num_responses": len(lengths),
+        "num_image_tokens": num_image_tokens,
+        "num_text_tokens": sum(len(r) for r in rows) - num_image_tokens,
+        "num_pad_tokens": len(rows) * length - sum(len(r) for r in rows),
+    }
+
+
 def _tiles(
     samples: list[dict[str, Any]], dummy_tile: torch.Tensor, repeat: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,8 +4,10 @@ A row is described by two integer tensors made by the collators on CPU (no T x T
 
 - `attention_groups` [R, T]: which independent sequence a token belongs to (a preference pair, a packed sample);
   -1 for padding. Tokens never attend across groups.
-- `attention_roles` [R, T]: 0 for context (prompt, or a whole SFT sample), 1 for a chosen answer, 2 for a rejected
-  answer. A rejected token never attends to the chosen answer of its own group.
+- `attention_roles` [R, T]: 0 for context (prompt, or a whole SFT sample), then one role per answer of the group:
+  1 for a chosen answer and 2 for a rejected one (a preference pair), or 1..G for the G responses of an RL group
+  (`group_collate`). An answer's token attends to its group's context and to its own answer, never to another
+  answer: a rejected answer never sees the chosen one, a response never sees its siblings.
 
 Within those rules attention is causal. Example, one pair P=2, Lc=2, Lr=1 (rows = queries, 1 = may attend)::
 
@@ -51,10 +53,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from internvl_tune.constants import CHOSEN_ROLE as CHOSEN
 from internvl_tune.constants import CONTEXT_ROLE as CONTEXT
 from internvl_tune.constants import PADDING_GROUP
-from internvl_tune.constants import REJECTED_ROLE as REJECTED
 
 FLEX = "flex_attention"
 SEGMENTS = "sdpa_segments"  # the setting (model.attn_implementation)
@@ -124,9 +124,8 @@ def sequence_offsets(groups: torch.Tensor, roles: torch.Tensor) -> torch.Tensor:
     layout `row_segments` accepts (each group's context, chosen and rejected tokens contiguous, in that order)."""
     length = groups.shape[1]
     t = torch.arange(length, device=groups.device).expand_as(groups)
-    key = groups * 3 + roles
     starts = torch.ones_like(groups, dtype=torch.bool)
-    starts[:, 1:] = key[:, 1:] != key[:, :-1]
+    starts[:, 1:] = (groups[:, 1:] != groups[:, :-1]) | (roles[:, 1:] != roles[:, :-1])
     run_start = torch.where(starts, t, torch.zeros_like(t)).cummax(dim=1).values
     slot = groups + 1  # padding (-1) counts in slot 0, never read
     # A row holds at most T groups: sized so, nothing is read back from the device.
@@ -143,10 +142,10 @@ def dense_block_mask(groups: torch.Tensor, roles: torch.Tensor, window: int | No
     length = groups.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool, device=groups.device).tril()
     same = groups[:, :, None] == groups[:, None, :]  # [R, T, T]
-    sees_chosen = (roles[:, :, None] == REJECTED) & (roles[:, None, :] == CHOSEN)
+    visible = (roles[:, None, :] == CONTEXT) | (roles[:, None, :] == roles[:, :, None])  # context, or its own answer
     real = (groups != PADDING_GROUP)[:, :, None]
     eye = torch.eye(length, dtype=torch.bool, device=groups.device)
-    allowed = same & causal & ~sees_chosen & real
+    allowed = same & causal & visible & real
     if window is not None:
         offsets = sequence_offsets(groups, roles)
         allowed = allowed & (offsets[:, :, None] - offsets[:, None, :] < window)
@@ -161,7 +160,8 @@ def flex_block_mask(groups: torch.Tensor, roles: torch.Tensor, window: int | Non
     offsets = sequence_offsets(groups, roles) if window is not None else None
 
     def mask_mod(b, h, q, kv):
-        allowed = (groups[b, q] == groups[b, kv]) & (kv <= q) & ~((roles[b, q] == REJECTED) & (roles[b, kv] == CHOSEN))
+        visible = (roles[b, kv] == CONTEXT) | (roles[b, kv] == roles[b, q])
+        allowed = (groups[b, q] == groups[b, kv]) & (kv <= q) & visible
         if offsets is not None:
             allowed = allowed & (offsets[b, q] - offsets[b, kv] < window)
         return allowed
@@ -264,15 +264,14 @@ def _segments_of_row(groups: list[int], roles: list[int]) -> list[Segment] | Non
                 return None
             spans[role] = (start, end)
             i += 1
+        # The context and the first answer are one causal segment; every later answer is a segment whose context
+        # is the group's prompt (a pair's rejected answer, an RL group's 2nd..G-th response).
         group_start = min(start for start, _ in spans.values())
-        if REJECTED in spans:
-            rejected_start, rejected_end = spans[REJECTED]
-            if rejected_start > group_start:
-                segments.append(Segment(group_start, rejected_start))
-            context_end = spans[CONTEXT][1] if CONTEXT in spans else group_start
-            segments.append(Segment(rejected_start, rejected_end, group_start, context_end))
-        else:
-            segments.append(Segment(group_start, max(end for _, end in spans.values())))
+        answers = sorted(role for role in spans if role != CONTEXT)
+        segments.append(Segment(group_start, spans[answers[0]][1] if answers else spans[CONTEXT][1]))
+        context_end = spans[CONTEXT][1] if CONTEXT in spans else group_start
+        for role in answers[1:]:
+            segments.append(Segment(*spans[role], group_start, context_end))
     return segments
 
 

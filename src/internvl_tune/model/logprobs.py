@@ -174,3 +174,19 @@ def pair_logps(forward: nn.Module, batch: dict[str, Any], device) -> dict[str, t
         "chosen_num_tokens": batch["chosen_mask"].sum(-1).to(device, non_blocking=True),
         "rejected_num_tokens": batch["rejected_mask"].sum(-1).to(device, non_blocking=True),
     }
+
+
+def group_token_logps(forward: nn.Module, batch: dict[str, Any], device) -> torch.Tensor:
+    """Per-token log-probs [K] of the responses of a `group_collate` batch (in `response_of_token` order): one
+    forward per batch, the LM head only on the response positions."""
+    return forward(
+        input_ids=batch["input_ids"].to(device, non_blocking=True),
+        position_ids=batch["position_ids"].to(device, non_blocking=True),
+        pixel_values=batch["pixel_values"].to(device, non_blocking=True),
+        image_flags=batch["image_flags"],  # stays on CPU: the tile split is made there
+        logp_index=batch["logp_index"].to(device, non_blocking=True),
+        logp_targets=batch["logp_targets"].to(device, non_blocking=True),
+        attention_mask=None,
+        attention_groups=batch["attention_groups"].to(device, non_blocking=True),
+        attention_roles=batch["attention_roles"].to(device, non_blocking=True),
+    )
