@@ -326,3 +326,22 @@ def test_serve_command_refuses_a_missing_folder(tmp_path, capsys):
     assert serve_main([str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"error: {tmp_path / 'nowhere'}: no such folder"
+
+
+def test_rollouts_are_the_sampled_token_ids_of_the_generated_texts(hf_backend):
+    """`rollout` (online RL) returns what `generate` decodes, as ids: each response ends at its stop token or is
+    marked truncated at max_new_tokens; its prompt is the inference prompt (the training tokens up to the answer)."""
+    params = SamplingParams(n=3, temperature=1.0, top_k=0, max_new_tokens=6, seed=5)
+    requests = requests_of_every_shape(params)
+    texts = hf_backend.generate(requests)
+    rollouts = hf_backend.rollout(requests)
+    assert [[r.text for r in group] for group in rollouts] == texts
+    stops = hf_backend.stop_ids
+    for request, group in zip(requests, rollouts, strict=True):
+        assert len(group) == 3
+        for r in group:
+            assert 1 <= len(r.response_ids) <= 6
+            assert r.truncated == (r.response_ids[-1] not in stops)  # it stopped, or ran to max_new_tokens
+            assert not r.truncated or len(r.response_ids) == 6
+            assert not any(t in stops for t in r.response_ids[:-1])  # nothing after a stop token
+        assert len({id(r.prompt) for r in group}) == 1  # one prompt for the group

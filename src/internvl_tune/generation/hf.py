@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -101,7 +101,35 @@ class HFBackend:
             for start in range(0, len(indices), per_batch):
                 yield indices[start : start + per_batch]
 
+    def rollout(self, requests: Sequence[GenerationRequest]) -> list[list[Rollout]]:
+        """The `params.n` responses of each request as token ids (what online RL trains on: the sampled tokens
+        themselves, never a re-tokenised text), with their prompts and decoded answers."""
+        out: list[list[Rollout] | None] = [None] * len(requests)
+        for batch in self._batches(requests):
+            prompts, ids = self._sample_ids([requests[i] for i in batch])
+            for i, prompt, responses in zip(batch, prompts, ids, strict=True):
+                max_new = requests[i].params.max_new_tokens
+                out[i] = [
+                    Rollout(
+                        prompt=prompt,
+                        response_ids=r,
+                        text=decode_answer(self.tokenizer, self.template, r),
+                        truncated=len(r) >= max_new and r[-1] not in self.stop_ids,
+                    )
+                    for r in responses
+                ]
+        return out  # type: ignore[return-value]
+
+    @property
+    def stop_ids(self) -> set[int]:
+        return set(self.eos_token_id) if isinstance(self.eos_token_id, list | tuple) else {self.eos_token_id}
+
     def _generate_batch(self, requests: list[GenerationRequest]) -> list[list[str]]:
+        _, ids = self._sample_ids(requests)
+        return [[decode_answer(self.tokenizer, self.template, r) for r in responses] for responses in ids]
+
+    def _sample_ids(self, requests: list[GenerationRequest]) -> tuple[list[InferencePrompt], list[list[list[int]]]]:
+        """Each request's prompt, and its `n` responses as token ids, each cut after its first stop token."""
         params = requests[0].params
         greedy = params.temperature == 0
         copies = 1 if greedy else params.n  # greedy texts are all the same: generate one, repeat it
@@ -138,10 +166,25 @@ class HFBackend:
                 )  # [rows, T + new]
         finally:
             model.train(was_training)
-        texts = [decode_answer(self.tokenizer, self.template, row) for row in output[:, input_ids.shape[1] :].tolist()]
+        stops = self.stop_ids
+        responses = []
+        for row in output[:, input_ids.shape[1] :].tolist():
+            cut = next((i + 1 for i, token in enumerate(row) if token in stops), len(row))
+            responses.append(row[:cut])  # what follows the stop token is padding
         if greedy:
-            return [[text] * params.n for text in texts]
-        return [texts[i * copies : (i + 1) * copies] for i in range(len(requests))]
+            return prompts, [[r] * params.n for r in responses]
+        return prompts, [responses[i * copies : (i + 1) * copies] for i in range(len(requests))]
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """One sampled response: its prompt (ids, tiles, positions), its token ids up to and with the stop token,
+    its answer text (`decode_answer`), and whether it hit `max_new_tokens` before stopping."""
+
+    prompt: InferencePrompt
+    response_ids: list[int]
+    text: str
+    truncated: bool
 
 
 def left_pad(sequences: Sequence[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
