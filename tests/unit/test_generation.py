@@ -345,3 +345,59 @@ def test_rollouts_are_the_sampled_token_ids_of_the_generated_texts(hf_backend):
             assert not r.truncated or len(r.response_ids) == 6
             assert not any(t in stops for t in r.response_ids[:-1])  # nothing after a stop token
         assert len({id(r.prompt) for r in group}) == 1  # one prompt for the group
+
+
+def test_a_weight_push_reloads_the_servers_folder_and_nothing_else(tmp_path):
+    """The server answers with the new weights after `/v1/reload_weights`; a request naming another folder, a
+    folder of pickled weights, or without the API key is refused; binding beyond localhost needs a key."""
+    import json as json_module
+    import urllib.error
+    import urllib.request
+
+    from internvl_tune.errors import UserError
+
+    model, tokenizer = build_tiny_model(seed=0)
+    folder = tmp_path / "policy"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    settings = SampleSettings(image_size=56, num_image_token=4, max_dynamic_patch=2)
+    backend = HFBackend(model.eval(), tokenizer, settings)
+    server = start_server(backend, model_name="tiny", api_key="k3y", weights_dir=folder)
+    client = ServerBackend(server.base_url, model_name="tiny", api_key="k3y")
+
+    def post(path, body, key="k3y"):
+        request = urllib.request.Request(
+            server.base_url + path, data=json_module.dumps(body).encode(), headers={"Authorization": f"Bearer {key}"}
+        )
+        try:
+            with urllib.request.urlopen(request) as response:
+                return response.status, json_module.loads(response.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json_module.loads(e.read())
+
+    try:
+        ask = [GenerationRequest(user("Hello!"), [], GREEDY)]
+        before = client.generate(ask)
+        other, _ = build_tiny_model(seed=7)  # the trainer's update: new weights saved into the server's folder
+        other.save_pretrained(folder)
+        expected = HFBackend(other.eval(), tokenizer, settings).generate(ask)
+        assert expected != before
+        assert post("/reload_weights", {})[0] == 200
+        assert client.generate(ask) == expected
+        assert post("/reload_weights", {"path": str(tmp_path)})[0] == 400  # another folder
+        assert post("/reload_weights", {}, key="wrong")[0] == 401
+        pickled = tmp_path / "pickled"
+        pickled.mkdir()
+        (pickled / "pytorch_model.bin").write_bytes(b"not loaded")
+        server2 = start_server(backend, model_name="tiny", weights_dir=pickled)
+        try:
+            request = urllib.request.Request(server2.base_url + "/reload_weights", data=b"{}")
+            with pytest.raises(urllib.error.HTTPError) as error:
+                urllib.request.urlopen(request)
+            assert error.value.code == 400 and b"pickled weights are never loaded" in error.value.read()
+        finally:
+            server2.shutdown()
+    finally:
+        server.shutdown()
+    with pytest.raises(UserError, match="needs --api-key"):
+        start_server(backend, host="0.0.0.0")

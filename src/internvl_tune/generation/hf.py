@@ -82,6 +82,24 @@ class HFBackend:
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[str]]:
         return generate_all(self, requests)
 
+    def reload_weights(self, folder: str | Path) -> None:
+        """Load the weights of an HF-layout folder's `*.safetensors` into the running model (a trainer's push).
+
+        Raises:
+            UserError: the folder holds no safetensors, or other parameters than this model's.
+        """
+        if not any(Path(folder).glob("*.safetensors")):
+            raise UserError(f"{folder}: no *.safetensors weights")
+        # transformers reads the names as it saved them (fused experts and all); never a pickle (use_safetensors).
+        fresh = type(self.model).from_pretrained(
+            folder, dtype=self.model.dtype, use_safetensors=True, local_files_only=True
+        )
+        missing, unexpected = self.model.load_state_dict(fresh.state_dict(), strict=False)
+        if missing or unexpected:
+            raise UserError(
+                f"{folder}: its weights are not this model's (missing {missing[:4]}, extra {unexpected[:4]})"
+            )
+
     def stream(self, requests: Sequence[GenerationRequest]) -> Iterator[tuple[int, list[str]]]:
         for batch in self._batches(requests):
             texts = self._generate_batch([requests[i] for i in batch])

@@ -3,13 +3,20 @@
     python -m internvl_tune.generation.serve MODEL_DIR --port 8000
     internvl-tune sample prompts.jsonl --backend server --base-url http://localhost:8000/v1 ...
 
-It answers `GET /v1/models` and `POST /v1/chat/completions` (the fields the `server` backend sends: `messages` with
+It answers `GET /v1/models`, `POST /v1/chat/completions` and `POST /v1/reload_weights` (the fields the `server` backend sends: `messages` with
 text and `image_url` data-URL parts, `n`, `temperature`, `top_p`, `top_k`, `max_tokens`, `seed`, and
 `continue_final_message` to continue a last assistant message). Prompts are built as `sample --backend hf` builds
 them: a user turn's images go before its text as `user_turn` places them. Each connection gets a thread; the
 requests waiting when the model is free are generated as one batch. It is for tests and for sharing one model
 between processes on one machine; for speed on GPUs serve the model with vLLM, LMDeploy or SGLang. Every choice
 reports `finish_reason` "stop" (the backend does not say whether a text hit `max_tokens`), and there is no `usage`.
+
+Weight pushes (online RL with `--backend server`): the trainer saves the policy into the folder the server was
+started with and posts `/v1/reload_weights`; the server loads that folder's `*.safetensors` (never a pickle) between
+two batches, and answers the requests after it with the new weights. The request may name the folder (`{"path":
+...}`) but never another one: a reload is not a way to load other files. With `--api-key` (or
+`$INTERNVL_TUNE_API_KEY`) every request must send it as a bearer token (as vLLM's `--api-key`); binding to an address
+beyond this machine without one is refused.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import binascii
 import io
 import json
 import logging
+import os
 import queue
 import sys
 import threading
@@ -55,14 +63,32 @@ class _Batcher:
         self.queue.put((request, future))
         return future.result()
 
+    def run_between_batches(self, job) -> Any:
+        """Run `job()` on the generation thread, after the batch in progress and before the next (a weight reload
+        never runs while the model generates); returns its result or raises its exception."""
+        future: Future = Future()
+        self.queue.put((job, future))
+        return future.result()
+
     def _run(self) -> None:
         while True:
             batch = [self.queue.get()]
-            while len(batch) < self.max_batch:
+            while len(batch) < self.max_batch and not callable(batch[0][0]):
                 try:
-                    batch.append(self.queue.get_nowait())
+                    item = self.queue.get_nowait()
                 except queue.Empty:
                     break
+                if callable(item[0]):  # a job waits for this batch, then runs alone
+                    self.queue.put(item)
+                    break
+                batch.append(item)
+            if callable(batch[0][0]):
+                job, future = batch[0]
+                try:
+                    future.set_result(job())
+                except Exception as e:
+                    future.set_exception(e)
+                continue
             try:
                 results = self.backend.generate([request for request, _ in batch])
             except Exception:
@@ -83,9 +109,24 @@ class ChatCompletionsServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], backend: Backend, *, model_name: str, max_batch: int = 16):
+    def __init__(
+        self,
+        address: tuple[str, int],
+        backend: Backend,
+        *,
+        model_name: str,
+        max_batch: int = 16,
+        api_key: str | None = None,
+        weights_dir: str | Path | None = None,
+    ):
+        if api_key is None and not is_local_address(address[0]):
+            raise UserError(
+                f"serving on {address[0]}, beyond this machine, needs --api-key (or $INTERNVL_TUNE_API_KEY)"
+            )
         super().__init__(address, _Handler)
         self.model_name = model_name
+        self.api_key = api_key
+        self.weights_dir = Path(weights_dir).resolve() if weights_dir is not None else None
         self.batcher = _Batcher(backend, max_batch)
         self.lock = threading.Lock()
         self.in_flight = self.max_in_flight = self.num_requests = 0
@@ -94,6 +135,27 @@ class ChatCompletionsServer(ThreadingHTTPServer):
     def base_url(self) -> str:
         host, port = self.server_address[:2]
         return f"http://{host}:{port}/v1"
+
+
+def is_local_address(host: str) -> bool:
+    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+
+
+def reload_request_folder(body: dict[str, Any], weights_dir: Path | None) -> Path:
+    """The folder a `/v1/reload_weights` request may load: the server's own, and only when it holds safetensors.
+
+    Raises:
+        RequestError: the server has no weights folder, the request names another path, or the folder holds no
+            `*.safetensors` (a pickled `.bin` is never loaded).
+    """
+    if weights_dir is None:
+        raise RequestError("this server was not started from a model folder: nothing to reload")
+    named = body.get("path")
+    if named is not None and Path(str(named)).resolve() != weights_dir:
+        raise RequestError(f"reload_weights loads only the folder the server was started with ({weights_dir})")
+    if not any(weights_dir.glob("*.safetensors")):
+        raise RequestError(f"{weights_dir}: no *.safetensors weights (pickled weights are never loaded)")
+    return weights_dir
 
 
 class RequestError(ValueError):
@@ -176,7 +238,17 @@ class _Handler(BaseHTTPRequestHandler):
     server: ChatCompletionsServer
     protocol_version = "HTTP/1.1"
 
+    def _authorized(self) -> bool:
+        """With an API key, a request must carry it (`Authorization: Bearer KEY`); answered 401 otherwise."""
+        key = self.server.api_key
+        if key is None or self.headers.get("Authorization", "") == f"Bearer {key}":
+            return True
+        self._send(401, {"error": {"message": "missing or wrong API key", "type": "authentication_error"}})
+        return False
+
     def do_GET(self) -> None:  # noqa: N802 (the http.server spelling)
+        if not self._authorized():
+            return
         if self.path.rstrip("/") in ("/v1/models", "/models"):
             model = {"id": self.server.model_name, "object": "model", "owned_by": "internvl-tune"}
             self._send(200, {"object": "list", "data": [model]})
@@ -186,11 +258,30 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, {"error": {"message": f"no route {self.path}"}})
 
     def do_POST(self) -> None:  # noqa: N802
+        if not self._authorized():
+            return
+        if self.path.rstrip("/") in ("/v1/reload_weights", "/reload_weights"):
+            self._send(*self._reload())
+            return
         if self.path.rstrip("/") not in ("/v1/chat/completions", "/chat/completions"):
             self._send(404, {"error": {"message": f"no route {self.path}"}})
             return
         status, payload = self._answer()
         self._send(status, payload)
+
+    def _reload(self) -> tuple[int, dict]:
+        try:
+            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+            folder = reload_request_folder(body, self.server.weights_dir)
+        except (ValueError, TypeError) as e:  # RequestError, bad JSON
+            return 400, {"error": {"message": str(e), "type": "invalid_request_error"}}
+        backend = self.server.batcher.backend
+        try:
+            self.server.batcher.run_between_batches(lambda: backend.reload_weights(folder))
+        except Exception as e:
+            logger.exception("weight reload failed")
+            return 500, {"error": {"message": f"{type(e).__name__}: {e}", "type": "server_error"}}
+        return 200, {"status": "reloaded", "path": str(folder)}
 
     def _answer(self) -> tuple[int, dict]:
         """The status and body of a chat request. A request counts as in flight from its arrival until its answer is
@@ -240,10 +331,20 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def start_server(
-    backend: Backend, *, host: str = "127.0.0.1", port: int = 0, model_name: str = "internvl", max_batch: int = 16
+    backend: Backend,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    model_name: str = "internvl",
+    max_batch: int = 16,
+    api_key: str | None = None,
+    weights_dir: str | Path | None = None,
 ) -> ChatCompletionsServer:
-    """Serve `backend` in a background thread (port 0: a free port; see `server.base_url`); `shutdown()` stops it."""
-    server = ChatCompletionsServer((host, port), backend, model_name=model_name, max_batch=max_batch)
+    """Serve `backend` in a background thread (port 0: a free port; see `server.base_url`); `shutdown()` stops it.
+    `weights_dir`: the folder `/v1/reload_weights` reloads (None: no reloads)."""
+    server = ChatCompletionsServer(
+        (host, port), backend, model_name=model_name, max_batch=max_batch, api_key=api_key, weights_dir=weights_dir
+    )
     threading.Thread(target=server.serve_forever, daemon=True, name="serve").start()
     return server
 
@@ -259,6 +360,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model-name", help="the name clients ask for (default: the folder's name)")
     parser.add_argument("--max-tiles", type=int, help="most tiles per image (default: the checkpoint's setting)")
     parser.add_argument("--batch-size", type=int, default=8, help="texts per generate call")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("INTERNVL_TUNE_API_KEY"),
+        help="bearer token every request must send (default $INTERNVL_TUNE_API_KEY; needed beyond localhost)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -267,7 +373,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         backend = HFBackend.from_folder(args.model, batch_size=args.batch_size, max_tiles=args.max_tiles)
         try:
             server = ChatCompletionsServer(
-                (args.host, args.port), backend, model_name=args.model_name or Path(args.model).resolve().name
+                (args.host, args.port),
+                backend,
+                model_name=args.model_name or Path(args.model).resolve().name,
+                api_key=args.api_key,
+                weights_dir=args.model,
             )
         except OSError as e:  # the port is taken, or the host is not this machine's
             raise UserError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from e
