@@ -337,7 +337,7 @@ def test_rollouts_are_the_sampled_token_ids_of_the_generated_texts(hf_backend):
     rollouts = hf_backend.rollout(requests)
     assert [[r.text for r in group] for group in rollouts] == texts
     stops = hf_backend.stop_ids
-    for request, group in zip(requests, rollouts, strict=True):
+    for group in rollouts:
         assert len(group) == 3
         for r in group:
             assert 1 <= len(r.response_ids) <= 6
