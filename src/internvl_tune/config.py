@@ -306,6 +306,74 @@ class MPOArgs:
 
 
 @dataclass
+class RLArgs:
+    """Online RL after MPO (Cascade RL stage two, InternVL3.5): the loss and the group advantages
+    (losses/rl.py, docs/losses.md "Online RL"). The defaults are the official stage: verl's GRPO advantage with
+    GSPO's sequence ratio, seq-mean-token-mean, clip 0.2 / 0.2, no KL."""
+
+    loss: Literal["gspo", "grpo"] = "gspo"
+    """gspo: one importance ratio per response, the geometric mean of its token ratios (arXiv 2507.18071); grpo: the
+    PPO-clipped ratio of each token (arXiv 2402.03300)."""
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = (
+        "seq-mean-token-mean"
+    )
+    """verl's names: token-mean (every token of the step alike), seq-mean-token-sum, seq-mean-token-mean (each
+    response's token mean, then the mean over responses: verl's GSPO, whatever its loss_agg_mode), or
+    seq-mean-token-sum-norm (token sums over responses x norm_length, Dr. GRPO); always over the whole step."""
+    clip_ratio_low: float = 0.2
+    """The ratio is clipped below at 1 - clip_ratio_low (verl's default; the GSPO paper uses 3e-4)."""
+    clip_ratio_high: float = 0.2
+    """The ratio is clipped above at 1 + clip_ratio_high (verl's default; the GSPO paper uses 4e-4)."""
+    clip_ratio_c: float | None = None
+    """grpo only: dual-clip bound c > 1, capping a token's loss at -A*c when A < 0 (arXiv 1912.09729); 0 = off;
+    null = the conventions' (verl 3.0, trl off)."""
+    kl_coef: float = 0.0
+    """Weight of the k3 KL estimate to the reference model, per token, aggregated as the loss (0 = off: no
+    reference is needed)."""
+    conventions: Literal["verl", "trl"] = "verl"
+    """Where verl and TRL differ in numbers: the std epsilon, one-response groups, ratio and KL clamps, dual-clip
+    and how GSPO's clip fraction is counted (docs/losses.md lists each)."""
+    num_generations: int = 16
+    """Responses sampled per prompt, the group of GRPO's advantage (InternVL3.5: 16)."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """Advantage denominator: the group's reward std (GRPO), the std of the step's rewards (batch), or none
+    (Dr. GRPO, arXiv 2503.20783)."""
+    std_epsilon: float | None = None
+    """Added to the std in the advantage; null = the conventions' (verl 1e-6, trl 1e-4)."""
+    norm_length: int | None = None
+    """seq-mean-token-sum-norm only: its constant divisor (the rollouts' most new tokens)."""
+
+    def loss_settings(self) -> dict[str, Any]:
+        """The fields `RLLoss` (losses/rl.py) takes."""
+        names = ("loss", "loss_agg_mode", "clip_ratio_low", "clip_ratio_high", "conventions", "clip_ratio_c")
+        return {name: getattr(self, name) for name in (*names, "kl_coef", "norm_length")}
+
+    def advantage_settings(self) -> dict[str, Any]:
+        """The keyword arguments of `group_advantages` (losses/rl.py)."""
+        return {"conventions": self.conventions, "scale_rewards": self.scale_rewards, "std_epsilon": self.std_epsilon}
+
+    def validate(self) -> None:
+        """One `error:` line per bad value, named `rl.<field>`."""
+        if self.num_generations < 1:
+            raise ConfigError(f"rl.num_generations must be >= 1, got {self.num_generations}")
+        if self.num_generations == 1 and self.conventions == "trl":
+            raise ConfigError(
+                "rl.num_generations=1: under conventions=trl a one-response group has advantage 0 (nothing to learn); "
+                "sample >= 2 per prompt"
+            )
+        if self.std_epsilon is not None and self.std_epsilon <= 0:
+            raise ConfigError(
+                f"rl.std_epsilon must be > 0 (a group of equal rewards has std 0), got {self.std_epsilon}"
+            )
+        from internvl_tune.losses.rl import RLLoss  # lazily: it imports torch
+
+        try:
+            RLLoss(**self.loss_settings())
+        except ValueError as e:
+            raise ConfigError(f"rl.{e}") from e
+
+
+@dataclass
 class MPOConfig:
     """MPO run: defaults follow the InternVL 2.5 MPO scripts (docs/original-differences.md §7.3)."""
 

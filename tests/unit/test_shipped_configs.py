@@ -4,7 +4,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from internvl_tune.config import DataArgs, ModelArgs, MPOArgs, MPOConfig, SFTConfig, TrainArgs, field_docs, load_config
+from internvl_tune.config import (
+    DataArgs,
+    ModelArgs,
+    MPOArgs,
+    MPOConfig,
+    RLArgs,
+    SFTConfig,
+    TrainArgs,
+    field_docs,
+    load_config,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -16,7 +26,7 @@ def test_shipped_sft_configs_load(path):
     assert path.read_text().startswith("#") and "Launch:" in path.read_text()
 
 
-@pytest.mark.parametrize("cls", [ModelArgs, DataArgs, TrainArgs, MPOArgs])
+@pytest.mark.parametrize("cls", [ModelArgs, DataArgs, TrainArgs, MPOArgs, RLArgs])
 def test_every_field_has_a_docstring_and_is_in_the_docs(cls):
     docs = field_docs(cls)
     reference = (ROOT / "docs" / "config.md").read_text()
