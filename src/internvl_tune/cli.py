@@ -699,6 +699,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _close_process_group() -> None:
+    """Destroy the run's process group after a command succeeded: left to interpreter teardown, gloo's threads can
+    abort a rank ("terminate called without an active exception", seen after a ZeRO-3 precompute-ref) after its
+    work is done. torch is not imported for commands that never used it."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def _drop_deepspeed_cpu_notice(record: logging.LogRecord) -> bool:
     """transformers imports DeepSpeed (when installed) with every model it loads, and DeepSpeed then warns "Setting
     accelerator to CPU" on a machine without a GPU, for commands that never use it. The run's own log says the device
@@ -731,7 +740,9 @@ def main(argv: list[str] | None = None) -> int:
     from internvl_tune.training.failure import peer_failure, report_failure
 
     try:
-        return args.func(args)
+        code = args.func(args)
+        _close_process_group()
+        return code
     except UserError as e:
         if debug:
             import traceback
