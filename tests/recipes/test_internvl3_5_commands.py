@@ -148,6 +148,14 @@ def test_every_command_runs(case, data, capsys):
     image = next((data / "images").iterdir())
     assert main(["chat", str(model), "What colour is the shape?", "--image", str(image), "--max-new-tokens", "5"]) == 0
 
+    # eval --thinking on a folder we wrote: the thinking system message replaces the plain one it records.
+    from internvl_tune.generation.hf import HFBackend
+
+    def system_of(backend):
+        return backend.settings.system_message or backend.template.system_message
+
+    assert system_of(HFBackend.from_folder(final, thinking=True)) != system_of(HFBackend.from_folder(final))
+
     other = "original" if layout == "hf" else "hf"
     assert main(["convert", str(model), str(root / "converted"), "--to", other]) == 0
     assert main(["export", str(final), str(root / "exported"), "--to", "original"]) == 0

@@ -180,3 +180,15 @@ def test_a_quantized_llm_is_refused_in_one_line(tmp_path, tokenizer):
     (tmp_path / "orig" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConversionError, match="quantized \\(mxfp4\\)"):
         convert_to_hf(tmp_path / "orig", tmp_path / "hf")
+
+
+def test_an_hf_folder_that_declares_quantized_weights_is_refused_too(tmp_path, tokenizer):
+    build_original_checkpoint(tmp_path / "orig", llm="gpt_oss", tokenizer=tokenizer)
+    convert_to_hf(tmp_path / "orig", tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config["text_config"]["quantization_config"] = {"quant_method": "mxfp4"}
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConversionError, match="quantized \\(mxfp4\\)"):
+        convert_to_original(tmp_path / "hf", tmp_path / "orig2")
+    with pytest.raises(ConversionError, match="quantized \\(mxfp4\\)"):
+        load_model(tmp_path / "hf")

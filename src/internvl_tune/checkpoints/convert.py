@@ -189,6 +189,19 @@ def original_to_hf_config(original: dict[str, Any], image_token_id: int) -> Inte
     return config
 
 
+def refuse_quantized(config: InternVLConfig, where: str | Path) -> None:
+    """An HF-layout checkpoint whose config declares quantized weights (MXFP4 GPT-OSS) is refused, as an original
+    one is: training, conversion and export read unquantized weights only."""
+    for part in (config, config.text_config):
+        quantization = getattr(part, "quantization_config", None)
+        if quantization:
+            method = quantization.get("quant_method") if isinstance(quantization, dict) else type(quantization).__name__
+            raise ConversionError(
+                f"{where}: the LLM weights are quantized ({method}); internvl-tune reads unquantized checkpoints only "
+                "(dequantize the LLM first)"
+            )
+
+
 def tied_embeddings(original: dict[str, Any]) -> bool:
     """Whether an original checkpoint ties its LM head to the token embeddings: the top-level
     `tie_word_embeddings`, which InternVL 2.5 / 3 write False for every LLM and 3.5 copies from `llm_config`."""
@@ -642,7 +655,7 @@ def iter_original_as_hf(path: str | Path, original: dict[str, Any]) -> Iterator[
     if "quantization_config" in original["llm_config"]:
         raise ConversionError(
             f"{path}: the LLM weights are quantized ({original['llm_config']['quantization_config'].get('quant_method')}"
-            "); only unquantized checkpoints convert exactly"
+            "); internvl-tune reads unquantized checkpoints only (dequantize the LLM first)"
         )
     tied = tied_embeddings(original)
     for name, tensor in _original_tensors(path, original):

@@ -33,6 +33,7 @@ from internvl_tune.checkpoints.convert import (
     original_to_hf_config,
     read_json,
     read_shard,
+    refuse_quantized,
     unfuse_qwen3_moe_experts,
     weight_files,
     write_shards,
@@ -161,6 +162,7 @@ def convert_to_original(
     if is_original_checkpoint(src) or read_config_json(src).get("model_type") != "internvl":
         raise ConversionError(f"{src}: not an HF-native InternVL checkpoint (model_type internvl)")
     config = InternVLConfig.from_pretrained(src, local_files_only=True)
+    refuse_quantized(config, src)
     settings = checkpoint_settings(src)
     original = hf_to_original_config(config, settings)
     cast = _written_dtype(src, dtype)

@@ -75,8 +75,12 @@ class HFBackend:
         """Load a model folder (either layout; on the GPU in bf16 when there is one, else the CPU in fp32).
         `thinking`: prompt in the template's thinking mode even if the checkpoint was not trained in it."""
         model, tokenizer, settings = load_for_inference(path)
-        if thinking:
-            settings = replace(settings, thinking=True)
+        if thinking and not settings.thinking:
+            # A folder we wrote records its template's plain system message; in thinking mode the thinking one takes
+            # its place (a system message of the user's own is kept).
+            plain = get_template(settings.template).system_message
+            system = None if settings.system_message in (None, plain) else settings.system_message
+            settings = replace(settings, thinking=True, system_message=system)
         return cls(model, tokenizer, settings, batch_size=batch_size, max_tiles=max_tiles)
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[str]]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import InternVLForConditionalGeneration, PreTrainedTokenizerBase
 
-from internvl_tune.checkpoints.convert import is_original_checkpoint
+from internvl_tune.checkpoints.convert import is_original_checkpoint, refuse_quantized
 from internvl_tune.checkpoints.metadata import checkpoint_sample_settings
 from internvl_tune.checkpoints.read import load_original, load_tokenizer, read_model_config
 from internvl_tune.constants import IMG_CONTEXT_TOKEN, INTERNVL_SPECIAL_TOKENS
@@ -36,6 +36,7 @@ def load_model(
     """
     path = Path(path)
     config = read_model_config(path)
+    refuse_quantized(config, path)
     attn_implementation = resolve_attn_implementation(
         attn_implementation, "cuda" if torch.cuda.is_available() else "cpu", config.text_config.model_type
     )
