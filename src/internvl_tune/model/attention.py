@@ -48,6 +48,7 @@ such term), flex attention through transformers' own log-sum-exp correction (CUD
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +56,8 @@ import torch.nn.functional as F
 
 from internvl_tune.constants import CONTEXT_ROLE as CONTEXT
 from internvl_tune.constants import PADDING_GROUP
+
+logger = logging.getLogger(__name__)
 
 FLEX = "flex_attention"
 SEGMENTS = "sdpa_segments"  # the setting (model.attn_implementation)
@@ -75,6 +78,9 @@ def resolve_attn_implementation(
     other value is passed through (`sdpa`, `eager`, `flash_attention_2`, ...), with `eager` for the LLM instead of
     `sdpa` when `llm_type` (the LLM's model_type) is one of `NO_SDPA_LLMS`."""
     if requested == "sdpa" and llm_type in NO_SDPA_LLMS:
+        logger.info(
+            "model.attn_implementation=sdpa: the %s LLM has no SDPA path in transformers; it runs eager", llm_type
+        )
         return {"text_config": "eager", "vision_config": "sdpa"}
     if requested == SEGMENTS:
         requested = {"text_config": SEGMENT_KERNEL, "vision_config": "sdpa"}
