@@ -1,4 +1,5 @@
-"""Losses as pure functions of summed log-probs (`preference_loss`), and the MPO mix of them (`PreferenceObjective`)."""
+"""Losses as pure functions of log-probs: preference losses (`preference_loss`), the MPO mix of them
+(`PreferenceObjective`), and online RL's group advantages and GSPO / GRPO loss (`group_advantages`, `policy_loss`)."""
 
 from internvl_tune._lazy import lazy_exports
 
@@ -6,6 +7,10 @@ _EXPORTS = {
     "preference_loss": "preference",
     "PreferenceObjective": "objective",
     "PREFERENCE_LOSS_TYPES": "preference",
+    "group_advantages": "rl",
+    "policy_loss": "rl",
+    "loss_normalizer": "rl",
+    "RLLoss": "rl",
 }
 __all__ = list(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)
