@@ -91,6 +91,9 @@ class DataArgs(PipelineSettings):
     pass over the good records; the steps follow from them), count and list it once per epoch, report at the end."""
     dataloader_num_workers: int = 0
     """Background processes preparing batches."""
+    measure_workers: int | None = None
+    """Processes per rank measuring sample lengths for packing, length grouping and on_bad_sample=skip (0 or 1: in
+    the rank's own process; None = the cores this process may use, divided by the ranks on its machine)."""
     packing: bool = False
     """Pack several samples (or preference pairs) into each row, isolated from each other (README "Packing");
     per_device_train_batch_size then counts packed rows."""
