@@ -111,7 +111,9 @@ def pack(
         if row.tokens == max_tokens or row.tiles == max_tiles:
             del open_rows[position]
             yield row.indices
-        elif tiles:  # more tiles: the row moves before the rows with fewer (a stable sort keeps it after the equal ones)
+        elif (
+            tiles
+        ):  # more tiles: the row moves before the rows with fewer (a stable sort keeps it after the equal ones)
             target = position
             while target and open_rows[target - 1].tiles < row.tiles:
                 target -= 1
