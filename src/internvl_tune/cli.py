@@ -81,6 +81,7 @@ def _check_data(args: argparse.Namespace) -> int:
     config = _run_config(MPOConfig if mpo else SFTConfig, args, trains=False)
     from internvl_tune.checkpoints.read import load_tokenizer, read_model_config
     from internvl_tune.data.check import check_data
+    from internvl_tune.data.lengths import measure_workers
     from internvl_tune.data.packing import PackingSettings
     from internvl_tune.model.prepare import check_template, sample_settings
 
@@ -98,6 +99,7 @@ def _check_data(args: argparse.Namespace) -> int:
             d.max_packed_tokens, d.num_images_expected, d.max_buffer_size, d.oversize_sample
         ),  # what packing with the run's budgets (or the defaults) would do
         packs=d.packing,  # and whether a sample over them is refused, as the run would
+        workers=measure_workers(args.workers if args.workers is not None else d.measure_workers),
     )
     print(report.format(max_listed=args.max_listed))
     print(_parameter_line(model_config))
@@ -493,6 +495,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--preference", action="store_true", help="preference (MMPR) data: question / chosen / rejected records"
     )
     check.add_argument("--max-listed", type=int, default=10, help="problems listed per kind")
+    check.add_argument(
+        "--workers",
+        type=int,
+        help="processes checking records (0 or 1: this one; default: data.measure_workers, else the cores available)",
+    )
     check.add_argument("--json", help="also write the report as JSON to this file")
     check.add_argument("overrides", nargs="*", help="key=value data overrides, e.g. max_dynamic_patch=6")
 

@@ -91,6 +91,9 @@ class DataArgs(PipelineSettings):
     pass over the good records; the steps follow from them), count and list it once per epoch, report at the end."""
     dataloader_num_workers: int = 0
     """Background processes preparing batches."""
+    measure_workers: int | None = None
+    """Processes per rank measuring sample lengths for packing, length grouping and on_bad_sample=skip (0 or 1: in
+    the rank's own process; None = the cores this process may use, divided by the ranks on its machine)."""
     packing: bool = False
     """Pack several samples (or preference pairs) into each row, isolated from each other (README "Packing");
     per_device_train_batch_size then counts packed rows."""
@@ -252,6 +255,10 @@ class SFTConfig:
         for name in ("max_packed_tokens", "num_images_expected", "max_buffer_size"):
             if getattr(d, name) < 1:
                 raise ConfigError(f"data.{name} must be >= 1, got {getattr(d, name)}")
+        if d.measure_workers is not None and d.measure_workers < 0:
+            raise ConfigError(
+                f"data.measure_workers must be >= 0 (0 or 1: in the rank's process), got {d.measure_workers}"
+            )
         if d.v2pe != "off" and d.v2pe_stride is None:
             raise ConfigError(
                 f"data.v2pe={d.v2pe} needs data.v2pe_stride: the positions one image tile spans (1 to the model's image "

@@ -1,6 +1,7 @@
 """Two CPU processes (DDP over gloo) give the same training as one process with the same global batch (SFT, MPO)."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from internvl_tune.training.checkpoint import checkpoint_problem
 from internvl_tune.training.metrics import read_metrics
 
 
-def _launch(num_processes: int, config: Path, *overrides: str, command: str = "sft") -> None:
+def _launch(num_processes: int, config: Path, *overrides: str, command: str = "sft") -> str:
     """`internvl-tune COMMAND` under torchrun, its ranks pinned to the CPU (gloo): on a machine with one GPU, NCCL
     refuses two ranks on the same device, and both runs compared here must run on the same device."""
     torchrun = Path(sys.executable).with_name("torchrun")
@@ -27,6 +28,7 @@ def _launch(num_processes: int, config: Path, *overrides: str, command: str = "s
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    return result.stderr
 
 
 def test_two_ranks_equal_one_rank(tmp_path, tiny_model_dir):
@@ -139,3 +141,48 @@ def test_skipped_records_two_ranks_equal_one_rank_and_are_listed_once(tmp_path, 
     for run in ("one", "two"):
         summary = json.loads((tmp_path / run / "summary.json").read_text())
         assert sorted(where.rsplit(":", 1)[1] for where, _ in summary["skipped"]) == ["8", "9"], run
+
+
+def test_two_ranks_measure_half_each_and_write_the_cache_once(tmp_path, tiny_model_dir):
+    """Packed SFT on 2 ranks x 2 measuring workers: each rank measures half of the records (its log line), the
+    gathered lengths are cached once, by rank 0, and equal those one process measures alone on a copy of the data
+    (bad record included); both runs count the same steps over 2 epochs (the second epoch's rows counted on rank 1)
+    and train the same losses."""
+    import json
+    import shutil
+
+    import numpy as np
+
+    meta = make_colour_dataset(tmp_path / "data", num=12)
+    train = tmp_path / "data" / "train.jsonl"
+    train.write_text(train.read_text() + "{broken\n")  # 14 records, line 14 bad
+    shutil.copytree(tmp_path / "data", tmp_path / "copy")
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"model: {{model_name_or_path: {tiny_model_dir}, grad_checkpoint: false}}\n"
+        "data: {max_dynamic_patch: 4, packing: true, max_packed_tokens: 600, on_bad_sample: skip}\n"
+        "train: {num_train_epochs: 2, learning_rate: 2.0e-3, warmup_ratio: 0.0, per_device_train_batch_size: 1}\n"
+    )
+    two = _launch(2, config, f"meta_path={meta}", f"output_dir={tmp_path / 'two'}", "measure_workers=2")
+    one = _launch(
+        1,
+        config,
+        f"meta_path={tmp_path / 'copy' / 'meta.json'}",
+        f"output_dir={tmp_path / 'one'}",
+        "gradient_accumulation_steps=2",
+        "measure_workers=0",
+    )
+    assert sorted(re.findall(r"measured (\d+) sample lengths .*rank (\d) of 2", two)) == [("7", "0"), ("7", "1")]
+    assert len(re.findall(r"wrote the length cache", two)) == 1 and len(re.findall("wrote the length cache", one)) == 1
+    (cached,) = (tmp_path / "data" / ".internvl_tune_cache").iterdir()  # one file, no temporary left
+    (alone,) = (tmp_path / "copy" / ".internvl_tune_cache").iterdir()
+    with np.load(cached) as merged, np.load(alone) as single:
+        assert np.array_equal(merged["counts"], single["counts"]) and len(merged["counts"]) == 14
+        assert list(json.loads(merged["messages"].tobytes())) == ["13"]
+        assert merged["messages"].tobytes() == single["messages"].tobytes().replace(b"/copy/", b"/data/")
+    metrics_one, metrics_two = (
+        read_metrics(tmp_path / "one" / "metrics.jsonl"),
+        read_metrics(tmp_path / "two" / "metrics.jsonl"),
+    )
+    assert len(metrics_two) == len(metrics_one) > 2
+    assert [r["loss"] for r in metrics_two] == pytest.approx([r["loss"] for r in metrics_one], rel=1e-5)

@@ -186,3 +186,24 @@ def test_packing_benchmark_counts_padding_as_llm_work_and_tiles_from_image_token
     assert work["head"] == pytest.approx(head)
     frozen = sft_packing.counted_work(shape, rows, frozen_vit=True)  # the ViT's forward only
     assert frozen["vit"] == pytest.approx(work["vit"] / 3) and frozen["llm"] == work["llm"]
+
+
+def test_data_scale_benchmark_runs_the_cli_and_reports(tmp_path):
+    """benchmarks/data_scale.py at 300 records: the packed cold run measures every record in 2 workers (its log
+    line), the warm run measures nothing, check-data passes, and the report has a row per run and the index bytes."""
+    import data_scale
+
+    report = tmp_path / "report.md"
+    results = data_scale.main(
+        ["--sizes", "300", "--kinds", "sft", "--combos", "1x2", "--skip", "unpacked", "--workdir", str(tmp_path)]
+        + ["--report", str(report)]
+    )
+    rows = {row["config"]: row for row in results["rows"]}
+    assert list(rows) == ["packed cold 1x2", "packed warm 1x2", "check-data 2 workers"]
+    assert all(row["returncode"] == 0 for row in rows.values()), [row["stderr_tail"] for row in rows.values()]
+    assert rows["packed cold 1x2"]["measured"] == [300] and rows["packed warm 1x2"]["measured"] == []
+    assert rows["packed cold 1x2"]["first_step_s"] > 0 and rows["packed cold 1x2"]["peak_rss_mib"] > 0
+    text = report.read_text()
+    assert "| sft | 300 | packed cold 1x2 |" in text and "Command: `python benchmarks/data_scale.py --sizes 300" in text
+    index = results["index"]["sft 300"]
+    assert index["records"] == 300 and 0 < index["array_bytes_per_record"] < 64

@@ -153,3 +153,25 @@ def test_check_data_counts_over_budget_samples_without_refusing_them_when_traini
     out = capsys.readouterr().out
     assert "errors: 0" in out and "more than a packed row holds" not in out
     assert " in 50 tiles" in out and "4 over budget" in out
+
+
+def test_check_data_reports_the_same_with_several_workers(tmp_path, tiny_model_dir, capsys):
+    """--workers 1, 2 and 3 (spans of lines checked in a pool) print and write the same report: the same counts,
+    problems by kind with their file:line in file order, histograms and packing line."""
+    meta = make_colour_dataset(
+        tmp_path / "data",
+        num=10,
+        extra_records=[
+            {"image": "missing.png", "conversations": [{"from": "human", "value": "?"}, {"from": "gpt", "value": "x"}]},
+            "{not json",
+            {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": " "}]},
+        ],
+    )
+    outputs = []
+    for workers in ("1", "2", "3"):
+        report = tmp_path / f"report{workers}.json"
+        args = ["check-data", str(meta), "--model", str(tiny_model_dir), "--workers", workers, "--json", str(report)]
+        assert main(args) == 1
+        outputs.append((capsys.readouterr().out, report.read_text()))
+    assert outputs[1] == outputs[0] and outputs[2] == outputs[0]
+    assert "train.jsonl:12: " in outputs[0][0] and "train.jsonl:13: malformed JSON" in outputs[0][0]

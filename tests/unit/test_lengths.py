@@ -2,13 +2,16 @@
 
 import json
 import random
+import threading
 
+import numpy as np
 import pytest
 from conftest import draw_image, make_colour_dataset, write_jsonl, write_meta
 
+from internvl_tune.data import lengths as lengths_module
 from internvl_tune.data.dataset import RecordDataset
 from internvl_tune.data.errors import DataError
-from internvl_tune.data.lengths import dataset_lengths
+from internvl_tune.data.lengths import SKIPPED, dataset_lengths, one_process
 from internvl_tune.data.transform import SampleBuilder, SampleSettings
 
 
@@ -55,8 +58,8 @@ def test_lengths_are_cached_beside_the_data_and_remeasured_when_it_changes(tmp_p
         return dataset_lengths(dataset, measure, settings_fingerprint=fingerprint, skip_bad=False, progress=False)
 
     first = lengths()
-    assert len(calls) == 5 and list((tmp_path / "data" / ".internvl_tune_cache").glob("lengths-train.jsonl-*.json"))
-    assert lengths() == first and len(calls) == 5  # read from the cache: nothing measured
+    assert len(calls) == 5 and list((tmp_path / "data" / ".internvl_tune_cache").glob("lengths-train.jsonl-*.npz"))
+    assert np.array_equal(lengths(), first) and len(calls) == 5  # read from the cache: nothing measured
     lengths(fingerprint="b")  # other settings or tokenizer: measured again
     assert len(calls) == 10
     annotation = tmp_path / "data" / "train.jsonl"
@@ -80,10 +83,149 @@ def test_bad_records_stop_or_are_skipped(tmp_path, builder):
     dataset = RecordDataset(meta, builder, seed=0)
     with pytest.raises(DataError, match=r"train.jsonl:2: .*missing.png"):
         dataset_lengths(dataset, builder.measure, settings_fingerprint="x", skip_bad=False, progress=False)
-    lengths = dataset_lengths(dataset, builder.measure, settings_fingerprint="x", skip_bad=True, progress=False)
-    assert lengths[0] is not None and lengths[1] is None
+    problems = {}
+    lengths = dataset_lengths(
+        dataset, builder.measure, settings_fingerprint="x", skip_bad=True, progress=False, problems=problems
+    )
+    assert lengths[0, 0] > 0 and list(lengths[1]) == [SKIPPED, SKIPPED]
+    assert list(problems) == [1] and "train.jsonl:2" in problems[1]
     # The cache a skipping run wrote still refuses the bad record in a run that does not skip.
     with pytest.raises(DataError, match="missing.png"):
         dataset_lengths(dataset, builder.measure, settings_fingerprint="x", skip_bad=False, progress=False)
-    cached = json.loads(next((tmp_path / ".internvl_tune_cache").glob("*.json")).read_text())
-    assert isinstance(cached[1], str)
+    with np.load(next((tmp_path / ".internvl_tune_cache").glob("*.npz"))) as cached:
+        assert list(cached["counts"][1]) == [SKIPPED, SKIPPED]
+        assert "missing.png" in json.loads(cached["messages"].tobytes())["1"]
+
+
+def _mixed_dataset(root):
+    """Two files: colour images with a text record and two bad records (a missing image, a malformed line); a second
+    file repeated 1.5 times. Returns the meta path."""
+    meta = make_colour_dataset(root, num=9)
+    bad_image = {
+        "image": "missing.png",
+        "conversations": [{"from": "human", "value": "?"}, {"from": "gpt", "value": "x"}],
+    }
+    lines = (root / "train.jsonl").read_text().splitlines()
+    lines[3:3] = [json.dumps(bad_image), ""]  # line 4 bad, line 5 blank
+    lines.insert(8, "{not json")  # line 9 malformed
+    (root / "train.jsonl").write_text("\n".join(lines) + "\n")
+    write_jsonl(root / "more.jsonl", [json.loads(line) for line in lines if line.startswith('{"id"')])
+    spec = json.loads(meta.read_text())["colours"]
+    return write_meta(meta, {"colours": spec, "more": {**spec, "annotation": "more.jsonl", "repeat_time": 1.5}})
+
+
+class _ThreadRanks:
+    """`world` ranks as threads with an all-gather over a barrier: the merging of dataset_lengths without processes."""
+
+    def __init__(self, world: int):
+        self.world, self.slots, self.barrier = world, [None] * world, threading.Barrier(world)
+
+    def gather(self, rank: int):
+        def gather(value):
+            self.slots[rank] = value
+            self.barrier.wait()
+            everyone = list(self.slots)
+            self.barrier.wait()
+            return everyone
+
+        return gather
+
+    def run(self, work):
+        results = [None] * self.world
+
+        def one(rank):
+            try:
+                results[rank] = work(rank, self.gather(rank))
+            except DataError as e:
+                results[rank] = e
+
+        threads = [threading.Thread(target=one, args=(r,)) for r in range(self.world)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return results
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_workers_and_ranks_measure_what_one_process_measures(tmp_path, builder, start_method, monkeypatch):
+    """The same counts and bad-record messages (skip) with 1 process, a pool of 2 or 3 workers, and 2 or 3 ranks
+    (threads) that each measure a share; the ranks write each file's cache once, from rank 0."""
+    meta = _mixed_dataset(tmp_path / "data")
+    dataset = RecordDataset(meta, builder, seed=0)
+
+    def lengths(fingerprint, **kwargs):
+        problems = {}
+        counts = dataset_lengths(
+            dataset,
+            builder.measure,
+            settings_fingerprint=fingerprint,
+            skip_bad=True,
+            progress=False,
+            problems=problems,
+            **kwargs,
+        )
+        return counts, problems
+
+    one, one_problems = lengths("one")
+    assert len(one) == len(dataset) and sorted(one_problems) == [3, 7]  # lines 4 and 9 of train.jsonl
+    assert "train.jsonl:4" in one_problems[3] and "train.jsonl:9" in one_problems[7]
+    for workers in (2, 3):
+        counts, problems = lengths(f"workers{workers}", workers=workers, start_method=start_method)
+        assert np.array_equal(counts, one) and problems == one_problems
+    writes = []
+    monkeypatch.setattr(lengths_module, "_write_cache", lambda paths, *a: writes.append(paths[0].name))
+    for world in (2, 3):
+        ranks = _ThreadRanks(world)
+        results = ranks.run(lambda r, gather, w=world: lengths(f"ranks{w}", rank=r, world=w, gather=gather))
+        for counts, problems in results:
+            assert np.array_equal(counts, one) and problems == one_problems
+    assert len(writes) == 4 and len(set(writes)) == 4  # 2 files x 2 runs, each written once
+
+
+def test_a_bad_record_stops_every_rank_naming_the_first_in_file_order(tmp_path, builder):
+    """Without skip: with a pool and with 2 ranks, every process raises the first bad record of the file (line 4, in
+    rank 0's share) with its kind, as one process does; a bad record only in rank 1's share is named too."""
+    meta = _mixed_dataset(tmp_path / "data")
+    dataset = RecordDataset(meta, builder, seed=0)
+
+    def lengths(rank=0, world=1, gather=one_process, workers=1):
+        return dataset_lengths(
+            dataset,
+            builder.measure,
+            settings_fingerprint="x",
+            skip_bad=False,
+            progress=False,
+            workers=workers,
+            rank=rank,
+            world=world,
+            gather=gather,
+        )
+
+    with pytest.raises(DataError, match=r"train.jsonl:4: .*missing.png") as one:
+        lengths()
+    with pytest.raises(DataError, match=r"train.jsonl:4: .*missing.png") as pooled:
+        lengths(workers=2)
+    assert pooled.value.kind == one.value.kind
+    for error in _ThreadRanks(2).run(lambda r, gather: lengths(r, 2, gather)):
+        assert isinstance(error, DataError) and "train.jsonl:4: " in str(error) and error.kind == one.value.kind
+    # Only the malformed line 9 left: it is in rank 1's half of the file.
+    lines = (tmp_path / "data" / "train.jsonl").read_text().splitlines()
+    (tmp_path / "data" / "train.jsonl").write_text("\n".join(lines[:3] + lines[4:]) + "\n")
+    dataset = RecordDataset(meta, builder, seed=0)
+    for error in _ThreadRanks(2).run(lambda r, gather: lengths(r, 2, gather)):
+        assert isinstance(error, DataError) and "train.jsonl:8: malformed JSON" in str(error)
+
+
+def test_a_cache_of_the_json_format_is_measured_again(tmp_path, builder):
+    """Version 1 caches (a JSON list beside the data) are not read: their name differs, and the file is measured."""
+    meta = make_colour_dataset(tmp_path / "data", num=3)
+    cache = tmp_path / "data" / ".internvl_tune_cache"
+    cache.mkdir()
+    dataset = RecordDataset(meta, builder, seed=0)
+    counts = dataset_lengths(dataset, builder.measure, settings_fingerprint="x", skip_bad=False, progress=False)
+    (npz,) = cache.glob("*.npz")
+    (cache / npz.name.replace(".npz", ".json")).write_text(json.dumps([[1, 1]] * len(counts)))  # a stale v1 file
+    npz.unlink()
+    again = dataset_lengths(dataset, builder.measure, settings_fingerprint="x", skip_bad=False, progress=False)
+    assert np.array_equal(again, counts) and again[0, 0] != 1

@@ -54,6 +54,7 @@ def test_yaml_then_overrides(tmp_path):
         ("bf16", "must look like key=value"),
         ("zzz=1", "unknown field"),
         ("min_dynamic_patch=20", "min_dynamic_patch <= max_dynamic_patch"),
+        ("measure_workers=-2", "data.measure_workers must be >= 0"),
     ],
 )
 def test_config_errors(tmp_path, override, message):

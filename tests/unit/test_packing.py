@@ -159,3 +159,84 @@ def test_length_grouped_batches_hold_similar_lengths_and_every_sample_once():
     # The batch order is shuffled: lengths do not fall through the epoch.
     firsts = [max(lengths[i][0] for i in b) for b in batches]
     assert firsts != sorted(firsts, reverse=True)
+
+
+def _reference_pack(items, *, max_tokens, max_tiles, max_buffer_size):
+    """The packer as the module docstring states it, re-sorting the open rows after every sample (the planner keeps
+    them sorted by moving the one row that changed)."""
+    open_rows = []  # [ids, tokens, tiles]
+    for index, tokens, tiles in items:
+        if tokens > max_tokens or tiles > max_tiles:
+            yield [index]
+            continue
+        row = next((r for r in open_rows if r[1] + tokens <= max_tokens and r[2] + tiles <= max_tiles), None)
+        if row is None:
+            row = [[], 0, 0]
+            open_rows.append(row)
+        row[0].append(index)
+        row[1] += tokens
+        row[2] += tiles
+        if row[1] == max_tokens or row[2] == max_tiles:
+            open_rows.remove(row)
+            yield row[0]
+        open_rows.sort(key=lambda r: -r[2])
+        while len(open_rows) > max_buffer_size:
+            yield open_rows.pop(0)[0]
+    for row in open_rows:
+        yield row[0]
+
+
+def test_the_planner_packs_as_the_resorting_reference():
+    """300 random epochs (budgets, buffer sizes, text samples with 0 tiles, samples over budget alone): the rows and
+    their order equal the reference's."""
+    for trial in range(300):
+        rng = random.Random(trial)
+        max_tokens, max_tiles = rng.choice([10, 50, 200]), rng.choice([1, 4, 12])
+        items = [
+            (i, rng.randint(0, max_tokens + 5), rng.randint(0, max_tiles) if rng.random() < 0.7 else 0)
+            for i in range(rng.randint(1, 300))
+        ]
+        budgets = dict(max_tokens=max_tokens, max_tiles=max_tiles, max_buffer_size=rng.choice([1, 2, 5, 20]))
+        assert list(pack(items, oversize="alone", **budgets)) == list(_reference_pack(items, **budgets)), trial
+
+
+def test_length_grouped_order_equals_the_per_mega_batch_sort():
+    """The vectorised epoch order (one stable sort by mega-batch, then length) == sorting each mega-batch on its own,
+    cutting global batches and shuffling the full ones (the sampler's docstring), for sizes with and without a
+    partial last batch and a skipped record."""
+    from internvl_tune.data.sampler import LengthGroupedBatchSampler, ResumableBatchSampler
+
+    for num, batch, replicas, group in [(50, 2, 2, 3), (64, 4, 1, 2), (7, 3, 2, 64)]:
+        rng = random.Random(num)
+        lengths = [(rng.randint(1, 20), 0) for _ in range(num)]
+        lengths[3] = None
+        kwargs = dict(seed=5, num_replicas=replicas)
+        sampler = LengthGroupedBatchSampler(lengths, batch, group_size=group, **kwargs)
+        usable = [i for i, n in enumerate(lengths) if n is not None]
+        order = ResumableBatchSampler(num, batch, usable=usable, **kwargs)._permutation(1).tolist()
+        size = batch * replicas
+        blocks = []
+        for start in range(0, len(order), size * group):
+            mega = sorted(order[start : start + size * group], key=lambda i: -lengths[i][0])
+            blocks += [mega[b : b + size] for b in range(0, len(mega), size)]
+        partial = [blocks.pop()] if len(blocks[-1]) < size else []
+        shuffle = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(5 + 1 + 1_000_003)).tolist()
+        expected = [i for block in [blocks[j] for j in shuffle] + partial for i in block]
+        assert sampler._permutation(1).tolist() == expected
+
+
+def test_rows_counted_in_a_pool_equal_the_planned_rows():
+    """`count_rows` in 2 workers gives each epoch's row count as planning it here does, and a sampler given them
+    counts its micro-batches without planning (its plan cache stays empty)."""
+    from internvl_tune.data.packing import count_rows
+
+    rng = random.Random(0)
+    lengths = [(rng.randint(1, 60), rng.randint(0, 4)) for _ in range(300)]
+    settings = PackingSettings(max_packed_tokens=100, num_images_expected=6, max_buffer_size=4)
+    sampler = PackedBatchSampler(lengths, 2, settings, seed=1)
+    counted = count_rows(sampler.lengths, settings, 1, True, [0, 1, 2, 3], workers=2)
+    assert counted == {e: len(sampler.rows(e)) for e in range(4)}
+    fresh = PackedBatchSampler(lengths, 2, settings, seed=1)
+    fresh.set_num_rows(counted)
+    assert [fresh.batches_in_epoch(e) for e in range(4)] == [-(-counted[e] // 2) for e in range(4)]
+    assert not fresh._plans

@@ -15,12 +15,15 @@ from __future__ import annotations
 import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from internvl_tune.data.dataset import RecordDataset
 from internvl_tune.data.errors import DataError
+from internvl_tune.data.jsonl import read_span
+from internvl_tune.data.lengths import chunk_size, span_results
 from internvl_tune.data.packing import PackingSettings, fits, over_budget_error, pack
 from internvl_tune.data.preference import PairBuilder
 from internvl_tune.data.transform import SampleBuilder, SampleSettings
@@ -188,6 +191,8 @@ def check_data(
     progress: bool = True,
     packing: PackingSettings | None = None,
     packs: bool = False,
+    workers: int = 1,
+    start_method: str | None = None,
 ) -> DataReport:
     """Validate every record of a meta file (SFT conversations, or preference pairs) and collect the report.
 
@@ -195,7 +200,8 @@ def check_data(
     limits), and padding and packing are estimated on shared-prefix rows, prompt + chosen + rejected. With `packing`,
     the report also says what packing with those budgets would do (`pack_report`), from the lengths training plans
     with (`measure`); with `packs` too (the run packs), a sample over budget is an error unless `oversize_sample` is
-    `alone`, as in training.
+    `alone`, as in training. Records are checked in `workers` processes (0 or 1: this one), each given spans of
+    lines; the report is the same for any number.
     """
 
     def make_builder(sample_settings: SampleSettings):
@@ -214,40 +220,89 @@ def check_data(
     planned = []  # (tokens, tiles) as packing plans them: `measure` with the run's settings
     for entry in dataset.entries:
         report.per_dataset[entry.name] = Counter()
-    for d, file in enumerate(tqdm(dataset.files, desc="datasets", disable=not progress)):
-        entry = dataset.entries[d]
-        counts = report.per_dataset[entry.name]
-        for line in tqdm(range(len(file)), desc=entry.name, leave=False, disable=not progress):
-            report.num_records += 1
-            rng = random.Random(f"{seed}-check-{d}-{line}")
-            try:
-                record, where = file[line]
-                sample = scan(record, where, entry, rng, load_pixels=False)
-                if pairs:
-                    prompt = len(sample["prompt_ids"])
-                    responses = (len(sample["chosen_ids"]), len(sample["rejected_ids"]))
-                    length, row = prompt + max(responses), prompt + sum(responses)
-                else:
-                    length = row = len(sample["input_ids"])
-                if length > settings.max_seq_length:
-                    report.num_over_max_length += 1
-                    strict(record, where, entry, rng, load_pixels=False)  # raises if image tokens would be cut
-                tokens, tiles = strict.measure(record, where, entry)  # raises what planning the run would raise
-                planned.append((tokens, tiles))  # a refused sample too: the packing line counts it over budget
-                if refuse_over_budget and not fits(tokens, tiles, **budgets):
-                    raise over_budget_error(where, tokens, tiles, **budgets)
-            except DataError as e:
-                report.problems[e.kind].append(str(e))
-                counts["error"] += 1
-                continue
-            report.num_ok += 1
-            counts["image" if record.get("image") else "video" if record.get("video") else "text"] += 1
-            report.text_tokens.append(row - sample["num_image_tokens"])
-            report.image_tokens.append(sample["num_image_tokens"])
-            report.tiles.append(sum(sample["num_tiles"]))
-            report.lengths.append(min(length, settings.max_seq_length))
-            row_lengths.append(row)
+    total = sum(len(file) for file in dataset.files)
+    chunk = chunk_size(total, workers)
+    tasks = [
+        (d, first, str(file.path), *file.span(first), min(chunk, len(file) - first))
+        for d, file in enumerate(dataset.files)
+        for first in range(0, len(file), chunk)
+    ]
+    context = (scan, strict, dataset.entries, pairs, settings.max_seq_length, refuse_over_budget, budgets, seed)
+    bar = tqdm(total=total, desc="checking records", disable=not progress, unit="rec")
+    with span_results(_check_chunk, context, tasks, workers, start_method) as chunks:
+        for (d, *_), results in zip(tasks, chunks, strict=True):
+            bar.update(len(results))
+            counts = report.per_dataset[dataset.entries[d].name]
+            for result in results:
+                report.num_records += 1
+                report.num_over_max_length += result.over_max_length
+                if result.planned is not None:
+                    planned.append(result.planned)  # a refused sample too: the packing line counts it over budget
+                if result.error is not None:
+                    kind, message = result.error
+                    report.problems[kind].append(message)
+                    counts["error"] += 1
+                    continue
+                report.num_ok += 1
+                counts[result.category] += 1
+                report.text_tokens.append(result.row - result.image_tokens)
+                report.image_tokens.append(result.image_tokens)
+                report.tiles.append(result.tiles)
+                report.lengths.append(min(result.length, settings.max_seq_length))
+                row_lengths.append(result.row)
+    bar.close()
     report.padding_waste = padding_waste(row_lengths, batch_size, seed)
     if packing is not None:
         report.packing = pack_report(planned, packing, seed)
     return report
+
+
+@dataclass
+class _Checked:
+    """What checking one record found (a worker's answer, small to send back)."""
+
+    error: tuple[str, str] | None = None  # (kind, message)
+    planned: tuple[int, int] | None = None
+    over_max_length: bool = False
+    category: str = "text"
+    length: int = 0
+    row: int = 0
+    image_tokens: int = 0
+    tiles: int = 0
+
+
+def _check_chunk(context, task) -> list[_Checked]:
+    """Check `count` records from a byte offset on (`span_results` work): each as training would build it."""
+    scan, strict, entries, pairs, max_seq_length, refuse_over_budget, budgets, seed = context
+    d, first, path, offset, line_number, count = task
+    entry = entries[d]
+    results = []
+    for i, item in enumerate(read_span(Path(path), offset, line_number, count)):
+        result = _Checked()
+        results.append(result)
+        rng = random.Random(f"{seed}-check-{d}-{first + i}")
+        try:
+            if isinstance(item, DataError):
+                raise item
+            record, where = item
+            sample = scan(record, where, entry, rng, load_pixels=False)
+            if pairs:
+                prompt = len(sample["prompt_ids"])
+                responses = (len(sample["chosen_ids"]), len(sample["rejected_ids"]))
+                length, row = prompt + max(responses), prompt + sum(responses)
+            else:
+                length = row = len(sample["input_ids"])
+            if length > max_seq_length:
+                result.over_max_length = True
+                strict(record, where, entry, rng, load_pixels=False)  # raises if image tokens would be cut
+            tokens, tiles = strict.measure(record, where, entry)  # raises what planning the run would raise
+            result.planned = (tokens, tiles)
+            if refuse_over_budget and not fits(tokens, tiles, **budgets):
+                raise over_budget_error(where, tokens, tiles, **budgets)
+        except DataError as e:
+            result.error = (e.kind, str(e))
+            continue
+        result.category = "image" if record.get("image") else "video" if record.get("video") else "text"
+        result.length, result.row = length, row
+        result.image_tokens, result.tiles = sample["num_image_tokens"], sum(sample["num_tiles"])
+    return results

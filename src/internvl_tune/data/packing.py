@@ -35,13 +35,16 @@ may be partial: ranks past its end get fewer rows, or none (an empty micro-batch
 from __future__ import annotations
 
 import math
+import multiprocessing
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from internvl_tune.data.errors import DataError
+from internvl_tune.data.lengths import SKIPPED, as_length_array, worker_signals
 from internvl_tune.data.sampler import lengths_digest
 
 
@@ -93,17 +96,30 @@ def pack(
                 raise over_budget_error(where(index), tokens, tiles, max_tokens=max_tokens, max_tiles=max_tiles)
             yield [index]
             continue
-        row = next((r for r in open_rows if r.tokens + tokens <= max_tokens and r.tiles + tiles <= max_tiles), None)
-        if row is None:
-            row = _Row()
+        # The loop keeps `open_rows` sorted as a stable sort by tiles (most first) after each sample would, by moving
+        # only the row that changed: this is the planner's inner loop, run once per sample and epoch.
+        room_tokens, room_tiles = max_tokens - tokens, max_tiles - tiles
+        for position, row in enumerate(open_rows):
+            if row.tokens <= room_tokens and row.tiles <= room_tiles:
+                break
+        else:
+            row, position = _Row(), len(open_rows)
             open_rows.append(row)
         row.indices.append(index)
         row.tokens += tokens
         row.tiles += tiles
         if row.tokens == max_tokens or row.tiles == max_tiles:
-            open_rows.remove(row)
+            del open_rows[position]
             yield row.indices
-        open_rows.sort(key=lambda r: -r.tiles)  # stable
+        elif (
+            tiles
+        ):  # more tiles: the row moves before the rows with fewer (a stable sort keeps it after the equal ones)
+            target = position
+            while target and open_rows[target - 1].tiles < row.tiles:
+                target -= 1
+            if target != position:
+                del open_rows[position]
+                open_rows.insert(target, row)
         while len(open_rows) > max_buffer_size:
             yield open_rows.pop(0).indices
     for row in open_rows:
@@ -135,7 +151,7 @@ class PackedBatchSampler:
 
     def __init__(
         self,
-        lengths: Sequence[tuple[int, int] | None],
+        lengths: Sequence[tuple[int, int] | None] | np.ndarray,
         rows_per_batch: int,
         settings: PackingSettings,
         *,
@@ -145,7 +161,7 @@ class PackedBatchSampler:
         num_replicas: int = 1,
         where: Callable[[int], str] = str,
     ):
-        self.lengths = list(lengths)
+        self.lengths = as_length_array(lengths)  # [N, 2] int32, SKIPPED for a skipped record
         self.num_samples = len(self.lengths)
         self.rows_per_batch = rows_per_batch
         self.settings = settings
@@ -156,45 +172,46 @@ class PackedBatchSampler:
         self.where = where
         self.epoch = 0
         self.batch = 0
-        self._plans: dict[int, list[list[int]]] = {}  # the last two epochs' plans (the loader and the loop's look-ups)
-        self._num_rows: dict[int, int] = {}  # rows per epoch planned so far: step counting without re-planning
-        if not any(length is not None for length in self.lengths):
+        # The last two epochs' plans (the loader and the loop's look-ups), each as (sample ids [S] int64, row starts
+        # [R + 1]): 8 bytes per sample instead of a list of lists of ints.
+        self._plans: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._num_rows: dict[int, int] = {}  # rows per epoch planned or counted so far: steps without re-planning
+        if not (self.lengths[:, 0] != SKIPPED).any():
             raise DataError("no sample can be packed: every record was skipped as bad")
 
     def rows(self, epoch: int) -> list[list[int]]:
         """The packed rows of `epoch`, as dataset indices of that epoch (planned once, then kept)."""
+        ids, starts = self._plan(epoch)
+        return [ids[a:b].tolist() for a, b in zip(starts[:-1].tolist(), starts[1:].tolist(), strict=True)]
+
+    def _plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         if epoch not in self._plans:
-            if self.shuffle:
-                order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + epoch))
-                order = order.tolist()
-            else:
-                order = range(self.num_samples)
-            s = self.settings
-            items = ((i, *self.lengths[i]) for i in order if self.lengths[i] is not None)
-            plan = pack(
-                items,
-                max_tokens=s.max_packed_tokens,
-                max_tiles=s.num_images_expected,
-                max_buffer_size=s.max_buffer_size,
-                oversize=s.oversize_sample,
-                where=self.where,
-            )
-            offset = epoch * self.num_samples
-            self._plans[epoch] = [[offset + i for i in row] for row in plan]
-            self._num_rows[epoch] = len(self._plans[epoch])
+            rows = plan_epoch(self.lengths, self.settings, self.seed, self.shuffle, epoch, where=self.where)
+            ids = np.fromiter((i for row in rows for i in row), dtype=np.int64, count=sum(map(len, rows)))
+            starts = np.zeros(len(rows) + 1, dtype=np.int64)
+            np.cumsum([len(row) for row in rows], out=starts[1:])
+            self._plans[epoch] = (ids + epoch * self.num_samples, starts)
+            self._num_rows[epoch] = len(rows)
             while len(self._plans) > 2:
                 del self._plans[min(self._plans)]
         return self._plans[epoch]
 
+    def set_num_rows(self, num_rows: dict[int, int]) -> None:
+        """Rows per epoch counted elsewhere (`count_rows`, in parallel), so the step count needs no plan here; each
+        epoch is still planned in full when it starts."""
+        self._num_rows.update(num_rows)
+
     def batches_in_epoch(self, epoch: int) -> int:
         """Micro-batches each rank takes in `epoch` (the last global batch may be partial)."""
-        num_rows = self._num_rows[epoch] if epoch in self._num_rows else len(self.rows(epoch))
+        num_rows = self._num_rows[epoch] if epoch in self._num_rows else len(self._plan(epoch)[1]) - 1
         return math.ceil(num_rows / (self.rows_per_batch * self.num_replicas))
 
     def micro_batch(self, epoch: int, batch: int) -> list[list[int]]:
         """This rank's rows of micro-batch `batch` of `epoch` (fewer, or none, in a partial last global batch)."""
-        start = (batch * self.num_replicas + self.rank) * self.rows_per_batch
-        return self.rows(epoch)[start : start + self.rows_per_batch]
+        ids, starts = self._plan(epoch)
+        first = (batch * self.num_replicas + self.rank) * self.rows_per_batch
+        bounds = starts[first : first + self.rows_per_batch + 1].tolist()
+        return [ids[a:b].tolist() for a, b in zip(bounds[:-1], bounds[1:], strict=False)]
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         while True:
@@ -221,7 +238,7 @@ class PackedBatchSampler:
             "num_images_expected": s.num_images_expected,
             "max_buffer_size": s.max_buffer_size,
             "oversize_sample": s.oversize_sample,
-            "sample lengths": lengths_digest([None if n is None else list(n) for n in self.lengths]),
+            "sample lengths": lengths_digest(self.lengths),
         }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
@@ -229,24 +246,71 @@ class PackedBatchSampler:
 
     def statistics(self, epoch: int = 0) -> dict[str, float]:
         """What packing does to an epoch: rows, samples per row, fill of the token budget, samples alone."""
-        rows = self.rows(epoch)
-        offset = epoch * self.num_samples
+        ids, starts = self._plan(epoch)
         s = self.settings
-        sizes = [[self.lengths[i - offset] for i in row] for row in rows]
-        tokens = [sum(t for t, _ in row) for row in sizes]
-        oversize = sum(
-            1
-            for row in sizes
-            if sum(t for t, _ in row) > s.max_packed_tokens or sum(n for _, n in row) > s.num_images_expected
-        )
+        num_rows = len(starts) - 1
+        sizes = self.lengths[ids - epoch * self.num_samples].astype(np.int64)
+        tokens, tiles = np.add.reduceat(sizes, starts[:-1], axis=0).T if num_rows else np.zeros((2, 0), np.int64)
         return {
-            "num_rows": len(rows),
-            "num_samples": sum(len(row) for row in rows),
-            "samples_per_row": sum(len(row) for row in rows) / max(1, len(rows)),
-            "fill_ratio": sum(min(t, s.max_packed_tokens) for t in tokens) / max(1, len(rows) * s.max_packed_tokens),
-            "num_oversize": oversize,
-            "num_skipped": sum(1 for length in self.lengths if length is None),
+            "num_rows": num_rows,
+            "num_samples": len(ids),
+            "samples_per_row": len(ids) / max(1, num_rows),
+            "fill_ratio": float(np.minimum(tokens, s.max_packed_tokens).sum()) / max(1, num_rows * s.max_packed_tokens),
+            "num_oversize": int(((tokens > s.max_packed_tokens) | (tiles > s.num_images_expected)).sum()),
+            "num_skipped": int((self.lengths[:, 0] == SKIPPED).sum()),
         }
+
+
+def plan_epoch(
+    lengths: np.ndarray, settings: PackingSettings, seed: int, shuffle: bool, epoch: int, *, where: Callable = str
+) -> list[list[int]]:
+    """The rows of `epoch` (sample ids of `lengths`, skipped ones left out): a pure function of its arguments, so any
+    process plans the same rows (`count_rows` plans epochs in other processes)."""
+    num_samples = len(lengths)
+    if shuffle:
+        order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed + epoch)).numpy()
+    else:
+        order = np.arange(num_samples)
+    order = order[lengths[order, 0] != SKIPPED]
+    items = zip(order.tolist(), lengths[order, 0].tolist(), lengths[order, 1].tolist(), strict=True)
+    return list(
+        pack(
+            items,
+            max_tokens=settings.max_packed_tokens,
+            max_tiles=settings.num_images_expected,
+            max_buffer_size=settings.max_buffer_size,
+            oversize=settings.oversize_sample,
+            where=where,
+        )
+    )
+
+
+def count_rows(
+    lengths: np.ndarray, settings: PackingSettings, seed: int, shuffle: bool, epochs: list[int], workers: int
+) -> dict[int, int]:
+    """Rows of each epoch in `epochs`, planned in a pool of `workers` processes (in this one for 0 or 1): the step
+    count of a run of several epochs without planning them one after the other at start-up."""
+    if workers <= 1 or len(epochs) <= 1:
+        return {e: len(plan_epoch(lengths, settings, seed, shuffle, e)) for e in epochs}
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    context = (lengths, settings, seed, shuffle)
+    with multiprocessing.get_context(method).Pool(
+        min(workers, len(epochs)), initializer=_init_planner, initargs=(context,)
+    ) as pool:
+        return dict(zip(epochs, pool.map(_count_in_worker, epochs), strict=True))
+
+
+_planner_context = None
+
+
+def _init_planner(context) -> None:
+    global _planner_context
+    worker_signals()
+    _planner_context = context
+
+
+def _count_in_worker(epoch: int) -> int:
+    return len(plan_epoch(*_planner_context, epoch))
 
 
 class PackedDataset(torch.utils.data.Dataset):

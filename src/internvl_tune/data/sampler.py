@@ -8,9 +8,11 @@ import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from internvl_tune.data.errors import DataError
+from internvl_tune.data.lengths import SKIPPED, as_length_array
 
 
 class ResumableBatchSampler:
@@ -41,7 +43,8 @@ class ResumableBatchSampler:
         usable: Sequence[int] | None = None,
     ):
         self.num_samples = num_samples
-        self.usable = list(range(num_samples)) if usable is None else list(usable)
+        # An int64 array, not a list: 8 bytes per sample, and an epoch's order is sliced, never turned into objects.
+        self.usable = np.arange(num_samples, dtype=np.int64) if usable is None else np.asarray(usable, dtype=np.int64)
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
@@ -49,7 +52,7 @@ class ResumableBatchSampler:
         self.num_replicas = num_replicas
         self.epoch = 0
         self.batch = 0
-        if not self.usable:
+        if not len(self.usable):
             raise DataError(f"no sample to train on: all {num_samples} records were skipped as bad")
 
     @property
@@ -60,12 +63,12 @@ class ResumableBatchSampler:
         """Micro-batches per epoch (the same every epoch; packed samplers vary)."""
         return self.batches_per_epoch
 
-    def _permutation(self, epoch: int) -> list[int]:
+    def _permutation(self, epoch: int) -> np.ndarray:
         """The epoch's order of the usable sample indices."""
         if not self.shuffle:
-            return list(self.usable)
+            return self.usable
         generator = torch.Generator().manual_seed(self.seed + epoch)
-        return [self.usable[j] for j in torch.randperm(len(self.usable), generator=generator).tolist()]
+        return self.usable[torch.randperm(len(self.usable), generator=generator).numpy()]
 
     def __iter__(self) -> Iterator[list[int]]:
         while True:
@@ -73,7 +76,7 @@ class ResumableBatchSampler:
             global_size = self.batch_size * self.num_replicas
             while self.batch < self.batches_per_epoch:
                 start = self.batch * global_size + self.rank * self.batch_size
-                batch = [self.epoch * self.num_samples + i for i in permutation[start : start + self.batch_size]]
+                batch = (permutation[start : start + self.batch_size] + self.epoch * self.num_samples).tolist()
                 self.batch += 1
                 yield batch
             self.epoch, self.batch = self.epoch + 1, 0
@@ -98,9 +101,12 @@ class ResumableBatchSampler:
         }
 
 
-def lengths_digest(lengths) -> str:
-    """A short hash of per-sample lengths (any JSON-able values), for `order_inputs`."""
-    return hashlib.sha256(json.dumps(list(lengths)).encode()).hexdigest()[:16]
+def lengths_digest(lengths: np.ndarray) -> str:
+    """A short hash of per-sample lengths (an integer array), for `order_inputs`. (Before the counts were arrays it
+    hashed their JSON: a checkpoint of then reads as "sample lengths changed" and resumes with
+    `train.resume_data_check=false`.)"""
+    values = np.ascontiguousarray(lengths, dtype=np.int64)
+    return hashlib.sha256(json.dumps(values.shape).encode() + values.tobytes()).hexdigest()[:16]
 
 
 class LengthGroupedBatchSampler(ResumableBatchSampler):
@@ -114,24 +120,27 @@ class LengthGroupedBatchSampler(ResumableBatchSampler):
     """
 
     def __init__(self, lengths, batch_size: int, *, group_size: int = 64, **kwargs):
-        usable = [i for i, length in enumerate(lengths) if length is not None]
-        super().__init__(len(lengths), batch_size, usable=usable, **kwargs)
-        self.lengths = [0 if length is None else length[0] for length in lengths]
+        counts = as_length_array(lengths)
+        usable = np.flatnonzero(counts[:, 0] != SKIPPED)
+        super().__init__(len(counts), batch_size, usable=usable, **kwargs)
+        self.lengths = np.where(counts[:, 0] == SKIPPED, 0, counts[:, 0])
         self.group_size = group_size
 
-    def _permutation(self, epoch: int) -> list[int]:
+    def _permutation(self, epoch: int) -> np.ndarray:
+        """Vectorised: one stable sort by (mega-batch, longest first) is each mega-batch sorted on its own."""
         order = super()._permutation(epoch)
         global_size = self.batch_size * self.num_replicas
         mega = global_size * self.group_size
-        blocks = []
-        for start in range(0, len(order), mega):
-            group = sorted(order[start : start + mega], key=lambda i: -self.lengths[i])
-            blocks += [group[b : b + global_size] for b in range(0, len(group), global_size)]
-        partial = [blocks.pop()] if len(blocks[-1]) < global_size else []
+        order = order[np.lexsort((-self.lengths[order], np.arange(len(order)) // mega))]
+        num_full = len(order) // global_size  # a mega-batch is whole global batches: only the last one may be partial
+        blocks, partial = (
+            order[: num_full * global_size].reshape(num_full, global_size),
+            order[num_full * global_size :],
+        )
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed + epoch + 1_000_003)
-            blocks = [blocks[i] for i in torch.randperm(len(blocks), generator=generator).tolist()]
-        return [i for block in blocks + partial for i in block]
+            blocks = blocks[torch.randperm(num_full, generator=generator).numpy()]
+        return np.concatenate([blocks.reshape(-1), partial])
 
     def order_inputs(self) -> dict[str, Any]:
         return {

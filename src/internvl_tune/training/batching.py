@@ -8,14 +8,15 @@ import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset
 
 from internvl_tune.config import ConfigError, DataArgs, TrainArgs
 from internvl_tune.data.errors import DataError
-from internvl_tune.data.lengths import dataset_lengths, tokenizer_fingerprint
-from internvl_tune.data.packing import PackedBatchSampler, PackedDataset, PackingSettings
+from internvl_tune.data.lengths import SKIPPED, dataset_lengths, measure_workers, tokenizer_fingerprint
+from internvl_tune.data.packing import PackedBatchSampler, PackedDataset, PackingSettings, count_rows
 from internvl_tune.data.sampler import LengthGroupedBatchSampler, ResumableBatchSampler
 from internvl_tune.training.checkpoint import (
     TrainState,
@@ -30,9 +31,12 @@ def make_batching(dataset, measure, settings, tokenizer, d: DataArgs, t: TrainAr
     or packed rows (`packing`, with the dataset wrapped so each sample knows its row).
 
     An epoch is one pass over the usable records. The last two, and every run that skips bad records
-    (`on_bad_sample=skip`), plan with the length cache (data/lengths.py), measured by the main process first, then
-    read by the others: a bad record is found there, left out of every epoch (the step count follows from the good
-    ones), and returned as `(file:line, message)` once, which `next_step` counts once per epoch.
+    (`on_bad_sample=skip`), plan with the length cache (data/lengths.py), measured by every rank together (each its
+    share of the records, in `measure_workers` processes), gathered, and written by the main process: a bad record is
+    found there, left out of every epoch (the step count follows from the good ones), and returned as
+    `(file:line, message)` once, which `next_step` counts once per epoch. A packed run of several epochs counts the
+    rows of epochs after the first in parallel too (ranks and workers), to know its step count; each epoch is
+    planned in full when it starts.
     """
     common = dict(
         seed=t.seed, shuffle=t.shuffle, rank=accelerator.process_index, num_replicas=accelerator.num_processes
@@ -41,16 +45,20 @@ def make_batching(dataset, measure, settings, tokenizer, d: DataArgs, t: TrainAr
     if not d.packing and not d.group_by_length and not skip_bad:
         return ResumableBatchSampler(len(dataset), t.per_device_train_batch_size, **common), dataset, []
     fingerprint = f"{type(measure.__self__).__name__}|{settings!r}|{tokenizer_fingerprint(tokenizer)}"
+    workers = measure_workers(d.measure_workers)
     problems: dict[int, str] = {}
-    with accelerator.main_process_first():
-        lengths = dataset_lengths(
-            dataset,
-            measure,
-            settings_fingerprint=fingerprint,
-            skip_bad=skip_bad,
-            progress=accelerator.is_main_process,
-            problems=problems,
-        )
+    lengths = dataset_lengths(
+        dataset,
+        measure,
+        settings_fingerprint=fingerprint,
+        skip_bad=skip_bad,
+        progress=accelerator.is_main_process,
+        problems=problems,
+        workers=workers,
+        rank=accelerator.process_index,
+        world=accelerator.num_processes,
+        gather=lambda value: gather_objects(value, accelerator),
+    )
     bad = list({dataset.where(i): message for i, message in problems.items()}.items())  # a repeated line: once
     if len(problems) == len(dataset):
         where, message = bad[0]
@@ -68,11 +76,11 @@ def make_batching(dataset, measure, settings, tokenizer, d: DataArgs, t: TrainAr
     if d.group_by_length:
         return LengthGroupedBatchSampler(lengths, t.per_device_train_batch_size, **common), dataset, bad
     if not d.packing:
-        usable = [i for i, length in enumerate(lengths) if length is not None]
+        usable = np.flatnonzero(lengths[:, 0] != SKIPPED)
         return ResumableBatchSampler(len(dataset), t.per_device_train_batch_size, usable=usable, **common), dataset, bad
     packing = PackingSettings(d.max_packed_tokens, d.num_images_expected, d.max_buffer_size, d.oversize_sample)
     sampler = PackedBatchSampler(lengths, t.per_device_train_batch_size, packing, where=dataset.where, **common)
-    stats = sampler.statistics(0)
+    stats = sampler.statistics(0)  # epoch 0 planned here: a sample over budget stops the run before any other work
     logger.info(
         "packing: %d samples into %d rows (%.1f per row, %.0f%% of the token budget filled, %d alone over budget)",
         stats["num_samples"],
@@ -81,7 +89,21 @@ def make_batching(dataset, measure, settings, tokenizer, d: DataArgs, t: TrainAr
         100 * stats["fill_ratio"],
         stats["num_oversize"],
     )
+    if t.max_steps <= 0 and t.num_train_epochs > 1:
+        rank, world = accelerator.process_index, accelerator.num_processes
+        later = list(range(1, math.ceil(t.num_train_epochs)))
+        mine = count_rows(lengths, packing, t.seed, t.shuffle, later[rank::world], workers)
+        sampler.set_num_rows({e: n for part in gather_objects(mine, accelerator) for e, n in part.items()})
     return sampler, PackedDataset(dataset), bad
+
+
+def gather_objects(value: Any, accelerator: Accelerator) -> list[Any]:
+    """Every rank's `value`, in rank order (every rank calls this together)."""
+    if accelerator.num_processes == 1:
+        return [value]
+    everyone: list = [None] * accelerator.num_processes
+    torch.distributed.all_gather_object(everyone, value)
+    return everyone
 
 
 def sampler_position(sampler, micro_batches: int) -> tuple[int, int]:
