@@ -99,7 +99,7 @@ def pack(
         # The loop keeps `open_rows` sorted as a stable sort by tiles (most first) after each sample would, by moving
         # only the row that changed: this is the planner's inner loop, run once per sample and epoch.
         room_tokens, room_tiles = max_tokens - tokens, max_tiles - tiles
-        for position, row in enumerate(open_rows):
+        for position, row in enumerate(open_rows):  # noqa: B007 (the row found and its place are used after)
             if row.tokens <= room_tokens and row.tiles <= room_tiles:
                 break
         else:
@@ -111,9 +111,8 @@ def pack(
         if row.tokens == max_tokens or row.tiles == max_tiles:
             del open_rows[position]
             yield row.indices
-        elif (
-            tiles
-        ):  # more tiles: the row moves before the rows with fewer (a stable sort keeps it after the equal ones)
+        elif tiles:
+            # More tiles: the row moves before the rows with fewer (a stable sort keeps it after the equal ones).
             target = position
             while target and open_rows[target - 1].tiles < row.tiles:
                 target -= 1

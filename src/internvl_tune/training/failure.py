@@ -13,10 +13,16 @@ consequence of it.
 Worked example: 2 ranks, rank 1 reads a malformed line. Rank 1 prints `error: ...train.jsonl:2: malformed JSON
 line ...`, writes `1<TAB>2<TAB>that line` under `internvl_tune/failed/0` and exits 2; rank 0, in its step's
 all-reduce, prints `error: rank 1 stopped the run: ...train.jsonl:2: ...` and exits 2 within a poll (0.5 s).
+
+The thread is stopped and joined when the interpreter exits (`stop_watching`, an atexit hook). A daemon thread left
+running is killed by CPython's finalization when it next takes the GIL, and if that happens as it returns from a
+store call (C++ frames on its stack, the GIL released inside pybind11), the forced unwind ends in std::terminate:
+"terminate called without an active exception" and SIGABRT, on a rank whose work was done.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
@@ -36,6 +42,7 @@ class _Watch:
     rank: int
     key: str
     stop: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
 
 
 _watch: _Watch | None = None
@@ -61,7 +68,20 @@ def watch_peers(rank: int, world_size: int) -> None:
     # A restarted torchrun attempt starts clean: the key of a failure names its attempt.
     key = f"internvl_tune/failed/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
     _watch = _Watch(store, rank, key)
-    threading.Thread(target=_poll, args=(_watch,), daemon=True, name="peer-failure").start()
+    _watch.thread = threading.Thread(target=_poll, args=(_watch,), daemon=True, name="peer-failure")
+    _watch.thread.start()
+    atexit.register(stop_watching)
+
+
+def stop_watching() -> None:
+    """Stop the watching thread and wait for it: its store call in flight returns first (at most the store's
+    timeout; a poll's check takes milliseconds). A no-op when none runs."""
+    watch = _watch
+    if watch is None or watch.thread is None:
+        return
+    watch.stop.set()
+    if watch.thread is not threading.current_thread():
+        watch.thread.join(timeout=60)
 
 
 def report_failure(code: int, line: str) -> None:
