@@ -9,9 +9,11 @@ import pytest
 from conftest import draw_image, make_colour_dataset, write_jsonl, write_meta
 
 from internvl_tune.data import lengths as lengths_module
+from internvl_tune.data import transform as transform_module
 from internvl_tune.data.dataset import RecordDataset
 from internvl_tune.data.errors import DataError
 from internvl_tune.data.lengths import SKIPPED, dataset_lengths, one_process
+from internvl_tune.data.preference import PairBuilder
 from internvl_tune.data.transform import SampleBuilder, SampleSettings
 
 
@@ -229,3 +231,65 @@ def test_a_cache_of_the_json_format_is_measured_again(tmp_path, builder):
     npz.unlink()
     again = dataset_lengths(dataset, builder.measure, settings_fingerprint="x", skip_bad=False, progress=False)
     assert np.array_equal(again, counts) and again[0, 0] != 1
+
+
+def _built_length(sample) -> tuple[int, int]:
+    """(tokens, tiles) of a built sample, or of a pair's row `[prompt | chosen | rejected]`."""
+    keys = ("prompt_ids", "chosen_ids", "rejected_ids") if "prompt_ids" in sample else ("input_ids",)
+    return sum(len(sample[k]) for k in keys), 0 if sample["pixel_values"] is None else len(sample["pixel_values"])
+
+
+def test_measure_equals_the_built_sample_over_varied_records(tmp_path, tokenizer, monkeypatch):
+    """Every kind of record the fast counting meets, measured == built (SFT tokens and tiles; a pair's shared row
+    `[prompt | chosen | rejected]` and tiles): text-only, a record's own system turn, several turns, two images, one
+    image named by many records (its size remembered, past the memo's bound), one file name with another size under
+    another root (the memo keys by root), a video, a text cut to max_seq_length; and preference pairs of all these."""
+    monkeypatch.setattr(transform_module, "IMAGE_SIZES_REMEMBERED", 3)
+    for root, size in (("a", (224, 56)), ("b", (56, 112))):
+        (tmp_path / root).mkdir()
+        draw_image(tmp_path / root / "same.png", size, "red")
+        for i, other in enumerate([(56, 56), (112, 56), (90, 70), (200, 60)]):
+            draw_image(tmp_path / root / f"{i}.png", other, "blue")
+        (tmp_path / root / "clip").mkdir()
+        for i in range(3):
+            draw_image(tmp_path / root / "clip" / f"frame_{i}.png", (56, 56), "green")
+    long_answer = "one two three four five six seven " * 80
+    turns = lambda *pairs: [{"from": r, "value": v} for r, v in pairs]  # noqa: E731
+    sft = [
+        {"conversations": turns(("human", "Hello!"), ("gpt", "Hi!"))},
+        {"conversations": turns(("system", "Be brief."), ("human", "Hi"), ("gpt", "Hello"))},
+        {"conversations": turns(("system", "Answer in French."), ("human", "Hi"), ("gpt", "Salut"))},
+        {"conversations": turns(("human", "a"), ("gpt", "b"), ("human", "c?"), ("gpt", "d."))},
+        {"image": ["same.png", "0.png"], "conversations": turns(("human", "<image>\nand <image>\n?"), ("gpt", "no"))},
+        {"image": "same.png", "conversations": turns(("human", "Colour?"), ("gpt", "red"))},
+        {"video": "clip", "conversations": turns(("human", "What happens?"), ("gpt", "nothing"))},
+        {"conversations": turns(("human", "Count."), ("gpt", long_answer))},
+    ] + [{"image": f"{i % 4}.png", "conversations": turns(("human", "Shape?"), ("gpt", "a ring"))} for i in range(9)]
+    pairs = [
+        {"question": "Hello!", "chosen": "Hi!", "rejected": "Go away."},
+        {"image": "same.png", "question": "Colour?", "chosen": "red", "rejected": "It is blue."},
+        {"image": ["same.png", "1.png"], "question": "<image> or <image>?", "chosen": "left", "rejected": "right"},
+        {"video": "clip", "question": "What happens?", "chosen": "nothing", "rejected": "a dog runs by"},
+        {"question": "Count.", "chosen": long_answer, "rejected": "no"},
+    ] + [{"image": f"{i % 4}.png", "question": "Shape?", "chosen": "a ring", "rejected": "a box"} for i in range(9)]
+    settings = SampleSettings(
+        image_size=56, num_image_token=4, max_dynamic_patch=6, max_seq_length=400, min_num_frame=3, max_num_frame=3
+    )
+    for name, records, make in (("sft", sft, lambda b: b), ("pairs", pairs, PairBuilder)):
+        write_jsonl(tmp_path / f"{name}.jsonl", records)
+        spec = {"annotation": f"{name}.jsonl", "data_augment": False, "repeat_time": 1}
+        meta = write_meta(tmp_path / f"{name}.json", {r: {**spec, "root": r} for r in ("a", "b")})
+        builder = make(SampleBuilder(tokenizer, settings))
+        sample_builder = builder if name == "sft" else builder.builder
+        dataset = RecordDataset(meta, builder, seed=0, require_data_augment=name == "sft")
+        truncated = 0
+        for i in range(len(dataset)):
+            record, where, entry = dataset.record(i)
+            sample = builder(record, where, entry, random.Random(0))
+            assert builder.measure(record, where, entry) == _built_length(sample), where
+            truncated += sample["truncated"]
+            assert len(sample_builder._image_sizes) <= 3
+        assert truncated == 2, name  # the long answer, under both roots
+    one = SampleBuilder(tokenizer, settings)
+    a, b = (one.measure(sft[5], "x:1", dataset.entries[k]) for k in (0, 1))
+    assert a[1] == 5 and b[1] == 3  # one builder, same.png: 4x1 + thumbnail under root a, 1x2 + thumbnail under b

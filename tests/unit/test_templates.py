@@ -13,6 +13,7 @@ from internvl_tune.data.templates import (
     R1_SYSTEM_PROMPT,
     TEMPLATES,
     TemplateMismatchError,
+    _render_segments,
     build_generation_prompt,
     chat_template_jinja,
     decode_answer,
@@ -20,6 +21,7 @@ from internvl_tune.data.templates import (
     stop_token_ids,
     stream_answer,
     tokenize_conversation,
+    tokenize_conversations,
 )
 from internvl_tune.testing.tiny import build_tiny_tokenizer
 
@@ -707,3 +709,35 @@ def test_jinja_renders_internvl3_5_thoughts_like_python(variant):
     prefilled = [*finished[:-1], {"role": "assistant", "content": "The"}]
     rendered = tokenizer.apply_chat_template(prefilled, tokenize=False, continue_final_message=True)
     assert rendered == build_generation_prompt(template, finished[:-1], assistant_prefill="The")
+
+
+@pytest.mark.parametrize(
+    "name, thinking", [(name, False) for name in TEMPLATES] + [("internvl2_5", True), ("internvl3_5_gpt_oss", True)]
+)
+def test_a_memo_kept_across_conversations_changes_no_ids_and_holds_only_what_repeats(tokenizer, name, thinking):
+    """A builder keeps one memo for a run: every conversation still gets the ids of its segments tokenized one by
+    one (the reference here, as before the memo), and the memo holds the default system segments, the role and the
+    end tokens, never a record's own system turn or text."""
+    template = get_template(name, thinking=thinking)
+    answers = ["Red.", "<think>Two shapes.</think> Blue.", "A ring"]
+    conversations = []
+    for i, answer in enumerate(answers * 3):
+        turns = [{"role": "user", "content": f"{IMAGE}\nQuestion {i}?"}, {"role": "assistant", "content": answer}]
+        if i % 3 == 1:
+            turns = [{"role": "system", "content": f"Own system prompt {i}."}, *turns]
+        if i % 3 == 2:
+            turns += [{"role": "user", "content": "And?"}, {"role": "assistant", "content": f"More {i}."}]
+        conversations.append(turns)
+    memo: dict[str, list[int]] = {}
+    for system_message in (None, "Be brief."):
+        for messages in conversations:
+            out = tokenize_conversation(tokenizer, template, messages, system_message=system_message, memo=memo)
+            segments = _render_segments(template, messages, system_message, for_generation=False)
+            assert out == tokenize_conversation(tokenizer, template, messages, system_message=system_message)
+            assert out.input_ids == [i for s in segments for i in enc(tokenizer, s.text)]
+        pair = list(tokenize_conversations(tokenizer, template, conversations[:2], system_message=system_message))
+        assert pair == [
+            tokenize_conversation(tokenizer, template, m, system_message=system_message) for m in conversations[:2]
+        ]
+    assert not any("Own system" in text or "Question" in text for text in memo)
+    assert len(memo) <= 5  # two default system segments (none and "Be brief."), the role, at most two end tokens

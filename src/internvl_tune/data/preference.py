@@ -95,12 +95,15 @@ class PairBuilder:
         conversation, chosen, rejected = record_to_pair(record, where)
         media = self.builder.expand(conversation, where, entry, None, load_pixels=False, decode=False)
         lengths, prompt_length = [], 0
-        for answer in (chosen, rejected):
-            messages = [*media.messages, {"role": "assistant", "content": answer}]
-            input_ids, labels, _ = self.builder.tokenize(messages, where, media.num_image_tokens)
+        for input_ids, labels, _ in self._tokenize(media, chosen, rejected, where):
             lengths.append(len(input_ids))
             prompt_length = labels.index(next(label for label in labels if label != IGNORE_INDEX))
         return lengths[0] + lengths[1] - prompt_length, sum(media.num_tiles)
+
+    def _tokenize(self, media, chosen: str, rejected: str, where: str):
+        """(input_ids, labels, truncated) of `[prompt, chosen]` then `[prompt, rejected]`."""
+        conversations = [[*media.messages, {"role": "assistant", "content": answer}] for answer in (chosen, rejected)]
+        return self.builder.tokenize_each(conversations, where, media.num_image_tokens)
 
     def __call__(
         self,
@@ -123,10 +126,7 @@ class PairBuilder:
         """
         conversation, chosen, rejected = record_to_pair(record, where)
         media = self.builder.expand(conversation, where, entry, rng, load_pixels=load_pixels)
-        sequences = []
-        for answer in (chosen, rejected):
-            messages = [*media.messages, {"role": "assistant", "content": answer}]
-            sequences.append(self.builder.tokenize(messages, where, media.num_image_tokens))
+        sequences = list(self._tokenize(media, chosen, rejected, where))
         (chosen_ids, chosen_labels, chosen_cut), (rejected_ids, rejected_labels, rejected_cut) = sequences
         prompt_length = chosen_labels.index(next(label for label in chosen_labels if label != IGNORE_INDEX))
         if rejected_ids[:prompt_length] != chosen_ids[:prompt_length] or any(

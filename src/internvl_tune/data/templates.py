@@ -422,6 +422,7 @@ def tokenize_conversation(
     messages: Sequence[Message],
     *,
     system_message: str | None = None,
+    memo: dict[str, list[int]] | None = None,
 ) -> TokenizedConversation:
     """Tokenize a conversation segment by segment and mask everything but the answers and their stop tokens.
 
@@ -436,40 +437,94 @@ def tokenize_conversation(
 
     There is no truncation here; the caller cuts to the maximum length.
 
+    Args:
+        memo: the ids of texts that every conversation of a run repeats (the system segment when it is not the
+            record's own, the assistant role, the end tokens), kept by the caller for one tokenizer so that they are
+            tokenized once, not once per sample (`SampleBuilder`); it holds a handful of entries.
+
     Raises:
         TemplateMismatchError: the role prefix does not tokenize to the same tokens alone and inside the turn
             (a merge across the role/answer boundary), or the stop token is not a single token where it belongs.
     """
-    segments = _render_segments(template, messages, system_message, for_generation=False)
-    assistants = [s for s in segments if s.role == "assistant"]
-    end_ids = {e: _single_token_id(tokenizer, template, e) for e in {s.end for s in assistants}}
-    texts = [s.text for s in segments] + [s.head + s.trained for s in assistants] + [template.assistant_role]
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]  # one batched call
-    segment_ids, role_ids = encoded[: len(segments)], encoded[-1]
-    through_end_ids = iter(encoded[len(segments) : -1])
-
-    input_ids: list[int] = []
-    labels: list[int] = []
-    if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None:
-        input_ids.append(tokenizer.bos_token_id)
-        labels.append(IGNORE_INDEX)
-    for segment_index, (segment, ids) in enumerate(zip(segments, segment_ids, strict=True)):
-        input_ids.extend(ids)
-        if segment.role != "assistant":
-            labels.extend([IGNORE_INDEX] * len(ids))
-            continue
-        through_end = next(through_end_ids)
-        _check_assistant_segment(
-            tokenizer, template, segment_index, segment.end, ids, role_ids, through_end, end_ids[segment.end]
-        )
-        num_trailing = len(ids) - len(through_end)
-        labels.extend([IGNORE_INDEX] * len(role_ids) + ids[len(role_ids) : len(through_end)])
-        labels.extend([IGNORE_INDEX] * num_trailing)
-    return TokenizedConversation(input_ids=input_ids, labels=labels)
+    return next(tokenize_conversations(tokenizer, template, [messages], system_message=system_message, memo=memo))
 
 
-def _single_token_id(tokenizer: PreTrainedTokenizerBase, template: Template, text: str) -> int:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+def tokenize_conversations(
+    tokenizer: PreTrainedTokenizerBase,
+    template: Template,
+    conversations: Sequence[Sequence[Message]],
+    *,
+    system_message: str | None = None,
+    memo: dict[str, list[int]] | None = None,
+) -> Iterator[TokenizedConversation]:
+    """`tokenize_conversation` of each conversation, in order, their texts tokenized in one batched call, each
+    distinct text once (a preference pair's two conversations share their system and user segments). Each one's
+    TemplateMismatchError is raised when it is reached, so a caller that checks each result before taking the next
+    meets a record's problems in the order one conversation at a time would."""
+    rendered = [_render_segments(template, m, system_message, for_generation=False) for m in conversations]
+    # What is the same in every conversation of a run: a record's own system turn is not (it may be unique).
+    repeated = {template.assistant_role} | {s.end for segments in rendered for s in segments if s.role == "assistant"}
+    for messages, segments in zip(conversations, rendered, strict=True):
+        if template.supports_system and (system_message is not None or not messages or messages[0]["role"] != "system"):
+            repeated.add(segments[0].text)
+    texts = [
+        text
+        for segments in rendered
+        for text in [s.text for s in segments] + [s.head + s.trained for s in segments if s.role == "assistant"]
+    ]
+    ids_of = _text_ids(tokenizer, [*repeated, *texts], {} if memo is None else memo, repeated)
+    bos = (
+        [tokenizer.bos_token_id]
+        if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None
+        else []
+    )
+    role_ids = ids_of[template.assistant_role]
+    for segments in rendered:
+        end_ids = {
+            s.end: _single_token_id(tokenizer, template, s.end, ids_of[s.end])
+            for s in segments
+            if s.role == "assistant"
+        }
+        input_ids: list[int] = list(bos)
+        labels: list[int] = [IGNORE_INDEX] * len(bos)
+        for segment_index, segment in enumerate(segments):
+            ids = ids_of[segment.text]
+            input_ids.extend(ids)
+            if segment.role != "assistant":
+                labels.extend([IGNORE_INDEX] * len(ids))
+                continue
+            through_end = ids_of[segment.head + segment.trained]
+            _check_assistant_segment(
+                tokenizer, template, segment_index, segment.end, ids, role_ids, through_end, end_ids[segment.end]
+            )
+            num_trailing = len(ids) - len(through_end)
+            labels.extend([IGNORE_INDEX] * len(role_ids) + ids[len(role_ids) : len(through_end)])
+            labels.extend([IGNORE_INDEX] * num_trailing)
+        yield TokenizedConversation(input_ids=input_ids, labels=labels)
+
+
+def _text_ids(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], memo: dict[str, list[int]], remember: set[str]
+) -> dict[str, list[int]]:
+    """{text: its ids, tokenized alone without special tokens} for each distinct text: from `memo`, or from one
+    batched tokenizer call (whose results for the texts in `remember` go into `memo`). A tokenizer is deterministic,
+    so a remembered text has the ids it would get again."""
+    ids_of = {text: memo[text] for text in texts if text in memo}
+    new = list(dict.fromkeys(text for text in texts if text not in ids_of))
+    if new:
+        for text, ids in zip(new, tokenizer(new, add_special_tokens=False)["input_ids"], strict=True):
+            ids_of[text] = ids
+            if text in remember:
+                memo[text] = ids
+    return ids_of
+
+
+def _single_token_id(
+    tokenizer: PreTrainedTokenizerBase, template: Template, text: str, ids: list[int] | None = None
+) -> int:
+    """The id of a stop string, which must be a single token (`ids`: its ids when already tokenized)."""
+    if ids is None:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
         raise TemplateMismatchError(
             f"template {template.name!r}: stop string {text!r} must be a single token of this tokenizer, "

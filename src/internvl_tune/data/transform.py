@@ -17,6 +17,7 @@ because a single-image record has no placeholder), three tiles ``[3, S, S]``, an
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,12 +44,14 @@ from internvl_tune.data.images import (
 )
 from internvl_tune.data.meta import DatasetEntry
 from internvl_tune.data.settings import PipelineSettings
-from internvl_tune.data.templates import get_template, tokenize_conversation
+from internvl_tune.data.templates import get_template, tokenize_conversations
 from internvl_tune.data.v2pe import draw_strides, v2pe_position_ids
 from internvl_tune.data.video import read_video_frames, video_prompt
 from internvl_tune.errors import UserError
 
 _ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
+# Image sizes a builder remembers while measuring (about 150 bytes each).
+IMAGE_SIZES_REMEMBERED = 4096
 
 
 @dataclass
@@ -188,6 +191,9 @@ class SampleBuilder:
             raise UserError(f"the tokenizer has no {IMG_CONTEXT_TOKEN} token; is this an InternVL tokenizer?")
         self.img_end_id = tokenizer.convert_tokens_to_ids(IMG_END_TOKEN)
         self.img_start_id = tokenizer.convert_tokens_to_ids(IMG_START_TOKEN)
+        # The ids of the texts every sample repeats (system segment, assistant role, end tokens), filled on first use.
+        self._token_memo: dict[str, list[int]] = {}
+        self._image_sizes: dict[tuple[str, str], tuple[int, int]] = {}  # (root, path) -> (width, height), `measure`
 
     def tile_limit(self, entry: DatasetEntry | None, num_images: int) -> int:
         """Most tiles one image of this record may use (per-dataset override, multi-image budget)."""
@@ -263,7 +269,7 @@ class SampleBuilder:
             limit = self.tile_limit(entry, len(conversation.images))
             for path in conversation.images:
                 if not load_pixels and not decode and not isinstance(path, Image.Image):
-                    width, height = _load(image_size, resolve(path), where)
+                    width, height = self._header_size(entry, path, where)
                     num_tiles_per_image.append(self._count_tiles(_Size(width, height), limit))
                     continue
                 image = path if isinstance(path, Image.Image) else _load(load_image, resolve(path), where)
@@ -340,12 +346,31 @@ class SampleBuilder:
         Returns:
             (input_ids, labels, truncated).
         """
+        return next(self.tokenize_each([messages], where, num_image_tokens))
+
+    def tokenize_each(
+        self, conversations: list[list[dict[str, str]]], where: str, num_image_tokens: int
+    ) -> Iterator[tuple[list[int], list[int], bool]]:
+        """`tokenize` of each of a record's conversations (the two of a preference pair), in order, their texts
+        tokenized in one call (`tokenize_conversations`); each one's errors are raised when it is reached."""
         s = self.settings
-        try:
-            tokenized = tokenize_conversation(self.tokenizer, self.template, messages, system_message=s.system_message)
-        except DataError as e:
-            raise DataError(f"{where}: {e}", "template mismatch") from e
-        input_ids, labels = tokenized.input_ids, tokenized.labels
+        each = tokenize_conversations(
+            self.tokenizer, self.template, conversations, system_message=s.system_message, memo=self._token_memo
+        )
+        while True:
+            try:
+                tokenized = next(each)
+            except StopIteration:
+                return
+            except DataError as e:
+                raise DataError(f"{where}: {e}", "template mismatch") from e
+            yield self._cut(tokenized.input_ids, tokenized.labels, where, num_image_tokens)
+
+    def _cut(
+        self, input_ids: list[int], labels: list[int], where: str, num_image_tokens: int
+    ) -> tuple[list[int], list[int], bool]:
+        """Apply `max_seq_length` to a tokenized sample: (input_ids, labels, truncated)."""
+        s = self.settings
         truncated = False
         if len(input_ids) > s.max_seq_length:
             kept = input_ids[: s.max_seq_length]
@@ -359,10 +384,21 @@ class SampleBuilder:
                     "image tokens cut",
                 )
             input_ids, labels, truncated = kept, labels[: s.max_seq_length], True
-        if all(label == IGNORE_INDEX for label in labels):
+        if labels.count(IGNORE_INDEX) == len(labels):  # no trained token
             reason = "after truncation to max_seq_length" if truncated else "(no answer text)"
             raise DataError(f"{where}: the sample has no trained tokens {reason}", "no trained tokens")
         return input_ids, labels, truncated
+
+    def _header_size(self, entry: DatasetEntry | None, path: str, where: str) -> tuple[int, int]:
+        """(width, height) of a record's image from its header, remembered for the next records that name it (records
+        about one image often come together); an unreadable one raises each time."""
+        key = (entry.root if entry else "", path)
+        if (size := self._image_sizes.get(key)) is None:
+            size = _load(image_size, entry.resolve(path) if entry else path, where)
+            if len(self._image_sizes) >= IMAGE_SIZES_REMEMBERED:
+                self._image_sizes.clear()  # a bound, cheaper than keeping the most recent
+            self._image_sizes[key] = size
+        return size
 
     def _tile(self, image, limit: int) -> list:
         s = self.settings
