@@ -58,6 +58,10 @@ TOKENIZER_TEXTS = (QUESTION, " ".join(WORDS))
 IMAGE_SIZE_PX = (1344, 896)
 # Steps run after the timed ones when --profile is given: the profiler's warm-up step, then the recorded one.
 PROFILE_STEPS = 2
+# glibc keeps freed blocks and moves its mmap threshold with the workload, so the peak RSS of identical CPU runs here
+# differs by up to 150 MiB, more than a reference copy. With a fixed threshold every block >= 128 KiB is returned to
+# the system when freed, and peak RSS becomes the peak of memory actually held (identical runs agree within 1 MiB).
+FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 # Dense bf16 tensor-core peaks (vendor data sheets), matched in this order against torch.cuda.get_device_name.
 PEAK_BF16_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0))
 
@@ -418,7 +422,14 @@ def causal_pairs(length: int) -> int:
 def shared_row_pairs(prompt: int, chosen: int, rejected: int) -> int:
     """(query, key) pairs of a shared-prefix row `[prompt | chosen | rejected]`: causal over prompt + chosen, then
     the rejected answer sees the prompt and itself. P=2, C=2, R=1 (the mask drawn in `pair_collate`): 10 + 2 + 1."""
-    return causal_pairs(prompt + chosen) + rejected * prompt + causal_pairs(rejected)
+    return group_row_pairs(prompt, [chosen, rejected])
+
+
+def group_row_pairs(prompt: int, responses: list[int]) -> int:
+    """(query, key) pairs of a group row `[prompt | r1 | ... | rG]` (`group_collate`): causal over prompt + r1, then
+    every later response sees the prompt and itself. P=2, responses [2, 1] (the row drawn there): 10 + 2 + 1."""
+    first, *later = responses
+    return causal_pairs(prompt + first) + sum(n * prompt + causal_pairs(n) for n in later)
 
 
 def forward_flops(shape: ModelShape, work: Work) -> float:

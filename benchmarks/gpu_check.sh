@@ -5,6 +5,7 @@
 #   3. benchmarks/sft_step.py --preset internvl2_5-1b: ours, trl;
 #   4. benchmarks/sft_packing.py --preset internvl2_5-1b: packed vs padded SFT on a long-tailed mix;
 #   5. benchmarks/sharded_smoke.sh: a tiny SFT under configs/accelerate/fsdp2.yaml and zero3.yaml on 1 GPU;
+#   6. benchmarks/rl_step.py --preset internvl2_5-1b: shared, trl (G = 16, 7 tiles, 300-token responses);
 # all with bf16 and --profile, then writes benchmarks/RESULTS-gpu.md (and copies it with the logs to $OUT when set).
 # A failing step or benchmark row is recorded in the report and the script goes on; each step has a time limit.
 #
@@ -34,19 +35,21 @@ if [[ $CPU_SMOKE == 1 ]]; then
         --text-heads 4 --text-kv-heads 2 --text-ffn 128 --vocab-size 4096 --image-size 112 --max-dynamic-patch 2)
     RUN=(--device cpu --warmup-steps 1 --timed-steps 1 --answer-tokens 16)
     MPO_EXTRA=(--no-memory-runs)
+    RL_EXTRA=(--no-memory-runs --num-generations 4)
     SFT_TOKENS=600
     PACKING=(--device cpu --num-samples 8 --batch-size 2 --max-packed-tokens 1024)
-    LIMITS=(120 400 400 300 400 300)  # pytest, MPO 1 pair, MPO 4 pairs, SFT, packing, sharded (seconds; slow CPU)
+    LIMITS=(120 400 400 300 400 300 300)  # pytest, MPO 1 pair, MPO 4 pairs, SFT, packing, sharded, RL (s; slow CPU)
 else
     PYTHON=${PYTHON:-python3}
     REPORT=$ROOT/benchmarks/RESULTS-gpu.md
     MODEL=(--preset internvl2_5-1b)
     RUN=(--device cuda --bf16 --warmup-steps 2 --timed-steps 3)
     MPO_EXTRA=()
+    RL_EXTRA=()
     SFT_TOKENS=16384
     PACKING=(--device cuda --bf16 --num-samples 48 --batch-size 4 --max-packed-tokens 16384)
     # Caps, not estimates (each run: about 30 s of start-up, model load and final save, then seconds of steps).
-    LIMITS=(45 170 140 100 100 90)
+    LIMITS=(45 170 140 100 100 90 200)
 fi
 export PYTHONPATH=$ROOT/src${PYTHONPATH:+:$PYTHONPATH}
 rm -rf "$WORK"
@@ -99,6 +102,9 @@ run_step packing "${LIMITS[4]}" "$PYTHON" benchmarks/sft_packing.py "${MODEL[@]}
     --configs padded,packed --workdir "$WORK/packing" --results "$WORK/packing.md"
 # FSDP2 and ZeRO-3 start, train, save and report on CUDA (ZeRO-3 when deepspeed imports: put its wheel in WHEELS).
 run_step sharded "${LIMITS[5]}" env PYTHON="$PYTHON" CPU_SMOKE="$CPU_SMOKE" benchmarks/sharded_smoke.sh "$WORK/sharded"
+# The RL update: responses/s of our group rows vs TRL's GRPOTrainer (sequence level) on the same fixed rollouts.
+run_step rl "${LIMITS[6]}" "$PYTHON" benchmarks/rl_step.py "${COMMON[@]}" "${RL_EXTRA[@]}" \
+    --configs shared,trl --workdir "$WORK/rl" --results "$WORK/rl.md"
 
 # The report: what ran and how it went, then each benchmark's own report (headings one level down).
 DEVICE=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')" \
@@ -117,7 +123,7 @@ DEVICE=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name(0) if torc
     echo "| step | result | seconds | log |"
     echo "|---|---|---:|---|"
     printf '%s\n' "${STATUS[@]}"
-    for name in mpo-1 mpo-4 sft packing; do
+    for name in mpo-1 mpo-4 sft packing rl; do
         echo
         if [[ -f $WORK/$name.md ]]; then
             sed -e 's/^#/##/' "$WORK/$name.md"

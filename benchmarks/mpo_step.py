@@ -49,17 +49,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402 (a sibling script module, not a package)
-from common import QUESTION, SEED, Work, causal_pairs, mib  # noqa: E402
+from common import FIXED_MALLOC, QUESTION, SEED, Work, causal_pairs, mib  # noqa: E402
 
 CONFIGS = ("shared", "separate", "trl", "precomputed")
 LOSS_TYPES = ["sigmoid", "bco_pair", "sft"]
 LOSS_WEIGHTS = [0.8, 0.2, 1.0]
 BETA = 0.1
 LEARNING_RATE = 1e-6
-# glibc keeps freed blocks and moves its mmap threshold with the workload, so the peak RSS of identical CPU runs here
-# differs by up to 150 MiB, more than a reference copy. With a fixed threshold every block >= 128 KiB is returned to
-# the system when freed, and peak RSS becomes the peak of memory actually held (identical runs agree within 1 MiB).
-FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 LABELS = {
     "shared": "ours, shared prefix, reference copy",
     "separate": "ours, separate rows, reference copy",
