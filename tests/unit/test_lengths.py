@@ -1,6 +1,7 @@
 """Sample lengths for packing: measured without decoding pixels yet equal to the built samples, and cached by content."""
 
 import json
+import os
 import random
 import threading
 
@@ -293,3 +294,19 @@ def test_measure_equals_the_built_sample_over_varied_records(tmp_path, tokenizer
     one = SampleBuilder(tokenizer, settings)
     a, b = (one.measure(sft[5], "x:1", dataset.entries[k]) for k in (0, 1))
     assert a[1] == 5 and b[1] == 3  # one builder, same.png: 4x1 + thumbnail under root a, 1x2 + thumbnail under b
+
+
+@pytest.mark.parametrize("stop_early", [False, True])
+def test_in_process_measuring_turns_tokenizer_threads_off_and_puts_the_setting_back(monkeypatch, stop_early):
+    """One worker is one core: TOKENIZERS_PARALLELISM is "false" while the tasks run and the user's value after,
+    also when the caller leaves the block before the last task (a bad record)."""
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
+    seen = []
+    with lengths_module.span_results(
+        lambda context, task: seen.append(os.environ["TOKENIZERS_PARALLELISM"]), None, [1, 2, 3], 1
+    ) as results:
+        for i, _ in enumerate(results):
+            if stop_early and i == 0:
+                break
+    assert seen == ["false"] * (1 if stop_early else 3)
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "true"

@@ -274,17 +274,36 @@ class span_results:
             start_method,
         )
         self.pool = None
+        self.in_process = None
 
     def __enter__(self) -> Iterator:
         if self.workers <= 1:
-            return (self.work(self.context, task) for task in self.tasks)
+            self.in_process = self._in_process()
+            return self.in_process
         method = self.start_method or ("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
         self.pool = multiprocessing.get_context(method).Pool(
             min(self.workers, len(self.tasks)), initializer=_init_worker, initargs=(self.work, self.context)
         )
         return self.pool.imap(_run_in_worker, self.tasks)
 
+    def _in_process(self) -> Iterator:
+        # One worker means one core: the tokenizer's threads (a pair's two conversations go in one batched call)
+        # cost more than they give on calls this small, and 2 workers would race them for the same cores. The
+        # variable is read at each call, so it is set for the measuring only and put back after.
+        previous = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        try:
+            for task in self.tasks:
+                yield self.work(self.context, task)
+        finally:
+            if previous is None:
+                os.environ.pop("TOKENIZERS_PARALLELISM", None)
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = previous
+
     def __exit__(self, *exc) -> None:
+        if self.in_process is not None:
+            self.in_process.close()  # its `finally` puts the variable back, even when the caller stopped early
         if self.pool is not None:
             self.pool.terminate()
             self.pool.join()
