@@ -63,6 +63,16 @@ def _mpo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rl(args: argparse.Namespace) -> int:
+    from internvl_tune.config import RLConfig
+
+    config = _run_config(RLConfig, args)
+    from internvl_tune.recipes.rl import train
+
+    _print_summary(train(config))
+    return 0
+
+
 def _precompute_ref(args: argparse.Namespace) -> int:
     from internvl_tune.config import MPOConfig
 
@@ -401,13 +411,14 @@ def _build_pairs(args: argparse.Namespace) -> int:
     return 0 if summary.meta_path else 1
 
 
-def _fields_help(mpo: bool = False) -> str:
+def _fields_help(mpo: bool = False, rl: bool = False) -> str:
     import dataclasses
 
-    from internvl_tune.config import DataArgs, ModelArgs, MPOArgs, TrainArgs, field_docs
+    from internvl_tune.config import DataArgs, ModelArgs, MPOArgs, RLArgs, TrainArgs, field_docs
 
     lines = ["fields (section.field=value):"]
-    sections = [("model", ModelArgs), ("data", DataArgs), ("train", TrainArgs)] + ([("mpo", MPOArgs)] if mpo else [])
+    sections = [("model", ModelArgs), ("data", DataArgs), ("train", TrainArgs)]
+    sections += ([("mpo", MPOArgs)] if mpo else []) + ([("rl", RLArgs)] if rl else [])
     for section, cls in sections:
         docs = field_docs(cls)
         for f in dataclasses.fields(cls):
@@ -436,7 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     from internvl_tune.config import SaveDtype
 
     dtypes = typing.get_args(SaveDtype)
-    parser = argparse.ArgumentParser(prog="internvl-tune", description="Post-train InternVL models: SFT and MPO.")
+    parser = argparse.ArgumentParser(
+        prog="internvl-tune", description="Post-train InternVL models: SFT, MPO and online RL."
+    )
     parser.add_argument("--version", action="version", version=f"internvl-tune {__version__}")
     parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -467,6 +480,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mpo.add_argument("--config", required=True, help="YAML run file (sections model, data, train, mpo)")
     mpo.add_argument("overrides", nargs="*", help="key=value overrides, e.g. mpo.beta=0.1")
+
+    rl = _command(
+        sub,
+        _rl,
+        "rl",
+        help="online RL (GSPO / GRPO) after MPO",
+        description="Online RL, InternVL3.5's Cascade RL stage two: per step, rl.prompts_per_step prompts x "
+        "rl.num_generations responses sampled by the policy, rewarded by rl.rewards (the judge), group advantages, "
+        "GSPO (default) or GRPO updates on [prompt | r1 | ... | rG] rows. Settings come from the YAML file (sections "
+        "model, data, train, rl), then key=value overrides; see configs/rl/ and docs/rl.md.",
+        epilog=_fields_help(rl=True),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    rl.add_argument("--config", required=True, help="YAML run file (sections model, data, train, rl)")
+    rl.add_argument("overrides", nargs="*", help="key=value overrides, e.g. rl.num_generations=8")
 
     precompute = _command(
         sub,

@@ -349,6 +349,41 @@ class RLArgs:
     """Added to the std in the advantage; null = the conventions' (verl 1e-6, trl 1e-4)."""
     norm_length: int | None = None
     """seq-mean-token-sum-norm only: its constant divisor (the rollouts' most new tokens)."""
+    prompts_per_step: int = 512
+    """Prompts drawn per step over all ranks (each sampled num_generations times); a step is one rollout batch and
+    its policy updates (InternVL3.5: 512)."""
+    mini_batch_size: int = 32
+    """Prompts per policy update (over all ranks, with their responses): a step makes prompts_per_step /
+    mini_batch_size updates per ppo_epochs (InternVL3.5: 32)."""
+    ppo_epochs: int = 1
+    """Passes of policy updates over a step's rollouts (verl's ppo_epochs)."""
+    responses_per_row: int | None = None
+    """Responses of a group in one [prompt | r1 | ... | rk] row: None = the whole group (its image and prompt encoded
+    once); fewer splits a group over rows (less memory per micro-batch, the prompt encoded once per row).
+    train.per_device_train_batch_size counts these rows."""
+    temperature: float = 1.0
+    """Rollout sampling temperature (verl's default 1.0; 0 = greedy, useless for groups)."""
+    top_k: int = 0
+    """Rollout top-k (0 = no limit, as verl's -1)."""
+    top_p: float = 1.0
+    """Rollout nucleus sampling (1.0 = no limit)."""
+    max_new_tokens: int = 4096
+    """Longest response in tokens (InternVL3.5 used 32768 with vLLM); a prompt must leave this much of
+    data.max_seq_length."""
+    rollout_batch_size: int = 64
+    """Responses generated together per `generate` call of the in-process (hf) rollout backend."""
+    prompt_version: str = "en_r1"
+    """How each question is asked and where the judge finds its answer: en_r1 / zh_r1 (think, then a boxed answer:
+    the format reward's form), en, zh, en_v2, zh_v2 (as `internvl-tune sample`), or direct (the question as it is,
+    the answer after "Answer:" or the whole response)."""
+    rewards: list[str] = field(default_factory=lambda: ["accuracy", "format"])
+    """Reward terms (rewards.py): accuracy, format, repetition, length, or a user's module:function."""
+    reward_weights: list[float] = field(default_factory=lambda: [0.9, 0.1])
+    """One weight per reward term; a response's reward is the weighted sum (InternVL3.5's geometry reward: 0.9
+    accuracy + 0.1 format)."""
+    length_buffer: int = 256
+    """The length reward's buffer: the penalty falls from 0 at max_new_tokens - length_buffer to -1 at
+    max_new_tokens (DAPO's overlong penalty)."""
 
     def loss_settings(self) -> dict[str, Any]:
         """The fields `RLLoss` (losses/rl.py) takes."""
@@ -372,12 +407,74 @@ class RLArgs:
             raise ConfigError(
                 f"rl.std_epsilon must be > 0 (a group of equal rewards has std 0), got {self.std_epsilon}"
             )
+        for name in ("prompts_per_step", "mini_batch_size", "ppo_epochs", "max_new_tokens", "rollout_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"rl.{name} must be >= 1, got {getattr(self, name)}")
+        if self.prompts_per_step % self.mini_batch_size:
+            raise ConfigError(
+                f"rl.prompts_per_step={self.prompts_per_step} must be a multiple of rl.mini_batch_size="
+                f"{self.mini_batch_size} (each update takes mini_batch_size prompts)"
+            )
+        if self.responses_per_row is not None and self.responses_per_row < 1:
+            raise ConfigError(
+                f"rl.responses_per_row must be >= 1 (or null: the whole group), got {self.responses_per_row}"
+            )
+        from internvl_tune.judge import EXTRACTION_VERSIONS  # lazily: the judge imports its scorers
+        from internvl_tune.rewards import RewardSpec
+
+        if self.prompt_version not in EXTRACTION_VERSIONS:
+            raise ConfigError(
+                f"rl.prompt_version: unknown {self.prompt_version!r}; use one of {', '.join(EXTRACTION_VERSIONS)}"
+            )
+        try:
+            RewardSpec(tuple(self.rewards), tuple(self.reward_weights))
+        except UserError as e:
+            raise ConfigError(str(e)) from e
         from internvl_tune.losses.rl import RLLoss  # lazily: it imports torch
 
         try:
             RLLoss(**self.loss_settings())
         except ValueError as e:
             raise ConfigError(f"rl.{e}") from e
+
+
+@dataclass
+class RLConfig:
+    """Online RL run (GSPO / GRPO after MPO): the defaults are InternVL3.5's online stage (docs/rl.md): the ViT
+    frozen, at most 12 tiles per sample (split over its images), lr 1e-6 constant without warmup, clip 0.2 / 0.2,
+    no KL, 16 responses per prompt, 512 prompts per step in updates of 32."""
+
+    model: ModelArgs = field(default_factory=lambda: ModelArgs(freeze_backbone=True))
+    data: DataArgs = field(default_factory=lambda: DataArgs(max_dynamic_patch=12, max_seq_length=40960))
+    train: TrainArgs = field(
+        default_factory=lambda: TrainArgs(
+            output_dir="runs/rl", learning_rate=1e-6, lr_scheduler_type="constant", warmup_ratio=0.0
+        )
+    )
+    rl: RLArgs = field(default_factory=RLArgs)
+
+    def validate(self) -> None:
+        SFTConfig.validate(self)  # type: ignore[arg-type]
+        self.rl.validate()
+        if self.data.packing or self.data.group_by_length:
+            raise ConfigError(
+                "data.packing and data.group_by_length are for SFT and MPO: online RL rows are a prompt and its "
+                "responses (rl.responses_per_row); unset them"
+            )
+        if self.model.attn_implementation.startswith("flash_attention"):
+            raise ConfigError(
+                f"model.attn_implementation={self.model.attn_implementation} cannot keep a group's responses apart "
+                "in its [prompt | r1 | ... | rG] row; use auto (flex attention on CUDA), sdpa_segments or sdpa"
+            )
+        if self.rl.max_new_tokens >= self.data.max_seq_length:
+            raise ConfigError(
+                f"rl.max_new_tokens={self.rl.max_new_tokens} leaves no room for a prompt in data.max_seq_length="
+                f"{self.data.max_seq_length}"
+            )
+        if self.rl.temperature == 0 and self.rl.num_generations > 1:
+            raise ConfigError(
+                "rl.temperature=0 samples one response num_generations times: every group has advantage 0"
+            )
 
 
 @dataclass

@@ -27,6 +27,7 @@ import torch
 import transformers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from internvl_tune.constants import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
 from internvl_tune.data.prompt import InferencePrompt, build_inference_prompt
 from internvl_tune.data.templates import decode_answer, get_template, stop_token_ids
 from internvl_tune.data.transform import SampleSettings
@@ -67,6 +68,13 @@ class HFBackend:
         self.settings = settings if max_tiles is None else replace(settings, max_dynamic_patch=max_tiles)
         self.template = get_template(self.settings.template, thinking=self.settings.thinking)
         self.eos_token_id = stop_token_ids(tokenizer, self.template)
+        # Image tokens stand for tiles: one sampled into a text would break a training forward of it (its count would
+        # no longer match the tiles: online RL trains on the sampled ids) and means nothing to a reader.
+        self.suppress_tokens = [
+            i
+            for i in tokenizer.convert_tokens_to_ids([IMG_CONTEXT_TOKEN, IMG_START_TOKEN, IMG_END_TOKEN])
+            if i is not None and i != tokenizer.unk_token_id
+        ]
 
     @classmethod
     def from_folder(
@@ -185,6 +193,7 @@ class HFBackend:
                     **sampling,
                     eos_token_id=self.eos_token_id,
                     pad_token_id=self.tokenizer.pad_token_id,
+                    suppress_tokens=self.suppress_tokens or None,
                 )  # [rows, T + new]
         finally:
             model.train(was_training)
