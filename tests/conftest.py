@@ -102,3 +102,27 @@ def make_pair_dataset(root: Path, num: int = 12) -> Path:
     return write_meta(
         root / "meta.json", {"colours": {"root": "images", "annotation": "pairs.jsonl", "repeat_time": 1}}
     )
+
+
+# A reward that differs between the tiny model's random responses, so groups have advantages to learn from.
+RL_REWARD_MODULE = """
+def letters(response, record):
+    return len(set(response)) / 10.0
+"""
+
+
+def make_prompts(root: Path, num: int = 6) -> Path:
+    """Prompt files in the `sample` format: half with an image, half text-only."""
+    root.mkdir(parents=True, exist_ok=True)
+    for colour in ("red", "blue"):
+        draw_image(root / f"{colour}.png", (56, 84), colour)
+    records = [
+        {"image": f"{c}.png", "question": "<image>\nWhat colour is it?", "answer": c}
+        if i % 2 == 0
+        else {"question": f"How many sides has shape {i}?", "answer": str(i)}
+        for i, c in zip(range(num), ["red", "blue"] * num, strict=False)
+    ]
+    write_jsonl(root / "prompts.jsonl", records)
+    meta = root / "meta.json"
+    meta.write_text(json.dumps({"p": {"root": str(root), "annotation": str(root / "prompts.jsonl")}}))
+    return meta

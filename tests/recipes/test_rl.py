@@ -5,16 +5,10 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import draw_image, write_jsonl
+from conftest import RL_REWARD_MODULE, make_prompts
 
 from internvl_tune.cli import main
 from internvl_tune.training.metrics import read_metrics
-
-# A reward that differs between the tiny model's random responses, so groups have advantages to learn from.
-REWARD_MODULE = """
-def letters(response, record):
-    return len(set(response)) / 10.0
-"""
 
 BASE = [
     "grad_checkpoint=false",
@@ -30,23 +24,6 @@ BASE = [
 ]
 
 
-def make_prompts(root: Path, num: int = 6) -> Path:
-    """Prompt files in the `sample` format: half with an image, half text-only."""
-    root.mkdir(parents=True, exist_ok=True)
-    for colour in ("red", "blue"):
-        draw_image(root / f"{colour}.png", (56, 84), colour)
-    records = [
-        {"image": f"{c}.png", "question": "<image>\nWhat colour is it?", "answer": c}
-        if i % 2 == 0
-        else {"question": f"How many sides has shape {i}?", "answer": str(i)}
-        for i, c in zip(range(num), ["red", "blue"] * num, strict=False)
-    ]
-    write_jsonl(root / "prompts.jsonl", records)
-    meta = root / "meta.json"
-    meta.write_text(json.dumps({"p": {"root": str(root), "annotation": str(root / "prompts.jsonl")}}))
-    return meta
-
-
 @pytest.fixture(scope="module")
 def meta(tmp_path_factory) -> Path:
     return make_prompts(tmp_path_factory.mktemp("rl_prompts"))
@@ -54,7 +31,7 @@ def meta(tmp_path_factory) -> Path:
 
 @pytest.fixture()
 def reward_module(tmp_path, monkeypatch):
-    (tmp_path / "rl_test_rewards.py").write_text(REWARD_MODULE)
+    (tmp_path / "rl_test_rewards.py").write_text(RL_REWARD_MODULE)
     monkeypatch.syspath_prepend(str(tmp_path))
     return "rl_test_rewards:letters"
 
