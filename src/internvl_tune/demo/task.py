@@ -24,7 +24,7 @@ a final answer (`cot_answer`)::
 - `benchmark.jsonl`: every question type for each held-out image, `{"image", "question", "answer", "source"}`
   (the source is the question type), the input of `eval`;
 - `prompts.jsonl`: the same for a second held-out set of images, the prompt file `sample` answers;
-- `meta.json` naming the training file.
+- `meta.json` naming the training file, and `prompts_meta.json` naming the prompt file (for `rl`).
 
 No image is in two of them. Everything is a pure function of the seed.
 """
@@ -192,6 +192,8 @@ def make_task(output_dir: str | Path, num_train: int, num_eval: int, seed: int, 
     _write_jsonl(paths.prompts, prompts)
     meta = {DATASET_NAME: {"root": "images", "annotation": "train.jsonl", "data_augment": False, "repeat_time": 1}}
     paths.meta.write_text(json.dumps(meta, indent=2) + "\n")
+    prompts_meta = {f"{DATASET_NAME}_prompts": {"root": ".", "annotation": "prompts.jsonl", "repeat_time": 1}}
+    (root / "prompts_meta.json").write_text(json.dumps(prompts_meta, indent=2) + "\n")
     return paths
 
 

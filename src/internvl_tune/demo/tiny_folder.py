@@ -12,6 +12,7 @@ loads wherever a model path is taken. The dataset is that task (`demo/task.py`),
     pairs_train_meta.json + pairs_train.jsonl preference pairs (MMPR format), for `mpo` and `check-data --preference`
     benchmark.jsonl                           {image, question, answer, source}, for `eval`
     prompts.jsonl                             {image, question, answer}, for `sample`
+    prompts_meta.json                         names prompts.jsonl, for `rl`
     pairs_eval_meta.json + pairs_eval.jsonl   held-out pairs (the benchmark's questions)
     images/
 """
@@ -58,7 +59,7 @@ class TinyFolders:
             lines.append(
                 f"wrote {self.data}: meta.json ({NUM_TRAIN} SFT samples), pairs_train_meta.json ({NUM_TRAIN} "
                 f"preference pairs), benchmark.jsonl ({3 * NUM_EVAL} questions), prompts.jsonl ({3 * NUM_PROMPTS} "
-                "questions), images/"
+                "questions) with prompts_meta.json, images/"
             )
         return "\n".join(lines)
 
