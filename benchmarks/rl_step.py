@@ -19,7 +19,7 @@ stage's lr 1e-6 and weight decay 0.05, cosine schedule, no warm-up), gradient ch
 - `shared`:   our pieces as the RL recipe chains them: `group_collate` (one row `[prompt | r1 | ... | rG]` per
   prompt, the ViT once per image) -> `InternVLTrainingForward` (the LM head on the response positions only) ->
   `group_token_logps` -> `policy_loss` with `RLArgs`' defaults (gspo, seq-mean-token-mean, clip 0.2 / 0.2, verl
-  conventions, no KL) -> backward -> step. The loop is this script's (the recipe is not on main yet).
+  conventions, no KL) -> backward -> step: the update of recipes/rl.py, without its rollouts and old log-probs.
 - `separate`: the same loop on G separate rows `[prompt | rj]` per prompt (single-response `group_collate` groups),
   every tile G times: the layout TRL uses, through our forward and loss, to show where the gain comes from.
 - `trl`:      `trl.GRPOTrainer` with `importance_sampling_level="sequence"` (GSPO), `loss_type="grpo"`, epsilon

@@ -305,7 +305,8 @@ def _train(
 
         # 1-2. This rank's prompts and their responses.
         step_prompts = prompts.for_step(state.step, rl.prompts_per_step, rank, world)
-        rollouts = backend.rollout([rollout_request(p, config, state.step) for p in step_prompts])
+        with accelerator.autocast():  # the precision the updates run in (train.bf16)
+            rollouts = backend.rollout([rollout_request(p, config, state.step) for p in step_prompts])
         check_prompt_lengths(step_prompts, rollouts, config)
         rollout_s = time.perf_counter() - step_start
 
@@ -326,7 +327,8 @@ def _train(
                 batch = group_collate(
                     group_inputs(rollouts, chunk, settings.num_image_token), tokenizer.pad_token_id, dummy_tile
                 )
-                old = token_logps_no_grad(policy_forward, batch, device)
+                # Through the prepared forward, as the updates: the same autocast, so a first update's ratio is 1.
+                old = token_logps_no_grad(forward, batch, device)
                 ref = None if reference is None else token_logps_no_grad(reference, batch, device)
                 adv = torch.cat([advantages[r.group, r.start : r.stop] for r in chunk]).to(device)
                 micro.append((batch, old, ref, adv))
