@@ -56,12 +56,22 @@ STANDINS = {
     "cat.jpg": "a 160x120 JPEG of the shapes task",
     "runs/lora/final_adapter": "LoRA adapter: configs/sft/internvl2_5_2b_lora.yaml on a tiny base, 1 step",
     "configs": "a copy of the repository's configs/",
+    "InternVL3_5-1B-MPO": "tiny HF-layout InternVL (same builder, seed 4)",
+    "prompts/meta.json": "a meta JSON naming data/prompts.jsonl (images under data/images), for rl",
 }
 
 # Appended to commands that train: one optimizer step instead of an epoch of a real dataset.
 APPENDED = ["train.max_steps=1"]
 # Appended to commands that generate: two short answers per question instead of 32 of up to 4096 tokens.
 GENERATION_APPENDED = ("--num-return-sequences", "2", "--max-new-tokens", "8", "--no-progress")
+# Appended to `rl`: one step of 2 prompts x 2 short responses instead of 512 x 16 of up to 32k tokens.
+RL_APPENDED = (
+    *APPENDED,
+    "rl.prompts_per_step=2",
+    "rl.mini_batch_size=2",
+    "rl.num_generations=2",
+    "rl.max_new_tokens=8",
+)
 # Appended to `eval`: short answers instead of a chain of thought of up to 4096 tokens.
 EVAL_APPENDED = ("--max-new-tokens", "8", "--no-progress")
 
@@ -93,8 +103,10 @@ RULES = (
     Rule(r"\. \.venv/bin/activate$", skip="activates .venv: every run here has the venv's bin first on PATH"),
     Rule(r"pip install ", skip="GPU install: installs packages into the active environment"),
     Rule(r"accelerate launch --num_processes 8 ", skip="8 processes (GPUs); `...` stands for a run file"),
+    Rule(r"accelerate launch --config_file configs/accelerate/ddp\.yaml ", skip="online RL on 8 GPUs (DDP)"),
     Rule(r"accelerate launch --config_file configs/accelerate/", skip="DeepSpeed ZeRO-3 on 8 GPUs"),
     Rule(r"internvl-tune (sft|mpo) ", append=tuple(APPENDED)),
+    Rule(r"internvl-tune rl ", append=RL_APPENDED),
     Rule(r"vllm serve ", skip="a vLLM server on a GPU"),
     Rule(r"internvl-tune sample .*--backend server", skip="needs the vLLM server of the line before"),
     Rule(r"internvl-tune (sample|dropout-ntp) ", append=GENERATION_APPENDED),
@@ -233,6 +245,10 @@ def build_standins(root: Path) -> None:
     shutil.copyfile(pairs.train_meta, root / "MMPR" / "meta.json")
     draw_scene(sample_scene(random.Random(0)), noise_seed=0).convert("RGB").resize((160, 120)).save(root / "cat.jpg")
     shutil.copytree(REPO / "configs", root / "configs")
+    save_tiny_model(root / "InternVL3_5-1B-MPO", seed=4)
+    (root / "prompts").mkdir()
+    prompts_meta = {"shapes_prompts": {"root": "../data/images", "annotation": "../data/prompts.jsonl"}}
+    (root / "prompts" / "meta.json").write_text(json.dumps(prompts_meta))
 
     save_tiny_model(root / "lora-base", seed=3)
     lora = [sys.executable, "-m", "internvl_tune.cli", "sft", "--config", "configs/sft/internvl2_5_2b_lora.yaml"]
