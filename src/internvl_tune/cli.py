@@ -743,6 +743,23 @@ def _close_process_group() -> None:
         torch.distributed.destroy_process_group()
 
 
+def _leave(code: int) -> int:
+    """A rank of a launched multi-process run ends here with `code`, once its exit hooks have run (trackers,
+    progress bars, the peer watch, data-loader workers, logging) and its output is flushed: the interpreter's
+    teardown is skipped. In that teardown, any thread still inside a C++ call (gloo, the store, torch's own) is
+    killed as it takes the GIL back, and the forced unwind through a noexcept frame aborts a rank whose work was
+    done ("terminate called without an active exception", exit -6: seen after DDP, ZeRO-3 and benchmark runs, one
+    run in many). Outside a launched run (one process, tests calling `main`) the code is returned as usual."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return code
+    import atexit
+
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def _drop_deepspeed_cpu_notice(record: logging.LogRecord) -> bool:
     """transformers imports DeepSpeed (when installed) with every model it loads, and DeepSpeed then warns "Setting
     accelerator to CPU" on a machine without a GPU, for commands that never use it. The run's own log says the device
@@ -777,7 +794,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = args.func(args)
         _close_process_group()
-        return code
+        return _leave(code)
     except UserError as e:
         if debug:
             import traceback
@@ -786,16 +803,16 @@ def main(argv: list[str] | None = None) -> int:
         line = f"error: {' '.join(str(e).splitlines())}"
         print(line, file=sys.stderr)
         report_failure(2, line)
-        return 2
+        return _leave(2)
     except KeyboardInterrupt as e:  # a training run's TrainingInterrupted says what it saved
         print(str(e) or "interrupted", file=sys.stderr)
-        return 130
+        return _leave(130)
     except Exception as e:
         peer = peer_failure()  # this rank's error may only be the consequence of another's
         if peer is not None and not debug:
             code, line = peer
             print(f"error: {line}", file=sys.stderr)
-            return code
+            return _leave(code)
         report_failure(1, f"{type(e).__name__}: {' '.join(str(e).splitlines())}")
         raise
 

@@ -445,7 +445,7 @@ class RLConfig:
     no KL, 16 responses per prompt, 512 prompts per step in updates of 32."""
 
     model: ModelArgs = field(default_factory=lambda: ModelArgs(freeze_backbone=True))
-    data: DataArgs = field(default_factory=lambda: DataArgs(max_dynamic_patch=12, max_seq_length=40960))
+    data: DataArgs = field(default_factory=lambda: DataArgs(max_seq_length=40960))
     train: TrainArgs = field(
         default_factory=lambda: TrainArgs(
             output_dir="runs/rl", learning_rate=1e-6, lr_scheduler_type="constant", warmup_ratio=0.0
