@@ -372,6 +372,23 @@ class RLArgs:
     data.max_seq_length."""
     rollout_batch_size: int = 64
     """Responses generated together per `generate` call of the in-process (hf) rollout backend."""
+    rollout_backend: Literal["hf", "server"] = "hf"
+    """hf: rollouts by transformers generate in each rank's process, from the policy's own parameters (no weight
+    push); server: by an OpenAI-compatible server (vLLM, SGLang, or our serve.py) at rl.server_url, the policy saved
+    into rl.server_weights_dir and reloaded there after every step (docs/rl.md). API key: $INTERNVL_TUNE_API_KEY,
+    else $OPENAI_API_KEY (never a setting: it would be written into config.resolved.json)."""
+    server_url: str | None = None
+    """server backend: the API root, e.g. http://localhost:8000/v1."""
+    server_kind: Literal["internvl-tune", "vllm", "sglang"] = "internvl-tune"
+    """server backend: whose reload endpoint the weight push calls (docs/rl.md): internvl-tune (serve.py),
+    vllm (collective_rpc reload_weights, VLLM_SERVER_DEV_MODE=1) or sglang (update_weights_from_disk)."""
+    server_weights_dir: str | None = None
+    """server backend: the folder the server was started with; the policy is written there (atomically, HF layout,
+    train.save_dtype) after each step. Never the starting checkpoint: it would be overwritten."""
+    server_model: str | None = None
+    """server backend: the served model's name (null: the first the server lists)."""
+    server_concurrency: int = 8
+    """server backend: most requests in flight per rank."""
     prompt_version: str = "en_r1"
     """How each question is asked and where the judge finds its answer: en_r1 / zh_r1 (think, then a boxed answer:
     the format reward's form), en, zh, en_v2, zh_v2 (as `internvl-tune sample`), or direct (the question as it is,
@@ -415,6 +432,13 @@ class RLArgs:
                 f"rl.prompts_per_step={self.prompts_per_step} must be a multiple of rl.mini_batch_size="
                 f"{self.mini_batch_size} (each update takes mini_batch_size prompts)"
             )
+        if self.rollout_backend == "server" and not (self.server_url and self.server_weights_dir):
+            raise ConfigError(
+                "rl.rollout_backend=server needs rl.server_url (the API root, e.g. http://localhost:8000/v1) and "
+                "rl.server_weights_dir (the folder the server was started with: each step's policy is pushed there)"
+            )
+        if self.server_concurrency < 1:
+            raise ConfigError(f"rl.server_concurrency must be >= 1, got {self.server_concurrency}")
         if self.responses_per_row is not None and self.responses_per_row < 1:
             raise ConfigError(
                 f"rl.responses_per_row must be >= 1 (or null: the whole group), got {self.responses_per_row}"
@@ -471,10 +495,23 @@ class RLConfig:
                 f"rl.max_new_tokens={self.rl.max_new_tokens} leaves no room for a prompt in data.max_seq_length="
                 f"{self.data.max_seq_length}"
             )
+        if self.rl.rollout_backend == "server" and _same_folder(
+            self.rl.server_weights_dir, self.model.model_name_or_path
+        ):
+            raise ConfigError(
+                f"rl.server_weights_dir={self.rl.server_weights_dir} is the starting checkpoint: each step's push "
+                "would overwrite it; copy the checkpoint to another folder, serve that one and name it here"
+            )
         if self.rl.temperature == 0 and self.rl.num_generations > 1:
             raise ConfigError(
                 "rl.temperature=0 samples one response num_generations times: every group has advantage 0"
             )
+
+
+def _same_folder(a: str | None, b: str | None) -> bool:
+    if not a or not b:
+        return False
+    return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
 
 
 @dataclass

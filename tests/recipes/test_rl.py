@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import RL_REWARD_MODULE, make_prompts
 
 from internvl_tune.cli import main
@@ -114,3 +115,67 @@ def test_rl_settings_errors_are_one_line(tmp_path, tiny_model_dir, meta, capsys)
     code, _ = _run(tmp_path, tiny_model_dir, meta, "rl.max_new_tokens=600")
     assert code == 2
     assert "leaves no room for a prompt" in capsys.readouterr().err
+
+
+def test_rl_through_a_server_equals_rl_in_process_and_pushes_each_step(tmp_path, tiny_model_dir, meta, reward_module):
+    """rollout_backend=server against serve.py started on a copy of the checkpoint: the policy is pushed after each
+    step and the server samples from it, so three steps log what the in-process rollouts log (the same seeded
+    requests, one per batch on both sides); the served folder ends with trained weights, and a push would never
+    overwrite the starting checkpoint."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from internvl_tune.generation.hf import HFBackend
+    from internvl_tune.generation.serve import start_server
+
+    served = tmp_path / "served"
+    shutil.copytree(tiny_model_dir, served)
+    backend = HFBackend.from_folder(served)
+    server = start_server(backend, model_name="policy", weights_dir=served)
+    common = ("max_steps=3", f"rl.rewards=[{reward_module}]", "rl.reward_weights=[1.0]", "rl.rollout_batch_size=4")
+    try:
+        code, out = _run(
+            tmp_path,
+            tiny_model_dir,
+            meta,
+            *common,
+            "rl.rollout_backend=server",
+            f"rl.server_url={server.base_url}",
+            f"rl.server_weights_dir={served}",
+            "rl.server_concurrency=1",
+            name="server",
+        )
+    finally:
+        server.shutdown()
+    assert code == 0
+    code, local = _run(tmp_path, tiny_model_dir, meta, *common, name="local")
+    assert code == 0
+    rows, expected = read_metrics(out / "metrics.jsonl"), read_metrics(local / "metrics.jsonl")
+    assert len(rows) == 3
+    for key in ("loss", "reward/mean", "response_length/mean", "ratio_mean", "grad_norm"):
+        assert [r[key] for r in rows] == pytest.approx([r[key] for r in expected], abs=1e-6), key
+    assert all(r["push_time_share"] > 0 for r in rows[:2])
+    pushed = load_file(next(served.glob("*.safetensors")))
+    start = load_file(next(Path(tiny_model_dir).glob("*.safetensors")))
+    assert any(not torch.equal(pushed[k], start[k]) for k in start)  # trained weights were pushed
+    on_disk = type(backend.model).from_pretrained(served).state_dict()
+    served_state = backend.model.state_dict()
+    assert served_state.keys() == on_disk.keys()
+    assert all(torch.equal(served_state[k], on_disk[k]) for k in on_disk)  # and reloaded by the server
+
+
+def test_rl_server_settings_errors_are_one_line(tmp_path, tiny_model_dir, meta, capsys):
+    code, _ = _run(tmp_path, tiny_model_dir, meta, "rl.rollout_backend=server")
+    assert code == 2
+    assert "rl.rollout_backend=server needs rl.server_url" in capsys.readouterr().err
+    code, _ = _run(
+        tmp_path,
+        tiny_model_dir,
+        meta,
+        "rl.rollout_backend=server",
+        "rl.server_url=http://127.0.0.1:9/v1",
+        f"rl.server_weights_dir={tiny_model_dir}",
+    )
+    assert code == 2
+    assert "is the starting checkpoint: each step's push would overwrite it" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """Generation backends on the tiny model: the `hf` backend (batching exact, seeded, prefill as training tokenizes
 it), the `server` client against serve.py on localhost (n > 1, prefill, concurrency bound, retries, errors)."""
 
+import dataclasses
 import json
 import socket
 import threading
@@ -401,3 +402,108 @@ def test_a_weight_push_reloads_the_servers_folder_and_nothing_else(tmp_path):
         server.shutdown()
     with pytest.raises(UserError, match="needs --api-key"):
         start_server(backend, host="0.0.0.0")
+
+
+def test_server_rollouts_are_the_hf_backends_rollouts(hf_backend, hf_server):
+    """Online RL through a server: the sampled token ids come back (`return_token_ids`), the prompts are built here
+    with training's tile budget sent along (`mm_processor_kwargs`), and the ids, texts and cut flags equal the
+    in-process rollouts of the same seeded requests (one request per batch on both sides). Responses cut at
+    max_tokens are answered `finish_reason: length`."""
+    from internvl_tune.generation.rollouts import ServerRollouts
+
+    params = SamplingParams(n=3, temperature=1.0, top_k=0, max_new_tokens=4, seed=11)
+    requests = requests_of_every_shape(params)[:4]
+    local = HFBackend(hf_backend.model, hf_backend.tokenizer, hf_backend.settings, batch_size=3)
+    expected = local.rollout(requests)
+    client = ServerBackend(hf_server.base_url, max_concurrency=1)
+    got = ServerRollouts(client, hf_backend.tokenizer, hf_backend.settings).rollout(requests)
+    for mine, theirs in zip(got, expected, strict=True):
+        assert [r.response_ids for r in mine] == [r.response_ids for r in theirs]
+        assert [r.text for r in mine] == [r.text for r in theirs]
+        assert [r.truncated for r in mine] == [r.truncated for r in theirs]
+        assert mine[0].prompt.input_ids == theirs[0].prompt.input_ids
+        tiles = mine[0].prompt.pixel_values, theirs[0].prompt.pixel_values
+        assert (tiles[0] is None and tiles[1] is None) or torch.equal(*tiles)
+    assert any(r.truncated for group in got for r in group)  # 4 new tokens: some responses were cut
+    sampled = client.sample_ids(requests[0])
+    assert sampled.finish_reasons == ["length" if r.truncated else "stop" for r in expected[0]]
+
+
+def test_the_tile_budget_travels_with_the_request(hf_backend, hf_server):
+    """A server tiles with the budget the request names, not its own: one tile per image gives a shorter prompt,
+    and the server's prompt ids equal those built with that budget here."""
+    blue = Image.new("RGB", (112, 56), (0, 0, 255))
+    request = GenerationRequest(user("<image>\nHow many?"), [blue], GREEDY)
+    client = ServerBackend(hf_server.base_url)
+    default = client.sample_ids(request).prompt_ids
+    one_tile = client.sample_ids(GenerationRequest(user("<image>\nHow many?"), [blue], GREEDY, tiles_per_image=1))
+    assert len(one_tile.prompt_ids) == len(default) - 2 * hf_backend.settings.num_image_token  # 3 tiles -> 1
+    settings = dataclasses.replace(hf_backend.settings, max_dynamic_patch=1)
+    expected = build_inference_prompt(hf_backend.tokenizer, request.messages, [blue], settings).input_ids
+    assert one_tile.prompt_ids == expected
+
+
+def test_a_server_with_another_prompt_is_refused_in_one_line(hf_backend, hf_server):
+    """The trainer's prompt (another system message here) differs from the one the server sampled from: refused,
+    naming the first differing tokens, never trained on."""
+    from dataclasses import replace
+
+    from internvl_tune.generation.rollouts import PromptMismatch, ServerRollouts
+
+    other = replace(hf_backend.settings, system_message="You are a pirate.")
+    rollouts = ServerRollouts(ServerBackend(hf_server.base_url), hf_backend.tokenizer, other)
+    with pytest.raises(PromptMismatch, match="the server built another prompt than training does") as error:
+        rollouts.rollout(requests_of_every_shape()[3:4])
+    assert error.value.index == 0 and "\n" not in str(error.value)
+
+
+def test_a_server_without_token_ids_is_a_clear_error():
+    """The stub answers texts only: online RL cannot train on a re-tokenised text, so it stops with what to do."""
+    server, url, _ = stub_server([])
+    try:
+        with pytest.raises(ServerError, match="returned no token ids"):
+            ServerBackend(url).sample_ids(GenerationRequest(user("Hi"), [], GREEDY))
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("kind", "path", "body"),
+    [
+        ("internvl-tune", "/v1/reload_weights", "path"),
+        ("vllm", "/collective_rpc", {"method": "reload_weights"}),
+        ("sglang", "/update_weights_from_disk", "model_path"),
+    ],
+)
+def test_each_server_kind_is_asked_to_reload_at_its_endpoint(tmp_path, kind, path, body):
+    """The push's reload call per server (docs/rl.md): serve.py's, vLLM's collective_rpc (at the root, not under
+    /v1) and SGLang's update_weights_from_disk, the folder named where the server takes one."""
+    calls = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self._send({"data": [{"id": "stub"}]})
+
+        def do_POST(self):
+            calls.append((self.path, json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
+            self._send({"success": True})
+
+        def _send(self, payload):
+            data = json.dumps(payload).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = ServerBackend(f"http://127.0.0.1:{server.server_address[1]}/v1")
+        client.reload_weights(tmp_path, kind=kind)
+    finally:
+        server.shutdown()
+    expected = body if isinstance(body, dict) else {body: str(tmp_path.resolve())}
+    assert calls == [(path, expected)]

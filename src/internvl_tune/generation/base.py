@@ -64,12 +64,15 @@ ImageInput = str | os.PathLike[str] | Image.Image
 @dataclass
 class GenerationRequest:
     """One prompt: `messages` ends with a user turn; `assistant_prefill` is the answer's start (not repeated in the
-    returned texts, which hold only what the model added)."""
+    returned texts, which hold only what the model added); `tiles_per_image`, when set, the most tiles each of its
+    images is cut into (a server's `mm_processor_kwargs.max_dynamic_patch`: online RL asks the server for the tiles
+    training uses), else the backend's own setting."""
 
     messages: list[dict[str, str]]
     images: Sequence[ImageInput] = ()
     params: SamplingParams = field(default_factory=SamplingParams)
     assistant_prefill: str = ""
+    tiles_per_image: int | None = None
 
 
 class Backend(Protocol):

@@ -150,6 +150,13 @@ class HFBackend:
                 ]
         return out  # type: ignore[return-value]
 
+    def request_settings(self, request: GenerationRequest) -> SampleSettings:
+        """The settings a request's prompt is built with: the backend's, with the request's `tiles_per_image` as the
+        per-image budget when it sets one (the sample budget `max_dynamic_patch` is split over the images)."""
+        if request.tiles_per_image is None:
+            return self.settings
+        return replace(self.settings, max_dynamic_patch=request.tiles_per_image * max(1, len(request.images)))
+
     @property
     def stop_ids(self) -> set[int]:
         return set(self.eos_token_id) if isinstance(self.eos_token_id, list | tuple) else {self.eos_token_id}
@@ -165,7 +172,11 @@ class HFBackend:
         copies = 1 if greedy else params.n  # greedy texts are all the same: generate one, repeat it
         prompts = [
             build_inference_prompt(
-                self.tokenizer, r.messages, list(r.images), self.settings, assistant_prefill=r.assistant_prefill
+                self.tokenizer,
+                r.messages,
+                list(r.images),
+                self.request_settings(r),
+                assistant_prefill=r.assistant_prefill,
             )
             for r in requests
         ]

@@ -3,15 +3,17 @@
     python -m internvl_tune.generation.serve MODEL_DIR --port 8000
     internvl-tune sample prompts.jsonl --backend server --base-url http://localhost:8000/v1 ...
 
-It answers `GET /v1/models`, `POST /v1/chat/completions` and `POST /v1/reload_weights` (the fields the `server` backend sends: `messages` with
-text and `image_url` data-URL parts, `n`, `temperature`, `top_p`, `top_k`, `max_tokens`, `seed`, and
-`continue_final_message` to continue a last assistant message). Prompts are built as `sample --backend hf` builds
-them: a user turn's images go before its text as `user_turn` places them. Each connection gets a thread; the
-requests waiting when the model is free are generated as one batch. It is for tests and for sharing one model
-between processes on one machine; for speed on GPUs serve the model with vLLM, LMDeploy or SGLang. Every choice
-reports `finish_reason` "stop" (the backend does not say whether a text hit `max_tokens`), and there is no `usage`.
+It answers `GET /v1/models`, `POST /v1/chat/completions` and `POST /v1/reload_weights`. A chat request takes the
+fields the `server` backend sends: `messages` with text and `image_url` data-URL parts, `n`, `temperature`, `top_p`,
+`top_k`, `max_tokens`, `seed`, `continue_final_message` to continue a last assistant message,
+`mm_processor_kwargs.max_dynamic_patch` (the most tiles per image, as vLLM reads it) and `return_token_ids` (each
+choice's sampled `token_ids` and the answer's `prompt_token_ids`, as vLLM answers them). Prompts are built as
+`sample --backend hf` builds them: a user turn's images go before its text as `user_turn` places them. Each
+connection gets a thread; the requests waiting when the model is free are generated as one batch. A choice's
+`finish_reason` is "length" when its text hit `max_tokens`, else "stop"; there is no `usage`. It is for tests and for
+sharing one model between processes on one machine; for speed on GPUs serve the model with vLLM, LMDeploy or SGLang.
 
-Weight pushes (online RL with `--backend server`): the trainer saves the policy into the folder the server was
+Weight pushes (online RL with `rl.rollout_backend: server`, docs/rl.md): the trainer saves the policy into the folder the server was
 started with and posts `/v1/reload_weights`; the server loads that folder's `*.safetensors` (never a pickle) between
 two batches, and answers the requests after it with the new weights. The request may name the folder (`{"path":
 ...}`) but never another one: a reload is not a way to load other files. With `--api-key` (or
@@ -35,6 +37,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -50,6 +53,32 @@ from internvl_tune.generation.hf import HFBackend
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class _Answer:
+    """What one request got: its texts and, from a backend that samples ids (`rollout`), each text's token ids,
+    whether it was cut at max_tokens, and the prompt's ids."""
+
+    texts: list[str]
+    token_ids: list[list[int]] | None = None
+    truncated: list[bool] | None = None
+    prompt_ids: list[int] | None = None
+
+
+def _generate(backend: Backend, requests: list[GenerationRequest]) -> list[_Answer]:
+    rollout = getattr(backend, "rollout", None)
+    if rollout is None:
+        return [_Answer(texts) for texts in backend.generate(requests)]
+    return [
+        _Answer(
+            [r.text for r in group],
+            [r.response_ids for r in group],
+            [r.truncated for r in group],
+            list(group[0].prompt.input_ids),
+        )
+        for group in rollout(requests)
+    ]
+
+
 class _Batcher:
     """One thread runs the backend; requests that arrive while it is busy wait and are generated together."""
 
@@ -58,7 +87,7 @@ class _Batcher:
         self.queue: queue.Queue[tuple[GenerationRequest, Future]] = queue.Queue()
         threading.Thread(target=self._run, daemon=True, name="generate").start()
 
-    def submit(self, request: GenerationRequest) -> list[str]:
+    def submit(self, request: GenerationRequest) -> _Answer:
         future: Future = Future()
         self.queue.put((request, future))
         return future.result()
@@ -90,18 +119,18 @@ class _Batcher:
                     future.set_exception(e)
                 continue
             try:
-                results = self.backend.generate([request for request, _ in batch])
+                results = _generate(self.backend, [request for request, _ in batch])
             except Exception:
                 # One bad request must not fail the others: each is run again alone, and an error goes to its own
                 # waiting handler, which answers 500.
                 for request, future in batch:
                     try:
-                        future.set_result(self.backend.generate([request])[0])
+                        future.set_result(_generate(self.backend, [request])[0])
                     except Exception as e:
                         future.set_exception(e)
                 continue
-            for (_, future), texts in zip(batch, results, strict=True):
-                future.set_result(texts)
+            for (_, future), answer in zip(batch, results, strict=True):
+                future.set_result(answer)
 
 
 class ChatCompletionsServer(ThreadingHTTPServer):
@@ -218,9 +247,13 @@ def parse_chat_request(body: dict[str, Any]) -> GenerationRequest:
             max_new_tokens=int(body.get("max_tokens") or body.get("max_completion_tokens") or 256),
             seed=None if body.get("seed") is None else int(body["seed"]),
         )
-    except (TypeError, ValueError) as e:
+        tiles = (body.get("mm_processor_kwargs") or {}).get("max_dynamic_patch")  # per image, as vLLM reads it
+        tiles = None if tiles is None else int(tiles)
+    except (TypeError, ValueError, AttributeError) as e:
         raise RequestError(str(e)) from e
-    return GenerationRequest(turns, images, params, assistant_prefill=prefill)
+    if tiles is not None and tiles < 1:
+        raise RequestError(f"mm_processor_kwargs.max_dynamic_patch must be >= 1, got {tiles}")
+    return GenerationRequest(turns, images, params, assistant_prefill=prefill, tiles_per_image=tiles)
 
 
 def _decode_image(url: str) -> Image.Image:
@@ -299,21 +332,29 @@ class _Handler(BaseHTTPRequestHandler):
             except (ValueError, TypeError) as e:  # RequestError, bad JSON
                 return 400, {"error": {"message": str(e), "type": "invalid_request_error"}}
             try:
-                texts = server.batcher.submit(request)
+                answer = server.batcher.submit(request)
             except Exception as e:  # the model failed on this request: the client sees why
                 logger.exception("generation failed")
                 return 500, {"error": {"message": f"{type(e).__name__}: {e}", "type": "server_error"}}
-            choices = [
-                {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
-                for i, text in enumerate(texts)
-            ]
-            return 200, {
+            with_ids = bool(body.get("return_token_ids")) and answer.token_ids is not None
+            choices = []
+            for i, text in enumerate(answer.texts):
+                cut = answer.truncated is not None and answer.truncated[i]
+                choice = {"index": i, "message": {"role": "assistant", "content": text}}
+                choice["finish_reason"] = "length" if cut else "stop"
+                if with_ids:
+                    choice["token_ids"] = answer.token_ids[i]
+                choices.append(choice)
+            payload = {
                 "id": f"chatcmpl-{uuid.uuid4().hex}",
                 "object": "chat.completion",
                 "created": int(time.time()),
                 "model": server.model_name,
                 "choices": choices,
             }
+            if with_ids:
+                payload["prompt_token_ids"] = answer.prompt_ids
+            return 200, payload
         finally:
             with server.lock:
                 server.in_flight -= 1

@@ -35,6 +35,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +120,26 @@ class ServerBackend:
 
     def complete(self, request: GenerationRequest) -> list[str]:
         """The `params.n` texts of one request (several calls if the server returns fewer choices)."""
+        return [(c.get("message") or {}).get("content") or "" for c in self._choices(request, {})[1]]
+
+    def sample_ids(self, request: GenerationRequest) -> SampledIds:
+        """The `params.n` responses of one request as the token ids the server sampled (online RL trains on them),
+        with the prompt ids the server built when it reports them.
+
+        Asks with `return_token_ids` (vLLM >= 0.10.2 and serve.py answer `token_ids` per choice and
+        `prompt_token_ids`); an answer of `"token_id:N"` log-prob tokens (vLLM `--return-tokens-as-token-ids`) is
+        read too.
+
+        Raises:
+            ServerError: the server returned no token ids for a choice.
+        """
+        prompt_ids, choices = self._choices(request, {"return_token_ids": True})
+        responses = [_choice_token_ids(choice, self.base_url) for choice in choices]
+        finished = [str(choice.get("finish_reason") or "stop") for choice in choices]
+        return SampledIds(prompt_ids, responses, finished)
+
+    def _choices(self, request: GenerationRequest, extra: dict[str, Any]) -> tuple[list[int] | None, list[dict]]:
+        """The server's `prompt_token_ids` (None if it sends none) and `params.n` choices of one request."""
         params = request.params
         body: dict[str, Any] = {
             "model": self.model_name,
@@ -126,25 +147,56 @@ class ServerBackend:
             "temperature": params.temperature,
             "top_p": params.top_p,
             "max_tokens": params.max_new_tokens,
+            **extra,
         }
         if params.top_k:
             body["top_k"] = params.top_k
         if request.assistant_prefill:
             body.update(continue_final_message=True, add_generation_prompt=False)
-        texts: list[str] = []
-        while len(texts) < params.n:
-            body["n"] = params.n - len(texts)
+        if request.tiles_per_image is not None:  # vLLM's per-request processor settings: the InternVL tile budget
+            body["mm_processor_kwargs"] = {"max_dynamic_patch": request.tiles_per_image}
+        choices: list[dict] = []
+        prompt_ids = None
+        while len(choices) < params.n:
+            body["n"] = params.n - len(choices)
             if params.seed is not None:
-                body["seed"] = params.seed + len(texts)  # a follow-up call draws new texts, not the first ones again
-            choices = self._call("POST", "/chat/completions", body, retries=self.max_retries).get("choices") or []
-            if not choices:
+                body["seed"] = params.seed + len(choices)  # a follow-up call draws new texts, not the first ones again
+            answer = self._call("POST", "/chat/completions", body, retries=self.max_retries)
+            got = answer.get("choices") or []
+            if not got:
                 raise ServerError(f"{self.base_url}/chat/completions returned no choices")
-            choices = sorted(choices, key=lambda c: c.get("index", 0))
-            texts += [(c.get("message") or {}).get("content") or "" for c in choices][: params.n - len(texts)]
-        return texts
+            prompt_ids = answer.get("prompt_token_ids", prompt_ids)
+            choices += sorted(got, key=lambda c: c.get("index", 0))[: params.n - len(choices)]
+        return prompt_ids, choices
 
-    def _call(self, method: str, path: str, body: dict | None, *, retries: int) -> dict:
-        url = self.base_url + path
+    def reload_weights(self, folder: str | Path, *, kind: str = "internvl-tune") -> None:
+        """Ask the server to load the weights now in `folder`, the folder it was started with (a trainer's push).
+
+        `kind` names the server's endpoint (docs/rl.md): `internvl-tune` (serve.py) `POST /v1/reload_weights
+        {"path": folder}`; `vllm` `POST /collective_rpc {"method": "reload_weights"}` (the server started with
+        `VLLM_SERVER_DEV_MODE=1`; it rereads its model folder); `sglang` `POST /update_weights_from_disk
+        {"model_path": folder}`.
+
+        Raises:
+            ServerError: the server refused or failed the reload, or `kind` is unknown.
+        """
+        root = self.base_url.removesuffix("/v1")
+        folder = str(Path(folder).resolve())
+        if kind == "internvl-tune":
+            self._call("POST", "/reload_weights", {"path": folder}, retries=self.max_retries)
+        elif kind == "vllm":
+            self._call("POST", "/collective_rpc", {"method": "reload_weights"}, retries=self.max_retries, root=root)
+        elif kind == "sglang":
+            answer = self._call(
+                "POST", "/update_weights_from_disk", {"model_path": folder}, retries=self.max_retries, root=root
+            )
+            if answer.get("success") is False:
+                raise ServerError(f"{root}/update_weights_from_disk: {answer.get('message', 'failed')}")
+        else:
+            raise ServerError(f"unknown server kind {kind!r}; use internvl-tune, vllm or sglang")
+
+    def _call(self, method: str, path: str, body: dict | None, *, retries: int, root: str | None = None) -> dict:
+        url = (root or self.base_url) + path
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -171,6 +223,30 @@ class ServerBackend:
 
     def _backoff(self, attempt: int) -> float:
         return min(60.0, self.backoff_s * 2**attempt) * random.uniform(1.0, 1.25)  # jitter: retries do not align
+
+
+@dataclass(frozen=True)
+class SampledIds:
+    """What a server sampled for one request: its prompt's token ids (None when the server does not report them),
+    each response's token ids, and each response's `finish_reason` ("length": cut at max_tokens)."""
+
+    prompt_ids: list[int] | None
+    responses: list[list[int]]
+    finish_reasons: list[str]
+
+
+def _choice_token_ids(choice: dict, where: str) -> list[int]:
+    ids = choice.get("token_ids")
+    if isinstance(ids, list) and ids:
+        return [int(i) for i in ids]
+    content = (choice.get("logprobs") or {}).get("content") or []
+    tokens = [entry.get("token", "") for entry in content]
+    if tokens and all(isinstance(t, str) and t.startswith("token_id:") for t in tokens):
+        return [int(t.removeprefix("token_id:")) for t in tokens]
+    raise ServerError(
+        f"{where}/chat/completions returned no token ids; online RL trains on the sampled ids (vLLM >= 0.10.2 answers "
+        "return_token_ids; or start vLLM with --return-tokens-as-token-ids)"
+    )
 
 
 def to_openai_messages(request: GenerationRequest) -> list[dict[str, Any]]:

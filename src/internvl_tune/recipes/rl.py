@@ -5,9 +5,10 @@ Launch: `internvl-tune rl --config configs/rl/FILE.yaml [key=value ...]` (or und
 
 1. **Prompts**: rank r of W takes every W-th of the step's `rl.prompts_per_step` prompts (`PromptSet.for_step`: a
    fixed order, so a resumed run draws what the interrupted one would have).
-2. **Rollouts**: `rl.num_generations` responses per prompt from the policy itself (the `hf` backend in this process,
-   prompts built as in training and eval, each request seeded by (seed, step, prompt)), kept as token ids: the
-   trained tokens are the sampled ones.
+2. **Rollouts**: `rl.num_generations` responses per prompt, prompts built as in training and eval, each request
+   seeded by (seed, step, prompt), kept as token ids (the trained tokens are the sampled ones): from the policy
+   itself (`rl.rollout_backend: hf`, in this process) or from a server (`server`: vLLM, SGLang, serve.py; the
+   prompts built here, the server's prompt ids checked against them).
 3. **Rewards** by `rl.rewards` (rewards.py, graded by judge.py), gathered over ranks; **advantages** per group
    (`group_advantages`), so 2 ranks compute what 1 does.
 4. **Old log-probs**: the behaviour policy's, one no-grad pass in eval mode (as it sampled) over the step's rows
@@ -17,6 +18,8 @@ Launch: `internvl-tune rl --config configs/rl/FILE.yaml [key=value ...]` (or und
    (`loss_normalizer`), so micro-batching and ranks do not change it. Rows are `[prompt | r1 | ... | rk]`
    (`group_collate`): a group's image and prompt go through the model once per row. The schedule steps once per
    rollout step, as verl's.
+6. **Weight push** (`server` only): the policy is saved into `rl.server_weights_dir` and the server reloads it, so
+   the next step samples from the updated policy (also once at a resume: the server may hold older weights).
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ import contextlib
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,12 +39,15 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
+from internvl_tune.checkpoints.read import resolve_dtype
 from internvl_tune.config import ConfigError, RLConfig, to_dict
 from internvl_tune.data.collate import group_collate
 from internvl_tune.data.errors import DataError
 from internvl_tune.data.images import blank_tile
 from internvl_tune.generation.base import GenerationRequest, SamplingParams
 from internvl_tune.generation.hf import HFBackend, Rollout
+from internvl_tune.generation.rollouts import PromptMismatch, ServerRollouts
+from internvl_tune.generation.server import ServerBackend
 from internvl_tune.losses.rl import RLLoss, group_advantages, loss_normalizer, policy_loss, rl_metrics
 from internvl_tune.model.forward import InternVLTrainingForward
 from internvl_tune.model.freeze import count_parameters
@@ -60,7 +68,13 @@ from internvl_tune.training.metrics import (
     step_totals,
 )
 from internvl_tune.training.optim import prepare_optimization
-from internvl_tune.training.saving import finish_run, save_and_stop, save_step_checkpoint
+from internvl_tune.training.saving import (
+    finish_run,
+    run_metadata,
+    save_and_stop,
+    save_model_folder,
+    save_step_checkpoint,
+)
 from internvl_tune.training.session import StopRequest, prepare_output_dir, run_session
 
 logger = logging.getLogger(__name__)
@@ -92,6 +106,7 @@ def check_layout(config: RLConfig, accelerator: Accelerator) -> None:
             "equal share of every update's prompts)"
         )
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        # With rollout_backend=server no rank generates; the sharded updates are not tested yet, so refused too.
         raise ConfigError(
             f"internvl-tune rl generates its rollouts in each rank's process (the hf backend), which needs the whole "
             f"weights there: run it on one process or under DDP (configs/accelerate/ddp.yaml), not {engine_name(accelerator)}"
@@ -199,6 +214,22 @@ def rollout_metrics(scores: dict[str, torch.Tensor]) -> dict[str, float]:
     return out
 
 
+class WeightPush:
+    """Save the policy into the server's folder and have the server reload it (`rl.rollout_backend: server`)."""
+
+    def __init__(self, client: ServerBackend, rl, metadata: dict[str, Any], config: RLConfig):
+        self.client, self.kind = client, rl.server_kind
+        self.folder = Path(rl.server_weights_dir)
+        self.metadata = metadata
+        self.dtype = resolve_dtype(config.train.save_dtype, config.model.model_name_or_path)
+
+    def __call__(self, accelerator: Accelerator, forward: torch.nn.Module, tokenizer) -> None:
+        save_model_folder(accelerator, forward, tokenizer, self.folder, self.metadata, dtype=self.dtype)
+        if accelerator.is_main_process:
+            self.client.reload_weights(self.folder, kind=self.kind)
+        accelerator.wait_for_everyone()  # no rank samples before the server has the new weights
+
+
 def token_logps_no_grad(forward: torch.nn.Module, batch: dict[str, Any], device) -> torch.Tensor:
     """Per-token log-probs of a row batch without gradients, in eval mode (the mode the rollouts sampled in)."""
     was_training = forward.training
@@ -269,8 +300,21 @@ def _train(
         )
     state.data_order = order
     policy_forward = accelerator.unwrap_model(forward)
-    # Rollouts from the policy's own parameters: every update is seen by the next step's generation, no weight push.
-    backend = HFBackend(policy_forward.model, tokenizer, settings, batch_size=rl.rollout_batch_size)
+    if rl.rollout_backend == "server":
+        client = ServerBackend(
+            rl.server_url,
+            model_name=rl.server_model,
+            api_key=os.environ.get("INTERNVL_TUNE_API_KEY"),  # None: ServerBackend reads $OPENAI_API_KEY
+            max_concurrency=rl.server_concurrency,
+        )
+        backend: HFBackend | ServerRollouts = ServerRollouts(client, tokenizer, settings)
+        push = WeightPush(client, rl, run_metadata(accelerator, forward, config, settings), config)
+        if state.step > 0:  # a resumed run: the server may still hold the weights it started with
+            push(accelerator, forward, tokenizer)
+    else:
+        # Rollouts from the policy's own parameters: every update is seen by the next step's generation, no push.
+        backend = HFBackend(policy_forward.model, tokenizer, settings, batch_size=rl.rollout_batch_size)
+        push = None
     local_prompts = rl.prompts_per_step // world
     mini_batches = [
         range(start, start + rl.mini_batch_size // world)
@@ -306,7 +350,10 @@ def _train(
         # 1-2. This rank's prompts and their responses.
         step_prompts = prompts.for_step(state.step, rl.prompts_per_step, rank, world)
         with accelerator.autocast():  # the precision the updates run in (train.bf16)
-            rollouts = backend.rollout([rollout_request(p, config, state.step) for p in step_prompts])
+            try:
+                rollouts = backend.rollout([rollout_request(p, config, state.step) for p in step_prompts])
+            except PromptMismatch as e:
+                raise DataError(f"{step_prompts[e.index].where}: {e}") from None
         check_prompt_lengths(step_prompts, rollouts, config)
         rollout_s = time.perf_counter() - step_start
 
@@ -375,6 +422,10 @@ def _train(
         state.step += 1
         progress.update(1)
         update_s = time.perf_counter() - update_start
+        push_start = time.perf_counter()
+        if push is not None and state.step < total_steps:  # the last step's weights go to final/ only
+            push(accelerator, forward, tokenizer)
+        push_s = time.perf_counter() - push_start
 
         if logging_step:
             totals = read_step_metrics(accelerator, sums)
@@ -405,6 +456,7 @@ def _train(
                     "rollout_time_share": rollout_s / elapsed,
                     "old_logp_time_share": score_s / elapsed,
                     "update_time_share": update_s / elapsed,
+                    "push_time_share": push_s / elapsed,
                     "step_time_s": elapsed,
                 },
             )

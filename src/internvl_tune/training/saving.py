@@ -91,6 +91,35 @@ def save_final(
     return final_dir
 
 
+def run_metadata(accelerator: Accelerator, forward: nn.Module, config, settings) -> dict[str, Any]:
+    """What a model folder written by this run records (`internvl_tune.json`): the model's settings, the run's
+    sample settings and config, and the family of the starting checkpoint (InternLM2 models train as Llama), which
+    `convert --to original` needs."""
+    model = accelerator.unwrap_model(forward).model
+    family = checkpoint_settings(config.model.model_name_or_path).get("llm_family")
+    return metadata_for(base_model(model).config, {**asdict(settings), "llm_family": family}, config=to_dict(config))
+
+
+def save_model_folder(
+    accelerator: Accelerator,
+    forward: nn.Module,
+    tokenizer,
+    folder: Path,
+    metadata: dict[str, Any],
+    *,
+    dtype: torch.dtype | None = None,
+) -> None:
+    """The whole model (LoRA merged) as an HF-layout folder, from the gathered state; every rank calls it (the
+    gather is collective under sharding), the main process writes (atomically: the folder is replaced when
+    complete)."""
+    accelerator.wait_for_everyone()
+    state_dict = gathered_state_dict(accelerator, forward)
+    if accelerator.is_main_process:
+        trained = accelerator.unwrap_model(forward).model
+        save_hf_checkpoint(trained, tokenizer, folder, metadata, state_dict=state_dict, dtype=dtype)
+    accelerator.wait_for_everyone()
+
+
 def finish_run(
     accelerator: Accelerator,
     forward: nn.Module,
@@ -106,12 +135,7 @@ def finish_run(
     """Save the final model with its metadata, write `summary.json` (with what each rank held: `engine_report`),
     report skipped samples."""
     d, output_dir = config.data, Path(config.train.output_dir)
-    model = accelerator.unwrap_model(forward).model
-    # The family of the starting checkpoint (InternLM2 models train as Llama) travels on for `convert --to original`.
-    family = checkpoint_settings(config.model.model_name_or_path).get("llm_family")
-    metadata = metadata_for(
-        base_model(model).config, {**asdict(settings), "llm_family": family}, config=to_dict(config)
-    )
+    metadata = run_metadata(accelerator, forward, config, settings)
     dtype = resolve_dtype(config.train.save_dtype, config.model.model_name_or_path)
     final_dir = save_final(accelerator, forward, tokenizer, output_dir, metadata, uses_lora=uses_lora, dtype=dtype)
     engine = engine_report(accelerator, forward, optimizer)
