@@ -2,6 +2,7 @@
 a resume reproduces the loss sequence, and a bad setting is one line."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,7 @@ def test_rl_trains_logs_and_its_first_update_is_on_policy(tmp_path, tiny_model_d
         f"rl.rewards=[{reward_module}, length]",
         "rl.reward_weights=[1.0, 0.5]",
         "per_device_train_batch_size=1",
+        "rl.kl_coef=0.1",
     )
     assert code == 0
     rows = read_metrics(out / "metrics.jsonl")
@@ -82,6 +84,10 @@ def test_rl_trains_logs_and_its_first_update_is_on_policy(tmp_path, tiny_model_d
     assert first["clip_fraction"] == 0.0
     assert first["num_responses"] == 8
     assert first["grad_norm"] > 0  # the user reward differs within groups: there was something to learn
+    vocab = json.loads((tiny_model_dir / "config.json").read_text())["text_config"]["vocab_size"]
+    assert 0 < first["entropy"] <= math.log(vocab)  # token mean of the sampling policy's next-token entropy
+    assert first["kl"] == pytest.approx(0.0, abs=1e-6)  # the reference is the starting policy
+    assert rows[-1]["kl"] > 0
     assert (out / "final" / "config.json").is_file()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 3

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -123,3 +125,22 @@ def test_gather_lists_by_hand():
     assert index.tolist() == [0, 1, 4] and targets.tolist() == [5, 7, 4] and segment.tolist() == [0, 0, 1]
     sums = segment_sum(torch.tensor([1.0, 2.0, 4.0]), torch.tensor([0, 0, 2]), 3)
     assert sums.tolist() == [3.0, 0.0, 4.0]
+
+
+def test_entropy_pass_equals_full_softmax():
+    """`target_logps_and_entropy` against log_softmax over the whole vocabulary: the log-probs equal
+    `target_logps`'s, the entropy -sum p log p, with rows split over several chunks (fp32, 1e-5)."""
+    from internvl_tune.model.logprobs import target_logps, target_logps_and_entropy
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50)
+    hidden, targets = torch.randn(7, 16) * 3, torch.randint(0, 50, (7,))
+    logps, entropy = target_logps_and_entropy(hidden, head, targets, chunk_size=3)
+    full = torch.log_softmax(head(hidden), dim=-1)
+    torch.testing.assert_close(logps, full[torch.arange(7), targets], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logps, target_logps(hidden, head, targets, chunk_size=3), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(entropy, -(full.exp() * full).sum(-1), atol=1e-5, rtol=1e-5)
+    flat = torch.nn.Linear(16, 50)
+    torch.nn.init.zeros_(flat.weight), torch.nn.init.zeros_(flat.bias)
+    _, uniform = target_logps_and_entropy(hidden, flat, targets)  # every token equally likely: H = log 50
+    torch.testing.assert_close(uniform, torch.full((7,), math.log(50)), atol=1e-6, rtol=1e-6)

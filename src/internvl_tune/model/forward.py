@@ -11,7 +11,7 @@ from transformers import InternVLForConditionalGeneration
 
 from internvl_tune.losses.router import load_balancing_loss
 from internvl_tune.model.attention import row_attention
-from internvl_tune.model.logprobs import DEFAULT_LOGPROB_CHUNK, target_logps
+from internvl_tune.model.logprobs import DEFAULT_LOGPROB_CHUNK, target_logps, target_logps_and_entropy
 
 
 def base_model(model: nn.Module) -> InternVLForConditionalGeneration:
@@ -84,8 +84,10 @@ class InternVLTrainingForward(nn.Module):
         logp_targets: torch.Tensor | None = None,  # [K] the token to score at each of them
         attention_groups: torch.Tensor | None = None,  # [B, T] rows holding several sequences (model/attention.py)
         attention_roles: torch.Tensor | None = None,  # [B, T]
-    ) -> torch.Tensor:
-        """Logits [B, T, V]; or, with `logp_index`, only log p(target) at those positions, fp32 [K].
+        with_entropy: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits [B, T, V]; or, with `logp_index`, only log p(target) at those positions, fp32 [K]; with
+        `with_entropy` too (no gradients), the pair (log-probs, the entropy of each position's next token) [K] each.
 
         The second form never builds the [B, T, V] logits: the LM head runs on the K gathered hidden states, in
         chunks (`target_logps`). Pass `image_flags` on the CPU (as collators make them): the tile split is then
@@ -106,6 +108,7 @@ class InternVLTrainingForward(nn.Module):
                 logp_targets,
                 attention_groups,
                 attention_roles,
+                with_entropy,
             )
         finally:
             logits, self._router_logits = self._router_logits, None
@@ -131,7 +134,8 @@ class InternVLTrainingForward(nn.Module):
         logp_targets,
         attention_groups,
         attention_roles,
-    ) -> torch.Tensor:
+        with_entropy=False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         attention_kwargs = {}
         if attention_groups is not None:
             # Segments under sdpa_segments, a BlockMask under flex attention, else the dense mask (model/attention.py).
@@ -159,6 +163,8 @@ class InternVLTrainingForward(nn.Module):
             **attention_kwargs,
         ).last_hidden_state  # [B, T, D]
         picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, logp_index)  # [K, D]
+        if with_entropy:
+            return target_logps_and_entropy(picked, internvl.lm_head, logp_targets, self.logprob_chunk_size)
         return target_logps(picked, internvl.lm_head, logp_targets, self.logprob_chunk_size)
 
     def _place_image_features(self, internvl, input_ids, inputs_embeds, pixel_values, image_flags) -> torch.Tensor:

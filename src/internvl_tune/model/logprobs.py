@@ -107,6 +107,32 @@ def target_logps(
     return torch.cat(parts)
 
 
+def target_logps_and_entropy(
+    hidden: torch.Tensor,  # [N, D]
+    lm_head: torch.nn.Module,
+    targets: torch.Tensor,  # [N]
+    chunk_size: int = DEFAULT_LOGPROB_CHUNK,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Without gradients: `target_logps` and the entropy of each row's next-token distribution, fp32 [N] each.
+
+    Entropy H = logsumexp(z) - sum_v softmax(z)_v z_v, from the same chunk of logits as the log-prob (peak logit
+    memory `chunk_size x vocab`, twice for the softmax). Online RL logs it from its no-grad pass over the rollouts.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"logprob chunk size must be >= 1, got {chunk_size}")
+    logps, entropies = [], []
+    with torch.no_grad():
+        for s in range(0, hidden.shape[0], chunk_size):
+            logits = lm_head(hidden[s : s + chunk_size]).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            logps.append(logits.gather(-1, targets[s : s + chunk_size, None]).squeeze(-1) - lse)
+            entropies.append(lse - (torch.softmax(logits, dim=-1) * logits).sum(-1))
+    if not logps:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, empty.clone()
+    return torch.cat(logps), torch.cat(entropies)
+
+
 def response_gather(
     rows: torch.Tensor,  # [B]
     positions: torch.Tensor,  # [B, L]
@@ -176,10 +202,12 @@ def pair_logps(forward: nn.Module, batch: dict[str, Any], device) -> dict[str, t
     }
 
 
-def group_token_logps(forward: nn.Module, batch: dict[str, Any], device) -> torch.Tensor:
+def group_token_logps(forward: nn.Module, batch: dict[str, Any], device, *, with_entropy: bool = False):
     """Per-token log-probs [K] of the responses of a `group_collate` batch (in `response_of_token` order): one
-    forward per batch, the LM head only on the response positions."""
+    forward per batch, the LM head only on the response positions. `with_entropy` (no gradients): the pair
+    (log-probs, each token's next-token entropy)."""
     return forward(
+        with_entropy=with_entropy,
         input_ids=batch["input_ids"].to(device, non_blocking=True),
         position_ids=batch["position_ids"].to(device, non_blocking=True),
         pixel_values=batch["pixel_values"].to(device, non_blocking=True),

@@ -230,15 +230,17 @@ class WeightPush:
         accelerator.wait_for_everyone()  # no rank samples before the server has the new weights
 
 
-def token_logps_no_grad(forward: torch.nn.Module, batch: dict[str, Any], device) -> torch.Tensor:
-    """Per-token log-probs of a row batch without gradients, in eval mode (the mode the rollouts sampled in)."""
+def token_logps_no_grad(forward: torch.nn.Module, batch: dict[str, Any], device, *, with_entropy: bool = False):
+    """Per-token log-probs of a row batch without gradients, in eval mode (the mode the rollouts sampled in);
+    `with_entropy`: and each token's next-token entropy (the pair)."""
     was_training = forward.training
     forward.eval()
     try:
         with torch.no_grad():
-            return group_token_logps(forward, batch, device).float()
+            out = group_token_logps(forward, batch, device, with_entropy=with_entropy)
     finally:
         forward.train(was_training)
+    return tuple(t.float() for t in out) if with_entropy else out.float()
 
 
 def train(config: RLConfig) -> dict[str, Any]:
@@ -365,6 +367,7 @@ def _train(
         # 4. The rows of each mini-batch, their old (and reference) log-probs: one no-grad pass before any update.
         score_start = time.perf_counter()
         plan = []  # per mini-batch: [(batch, old, ref, advantages)] per micro-batch, and the mini-batch normalizer
+        entropy_sums = torch.zeros(2, dtype=torch.float64, device=device)  # [sum over response tokens, tokens]
         for groups in mini_batches:
             rows = row_specs(groups, rl.num_generations, rl.responses_per_row)
             micro = []
@@ -375,7 +378,8 @@ def _train(
                     group_inputs(rollouts, chunk, settings.num_image_token), tokenizer.pad_token_id, dummy_tile
                 )
                 # Through the prepared forward, as the updates: the same autocast, so a first update's ratio is 1.
-                old = token_logps_no_grad(forward, batch, device)
+                old, entropy = token_logps_no_grad(forward, batch, device, with_entropy=True)
+                entropy_sums += torch.stack([entropy.double().sum(), torch.tensor(entropy.numel(), device=device)])
                 ref = None if reference is None else token_logps_no_grad(reference, batch, device)
                 adv = torch.cat([advantages[r.group, r.start : r.stop] for r in chunk]).to(device)
                 micro.append((batch, old, ref, adv))
@@ -428,7 +432,9 @@ def _train(
         push_s = time.perf_counter() - push_start
 
         if logging_step:
-            totals = read_step_metrics(accelerator, sums)
+            totals = read_step_metrics(
+                accelerator, {**sums, "entropy_sum": entropy_sums[0], "entropy_n": entropy_sums[1]}
+            )
             if world > 1:
                 extremes = accelerator.gather(extremes[None]).max(0).values
             num_updates = len(plan) * rl.ppo_epochs
@@ -447,6 +453,8 @@ def _train(
                     "epoch": prompts.epoch_of(state.step, rl.prompts_per_step),
                     **rollout_stats,
                     "advantage/abs_mean": float(advantages_all.abs().mean()),
+                    # the behaviour policy's next-token entropy, token mean over the step's response tokens
+                    "entropy": totals["entropy_sum"] / max(totals["entropy_n"], 1.0),
                     **{k: float(v) for k, v in rl_metrics(stats).items()},
                     "ratio_max": float(extremes[0]),
                     "ratio_min": float(-extremes[1]),
