@@ -331,3 +331,91 @@ def test_a_resume_under_another_engine_is_refused_in_one_line(sft):
     assert "was saved by ZeRO-3 on 2 ranks and this run is FSDP2" in result.stderr
     # accelerate's launcher reports the failed ranks with its own traceback; no frame of ours is in it.
     assert "internvl_tune/" not in result.stderr
+
+
+@pytest.fixture()
+def rollout_server(tmp_path, tiny_model_dir):
+    """serve.py in its own process on a copy of the tiny model, one request per generate call (--batch-size = G),
+    so a response does not depend on which rank asked or what else was in flight; `reset()` puts the starting
+    weights back (a run's pushes overwrite them)."""
+    import shutil
+    import socket
+    import time
+    import urllib.request
+
+    served = tmp_path / "served"
+    shutil.copytree(tiny_model_dir, served)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    env |= {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "internvl_tune.generation.serve", str(served), "--port", str(port), "--batch-size", "4"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url + "/models", timeout=5).read()
+            break
+        except OSError:
+            assert process.poll() is None and time.monotonic() < deadline, "serve.py did not start"
+            time.sleep(0.5)
+
+    def reset():
+        shutil.rmtree(served)
+        shutil.copytree(tiny_model_dir, served)
+        request = urllib.request.Request(url + "/reload_weights", data=b"{}", method="POST")
+        urllib.request.urlopen(request, timeout=60).read()
+
+    try:
+        yield url, served, reset
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_rl_with_server_rollouts_two_sharded_ranks_equal_one_process(tmp_path, rollout_server, monkeypatch):
+    """Online RL with rollouts from a server (serve.py, pushed after each step) under FSDP2 and ZeRO-3 on 2 ranks
+    equals one process: the same responses (so each push reached the server), rewards, losses, ratios and gradient
+    norms over two steps of two updates, with each rank holding about half the parameters and moments."""
+    import shutil
+
+    from conftest import RL_REWARD_MODULE, make_prompts
+
+    url, served, reset = rollout_server
+    meta = make_prompts(tmp_path / "data")
+    start = tmp_path / "start"  # the starting checkpoint: the server's folder is a copy, which the pushes overwrite
+    shutil.copytree(served, start)
+    (tmp_path / "rl_test_rewards.py").write_text(RL_REWARD_MODULE)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    config = tmp_path / "rl.yaml"
+    config.write_text(
+        f"model: {{model_name_or_path: {start}, grad_checkpoint: false}}\n"
+        f"data: {{meta_path: {meta}, max_dynamic_patch: 4, max_seq_length: 512}}\n"
+        "train: {max_steps: 2, learning_rate: 5.0e-3}\n"
+        "rl: {num_generations: 4, prompts_per_step: 4, mini_batch_size: 2, max_new_tokens: 8, prompt_version: direct,\n"
+        "     rewards: ['rl_test_rewards:letters'], reward_weights: [1.0], rollout_backend: server,\n"
+        f"     server_url: '{url}', server_weights_dir: '{served}', server_concurrency: 1}}\n"
+    )
+    run(config, f"output_dir={tmp_path / 'one'}", "per_device_train_batch_size=2", command="rl")
+    one = rows(tmp_path / "one")
+    assert len(one) == 2
+    for engine in ("fsdp2", "zero3"):
+        reset()
+        out = tmp_path / engine
+        accelerate = accelerate_file(engine, tmp_path / "accelerate")
+        run(config, f"output_dir={out}", "per_device_train_batch_size=1", command="rl", accelerate=accelerate)
+        two = rows(out)
+        assert [r["num_responses"] for r in two] == [16, 16]
+        for key in ("reward/mean", "response_length/mean", "loss", "ratio_mean", "ratio_max", "clip_fraction"):
+            assert [r[key] for r in two] == pytest.approx([r[key] for r in one], abs=1e-5), (engine, key)
+        assert [r["grad_norm"] for r in two] == pytest.approx([r["grad_norm"] for r in one], rel=1e-4), engine
+        report, single = engine_report(out), engine_report(tmp_path / "one")
+        assert report["engine"] == NAMES[engine] and report["num_processes"] == 2
+        (params,) = single["parameter_bytes_per_rank"]
+        assert all(b / params == pytest.approx(0.5, abs=0.05) for b in report["parameter_bytes_per_rank"])

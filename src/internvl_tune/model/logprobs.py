@@ -91,7 +91,10 @@ def target_logps(
     if hidden.shape[0] == 0:
         return hidden.new_zeros(0, dtype=torch.float32)
     weight = getattr(lm_head, "weight", None)
-    if type(lm_head) is torch.nn.Linear and weight is not None and weight.dim() == 2:
+    # A ZeRO-3 parameter (`ds_id`) may be whole now and released before the backward (after a no-grad pass in eval
+    # mode DeepSpeed leaves it gathered): only a module call makes DeepSpeed gather it again for the backward.
+    fused = weight is not None and weight.dim() == 2 and not hasattr(weight, "ds_id")
+    if type(lm_head) is torch.nn.Linear and fused:
         return _LinearTargetLogps.apply(hidden, lm_head.weight, lm_head.bias, targets, chunk_size)
 
     def chunk_logps(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -97,19 +97,21 @@ def total_steps_of(config: RLConfig, num_prompts: int) -> int:
 
 
 def check_layout(config: RLConfig, accelerator: Accelerator) -> None:
-    """What the ranks must share: whole prompt counts per rank and per mini-batch, and weights whole on every rank
-    (the `hf` backend generates in each rank's own process, one forward at a time, not collectively)."""
+    """What the ranks must share: whole prompt counts per rank and per mini-batch; and, with the `hf` backend, whole
+    weights on every rank (it generates in each rank's own process, one forward at a time, not collectively). With
+    `server` no rank generates: FSDP2 and ZeRO shard the policy, and the push gathers it."""
     world, rl = accelerator.num_processes, config.rl
     if rl.mini_batch_size % world:
         raise ConfigError(
             f"rl.mini_batch_size={rl.mini_batch_size} must be a multiple of the {world} processes (each rank takes an "
             "equal share of every update's prompts)"
         )
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        # With rollout_backend=server no rank generates; the sharded updates are not tested yet, so refused too.
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if sharded and rl.rollout_backend == "hf":
         raise ConfigError(
-            f"internvl-tune rl generates its rollouts in each rank's process (the hf backend), which needs the whole "
-            f"weights there: run it on one process or under DDP (configs/accelerate/ddp.yaml), not {engine_name(accelerator)}"
+            f"rl.rollout_backend=hf generates in each rank's process, which needs the whole weights there: under "
+            f"{engine_name(accelerator)} sample on a server (rl.rollout_backend=server, docs/rl.md), or train on one "
+            "process or under DDP (configs/accelerate/ddp.yaml)"
         )
 
 
@@ -449,7 +451,8 @@ def _train(
                     "loss": last_loss,  # the mean of the step's updates' losses
                     **{k: v / num_updates for k, v in totals.items() if k.startswith("loss/")},
                     "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": float(torch.stack(grad_norms).mean()) if grad_norms else None,
+                    # a tensor, or a float under DeepSpeed (its norm of the step it just took)
+                    "grad_norm": sum(float(g) for g in grad_norms) / len(grad_norms) if grad_norms else None,
                     "epoch": prompts.epoch_of(state.step, rl.prompts_per_step),
                     **rollout_stats,
                     "advantage/abs_mean": float(advantages_all.abs().mean()),
