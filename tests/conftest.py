@@ -108,6 +108,10 @@ def make_pair_dataset(root: Path, num: int = 12) -> Path:
 RL_REWARD_MODULE = """
 def letters(response, record):
     return len(set(response)) / 10.0
+
+
+def fewer_letters(response, record):
+    return -len(set(response)) / 10.0
 """
 
 
