@@ -1,5 +1,5 @@
 """`internvl-tune demo --quick` end to end through the CLI: task, tiny model, eval, SFT, eval, sampling, pairs, MPO,
-eval, report."""
+eval, RL, eval, report."""
 
 import importlib.util
 import json
@@ -18,7 +18,7 @@ from internvl_tune.training.metrics import MetricsWriter
 
 def test_quick_demo_writes_a_passing_report(tmp_path, capsys):
     threads = torch.get_num_threads()
-    assert main(["demo", "--quick", "--output-dir", str(tmp_path), "num_threads=1"]) == 0
+    assert main(["demo", "--quick", "--output-dir", str(tmp_path), "num_threads=1", "rl_steps=2"]) == 0
     assert torch.get_num_threads() == threads  # the demo's thread count does not outlive it
 
     report = json.loads((tmp_path / "report.json").read_text())
@@ -38,10 +38,11 @@ def test_quick_demo_writes_a_passing_report(tmp_path, capsys):
     assert report["losses"][-1] < report["losses"][0] - 0.5
     assert report["num_eval_questions"] == settings["num_eval"] * len(QUESTION_TYPES)
     stages = {"data", "model", "eval_before", "train", "eval_sft", "sample", "pairs", "mpo", "eval_mpo", "total"}
+    stages |= {"rl", "eval_rl"}  # asked for: rl_steps=2
     assert set(report["seconds"]) == stages
 
     # Each stage's files: the evaluations' judged responses, the sampled answers, the pairs, the MPO run.
-    for name in ("eval_before", "eval_sft", "eval_mpo"):
+    for name in ("eval_before", "eval_sft", "eval_mpo", "eval_rl"):
         rows = [json.loads(line) for line in (tmp_path / name / "responses.jsonl").read_text().splitlines()]
         assert len(rows) == report["num_eval_questions"] and all(r["prompt_version"] == "en" for r in rows)
         assert json.loads((tmp_path / name / "report.json").read_text())["num_correct"] == sum(
@@ -63,10 +64,16 @@ def test_quick_demo_writes_a_passing_report(tmp_path, capsys):
     # The MPO model is not its reference: some held-out chosen rewards beat the rejected.
     assert mpo["reward_accuracy"]["reward_accuracy"] > 0.0
     assert (tmp_path / "mpo_run" / "final" / "config.json").is_file()
+    # The RL stage: GSPO from the MPO model on fresh count and shape questions, then the benchmark.
+    assert set(report["accuracy_after_rl"]) == set(everything)
+    assert report["rl"]["start_model"] == mpo["final_model"] and len(report["rl"]["rewards"]) == 2
+    rl_prompts = (tmp_path / "rl_data" / "rl_prompts.jsonl").read_text().splitlines()
+    assert len(rl_prompts) == 4 * 2 and {json.loads(line)["source"] for line in rl_prompts} <= {"count", "shape"}
+    assert (tmp_path / "rl_run" / "final" / "config.json").is_file()
     assert (tmp_path / "run" / "final" / "config.json").is_file()
     assert (tmp_path / "data" / "meta.json").is_file()
     out = capsys.readouterr().out
-    assert "PASSED" in out and "after MPO" in out and f"MPO on {num_pairs} pairs (" in out
+    assert "PASSED" in out and "after MPO" in out and "after RL" in out and f"MPO on {num_pairs} pairs (" in out
     # The plot needs the optional matplotlib: without it the report says there is none.
     if importlib.util.find_spec("matplotlib") is None:
         assert report["plot"] is None and not (tmp_path / "curves.png").exists()
