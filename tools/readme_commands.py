@@ -104,6 +104,10 @@ RULES = (
     Rule(r"pip install ", skip="GPU install: installs packages into the active environment"),
     Rule(r"accelerate launch --num_processes 8 ", skip="8 processes (GPUs); `...` stands for a run file"),
     Rule(r"accelerate launch --config_file configs/accelerate/ddp\.yaml ", skip="online RL on 8 GPUs (DDP)"),
+    Rule(
+        r"accelerate launch --config_file configs/accelerate/fsdp2\.yaml .* rl ",
+        skip="online RL on 4 GPUs (FSDP2) with a vLLM server on the other 4",
+    ),
     Rule(r"accelerate launch --config_file configs/accelerate/", skip="DeepSpeed ZeRO-3 on 8 GPUs"),
     Rule(r"internvl-tune (sft|mpo) ", append=tuple(APPENDED)),
     Rule(r"internvl-tune rl ", append=RL_APPENDED),

@@ -205,3 +205,13 @@ def test_rl_server_settings_errors_are_one_line(tmp_path, tiny_model_dir, meta, 
     )
     assert code == 2
     assert "is the starting checkpoint: each step's push would overwrite it" in capsys.readouterr().err
+    server_run = ("rl.rollout_backend=server", "rl.server_url=http://127.0.0.1:9/v1")
+    code, _ = _run(tmp_path, tiny_model_dir, meta, *server_run, f"rl.server_weights_dir={tmp_path / 'nothing'}")
+    assert code == 2
+    assert "no model folder there; copy the starting checkpoint there" in capsys.readouterr().err
+    original = tmp_path / "original"
+    original.mkdir()
+    (original / "config.json").write_text('{"architectures": ["InternVLChatModel"], "auto_map": {}}')
+    code, _ = _run(tmp_path, tiny_model_dir, meta, *server_run, f"rl.server_weights_dir={original}")
+    assert code == 2
+    assert "holds the original (remote-code) layout" in capsys.readouterr().err

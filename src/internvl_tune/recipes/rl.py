@@ -39,6 +39,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
+from internvl_tune.checkpoints.convert import is_original_checkpoint
 from internvl_tune.checkpoints.read import resolve_dtype
 from internvl_tune.config import ConfigError, RLConfig, to_dict
 from internvl_tune.data.collate import group_collate
@@ -112,6 +113,22 @@ def check_layout(config: RLConfig, accelerator: Accelerator) -> None:
             f"rl.rollout_backend=hf generates in each rank's process, which needs the whole weights there: under "
             f"{engine_name(accelerator)} sample on a server (rl.rollout_backend=server, docs/rl.md), or train on one "
             "process or under DDP (configs/accelerate/ddp.yaml)"
+        )
+
+
+def check_server_folder(folder: str) -> None:
+    """The server's folder must exist and hold the HF layout: the push writes that layout, and a server started on
+    an original (remote-code) folder would reload weights under names it does not know."""
+    path = Path(folder)
+    if not (path / "config.json").is_file():
+        raise ConfigError(
+            f"rl.server_weights_dir={folder}: no model folder there; copy the starting checkpoint there and start the "
+            "server on it (docs/rl.md)"
+        )
+    if is_original_checkpoint(path):
+        raise ConfigError(
+            f"rl.server_weights_dir={folder} holds the original (remote-code) layout, and each push writes the HF "
+            f"layout: serve an HF-layout copy instead (internvl-tune convert {folder} DIR --to hf)"
         )
 
 
@@ -305,6 +322,7 @@ def _train(
     state.data_order = order
     policy_forward = accelerator.unwrap_model(forward)
     if rl.rollout_backend == "server":
+        check_server_folder(rl.server_weights_dir)
         client = ServerBackend(
             rl.server_url,
             model_name=rl.server_model,
