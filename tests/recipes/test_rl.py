@@ -182,6 +182,9 @@ def test_rl_through_a_server_equals_rl_in_process_and_pushes_each_step(tmp_path,
     for key in ("loss", "reward/mean", "response_length/mean", "ratio_mean", "grad_norm"):
         assert [r[key] for r in rows] == pytest.approx([r[key] for r in expected], abs=1e-6), key
     assert all(r["push_time_share"] > 0 for r in rows[:2])
+    # The server's log-probs of what it sampled match the trainer's (the same fp32 weights after each push).
+    assert all(r["sampler_logp_gap/max"] < 1e-4 for r in rows)
+    assert "sampler_logp_gap/mean" not in expected[0]  # in process there is no separate sampler
     pushed = load_file(next(served.glob("*.safetensors")))
     start = load_file(next(Path(tiny_model_dir).glob("*.safetensors")))
     assert any(not torch.equal(pushed[k], start[k]) for k in start)  # trained weights were pushed

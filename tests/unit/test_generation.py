@@ -425,6 +425,11 @@ def test_server_rollouts_are_the_hf_backends_rollouts(hf_backend, hf_server):
         tiles = mine[0].prompt.pixel_values, theirs[0].prompt.pixel_values
         assert (tiles[0] is None and tiles[1] is None) or torch.equal(*tiles)
     assert any(r.truncated for group in got for r in group)  # 4 new tokens: some responses were cut
+    # The server's log-probs of its samples (serve.py scores them as the trainer does), one per sampled token.
+    for mine, theirs in zip(got, expected, strict=True):
+        assert [len(r.sampler_logps) for r in mine] == [len(r.response_ids) for r in mine]
+        for lp, ref in zip([r.sampler_logps for r in mine], local.score(theirs), strict=True):
+            assert lp == pytest.approx(ref, abs=1e-5) and all(v <= 0 for v in lp)
     sampled = client.sample_ids(requests[0])
     assert sampled.finish_reasons == ["length" if r.truncated else "stop" for r in expected[0]]
 

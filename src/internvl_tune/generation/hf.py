@@ -157,6 +157,35 @@ class HFBackend:
             return self.settings
         return replace(self.settings, max_dynamic_patch=request.tiles_per_image * max(1, len(request.images)))
 
+    def score(self, group: Sequence[Rollout]) -> list[list[float]]:
+        """This model's log-prob of every token of one prompt's responses (what a server reports as `logprobs`):
+        one no-grad forward of the row `[prompt | r1 | ... | rn]`, as the trainer scores them (`group_token_logps`:
+        the LM head only at response positions, never the whole [T, vocab] logits)."""
+        from internvl_tune.data.collate import group_collate  # lazily: generation does not need the training stack
+        from internvl_tune.data.images import blank_tile
+        from internvl_tune.model.forward import InternVLTrainingForward
+        from internvl_tune.model.logprobs import group_token_logps
+
+        prompt = group[0].prompt
+        row = {
+            "prompt_ids": torch.tensor(prompt.input_ids, dtype=torch.long),
+            "prompt_position_ids": prompt.position_ids,
+            "pixel_values": prompt.pixel_values,
+            "num_image_tokens": sum(prompt.num_tiles) * self.settings.num_image_token,
+            "responses": [torch.tensor(r.response_ids, dtype=torch.long) for r in group],
+        }
+        dummy = blank_tile(self.settings.image_size, self.settings.normalize_type)
+        batch = group_collate([row], self.tokenizer.pad_token_id, dummy)
+        batch["pixel_values"] = batch["pixel_values"].to(self.model.dtype)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                logps = group_token_logps(InternVLTrainingForward(self.model), batch, self.model.device).float().cpu()
+        finally:
+            self.model.train(was_training)
+        return [part.tolist() for part in logps.split([len(r.response_ids) for r in group])]
+
     @property
     def stop_ids(self) -> set[int]:
         return set(self.eos_token_id) if isinstance(self.eos_token_id, list | tuple) else {self.eos_token_id}
@@ -221,12 +250,14 @@ class HFBackend:
 @dataclass(frozen=True)
 class Rollout:
     """One sampled response: its prompt (ids, tiles, positions), its token ids up to and with the stop token,
-    its answer text (`decode_answer`), and whether it hit `max_new_tokens` before stopping."""
+    its answer text (`decode_answer`), whether it hit `max_new_tokens` before stopping, and the sampler's log-prob
+    of each token where it reported them (a server's; None in process, where the trainer's are the sampler's)."""
 
     prompt: InferencePrompt
     response_ids: list[int]
     text: str
     truncated: bool
+    sampler_logps: list[float] | None = None
 
 
 def left_pad(sequences: Sequence[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:

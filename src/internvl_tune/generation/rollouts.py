@@ -90,12 +90,14 @@ class ServerRollouts:
                 f"{self.tokenizer.decode(ours[at : at + 8])!r}); serve the policy's folder with its template and "
                 "tiling settings (docs/rl.md)",
             )
+        logprobs = sampled.logprobs or [None] * len(sampled.responses)
         return [
             Rollout(
                 prompt=prompt,
                 response_ids=ids,
                 text=decode_answer(self.tokenizer, self.template, ids),
                 truncated=reason == "length",
+                sampler_logps=logps,
             )
-            for ids, reason in zip(sampled.responses, sampled.finish_reasons, strict=True)
+            for ids, reason, logps in zip(sampled.responses, sampled.finish_reasons, logprobs, strict=True)
         ]

@@ -6,8 +6,9 @@
 It answers `GET /v1/models`, `POST /v1/chat/completions` and `POST /v1/reload_weights`. A chat request takes the
 fields the `server` backend sends: `messages` with text and `image_url` data-URL parts, `n`, `temperature`, `top_p`,
 `top_k`, `max_tokens`, `seed`, `continue_final_message` to continue a last assistant message,
-`mm_processor_kwargs.max_dynamic_patch` (the most tiles per image, as vLLM reads it) and `return_token_ids` (each
-choice's sampled `token_ids` and the answer's `prompt_token_ids`, as vLLM answers them). Prompts are built as
+`mm_processor_kwargs.max_dynamic_patch` (the most tiles per image, as vLLM reads it), `return_token_ids` (each
+choice's sampled `token_ids` and the answer's `prompt_token_ids`, as vLLM answers them) and `logprobs` (each sampled
+token's log-prob under the model, from one more no-grad forward of the responses: `HFBackend.score`). Prompts are built as
 `sample --backend hf` builds them: a user turn's images go before its text as `user_turn` places them. Each
 connection gets a thread; the requests waiting when the model is free are generated as one batch. A choice's
 `finish_reason` is "length" when its text hit `max_tokens`, else "stop"; there is no `usage`. It is for tests and for
@@ -62,9 +63,12 @@ class _Answer:
     token_ids: list[list[int]] | None = None
     truncated: list[bool] | None = None
     prompt_ids: list[int] | None = None
+    logprobs: list[list[float]] | None = None
 
 
-def _generate(backend: Backend, requests: list[GenerationRequest]) -> list[_Answer]:
+def _generate(backend: Backend, requests: list[GenerationRequest], with_logprobs: list[bool]) -> list[_Answer]:
+    """Each request's answer; with ids from a backend that samples ids (`rollout`), and the log-prob of each
+    sampled token where the request asked for them (`score`: one more no-grad forward of its responses)."""
     rollout = getattr(backend, "rollout", None)
     if rollout is None:
         return [_Answer(texts) for texts in backend.generate(requests)]
@@ -74,8 +78,9 @@ def _generate(backend: Backend, requests: list[GenerationRequest]) -> list[_Answ
             [r.response_ids for r in group],
             [r.truncated for r in group],
             list(group[0].prompt.input_ids),
+            backend.score(group) if asked else None,
         )
-        for group in rollout(requests)
+        for group, asked in zip(rollout(requests), with_logprobs, strict=True)
     ]
 
 
@@ -84,12 +89,12 @@ class _Batcher:
 
     def __init__(self, backend: Backend, max_batch: int):
         self.backend, self.max_batch = backend, max_batch
-        self.queue: queue.Queue[tuple[GenerationRequest, Future]] = queue.Queue()
+        self.queue: queue.Queue[tuple[Any, Future]] = queue.Queue()  # ((request, with_logprobs) or a job, future)
         threading.Thread(target=self._run, daemon=True, name="generate").start()
 
-    def submit(self, request: GenerationRequest) -> _Answer:
+    def submit(self, request: GenerationRequest, *, with_logprobs: bool = False) -> _Answer:
         future: Future = Future()
-        self.queue.put((request, future))
+        self.queue.put(((request, with_logprobs), future))
         return future.result()
 
     def run_between_batches(self, job) -> Any:
@@ -119,13 +124,13 @@ class _Batcher:
                     future.set_exception(e)
                 continue
             try:
-                results = _generate(self.backend, [request for request, _ in batch])
+                results = _generate(self.backend, [r for (r, _), _ in batch], [lp for (_, lp), _ in batch])
             except Exception:
                 # One bad request must not fail the others: each is run again alone, and an error goes to its own
                 # waiting handler, which answers 500.
-                for request, future in batch:
+                for (request, with_logprobs), future in batch:
                     try:
-                        future.set_result(_generate(self.backend, [request])[0])
+                        future.set_result(_generate(self.backend, [request], [with_logprobs])[0])
                     except Exception as e:
                         future.set_exception(e)
                 continue
@@ -332,7 +337,7 @@ class _Handler(BaseHTTPRequestHandler):
             except (ValueError, TypeError) as e:  # RequestError, bad JSON
                 return 400, {"error": {"message": str(e), "type": "invalid_request_error"}}
             try:
-                answer = server.batcher.submit(request)
+                answer = server.batcher.submit(request, with_logprobs=bool(body.get("logprobs")))
             except Exception as e:  # the model failed on this request: the client sees why
                 logger.exception("generation failed")
                 return 500, {"error": {"message": f"{type(e).__name__}: {e}", "type": "server_error"}}
@@ -344,6 +349,14 @@ class _Handler(BaseHTTPRequestHandler):
                 choice["finish_reason"] = "length" if cut else "stop"
                 if with_ids:
                     choice["token_ids"] = answer.token_ids[i]
+                if answer.logprobs is not None:  # OpenAI's layout; the token as vLLM's --return-tokens-as-token-ids
+                    ids = answer.token_ids[i]
+                    choice["logprobs"] = {
+                        "content": [
+                            {"token": f"token_id:{t}", "logprob": lp}
+                            for t, lp in zip(ids, answer.logprobs[i], strict=True)
+                        ]
+                    }
                 choices.append(choice)
             payload = {
                 "id": f"chatcmpl-{uuid.uuid4().hex}",

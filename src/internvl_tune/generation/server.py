@@ -133,10 +133,11 @@ class ServerBackend:
         Raises:
             ServerError: the server returned no token ids for a choice.
         """
-        prompt_ids, choices = self._choices(request, {"return_token_ids": True})
+        prompt_ids, choices = self._choices(request, {"return_token_ids": True, "logprobs": True})
         responses = [_choice_token_ids(choice, self.base_url) for choice in choices]
         finished = [str(choice.get("finish_reason") or "stop") for choice in choices]
-        return SampledIds(prompt_ids, responses, finished)
+        logprobs = [_choice_logprobs(choice, len(ids)) for choice, ids in zip(choices, responses, strict=True)]
+        return SampledIds(prompt_ids, responses, finished, logprobs)
 
     def _choices(self, request: GenerationRequest, extra: dict[str, Any]) -> tuple[list[int] | None, list[dict]]:
         """The server's `prompt_token_ids` (None if it sends none) and `params.n` choices of one request."""
@@ -228,11 +229,13 @@ class ServerBackend:
 @dataclass(frozen=True)
 class SampledIds:
     """What a server sampled for one request: its prompt's token ids (None when the server does not report them),
-    each response's token ids, and each response's `finish_reason` ("length": cut at max_tokens)."""
+    each response's token ids, each response's `finish_reason` ("length": cut at max_tokens), and each response's
+    per-token log-probs under the server's model where it sends them (None where not)."""
 
     prompt_ids: list[int] | None
     responses: list[list[int]]
     finish_reasons: list[str]
+    logprobs: list[list[float] | None] | None = None
 
 
 def _choice_token_ids(choice: dict, where: str) -> list[int]:
@@ -247,6 +250,16 @@ def _choice_token_ids(choice: dict, where: str) -> list[int]:
         f"{where}/chat/completions returned no token ids; online RL trains on the sampled ids (vLLM >= 0.10.2 answers "
         "return_token_ids; or start vLLM with --return-tokens-as-token-ids)"
     )
+
+
+def _choice_logprobs(choice: dict, num_tokens: int) -> list[float] | None:
+    """A choice's per-token log-probs (`logprobs.content[i].logprob`), or None when the server sent none or not one
+    per sampled token."""
+    content = (choice.get("logprobs") or {}).get("content") or []
+    values = [entry.get("logprob") for entry in content if isinstance(entry, dict)]
+    if len(values) != num_tokens or not all(isinstance(v, int | float) for v in values):
+        return None
+    return [float(v) for v in values]
 
 
 def to_openai_messages(request: GenerationRequest) -> list[dict[str, Any]]:

@@ -249,6 +249,18 @@ class WeightPush:
         accelerator.wait_for_everyone()  # no rank samples before the server has the new weights
 
 
+def sampler_logps(rollouts: list[list[Rollout]], rows: list[RowSpec]) -> torch.Tensor | None:
+    """The sampler's log-probs of `rows`' response tokens in `group_collate` order (float64 [K]), or None unless
+    every response has them (a server that sends log-probs)."""
+    values = []
+    for row in rows:
+        for r in rollouts[row.group][row.start : row.stop]:
+            if r.sampler_logps is None:
+                return None
+            values += r.sampler_logps
+    return torch.tensor(values, dtype=torch.float64)
+
+
 def token_logps_no_grad(forward: torch.nn.Module, batch: dict[str, Any], device, *, with_entropy: bool = False):
     """Per-token log-probs of a row batch without gradients, in eval mode (the mode the rollouts sampled in);
     `with_entropy`: and each token's next-token entropy (the pair)."""
@@ -388,6 +400,7 @@ def _train(
         score_start = time.perf_counter()
         plan = []  # per mini-batch: [(batch, old, ref, advantages)] per micro-batch, and the mini-batch normalizer
         entropy_sums = torch.zeros(2, dtype=torch.float64, device=device)  # [sum over response tokens, tokens]
+        mismatch = torch.zeros(3, dtype=torch.float64, device=device)  # |sampler - trainer| log-prob: sum, n, max
         for groups in mini_batches:
             rows = row_specs(groups, rl.num_generations, rl.responses_per_row)
             micro = []
@@ -400,6 +413,11 @@ def _train(
                 # Through the prepared forward, as the updates: the same autocast, so a first update's ratio is 1.
                 old, entropy = token_logps_no_grad(forward, batch, device, with_entropy=True)
                 entropy_sums += torch.stack([entropy.double().sum(), torch.tensor(entropy.numel(), device=device)])
+                sampler = sampler_logps(rollouts, chunk)
+                if sampler is not None:  # the server's log-probs of the tokens it sampled: how far the trainer's are
+                    gap = (sampler.to(device) - old.double()).abs()
+                    mismatch[:2] += torch.stack([gap.sum(), torch.tensor(gap.numel(), device=device)])
+                    mismatch[2] = torch.maximum(mismatch[2], gap.max())
                 ref = None if reference is None else token_logps_no_grad(reference, batch, device)
                 adv = torch.cat([advantages[r.group, r.start : r.stop] for r in chunk]).to(device)
                 micro.append((batch, old, ref, adv))
@@ -452,9 +470,10 @@ def _train(
         push_s = time.perf_counter() - push_start
 
         if logging_step:
-            totals = read_step_metrics(
-                accelerator, {**sums, "entropy_sum": entropy_sums[0], "entropy_n": entropy_sums[1]}
-            )
+            extra_sums = {"entropy_sum": entropy_sums[0], "entropy_n": entropy_sums[1]}
+            extra_sums |= {"mismatch_sum": mismatch[0], "mismatch_n": mismatch[1]}
+            totals = read_step_metrics(accelerator, {**sums, **extra_sums})
+            mismatch_max = accelerator.gather(mismatch[2:]).max() if world > 1 else mismatch[2]
             if world > 1:
                 extremes = accelerator.gather(extremes[None]).max(0).values
             num_updates = len(plan) * rl.ppo_epochs
@@ -476,6 +495,14 @@ def _train(
                     "advantage/abs_mean": float(advantages_all.abs().mean()),
                     # the behaviour policy's next-token entropy, token mean over the step's response tokens
                     "entropy": totals["entropy_sum"] / max(totals["entropy_n"], 1.0),
+                    **(
+                        {
+                            "sampler_logp_gap/mean": totals["mismatch_sum"] / totals["mismatch_n"],
+                            "sampler_logp_gap/max": float(mismatch_max),
+                        }
+                        if totals["mismatch_n"]
+                        else {}
+                    ),
                     **{k: float(v) for k, v in rl_metrics(stats).items()},
                     "ratio_max": float(extremes[0]),
                     "ratio_min": float(-extremes[1]),
