@@ -218,3 +218,36 @@ def test_rl_server_settings_errors_are_one_line(tmp_path, tiny_model_dir, meta, 
     code, _ = _run(tmp_path, tiny_model_dir, meta, *server_run, f"rl.server_weights_dir={original}")
     assert code == 2
     assert "holds the original (remote-code) layout" in capsys.readouterr().err
+
+
+def test_a_lora_policy_is_pushed_merged(tmp_path, tiny_model_dir, meta, reward_module):
+    """A LoRA policy trains its adapter; each push writes the merged weights, so after a push the server's log-probs
+    of what it samples equal the trainer's (adapter on) to fp32 rounding: the served model is the policy."""
+    import shutil
+
+    from internvl_tune.generation.hf import HFBackend
+    from internvl_tune.generation.serve import start_server
+
+    served = tmp_path / "served"
+    shutil.copytree(tiny_model_dir, served)
+    server = start_server(HFBackend.from_folder(served), model_name="policy", weights_dir=served)
+    try:
+        code, out = _run(
+            tmp_path,
+            tiny_model_dir,
+            meta,
+            "max_steps=3",
+            "use_llm_lora=4",
+            "lora_dropout=0.0",
+            f"rl.rewards=[{reward_module}]",
+            "rl.reward_weights=[1.0]",
+            "rl.rollout_backend=server",
+            f"rl.server_url={server.base_url}",
+            f"rl.server_weights_dir={served}",
+        )
+    finally:
+        server.shutdown()
+    assert code == 0
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["sampler_logp_gap/max"] < 1e-4 for r in rows] == [True] * 3
+    assert rows[-1]["grad_norm"] > 0 and (out / "final_adapter").is_dir()
