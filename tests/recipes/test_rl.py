@@ -251,3 +251,44 @@ def test_a_lora_policy_is_pushed_merged(tmp_path, tiny_model_dir, meta, reward_m
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["sampler_logp_gap/max"] < 1e-4 for r in rows] == [True] * 3
     assert rows[-1]["grad_norm"] > 0 and (out / "final_adapter").is_dir()
+
+
+def test_a_resumed_server_run_pushes_before_its_first_step(tmp_path, tiny_model_dir, meta, reward_module):
+    """The server may hold any weights when a run resumes (here: restarted on the starting checkpoint). The resumed
+    run pushes checkpoint-2's policy before sampling, so steps 3-4 log what the straight run logged."""
+    import shutil
+    import urllib.request
+
+    from internvl_tune.generation.hf import HFBackend
+    from internvl_tune.generation.serve import start_server
+
+    served = tmp_path / "served"
+    shutil.copytree(tiny_model_dir, served)
+    server = start_server(HFBackend.from_folder(served), model_name="policy", weights_dir=served)
+    common = (
+        "max_steps=4",
+        "rl.mini_batch_size=1",
+        f"rl.rewards=[{reward_module}]",
+        "rl.reward_weights=[1.0]",
+        "rl.rollout_batch_size=4",
+        "rl.rollout_backend=server",
+        f"rl.server_url={server.base_url}",
+        f"rl.server_weights_dir={served}",
+        "rl.server_concurrency=1",
+    )
+    try:
+        code, out = _run(tmp_path, tiny_model_dir, meta, *common, "save_steps=2")
+        assert code == 0
+        shutil.rmtree(served)  # the server restarted on the starting checkpoint
+        shutil.copytree(tiny_model_dir, served)
+        urllib.request.urlopen(urllib.request.Request(server.base_url + "/reload_weights", data=b"{}")).read()
+        code, resumed = _run(
+            tmp_path, tiny_model_dir, meta, *common, f"resume_from_checkpoint={out}/checkpoint-2", name="resumed"
+        )
+    finally:
+        server.shutdown()
+    assert code == 0
+    rows, again = read_metrics(out / "metrics.jsonl"), read_metrics(resumed / "metrics.jsonl")
+    assert [r["step"] for r in again] == [3, 4]
+    for key in ("loss", "reward/mean", "ratio_mean", "response_length/mean", "sampler_logp_gap/max"):
+        assert [r[key] for r in again] == pytest.approx([r[key] for r in rows[2:]], abs=1e-6), key
