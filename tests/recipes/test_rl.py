@@ -143,11 +143,15 @@ def test_rl_settings_errors_are_one_line(tmp_path, tiny_model_dir, meta, capsys)
     assert "leaves no room for a prompt" in capsys.readouterr().err
 
 
-def test_rl_through_a_server_equals_rl_in_process_and_pushes_each_step(tmp_path, tiny_model_dir, meta, reward_module):
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_rl_through_a_server_equals_rl_in_process_and_pushes_each_step(
+    tmp_path, tiny_model_dir, meta, reward_module, temperature
+):
     """rollout_backend=server against serve.py started on a copy of the checkpoint: the policy is pushed after each
     step and the server samples from it, so three steps log what the in-process rollouts log (the same seeded
-    requests, one per batch on both sides); the served folder ends with trained weights, and a push would never
-    overwrite the starting checkpoint."""
+    requests, one per batch on both sides); the served folder ends with trained weights. At temperature 0.7 the
+    trainer scores softmax(logits / 0.7), the distribution sampled from: the first update's ratio is 1 and the
+    server's log-probs (at the same temperature) equal the trainer's."""
     import shutil
 
     from safetensors.torch import load_file
@@ -160,6 +164,7 @@ def test_rl_through_a_server_equals_rl_in_process_and_pushes_each_step(tmp_path,
     backend = HFBackend.from_folder(served)
     server = start_server(backend, model_name="policy", weights_dir=served)
     common = ("max_steps=3", f"rl.rewards=[{reward_module}]", "rl.reward_weights=[1.0]", "rl.rollout_batch_size=4")
+    common += (f"rl.temperature={temperature}",)
     try:
         code, out = _run(
             tmp_path,
@@ -184,6 +189,7 @@ def test_rl_through_a_server_equals_rl_in_process_and_pushes_each_step(tmp_path,
     assert all(r["push_time_share"] > 0 for r in rows[:2])
     # The server's log-probs of what it sampled match the trainer's (the same fp32 weights after each push).
     assert all(r["sampler_logp_gap/max"] < 1e-4 for r in rows)
+    assert rows[0]["ratio_max"] == pytest.approx(1.0, abs=1e-5)
     assert "sampler_logp_gap/mean" not in expected[0]  # in process there is no separate sampler
     pushed = load_file(next(served.glob("*.safetensors")))
     start = load_file(next(Path(tiny_model_dir).glob("*.safetensors")))

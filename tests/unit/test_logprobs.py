@@ -144,3 +144,30 @@ def test_entropy_pass_equals_full_softmax():
     torch.nn.init.zeros_(flat.weight), torch.nn.init.zeros_(flat.bias)
     _, uniform = target_logps_and_entropy(hidden, flat, targets)  # every token equally likely: H = log 50
     torch.testing.assert_close(uniform, torch.full((7,), math.log(50)), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["fused", "module"])
+def test_temperature_scores_the_scaled_distribution(wrap):
+    """log_softmax(logits / T)[target], values and gradients (hidden, weight, bias), for the fused head and for a
+    head called as a module; the entropy path at the same T (fp32, 1e-5)."""
+    from internvl_tune.model.logprobs import target_logps_and_entropy
+
+    torch.manual_seed(1)
+    head = nn.Linear(16, 40)
+    module = nn.Sequential(head) if wrap else head  # not a bare nn.Linear: the module path
+    hidden = (torch.randn(9, 16) * 2).requires_grad_()
+    targets = torch.randint(0, 40, (9,))
+    got = target_logps(hidden, module, targets, chunk_size=4, temperature=0.6)
+    got.sum().backward()
+    ours = hidden.grad.clone(), head.weight.grad.clone(), head.bias.grad.clone()
+    hidden.grad, head.weight.grad, head.bias.grad = None, None, None
+    full = torch.log_softmax(head(hidden) / 0.6, dim=-1)
+    expected = full[torch.arange(9), targets]
+    expected.sum().backward()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    for a, b in zip(ours, (hidden.grad, head.weight.grad, head.bias.grad), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    logps, entropy = target_logps_and_entropy(hidden.detach(), module, targets, chunk_size=4, temperature=0.6)
+    torch.testing.assert_close(logps, expected.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy, -(full.exp() * full).sum(-1).detach(), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, target_logps(hidden, module, targets), atol=1e-3)  # T changes the numbers

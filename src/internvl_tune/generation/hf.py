@@ -157,10 +157,11 @@ class HFBackend:
             return self.settings
         return replace(self.settings, max_dynamic_patch=request.tiles_per_image * max(1, len(request.images)))
 
-    def score(self, group: Sequence[Rollout]) -> list[list[float]]:
-        """This model's log-prob of every token of one prompt's responses (what a server reports as `logprobs`):
-        one no-grad forward of the row `[prompt | r1 | ... | rn]`, as the trainer scores them (`group_token_logps`:
-        the LM head only at response positions, never the whole [T, vocab] logits)."""
+    def score(self, group: Sequence[Rollout], *, temperature: float = 1.0) -> list[list[float]]:
+        """This model's log-prob of every token of one prompt's responses (what a server reports as `logprobs`) under
+        softmax(logits / temperature), the distribution they were sampled from: one no-grad forward of the row
+        `[prompt | r1 | ... | rn]`, as the trainer scores them (`group_token_logps`: the LM head only at response
+        positions, never the whole [T, vocab] logits)."""
         from internvl_tune.data.collate import group_collate  # lazily: generation does not need the training stack
         from internvl_tune.data.images import blank_tile
         from internvl_tune.model.forward import InternVLTrainingForward
@@ -181,7 +182,8 @@ class HFBackend:
         self.model.eval()
         try:
             with torch.no_grad():
-                logps = group_token_logps(InternVLTrainingForward(self.model), batch, self.model.device).float().cpu()
+                forward = InternVLTrainingForward(self.model)
+                logps = group_token_logps(forward, batch, self.model.device, temperature=temperature).float().cpu()
         finally:
             self.model.train(was_training)
         return [part.tolist() for part in logps.split([len(r.response_ids) for r in group])]

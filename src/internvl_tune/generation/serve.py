@@ -8,7 +8,8 @@ fields the `server` backend sends: `messages` with text and `image_url` data-URL
 `top_k`, `max_tokens`, `seed`, `continue_final_message` to continue a last assistant message,
 `mm_processor_kwargs.max_dynamic_patch` (the most tiles per image, as vLLM reads it), `return_token_ids` (each
 choice's sampled `token_ids` and the answer's `prompt_token_ids`, as vLLM answers them) and `logprobs` (each sampled
-token's log-prob under the model, from one more no-grad forward of the responses: `HFBackend.score`). Prompts are built as
+token's log-prob under softmax(logits / temperature), the distribution it was drawn from, from one more no-grad forward
+of the responses: `HFBackend.score`). Prompts are built as
 `sample --backend hf` builds them: a user turn's images go before its text as `user_turn` places them. Each
 connection gets a thread; the requests waiting when the model is free are generated as one batch. A choice's
 `finish_reason` is "length" when its text hit `max_tokens`, else "stop"; there is no `usage`. It is for tests and for
@@ -78,9 +79,9 @@ def _generate(backend: Backend, requests: list[GenerationRequest], with_logprobs
             [r.response_ids for r in group],
             [r.truncated for r in group],
             list(group[0].prompt.input_ids),
-            backend.score(group) if asked else None,
+            backend.score(group, temperature=request.params.temperature or 1.0) if asked else None,
         )
-        for group, asked in zip(rollout(requests), with_logprobs, strict=True)
+        for request, group, asked in zip(requests, rollout(requests), with_logprobs, strict=True)
     ]
 
 

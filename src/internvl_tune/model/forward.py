@@ -85,9 +85,11 @@ class InternVLTrainingForward(nn.Module):
         attention_groups: torch.Tensor | None = None,  # [B, T] rows holding several sequences (model/attention.py)
         attention_roles: torch.Tensor | None = None,  # [B, T]
         with_entropy: bool = False,
+        logit_temperature: float = 1.0,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits [B, T, V]; or, with `logp_index`, only log p(target) at those positions, fp32 [K]; with
         `with_entropy` too (no gradients), the pair (log-probs, the entropy of each position's next token) [K] each.
+        `logit_temperature`: the log-probs (and entropy) are of softmax(logits / logit_temperature).
 
         The second form never builds the [B, T, V] logits: the LM head runs on the K gathered hidden states, in
         chunks (`target_logps`). Pass `image_flags` on the CPU (as collators make them): the tile split is then
@@ -109,6 +111,7 @@ class InternVLTrainingForward(nn.Module):
                 attention_groups,
                 attention_roles,
                 with_entropy,
+                logit_temperature,
             )
         finally:
             logits, self._router_logits = self._router_logits, None
@@ -135,6 +138,7 @@ class InternVLTrainingForward(nn.Module):
         attention_groups,
         attention_roles,
         with_entropy=False,
+        logit_temperature=1.0,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         attention_kwargs = {}
         if attention_groups is not None:
@@ -163,9 +167,10 @@ class InternVLTrainingForward(nn.Module):
             **attention_kwargs,
         ).last_hidden_state  # [B, T, D]
         picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, logp_index)  # [K, D]
+        head, chunk = internvl.lm_head, self.logprob_chunk_size
         if with_entropy:
-            return target_logps_and_entropy(picked, internvl.lm_head, logp_targets, self.logprob_chunk_size)
-        return target_logps(picked, internvl.lm_head, logp_targets, self.logprob_chunk_size)
+            return target_logps_and_entropy(picked, head, logp_targets, chunk, temperature=logit_temperature)
+        return target_logps(picked, head, logp_targets, chunk, temperature=logit_temperature)
 
     def _place_image_features(self, internvl, input_ids, inputs_embeds, pixel_values, image_flags) -> torch.Tensor:
         config = internvl.config

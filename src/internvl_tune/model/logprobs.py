@@ -14,23 +14,26 @@ DEFAULT_LOGPROB_CHUNK = 1024  # rows of [chunk, vocab] logits alive at once: 102
 
 
 class _LinearTargetLogps(torch.autograd.Function):
-    """log_softmax(h @ W.T + b)[target] per row, in chunks of rows, never holding [N, V] logits.
+    """log_softmax((h @ W.T + b) * s)[target] per row (s = 1 / temperature), in chunks of rows, never holding
+    [N, V] logits.
 
     Forward keeps only the per-row logsumexp; backward recomputes one chunk's logits at a time and forms
-    d logp / d logits = onehot(target) - softmax in fp32, so peak logit memory is chunk x V in both passes.
+    d logp / d logits = s * (onehot(target) - softmax) in fp32, so peak logit memory is chunk x V in both passes.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size):  # hidden [N, D], weight [V, D], targets [N]
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, scale):  # hidden [N, D], weight [V, D], targets [N]
         out = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
         lse = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
         for start in range(0, hidden.shape[0], chunk_size):
             end = start + chunk_size
             logits = torch.nn.functional.linear(hidden[start:end], weight, bias).float()  # [c, V]
+            if scale != 1.0:
+                logits.mul_(scale)
             lse[start:end] = torch.logsumexp(logits, dim=-1)
             out[start:end] = logits.gather(-1, targets[start:end, None]).squeeze(-1) - lse[start:end]
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.chunk_size = chunk_size
+        ctx.chunk_size, ctx.scale = chunk_size, scale
         return out
 
     @staticmethod
@@ -49,9 +52,13 @@ class _LinearTargetLogps(torch.autograd.Function):
             end = start + ctx.chunk_size
             h = hidden[start:end]
             logits = torch.nn.functional.linear(h, weight, bias).float()
+            if ctx.scale != 1.0:
+                logits.mul_(ctx.scale)
             g = grad_out[start:end, None].float()
             grad_logits = logits.sub_(lse[start:end, None]).exp_().mul_(-g)  # -g * softmax, in the logits' memory
             grad_logits.scatter_add_(-1, targets[start:end, None], g)  # + g * onehot
+            if ctx.scale != 1.0:
+                grad_logits.mul_(ctx.scale)  # through the scaling, to the unscaled logits
             if need_bias:
                 grad_bias += grad_logits.sum(0)
             if need_hidden:
@@ -67,6 +74,7 @@ class _LinearTargetLogps(torch.autograd.Function):
             grad_bias.to(bias.dtype) if need_bias else None,
             None,
             None,
+            None,
         )
 
 
@@ -75,8 +83,11 @@ def target_logps(
     lm_head: torch.nn.Module,
     targets: torch.Tensor,  # [N]
     chunk_size: int = DEFAULT_LOGPROB_CHUNK,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
     """log p(target | hidden) per row, fp32 [N]: the LM head applied only to the rows a loss reads, in chunks.
+    With `temperature`, of the distribution softmax(logits / temperature) (online RL scores the distribution it
+    sampled from, as verl and TRL do).
 
     Equal (values and gradients) to `log_softmax(lm_head(hidden).float())[arange(N), targets]`, but no
     [N, vocab] tensor exists at once: peak logit memory is `chunk_size x vocab` fp32, in forward and backward.
@@ -88,6 +99,8 @@ def target_logps(
     """
     if chunk_size < 1:
         raise ValueError(f"logprob chunk size must be >= 1, got {chunk_size}")
+    if temperature <= 0:
+        raise ValueError(f"logprob temperature must be > 0, got {temperature}")
     if hidden.shape[0] == 0:
         return hidden.new_zeros(0, dtype=torch.float32)
     weight = getattr(lm_head, "weight", None)
@@ -95,10 +108,10 @@ def target_logps(
     # mode DeepSpeed leaves it gathered): only a module call makes DeepSpeed gather it again for the backward.
     fused = weight is not None and weight.dim() == 2 and not hasattr(weight, "ds_id")
     if type(lm_head) is torch.nn.Linear and fused:
-        return _LinearTargetLogps.apply(hidden, lm_head.weight, lm_head.bias, targets, chunk_size)
+        return _LinearTargetLogps.apply(hidden, lm_head.weight, lm_head.bias, targets, chunk_size, 1.0 / temperature)
 
     def chunk_logps(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        logits = lm_head(h).float()
+        logits = lm_head(h).float() / temperature
         return logits.gather(-1, t[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
     parts = [
@@ -115,6 +128,7 @@ def target_logps_and_entropy(
     lm_head: torch.nn.Module,
     targets: torch.Tensor,  # [N]
     chunk_size: int = DEFAULT_LOGPROB_CHUNK,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Without gradients: `target_logps` and the entropy of each row's next-token distribution, fp32 [N] each.
 
@@ -126,7 +140,7 @@ def target_logps_and_entropy(
     logps, entropies = [], []
     with torch.no_grad():
         for s in range(0, hidden.shape[0], chunk_size):
-            logits = lm_head(hidden[s : s + chunk_size]).float()
+            logits = lm_head(hidden[s : s + chunk_size]).float() / temperature
             lse = torch.logsumexp(logits, dim=-1)
             logps.append(logits.gather(-1, targets[s : s + chunk_size, None]).squeeze(-1) - lse)
             entropies.append(lse - (torch.softmax(logits, dim=-1) * logits).sum(-1))
@@ -205,12 +219,15 @@ def pair_logps(forward: nn.Module, batch: dict[str, Any], device) -> dict[str, t
     }
 
 
-def group_token_logps(forward: nn.Module, batch: dict[str, Any], device, *, with_entropy: bool = False):
+def group_token_logps(
+    forward: nn.Module, batch: dict[str, Any], device, *, with_entropy: bool = False, temperature: float = 1.0
+):
     """Per-token log-probs [K] of the responses of a `group_collate` batch (in `response_of_token` order): one
-    forward per batch, the LM head only on the response positions. `with_entropy` (no gradients): the pair
-    (log-probs, each token's next-token entropy)."""
+    forward per batch, the LM head only on the response positions; of softmax(logits / `temperature`). With
+    `with_entropy` (no gradients): the pair (log-probs, each token's next-token entropy at that temperature)."""
     return forward(
         with_entropy=with_entropy,
+        logit_temperature=temperature,
         input_ids=batch["input_ids"].to(device, non_blocking=True),
         position_ids=batch["position_ids"].to(device, non_blocking=True),
         pixel_values=batch["pixel_values"].to(device, non_blocking=True),

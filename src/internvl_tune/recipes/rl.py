@@ -261,14 +261,16 @@ def sampler_logps(rollouts: list[list[Rollout]], rows: list[RowSpec]) -> torch.T
     return torch.tensor(values, dtype=torch.float64)
 
 
-def token_logps_no_grad(forward: torch.nn.Module, batch: dict[str, Any], device, *, with_entropy: bool = False):
-    """Per-token log-probs of a row batch without gradients, in eval mode (the mode the rollouts sampled in);
-    `with_entropy`: and each token's next-token entropy (the pair)."""
+def token_logps_no_grad(
+    forward: torch.nn.Module, batch: dict[str, Any], device, *, temperature: float, with_entropy: bool = False
+):
+    """Per-token log-probs of a row batch at `temperature` without gradients, in eval mode (the mode the rollouts
+    sampled in); `with_entropy`: and each token's next-token entropy (the pair)."""
     was_training = forward.training
     forward.eval()
     try:
         with torch.no_grad():
-            out = group_token_logps(forward, batch, device, with_entropy=with_entropy)
+            out = group_token_logps(forward, batch, device, with_entropy=with_entropy, temperature=temperature)
     finally:
         forward.train(was_training)
     return tuple(t.float() for t in out) if with_entropy else out.float()
@@ -373,6 +375,9 @@ def _train(
         tqdm(total=total_steps, initial=state.step, desc="rl", disable=not accelerator.is_main_process)
     )
     device = accelerator.device
+    # Log-probs of the distribution the responses were sampled from, logits / rl.temperature, as verl's actor and
+    # TRL's GRPOTrainer score them (greedy, temperature 0, is a single response: scored at 1).
+    temperature = rl.temperature or 1.0
     forward.train()
     last_loss = last_reward = float("nan")
     while state.step < total_steps:
@@ -411,14 +416,16 @@ def _train(
                     group_inputs(rollouts, chunk, settings.num_image_token), tokenizer.pad_token_id, dummy_tile
                 )
                 # Through the prepared forward, as the updates: the same autocast, so a first update's ratio is 1.
-                old, entropy = token_logps_no_grad(forward, batch, device, with_entropy=True)
+                old, entropy = token_logps_no_grad(forward, batch, device, temperature=temperature, with_entropy=True)
                 entropy_sums += torch.stack([entropy.double().sum(), torch.tensor(entropy.numel(), device=device)])
                 sampler = sampler_logps(rollouts, chunk)
                 if sampler is not None:  # the server's log-probs of the tokens it sampled: how far the trainer's are
                     gap = (sampler.to(device) - old.double()).abs()
                     mismatch[:2] += torch.stack([gap.sum(), torch.tensor(gap.numel(), device=device)])
                     mismatch[2] = torch.maximum(mismatch[2], gap.max())
-                ref = None if reference is None else token_logps_no_grad(reference, batch, device)
+                ref = None
+                if reference is not None:
+                    ref = token_logps_no_grad(reference, batch, device, temperature=temperature)
                 adv = torch.cat([advantages[r.group, r.start : r.stop] for r in chunk]).to(device)
                 micro.append((batch, old, ref, adv))
                 lengths += batch["response_lengths"].tolist()
@@ -439,7 +446,7 @@ def _train(
             for micro, normalizer in plan:
                 for i, (batch, old, ref, adv) in enumerate(micro):
                     with micro_batch(accelerator, forward, last=i == len(micro) - 1):
-                        logp = group_token_logps(forward, batch, device)
+                        logp = group_token_logps(forward, batch, device, temperature=temperature)
                         out = policy_loss(
                             logp,
                             old,
