@@ -298,3 +298,26 @@ def test_a_resumed_server_run_pushes_before_its_first_step(tmp_path, tiny_model_
     assert [r["step"] for r in again] == [3, 4]
     for key in ("loss", "reward/mean", "ratio_mean", "response_length/mean", "sampler_logp_gap/max"):
         assert [r[key] for r in again] == pytest.approx([r[key] for r in rows[2:]], abs=1e-6), key
+
+
+def test_sharded_engines_need_server_rollouts():
+    """FSDP2 / ZeRO shard the weights, which in-process generation needs whole on every rank: with rl.rollout_backend
+    hf that is one line naming the way out; with server the layout is accepted."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from internvl_tune.config import ConfigError, RLConfig
+    from internvl_tune.recipes.rl import check_layout
+
+    fsdp = SimpleNamespace(
+        num_processes=2,
+        distributed_type=DistributedType.FSDP,
+        state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=2)),
+    )
+    config = RLConfig()
+    with pytest.raises(ConfigError, match="under FSDP2 sample on a server") as error:
+        check_layout(config, fsdp)
+    assert "\n" not in str(error.value)
+    config.rl.rollout_backend = "server"
+    check_layout(config, fsdp)  # accepted
