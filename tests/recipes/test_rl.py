@@ -321,3 +321,33 @@ def test_sharded_engines_need_server_rollouts():
     assert "\n" not in str(error.value)
     config.rl.rollout_backend = "server"
     check_layout(config, fsdp)  # accepted
+
+
+def test_a_server_that_builds_another_prompt_stops_the_run_in_one_line(tmp_path, tiny_model_dir, meta, capsys):
+    """The run's system message is not the served checkpoint's: the server's prompt ids differ from the trainer's,
+    and the first step stops naming the prompt's file:line, before anything is trained on it."""
+    import shutil
+
+    from internvl_tune.generation.hf import HFBackend
+    from internvl_tune.generation.serve import start_server
+
+    served = tmp_path / "served"
+    shutil.copytree(tiny_model_dir, served)
+    server = start_server(HFBackend.from_folder(served), model_name="policy", weights_dir=served)
+    try:
+        code, out = _run(
+            tmp_path,
+            tiny_model_dir,
+            meta,
+            "max_steps=1",
+            "system_message=You are a pirate.",
+            "rl.rollout_backend=server",
+            f"rl.server_url={server.base_url}",
+            f"rl.server_weights_dir={served}",
+        )
+    finally:
+        server.shutdown()
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "prompts.jsonl:" in err and "the server built another prompt than training does" in err
+    assert not (out / "final").exists()
