@@ -3,6 +3,8 @@ a resume reproduces the loss sequence, and a bad setting is one line."""
 
 import json
 import math
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,8 @@ import torch
 from conftest import RL_REWARD_MODULE, make_prompts
 
 from internvl_tune.cli import main
+from internvl_tune.generation.hf import HFBackend
+from internvl_tune.generation.serve import ChatCompletionsServer, start_server
 from internvl_tune.training.metrics import read_metrics
 
 BASE = [
@@ -36,6 +40,34 @@ def reward_module(tmp_path, monkeypatch):
     (tmp_path / "rl_test_rewards.py").write_text(RL_REWARD_MODULE)
     monkeypatch.syspath_prepend(str(tmp_path))
     return "rl_test_rewards:letters"
+
+
+@dataclass
+class PolicyServer:
+    """serve.py in this process on `folder`, a copy of the tiny checkpoint that the runs' pushes overwrite."""
+
+    server: ChatCompletionsServer
+    backend: HFBackend
+    folder: Path
+
+    @property
+    def overrides(self) -> tuple[str, ...]:
+        """The settings of a run that samples on this server."""
+        return (
+            "rl.rollout_backend=server",
+            f"rl.server_url={self.server.base_url}",
+            f"rl.server_weights_dir={self.folder}",
+        )
+
+
+@pytest.fixture()
+def policy_server(tmp_path, tiny_model_dir):
+    folder = tmp_path / "served"
+    shutil.copytree(tiny_model_dir, folder)
+    backend = HFBackend.from_folder(folder)
+    server = start_server(backend, model_name="policy", weights_dir=folder)
+    yield PolicyServer(server, backend, folder)
+    server.shutdown()
 
 
 def _run(tmp_path, model_dir, meta, *overrides, name="run"):
@@ -145,40 +177,21 @@ def test_rl_settings_errors_are_one_line(tmp_path, tiny_model_dir, meta, capsys)
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_rl_through_a_server_equals_rl_in_process_and_pushes_each_step(
-    tmp_path, tiny_model_dir, meta, reward_module, temperature
+    tmp_path, tiny_model_dir, meta, reward_module, policy_server, temperature
 ):
     """rollout_backend=server against serve.py started on a copy of the checkpoint: the policy is pushed after each
     step and the server samples from it, so three steps log what the in-process rollouts log (the same seeded
     requests, one per batch on both sides); the served folder ends with trained weights. At temperature 0.7 the
     trainer scores softmax(logits / 0.7), the distribution sampled from: the first update's ratio is 1 and the
     server's log-probs (at the same temperature) equal the trainer's."""
-    import shutil
-
     from safetensors.torch import load_file
 
-    from internvl_tune.generation.hf import HFBackend
-    from internvl_tune.generation.serve import start_server
-
-    served = tmp_path / "served"
-    shutil.copytree(tiny_model_dir, served)
-    backend = HFBackend.from_folder(served)
-    server = start_server(backend, model_name="policy", weights_dir=served)
+    served, backend = policy_server.folder, policy_server.backend
     common = ("max_steps=3", f"rl.rewards=[{reward_module}]", "rl.reward_weights=[1.0]", "rl.rollout_batch_size=4")
     common += (f"rl.temperature={temperature}",)
-    try:
-        code, out = _run(
-            tmp_path,
-            tiny_model_dir,
-            meta,
-            *common,
-            "rl.rollout_backend=server",
-            f"rl.server_url={server.base_url}",
-            f"rl.server_weights_dir={served}",
-            "rl.server_concurrency=1",
-            name="server",
-        )
-    finally:
-        server.shutdown()
+    code, out = _run(
+        tmp_path, tiny_model_dir, meta, *common, *policy_server.overrides, "rl.server_concurrency=1", name="server"
+    )
     assert code == 0
     code, local = _run(tmp_path, tiny_model_dir, meta, *common, name="local")
     assert code == 0
@@ -226,73 +239,51 @@ def test_rl_server_settings_errors_are_one_line(tmp_path, tiny_model_dir, meta, 
     assert "holds the original (remote-code) layout" in capsys.readouterr().err
 
 
-def test_a_lora_policy_is_pushed_merged(tmp_path, tiny_model_dir, meta, reward_module):
+def test_a_lora_policy_is_pushed_merged(tmp_path, tiny_model_dir, meta, reward_module, policy_server):
     """A LoRA policy trains its adapter; each push writes the merged weights, so after a push the server's log-probs
     of what it samples equal the trainer's (adapter on) to fp32 rounding: the served model is the policy."""
-    import shutil
-
-    from internvl_tune.generation.hf import HFBackend
-    from internvl_tune.generation.serve import start_server
-
-    served = tmp_path / "served"
-    shutil.copytree(tiny_model_dir, served)
-    server = start_server(HFBackend.from_folder(served), model_name="policy", weights_dir=served)
-    try:
-        code, out = _run(
-            tmp_path,
-            tiny_model_dir,
-            meta,
-            "max_steps=3",
-            "use_llm_lora=4",
-            "lora_dropout=0.0",
-            f"rl.rewards=[{reward_module}]",
-            "rl.reward_weights=[1.0]",
-            "rl.rollout_backend=server",
-            f"rl.server_url={server.base_url}",
-            f"rl.server_weights_dir={served}",
-        )
-    finally:
-        server.shutdown()
+    code, out = _run(
+        tmp_path,
+        tiny_model_dir,
+        meta,
+        "max_steps=3",
+        "use_llm_lora=4",
+        "lora_dropout=0.0",
+        f"rl.rewards=[{reward_module}]",
+        "rl.reward_weights=[1.0]",
+        *policy_server.overrides,
+    )
     assert code == 0
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["sampler_logp_gap/max"] < 1e-4 for r in rows] == [True] * 3
     assert rows[-1]["grad_norm"] > 0 and (out / "final_adapter").is_dir()
 
 
-def test_a_resumed_server_run_pushes_before_its_first_step(tmp_path, tiny_model_dir, meta, reward_module):
+def test_a_resumed_server_run_pushes_before_its_first_step(
+    tmp_path, tiny_model_dir, meta, reward_module, policy_server
+):
     """The server may hold any weights when a run resumes (here: restarted on the starting checkpoint). The resumed
     run pushes checkpoint-2's policy before sampling, so steps 3-4 log what the straight run logged."""
-    import shutil
     import urllib.request
 
-    from internvl_tune.generation.hf import HFBackend
-    from internvl_tune.generation.serve import start_server
-
-    served = tmp_path / "served"
-    shutil.copytree(tiny_model_dir, served)
-    server = start_server(HFBackend.from_folder(served), model_name="policy", weights_dir=served)
     common = (
         "max_steps=4",
         "rl.mini_batch_size=1",
         f"rl.rewards=[{reward_module}]",
         "rl.reward_weights=[1.0]",
         "rl.rollout_batch_size=4",
-        "rl.rollout_backend=server",
-        f"rl.server_url={server.base_url}",
-        f"rl.server_weights_dir={served}",
+        *policy_server.overrides,
         "rl.server_concurrency=1",
     )
-    try:
-        code, out = _run(tmp_path, tiny_model_dir, meta, *common, "save_steps=2")
-        assert code == 0
-        shutil.rmtree(served)  # the server restarted on the starting checkpoint
-        shutil.copytree(tiny_model_dir, served)
-        urllib.request.urlopen(urllib.request.Request(server.base_url + "/reload_weights", data=b"{}")).read()
-        code, resumed = _run(
-            tmp_path, tiny_model_dir, meta, *common, f"resume_from_checkpoint={out}/checkpoint-2", name="resumed"
-        )
-    finally:
-        server.shutdown()
+    code, out = _run(tmp_path, tiny_model_dir, meta, *common, "save_steps=2")
+    assert code == 0
+    served, base_url = policy_server.folder, policy_server.server.base_url
+    shutil.rmtree(served)  # the server restarted on the starting checkpoint
+    shutil.copytree(tiny_model_dir, served)
+    urllib.request.urlopen(urllib.request.Request(base_url + "/reload_weights", data=b"{}")).read()
+    code, resumed = _run(
+        tmp_path, tiny_model_dir, meta, *common, f"resume_from_checkpoint={out}/checkpoint-2", name="resumed"
+    )
     assert code == 0
     rows, again = read_metrics(out / "metrics.jsonl"), read_metrics(resumed / "metrics.jsonl")
     assert [r["step"] for r in again] == [3, 4]
@@ -323,30 +314,14 @@ def test_sharded_engines_need_server_rollouts():
     check_layout(config, fsdp)  # accepted
 
 
-def test_a_server_that_builds_another_prompt_stops_the_run_in_one_line(tmp_path, tiny_model_dir, meta, capsys):
+def test_a_server_that_builds_another_prompt_stops_the_run_in_one_line(
+    tmp_path, tiny_model_dir, meta, capsys, policy_server
+):
     """The run's system message is not the served checkpoint's: the server's prompt ids differ from the trainer's,
     and the first step stops naming the prompt's file:line, before anything is trained on it."""
-    import shutil
-
-    from internvl_tune.generation.hf import HFBackend
-    from internvl_tune.generation.serve import start_server
-
-    served = tmp_path / "served"
-    shutil.copytree(tiny_model_dir, served)
-    server = start_server(HFBackend.from_folder(served), model_name="policy", weights_dir=served)
-    try:
-        code, out = _run(
-            tmp_path,
-            tiny_model_dir,
-            meta,
-            "max_steps=1",
-            "system_message=You are a pirate.",
-            "rl.rollout_backend=server",
-            f"rl.server_url={server.base_url}",
-            f"rl.server_weights_dir={served}",
-        )
-    finally:
-        server.shutdown()
+    code, out = _run(
+        tmp_path, tiny_model_dir, meta, "max_steps=1", "system_message=You are a pirate.", *policy_server.overrides
+    )
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "prompts.jsonl:" in err and "the server built another prompt than training does" in err
