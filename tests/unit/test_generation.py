@@ -196,8 +196,9 @@ def test_concurrency_bound_is_respected(monkeypatch):
 
 
 def stub_server(statuses: list[int], choices_per_call: int | None = None):
-    """A server that answers the k-th POST with statuses[k] (then 200), and at most `choices_per_call` choices."""
-    posts = []
+    """A server that answers the k-th POST with statuses[k] (then 200), and at most `choices_per_call` choices; the
+    POSTs' bodies are in `posts`, their paths in `server.paths`."""
+    posts, paths = [], []
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
@@ -206,11 +207,12 @@ def stub_server(statuses: list[int], choices_per_call: int | None = None):
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             posts.append(body)
+            paths.append(self.path)
             status = statuses[len(posts) - 1] if len(posts) <= len(statuses) else 200
             if status != 200:
                 self._send(status, {"error": {"message": f"stub says {status}"}})
                 return
-            n = min(body["n"], choices_per_call or body["n"])
+            n = min(body.get("n", 1), choices_per_call or body.get("n", 1))
             choices = [{"index": i, "message": {"content": f"seed {body.get('seed')} #{i}"}} for i in range(n)]
             self._send(200, {"choices": choices})
 
@@ -225,6 +227,7 @@ def stub_server(statuses: list[int], choices_per_call: int | None = None):
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.paths = paths
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_address[1]}/v1", posts
 
@@ -483,32 +486,10 @@ def test_a_server_without_token_ids_is_a_clear_error():
 def test_each_server_kind_is_asked_to_reload_at_its_endpoint(tmp_path, kind, path, body):
     """The push's reload call per server (docs/rl.md): serve.py's, vLLM's collective_rpc (at the root, not under
     /v1) and SGLang's update_weights_from_disk, the folder named where the server takes one."""
-    calls = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            self._send({"data": [{"id": "stub"}]})
-
-        def do_POST(self):
-            calls.append((self.path, json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
-            self._send({"success": True})
-
-        def _send(self, payload):
-            data = json.dumps(payload).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server, url, posts = stub_server([])
     try:
-        client = ServerBackend(f"http://127.0.0.1:{server.server_address[1]}/v1")
-        client.reload_weights(tmp_path, kind=kind)
+        ServerBackend(url).reload_weights(tmp_path, kind=kind)
     finally:
         server.shutdown()
     expected = body if isinstance(body, dict) else {body: str(tmp_path.resolve())}
-    assert calls == [(path, expected)]
+    assert list(zip(server.paths, posts, strict=True)) == [(path, expected)]

@@ -338,6 +338,11 @@ def data_args(settings: DemoSettings, meta_path: str | Path) -> DataArgs:
     )
 
 
+def later_stage_model(path: Path) -> ModelArgs:
+    """The model settings of the stages after SFT (MPO, RL): from `path`, the ViT frozen, no DropPath."""
+    return ModelArgs(model_name_or_path=str(path), grad_checkpoint=False, freeze_backbone=True, drop_path_rate=0.0)
+
+
 def demo_backend(model_dir: Path, settings: DemoSettings) -> HFBackend:
     """The `hf` generation backend for a model of the demo, its prompts built with the demo's training settings."""
     model, tokenizer = load_model(model_dir)
@@ -395,9 +400,7 @@ def run_mpo_stages(
     run_dir = output_dir / "mpo_run"
     data = data_args(settings, meta)
     config = MPOConfig(
-        model=ModelArgs(
-            model_name_or_path=str(sft_model), grad_checkpoint=False, freeze_backbone=True, drop_path_rate=0.0
-        ),
+        model=later_stage_model(sft_model),
         data=data,
         train=TrainArgs(
             output_dir=str(run_dir),
@@ -448,8 +451,9 @@ def run_mpo_stages(
 def run_rl_stage(
     task, start_model: Path, questions: Sequence[Question], output_dir: Path, settings: DemoSettings, times: dict
 ) -> dict[str, Any]:
-    """Online GSPO from `start_model` on the prompt set (the questions MPO's pairs came from; the benchmark stays
-    held out), rewarded by the judge's accuracy; then the benchmark for the result."""
+    """Online GSPO from `start_model` on the `rl_question_types` questions of `rl_num_prompts` freshly drawn images
+    (neither the training, benchmark nor MPO prompt images), rewarded by the judge's accuracy; then the benchmark
+    for the result."""
     stage = time.perf_counter()
     run_dir = output_dir / "rl_run"
     # Fresh images (their own seed), their questions of rl_question_types only.
@@ -463,9 +467,7 @@ def run_rl_stage(
     (rl_task.root / "rl_prompts_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     data = dataclasses.replace(data_args(settings, rl_task.root / "rl_prompts_meta.json"), max_seq_length=1024)
     config = RLConfig(
-        model=ModelArgs(
-            model_name_or_path=str(start_model), grad_checkpoint=False, freeze_backbone=True, drop_path_rate=0.0
-        ),
+        model=later_stage_model(start_model),
         data=data,
         train=TrainArgs(
             output_dir=str(run_dir),

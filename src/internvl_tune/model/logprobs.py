@@ -78,6 +78,13 @@ class _LinearTargetLogps(torch.autograd.Function):
         )
 
 
+def _check_scoring(chunk_size: int, temperature: float) -> None:
+    if chunk_size < 1:
+        raise ValueError(f"logprob chunk size must be >= 1, got {chunk_size}")
+    if temperature <= 0:
+        raise ValueError(f"logprob temperature must be > 0, got {temperature}")
+
+
 def target_logps(
     hidden: torch.Tensor,  # [N, D]
     lm_head: torch.nn.Module,
@@ -89,7 +96,7 @@ def target_logps(
     With `temperature`, of the distribution softmax(logits / temperature) (online RL scores the distribution it
     sampled from, as verl and TRL do).
 
-    Equal (values and gradients) to `log_softmax(lm_head(hidden).float())[arange(N), targets]`, but no
+    Equal (values and gradients) to `log_softmax(lm_head(hidden).float() / temperature)[arange(N), targets]`, but no
     [N, vocab] tensor exists at once: peak logit memory is `chunk_size x vocab` fp32, in forward and backward.
     A plain `nn.Linear` head uses one fused autograd function (forward: one matmul per chunk; backward: the chunk's
     logits recomputed, then the two gradient matmuls). Any other head (a LoRA-wrapped one, a head whose weight is
@@ -97,10 +104,7 @@ def target_logps(
 
     Example: hidden [3, D], targets [7, 9, 2] -> [log_softmax(W h0)[7], log_softmax(W h1)[9], log_softmax(W h2)[2]].
     """
-    if chunk_size < 1:
-        raise ValueError(f"logprob chunk size must be >= 1, got {chunk_size}")
-    if temperature <= 0:
-        raise ValueError(f"logprob temperature must be > 0, got {temperature}")
+    _check_scoring(chunk_size, temperature)
     if hidden.shape[0] == 0:
         return hidden.new_zeros(0, dtype=torch.float32)
     weight = getattr(lm_head, "weight", None)
@@ -135,8 +139,7 @@ def target_logps_and_entropy(
     Entropy H = logsumexp(z) - sum_v softmax(z)_v z_v, from the same chunk of logits as the log-prob (peak logit
     memory `chunk_size x vocab`, twice for the softmax). Online RL logs it from its no-grad pass over the rollouts.
     """
-    if chunk_size < 1:
-        raise ValueError(f"logprob chunk size must be >= 1, got {chunk_size}")
+    _check_scoring(chunk_size, temperature)
     logps, entropies = [], []
     with torch.no_grad():
         for s in range(0, hidden.shape[0], chunk_size):
