@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,20 @@ def make_prompts(root: Path, num: int = 6) -> Path:
     meta = root / "meta.json"
     meta.write_text(json.dumps({"p": {"root": str(root), "annotation": str(root / "prompts.jsonl")}}))
     return meta
+
+
+def write_rl_run(root: Path, model_dir: Path, monkeypatch, rl_extra: str) -> Path:
+    """The 2-rank RL runs' config (test_ddp.py, test_sharded.py): 2 steps of 4 prompts x 4 responses in updates of
+    2 prompts, the `letters` reward importable by launched ranks (PYTHONPATH), and `rl_extra` YAML fields of `rl`."""
+    meta = make_prompts(root / "data")
+    (root / "rl_test_rewards.py").write_text(RL_REWARD_MODULE)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    config = root / "rl.yaml"
+    config.write_text(
+        f"model: {{model_name_or_path: {model_dir}, grad_checkpoint: false}}\n"
+        f"data: {{meta_path: {meta}, max_dynamic_patch: 4, max_seq_length: 512}}\n"
+        "train: {max_steps: 2, learning_rate: 5.0e-3}\n"
+        "rl: {num_generations: 4, prompts_per_step: 4, mini_batch_size: 2, max_new_tokens: 8, prompt_version: direct,\n"
+        f"     rewards: ['rl_test_rewards:letters'], reward_weights: [1.0], {rl_extra}}}\n"
+    )
+    return config

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import RL_REWARD_MODULE, make_colour_dataset, make_pair_dataset, make_prompts
+from conftest import make_colour_dataset, make_pair_dataset, write_rl_run
 
 from internvl_tune.training.checkpoint import checkpoint_problem
 from internvl_tune.training.metrics import read_metrics
@@ -194,17 +194,7 @@ def test_rl_two_ranks_equal_one_rank(tmp_path, tiny_model_dir, monkeypatch):
     update over both ranks' responses: the same losses, ratios and gradient norms. `rl.rollout_batch_size` = G puts
     each prompt in a generate call of its own in both runs, so both sample the same responses (a batch is seeded by
     its requests' seeds and left-padded to its longest prompt)."""
-    meta = make_prompts(tmp_path / "data")
-    (tmp_path / "rl_test_rewards.py").write_text(RL_REWARD_MODULE)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
-    config = tmp_path / "rl.yaml"
-    config.write_text(
-        f"model: {{model_name_or_path: {tiny_model_dir}, grad_checkpoint: false}}\n"
-        f"data: {{meta_path: {meta}, max_dynamic_patch: 4, max_seq_length: 512}}\n"
-        "train: {max_steps: 2, learning_rate: 5.0e-3}\n"
-        "rl: {num_generations: 4, prompts_per_step: 4, mini_batch_size: 2, max_new_tokens: 8, prompt_version: direct,\n"
-        "     rollout_batch_size: 4, rewards: ['rl_test_rewards:letters'], reward_weights: [1.0]}\n"
-    )
+    config = write_rl_run(tmp_path, tiny_model_dir, monkeypatch, "rollout_batch_size: 4")
     _launch(1, config, f"output_dir={tmp_path / 'one'}", "per_device_train_batch_size=2", command="rl")
     _launch(2, config, f"output_dir={tmp_path / 'two'}", "per_device_train_batch_size=1", command="rl")
     one, two = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")

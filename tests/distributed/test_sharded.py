@@ -385,23 +385,13 @@ def test_rl_with_server_rollouts_two_sharded_ranks_equal_one_process(tmp_path, r
     norms over two steps of two updates, with each rank holding about half the parameters and moments."""
     import shutil
 
-    from conftest import RL_REWARD_MODULE, make_prompts
+    from conftest import write_rl_run
 
     url, served, reset = rollout_server
-    meta = make_prompts(tmp_path / "data")
     start = tmp_path / "start"  # the starting checkpoint: the server's folder is a copy, which the pushes overwrite
     shutil.copytree(served, start)
-    (tmp_path / "rl_test_rewards.py").write_text(RL_REWARD_MODULE)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
-    config = tmp_path / "rl.yaml"
-    config.write_text(
-        f"model: {{model_name_or_path: {start}, grad_checkpoint: false}}\n"
-        f"data: {{meta_path: {meta}, max_dynamic_patch: 4, max_seq_length: 512}}\n"
-        "train: {max_steps: 2, learning_rate: 5.0e-3}\n"
-        "rl: {num_generations: 4, prompts_per_step: 4, mini_batch_size: 2, max_new_tokens: 8, prompt_version: direct,\n"
-        "     rewards: ['rl_test_rewards:letters'], reward_weights: [1.0], rollout_backend: server,\n"
-        f"     server_url: '{url}', server_weights_dir: '{served}', server_concurrency: 1}}\n"
-    )
+    server = f"rollout_backend: server, server_url: '{url}', server_weights_dir: '{served}', server_concurrency: 1"
+    config = write_rl_run(tmp_path, start, monkeypatch, server)
     run(config, f"output_dir={tmp_path / 'one'}", "per_device_train_batch_size=2", command="rl")
     one = rows(tmp_path / "one")
     assert len(one) == 2
