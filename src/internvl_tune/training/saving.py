@@ -111,13 +111,12 @@ def save_model_folder(
 ) -> None:
     """The whole model (LoRA merged) as an HF-layout folder, from the gathered state; every rank calls it (the
     gather is collective under sharding), the main process writes (atomically: the folder is replaced when
-    complete)."""
+    complete). The other ranks return before the write ends: a caller that needs the folder waits."""
     accelerator.wait_for_everyone()
     state_dict = gathered_state_dict(accelerator, forward)
     if accelerator.is_main_process:
         trained = accelerator.unwrap_model(forward).model
         save_hf_checkpoint(trained, tokenizer, folder, metadata, state_dict=state_dict, dtype=dtype)
-    accelerator.wait_for_everyone()
 
 
 def finish_run(
