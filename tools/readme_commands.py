@@ -2,7 +2,7 @@
 
     python tools/readme_commands.py              # build the stand-ins in a temporary folder, run, report
     python tools/readme_commands.py --list       # the commands, what happens to each, the stand-ins; runs nothing
-    python tools/readme_commands.py --no-demo    # leave out `make demo` (about 5 minutes)
+    python tools/readme_commands.py --no-demo    # leave out `make demo` (about 6 minutes)
     python tools/readme_commands.py --keep DIR   # work in DIR and keep it, with each command's stdout and stderr
 
 The commands are the lines of the README's ```bash blocks (comments cut, `\\` continuations joined) and the `make`
@@ -76,7 +76,7 @@ RL_APPENDED = (
 EVAL_APPENDED = ("--max-new-tokens", "8", "--no-progress")
 
 TIMEOUT_S = 300
-DEMO_TIMEOUT_S = 900  # the README says ~5 min (busy 2 cores); the demo must stay within 15
+DEMO_TIMEOUT_S = 900  # the README says ~6 min (busy 2 cores); the demo must stay within 15
 
 
 @dataclass(frozen=True)
@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--readme", type=Path, default=REPO / "README.md")
     parser.add_argument("--list", action="store_true", help="print the commands and the plan, run nothing")
-    parser.add_argument("--no-demo", action="store_true", help="skip `make demo` (about 5 minutes)")
+    parser.add_argument("--no-demo", action="store_true", help="skip `make demo` (about 6 minutes)")
     parser.add_argument("--keep", type=Path, help="scratch folder to use and keep (must not exist)")
     args = parser.parse_args(argv)
 

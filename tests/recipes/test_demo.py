@@ -13,7 +13,7 @@ from internvl_tune.cli import main
 from internvl_tune.demo.run import cpu_threads
 from internvl_tune.demo.task import QUESTION_TYPES, cot_answer, make_task, task_prompt
 from internvl_tune.judge import judge
-from internvl_tune.training.metrics import MetricsWriter
+from internvl_tune.training.metrics import MetricsWriter, read_metrics
 
 
 def test_quick_demo_writes_a_passing_report(tmp_path, capsys):
@@ -79,6 +79,33 @@ def test_quick_demo_writes_a_passing_report(tmp_path, capsys):
         assert report["plot"] is None and not (tmp_path / "curves.png").exists()
     else:
         assert report["plot"] == str(tmp_path / "curves.png") and (tmp_path / "curves.png").stat().st_size > 0
+
+    # benchmarks/demo_rl.py on this folder: every stage on a fresh benchmark, and the supervised ceiling, trained on
+    # the RL stage's first rl_steps x rl_prompts_per_step questions with their right answers.
+    demo_rl = _load_benchmark_script("demo_rl")
+    assert demo_rl.main(["--num-eval", "2", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    for stage in ("after SFT", "after MPO", "after RL", "supervised ceiling"):
+        assert f"| {settings['seed']} | {stage} |" in table
+    work = tmp_path / "demo_rl_benchmark"
+    supervised = [json.loads(line) for line in (work / "supervised" / "supervised.jsonl").read_text().splitlines()]
+    asked = [json.loads(line) for line in rl_prompts[: 2 * settings["rl_prompts_per_step"]]]
+    assert [r["conversations"][1]["value"] for r in supervised] == [cot_answer(item["answer"]) for item in asked]
+    assert [r["conversations"][0]["value"] for r in supervised] == [task_prompt(item["question"]) for item in asked]
+    steps = [row["step"] for row in read_metrics(work / "supervised" / "run" / "metrics.jsonl")]
+    assert steps == [1, 2]
+    benchmark = (work / "benchmark_2" / "benchmark.jsonl").read_text().splitlines()
+    assert len(benchmark) == 2 * len(QUESTION_TYPES)
+    assert demo_rl.main([str(tmp_path / "no-demo-here")]) == 2
+    assert "no report.json" in capsys.readouterr().err
+
+
+def _load_benchmark_script(name: str):
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_ctrl_c_in_the_demo_says_it_starts_over_not_how_to_resume_a_run(tmp_path, capsys, monkeypatch):

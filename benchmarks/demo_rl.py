@@ -1,0 +1,163 @@
+"""The demo's RL stage against what its model can learn: each stage on a large fresh benchmark, and a supervised
+ceiling for the RL stage.
+
+Run (CPU; DIR is the output folder of `internvl-tune demo ... rl_steps=N`, one per seed)::
+
+    .venv/bin/python benchmarks/demo_rl.py /tmp/demo0 /tmp/demo1 /tmp/demo2         # -> stdout, markdown
+    .venv/bin/python benchmarks/demo_rl.py --num-eval 50 DIR                          # a quick look
+
+Why: the demo's own benchmark has 100 images, so one question type's accuracy has a standard error of about 5
+points, too coarse to see what an RL stage of a few minutes does. Here every model of a demo folder (after SFT,
+after MPO, after RL) answers `--num-eval` freshly drawn images (every question type each; 1000 by default, a standard
+error of about 1.6 points a type), drawn with a seed apart from every set of the demo.
+
+The ceiling (`supervised ceiling`): the MPO model trained, as SFT, on as many of the RL stage's questions as it
+consumed (`rl_steps x rl_prompts_per_step`, the first ones of its prompt file: the same images and question types),
+one pass, batch `rl_prompts_per_step`, the RL learning rate, constant, with the right answer given instead of a
+reward. An RL step learns from its sampled answers and a 0/1
+reward what this step is told outright, so when the ceiling stays where MPO left the accuracy, RL on these questions
+cannot be expected to raise it either: the model, not the RL, is what limits it.
+
+The settings of each folder (image size, tiles, system message, RL settings) are read from its `report.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from internvl_tune.config import SFTConfig, TrainArgs
+from internvl_tune.demo.run import DemoSettings, data_args, evaluate, later_stage_model
+from internvl_tune.demo.task import QUESTION_TYPES, cot_answer, make_task, task_prompt
+from internvl_tune.errors import UserError
+from internvl_tune.evaluate.benchmark import load_benchmark
+from internvl_tune.recipes import sft
+
+EVAL_SEED = 424_242  # the large benchmark's images: a draw apart from the demo's (seed, seed + RL_SEED_OFFSET)
+logger = logging.getLogger("demo_rl")
+STAGES = {"after SFT": "run/final", "after MPO": "mpo_run/final", "after RL": "rl_run/final"}
+
+
+def demo_settings(demo_dir: Path) -> DemoSettings:
+    """The settings a demo folder ran with (its report.json)."""
+    report = demo_dir / "report.json"
+    if not report.is_file():
+        raise UserError(f"{demo_dir}: no report.json; give the output folder of a finished `internvl-tune demo`")
+    values = json.loads(report.read_text())["settings"]
+    values["rl_question_types"] = tuple(values["rl_question_types"])
+    return DemoSettings(**values)
+
+
+def supervised_ceiling(demo_dir: Path, settings: DemoSettings, work: Path) -> Path:
+    """Train the MPO model on the RL stage's questions with their answers (module docstring); returns the model."""
+    rl_data = demo_dir / "rl_data"
+    lines = (rl_data / "rl_prompts.jsonl").read_text().splitlines()
+    num_questions = settings.rl_steps * settings.rl_prompts_per_step
+    if len(lines) < num_questions:
+        # The RL stage went over its prompts more than once; one pass over them is what this ceiling measures.
+        logger.warning("%s: %d RL questions, fewer than the %d RL consumed", demo_dir, len(lines), num_questions)
+    records = []
+    for index, line in enumerate(lines[:num_questions]):
+        item = json.loads(line)
+        conversation = [
+            {"from": "human", "value": task_prompt(item["question"])},
+            {"from": "gpt", "value": cot_answer(item["answer"])},
+        ]
+        records.append({"id": f"rl-{index}", "image": item["image"], "conversations": conversation})
+    work.mkdir(parents=True, exist_ok=True)
+    annotation = work / "supervised.jsonl"
+    annotation.write_text("".join(json.dumps(r) + "\n" for r in records))
+    meta = work / "supervised_meta.json"
+    meta.write_text(
+        json.dumps(
+            {
+                "shapes_rl_supervised": {
+                    "root": str(rl_data.resolve()),
+                    "annotation": str(annotation),
+                    "data_augment": False,
+                }
+            }
+        )
+    )
+    config = SFTConfig(
+        model=later_stage_model(demo_dir / STAGES["after MPO"]),
+        data=data_args(settings, meta),
+        train=TrainArgs(
+            output_dir=str(work / "run"),
+            overwrite_output_dir=True,
+            max_steps=len(records) // settings.rl_prompts_per_step,
+            per_device_train_batch_size=settings.rl_prompts_per_step,
+            learning_rate=settings.rl_learning_rate,
+            lr_scheduler_type="constant",
+            warmup_ratio=0.0,
+            seed=settings.seed,
+        ),
+    )
+    config.validate()
+    return Path(sft.train(config)["final_model"])
+
+
+def measure(demo_dir: Path, num_eval: int, with_ceiling: bool) -> list[dict[str, Any]]:
+    """Accuracy rows (seed, stage, per type, count+shape mean) of one demo folder on the large benchmark."""
+    settings = demo_settings(demo_dir)
+    work = demo_dir / "demo_rl_benchmark"
+    bench = make_task(work / f"benchmark_{num_eval}", 0, num_eval, EVAL_SEED, 0)
+    questions = load_benchmark(bench.benchmark)
+    models = {stage: demo_dir / path for stage, path in STAGES.items() if (demo_dir / path).is_dir()}
+    if with_ceiling and "after RL" in models:
+        models["supervised ceiling"] = supervised_ceiling(demo_dir, settings, work / "supervised")
+    rows = []
+    for stage, model in models.items():
+        slug = stage.replace(" ", "_")
+        accuracy = evaluate(model, questions, work / f"eval_{num_eval}_{slug}", settings)["accuracy"]
+        rows.append({"seed": settings.seed, "stage": stage, **accuracy})
+        logger.info("%s %s: %s", demo_dir, stage, accuracy)
+    return rows
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    """A markdown table of the rows, then the mean over the seeds of each stage."""
+    header = "| seed | stage | " + " | ".join(QUESTION_TYPES) + " | count + shape |"
+    lines = [header, "|" + "---|" * (len(QUESTION_TYPES) + 3)]
+
+    def line(seed: str, stage: str, row: dict[str, float]) -> str:
+        cells = " | ".join(f"{row[kind]:.1%}" for kind in QUESTION_TYPES)
+        return f"| {seed} | {stage} | {cells} | {(row['count'] + row['shape']) / 2:.1%} |"
+
+    lines += [line(str(row["seed"]), row["stage"], row) for row in rows]
+    for stage in dict.fromkeys(row["stage"] for row in rows):
+        of_stage = [row for row in rows if row["stage"] == stage]
+        if len(of_stage) > 1:
+            mean = {kind: sum(row[kind] for row in of_stage) / len(of_stage) for kind in QUESTION_TYPES}
+            lines.append(line(f"mean of {len(of_stage)}", stage, mean))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("demo_dirs", nargs="+", type=Path, help="output folders of `internvl-tune demo rl_steps=N`")
+    parser.add_argument("--num-eval", type=int, default=1000, help="fresh benchmark images (every question type)")
+    parser.add_argument("--no-ceiling", action="store_true", help="evaluate the stages only, no supervised ceiling")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        rows = [row for demo_dir in args.demo_dirs for row in measure(demo_dir, args.num_eval, not args.no_ceiling)]
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"Each stage on {args.num_eval} fresh images x {len(QUESTION_TYPES)} question types (seed {EVAL_SEED}):\n")
+    print(format_rows(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
