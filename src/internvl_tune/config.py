@@ -401,6 +401,11 @@ class RLArgs:
     length_buffer: int = 256
     """The length reward's buffer: the penalty falls from 0 at max_new_tokens - length_buffer to -1 at
     max_new_tokens (DAPO's overlong penalty)."""
+    log_rollouts: bool = False
+    """Write each step's responses, one line each with its prompt's file:line, question, answer, text, token count,
+    reward terms and advantage, to output_dir/rollouts/step_NNNNNN.jsonl (verl's trainer.rollout_data_dir, TRL's
+    log_completions). Off by default: at the official 512 prompts x 16 responses of up to 32k tokens a step is
+    hundreds of MB of text."""
 
     def loss_settings(self) -> dict[str, Any]:
         """The fields `RLLoss` (losses/rl.py) takes."""

@@ -1,5 +1,6 @@
 """Two CPU processes (DDP over gloo) give the same training as one process with the same global batch (SFT, MPO)."""
 
+import json
 import os
 import re
 import subprocess
@@ -194,7 +195,7 @@ def test_rl_two_ranks_equal_one_rank(tmp_path, tiny_model_dir, monkeypatch):
     update over both ranks' responses: the same losses, ratios and gradient norms. `rl.rollout_batch_size` = G puts
     each prompt in a generate call of its own in both runs, so both sample the same responses (a batch is seeded by
     its requests' seeds and left-padded to its longest prompt)."""
-    config = write_rl_run(tmp_path, tiny_model_dir, monkeypatch, "rollout_batch_size: 4")
+    config = write_rl_run(tmp_path, tiny_model_dir, monkeypatch, "rollout_batch_size: 4, log_rollouts: true")
     _launch(1, config, f"output_dir={tmp_path / 'one'}", "per_device_train_batch_size=2", command="rl")
     _launch(2, config, f"output_dir={tmp_path / 'two'}", "per_device_train_batch_size=1", command="rl")
     one, two = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
@@ -203,3 +204,11 @@ def test_rl_two_ranks_equal_one_rank(tmp_path, tiny_model_dir, monkeypatch):
     for key in ("reward/mean", "response_length/mean", "loss", "ratio_mean", "ratio_max", "clip_fraction"):
         assert [r[key] for r in two] == pytest.approx([r[key] for r in one], abs=1e-5), key
     assert [r["grad_norm"] for r in two] == pytest.approx([r["grad_norm"] for r in one], rel=1e-4)
+    # The main rank logs both ranks' responses, in the order of the step's groups: the one-rank run's log.
+    for step in (1, 2):
+        name = f"step_{step:06d}.jsonl"
+        logs = [[json.loads(line) for line in (tmp_path / run / "rollouts" / name).open()] for run in ("one", "two")]
+        assert len(logs[1]) == 16 and len({r["prompt_index"] for r in logs[1]}) == 4
+        assert [(r["prompt"], r["response"]) for r in logs[1]] == [(r["prompt"], r["response"]) for r in logs[0]]
+        for key in ("reward", "advantage"):
+            assert [r[key] for r in logs[1]] == pytest.approx([r[key] for r in logs[0]], abs=1e-9), key

@@ -70,6 +70,8 @@ def test_quick_demo_writes_a_passing_report(tmp_path, capsys):
     rl_prompts = (tmp_path / "rl_data" / "rl_prompts.jsonl").read_text().splitlines()
     assert len(rl_prompts) == 4 * 2 and {json.loads(line)["source"] for line in rl_prompts} <= {"count", "shape"}
     assert (tmp_path / "rl_run" / "final" / "config.json").is_file()
+    logged = [json.loads(line) for line in (tmp_path / "rl_run" / "rollouts" / "step_000002.jsonl").open()]
+    assert len(logged) == 2 * 2 and {r["question"] for r in logged} <= {json.loads(p)["question"] for p in rl_prompts}
     assert (tmp_path / "run" / "final" / "config.json").is_file()
     assert (tmp_path / "data" / "meta.json").is_file()
     out = capsys.readouterr().out

@@ -90,10 +90,34 @@ def test_rl_trains_logs_and_its_first_update_is_on_policy(tmp_path, tiny_model_d
         "rl.reward_weights=[1.0, 0.5]",
         "per_device_train_batch_size=1",
         "rl.kl_coef=0.1",
+        "rl.log_rollouts=true",
     )
     assert code == 0
     rows = read_metrics(out / "metrics.jsonl")
     assert len(rows) == 3
+    # The rollout log: a file per step, a line per response, whose rewards are those the metrics averaged and whose
+    # advantages are the group's (rewards minus the group mean, over its std: each group's sum is 0).
+    assert sorted(p.name for p in (out / "rollouts").iterdir()) == [f"step_00000{i}.jsonl" for i in (1, 2, 3)]
+    prompt_lines = (meta.parent / "prompts.jsonl").read_text().splitlines()
+    for row in rows:
+        logged = [json.loads(line) for line in (out / "rollouts" / f"step_{row['step']:06d}.jsonl").open()]
+        assert len(logged) == row["num_responses"] == 8 and {r["step"] for r in logged} == {row["step"]}
+        assert sum(r["reward"] for r in logged) / 8 == pytest.approx(row["reward/mean"], abs=1e-9)
+        for record in logged:
+            terms = record["rewards"]
+            assert set(terms) == {reward_module, "length"}
+            assert record["reward"] == pytest.approx(terms[reward_module] + 0.5 * terms["length"], abs=1e-9)
+            path, line = record["prompt"].rsplit(":", 1)
+            source = json.loads(prompt_lines[int(line) - 1])
+            assert Path(path).name == "prompts.jsonl" and record["question"] == source["question"]
+            assert record["answer"] == source["answer"] and 0 < record["num_tokens"] <= 8
+        assert [r["prompt_index"] for r in logged] == sorted(r["prompt_index"] for r in logged)
+        for group in {r["prompt_index"] for r in logged}:
+            members = [r for r in logged if r["prompt_index"] == group]
+            assert sorted(r["response_index"] for r in members) == [0, 1, 2, 3]
+            rewards = torch.tensor([r["reward"] for r in members], dtype=torch.float64)
+            expected = (rewards - rewards.mean()) / (rewards.std() + 1e-6)  # verl: unbiased std, epsilon 1e-6
+            assert [r["advantage"] for r in members] == pytest.approx(expected.tolist(), abs=1e-5)
     first = rows[0]
     for key in (
         "loss",
@@ -129,6 +153,7 @@ def test_rl_resume_reproduces_the_loss_sequence(tmp_path, tiny_model_dir, meta, 
     """Two updates per step (mini-batch 1 of 2 prompts), so later updates are off-policy and clipping can act; a run
     resumed from checkpoint-2 draws the same prompts, samples the same responses and logs the same numbers."""
     common = ("max_steps=4", "rl.mini_batch_size=1", f"rl.rewards=[{reward_module}]", "rl.reward_weights=[1.0]")
+    common += ("rl.log_rollouts=true",)
     code, out = _run(tmp_path, tiny_model_dir, meta, *common, "save_steps=2")
     assert code == 0
     rows = read_metrics(out / "metrics.jsonl")
@@ -141,6 +166,12 @@ def test_rl_resume_reproduces_the_loss_sequence(tmp_path, tiny_model_dir, meta, 
     for key in ("loss", "reward/mean", "ratio_mean", "response_length/mean"):
         assert [r[key] for r in again] == pytest.approx([r[key] for r in rows[2:]], abs=1e-6), key
     assert any(r["ratio_max"] != pytest.approx(1.0, abs=1e-7) for r in rows)  # the second updates were off-policy
+    # The resumed run logs steps 3 and 4 with the same responses and rewards as the straight run.
+    assert sorted(p.name for p in (resumed / "rollouts").iterdir()) == ["step_000003.jsonl", "step_000004.jsonl"]
+    for name in ("step_000003.jsonl", "step_000004.jsonl"):
+        straight = [json.loads(line) for line in (out / "rollouts" / name).open()]
+        replayed = [json.loads(line) for line in (resumed / "rollouts" / name).open()]
+        assert [(r["response"], r["reward"]) for r in replayed] == [(r["response"], r["reward"]) for r in straight]
 
 
 @pytest.mark.parametrize("reward", ["letters", "fewer_letters"])

@@ -495,6 +495,7 @@ def run_rl_stage(
             rewards=["accuracy"],
             reward_weights=[1.0],
             rollout_batch_size=settings.rl_prompts_per_step * settings.rl_generations,
+            log_rollouts=True,  # rl_run/rollouts/: what each step sampled and how the judge scored it
         ),
     )
     config.validate()

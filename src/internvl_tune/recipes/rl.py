@@ -36,9 +36,10 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 from tqdm.auto import tqdm
 
+from internvl_tune.atomic import atomic_write_text
 from internvl_tune.checkpoints.convert import is_original_checkpoint
 from internvl_tune.checkpoints.read import resolve_dtype
 from internvl_tune.config import ConfigError, RLConfig, to_dict
@@ -233,6 +234,51 @@ def rollout_metrics(scores: dict[str, torch.Tensor]) -> dict[str, float]:
     return out
 
 
+def rollout_records(
+    step: int,
+    prompts: list[Prompt],
+    rollouts: list[list[Rollout]],
+    scores: dict[str, torch.Tensor],
+    advantages: torch.Tensor,
+    first_group: int,
+) -> list[dict[str, Any]]:
+    """This rank's lines of the step's rollout log (`rl.log_rollouts`): one per response. Its prompts are the step's
+    groups `first_group, first_group + 1, ...` of the gathered `scores` and `advantages` ([P_all, G])."""
+    terms = [name for name in scores if name.startswith("reward/")]
+    records = []
+    for offset, (prompt, group) in enumerate(zip(prompts, rollouts, strict=True)):
+        row = first_group + offset
+        for index, rollout in enumerate(group):
+            records.append(
+                {
+                    "step": step,
+                    "prompt": prompt.where,
+                    "prompt_index": prompt.index,
+                    "response_index": index,
+                    "question": prompt.record.get("question"),
+                    "answer": prompt.record.get("answer"),
+                    "response": rollout.text,
+                    "num_tokens": len(rollout.response_ids),
+                    "truncated": rollout.truncated,
+                    "reward": float(scores["reward"][row, index]),
+                    "rewards": {name.removeprefix("reward/"): float(scores[name][row, index]) for name in terms},
+                    "advantage": float(advantages[row, index]),
+                }
+            )
+    return records
+
+
+def write_rollout_log(accelerator: Accelerator, folder: Path, step: int, records: list[dict[str, Any]]) -> None:
+    """Every rank's records of a step, in the run's prompt order (whatever the number of ranks), written by the main
+    process to `folder/step_NNNNNN.jsonl` (atomically: a resumed run that replays the step replaces the file whole)."""
+    if accelerator.num_processes > 1:
+        records = gather_object(records)
+    if accelerator.is_main_process:
+        records = sorted(records, key=lambda r: (r["prompt_index"], r["response_index"]))
+        text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+        atomic_write_text(folder / f"step_{step:06d}.jsonl", text)
+
+
 class WeightPush:
     """Save the policy into the server's folder and have the server reload it (`rl.rollout_backend: server`)."""
 
@@ -400,6 +446,11 @@ def _train(
         scores = score_rollouts(rewards, step_prompts, rollouts, accelerator)
         advantages_all = group_advantages(scores["reward"], **rl.advantage_settings())
         advantages = advantages_all[rank * local_prompts : (rank + 1) * local_prompts].float()  # [P_local, G]
+        if rl.log_rollouts:
+            records = rollout_records(
+                state.step + 1, step_prompts, rollouts, scores, advantages_all, rank * local_prompts
+            )
+            write_rollout_log(accelerator, output_dir / "rollouts", state.step + 1, records)
 
         # 4. The rows of each mini-batch, their old (and reference) log-probs: one no-grad pass before any update.
         score_start = time.perf_counter()

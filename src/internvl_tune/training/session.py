@@ -38,6 +38,7 @@ RUN_FILES = (
     "final_adapter",
     "tensorboard",
     "wandb",
+    "rollouts",  # the RL recipe's rl.log_rollouts
 )
 
 
