@@ -24,6 +24,7 @@ The settings of each folder (image size, tiles, system message, RL settings) are
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -49,14 +50,26 @@ def demo_settings(demo_dir: Path) -> DemoSettings:
     report = demo_dir / "report.json"
     if not report.is_file():
         raise UserError(f"{demo_dir}: no report.json; give the output folder of a finished `internvl-tune demo`")
-    values = json.loads(report.read_text())["settings"]
-    values["rl_question_types"] = tuple(values["rl_question_types"])
+    try:
+        values = json.loads(report.read_text()).get("settings")
+    except (ValueError, AttributeError) as e:
+        raise UserError(f"{report}: not a demo report ({e})") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{report}: no settings in it; give the output folder of a finished `internvl-tune demo`")
+    known = {f.name for f in dataclasses.fields(DemoSettings)}  # a field an older or newer demo wrote is left out
+    values = {name: value for name, value in values.items() if name in known}
+    if "rl_question_types" in values:
+        values["rl_question_types"] = tuple(values["rl_question_types"])
     return DemoSettings(**values)
 
 
 def supervised_ceiling(demo_dir: Path, settings: DemoSettings, work: Path) -> Path:
     """Train the MPO model on the RL stage's questions with their answers (module docstring); returns the model."""
     rl_data = demo_dir / "rl_data"
+    if not (rl_data / "rl_prompts.jsonl").is_file():
+        raise UserError(
+            f"{demo_dir}: no rl_data/rl_prompts.jsonl, the RL stage's questions (--no-ceiling goes without)"
+        )
     lines = (rl_data / "rl_prompts.jsonl").read_text().splitlines()
     num_questions = settings.rl_steps * settings.rl_prompts_per_step
     if len(lines) < num_questions:

@@ -10,7 +10,8 @@ Launch: `internvl-tune rl --config configs/rl/FILE.yaml [key=value ...]` (or und
    itself (`rl.rollout_backend: hf`, in this process) or from a server (`server`: vLLM, SGLang, serve.py; the
    prompts built here, the server's prompt ids checked against them).
 3. **Rewards** by `rl.rewards` (rewards.py, graded by judge.py), gathered over ranks; **advantages** per group
-   (`group_advantages`), so 2 ranks compute what 1 does.
+   (`group_advantages`), so 2 ranks compute what 1 does. With `rl.log_rollouts` the main process writes every
+   response with its rewards and advantage to `rollouts/step_NNNNNN.jsonl`.
 4. **Old log-probs**: the behaviour policy's, one no-grad pass in eval mode (as it sampled) over the step's rows
    before any update; with `rl.kl_coef` > 0 the reference's too.
 5. **Updates**: `rl.ppo_epochs` passes over the step's mini-batches of `rl.mini_batch_size` prompts (over all
