@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from internvl_tune.cli import drop_deepspeed_cpu_notice
 from internvl_tune.config import SFTConfig, TrainArgs
 from internvl_tune.demo.run import DemoSettings, data_args, evaluate, later_stage_model
 from internvl_tune.demo.task import QUESTION_TYPES, cot_answer, make_task, task_prompt
@@ -48,19 +49,27 @@ STAGES = {"after SFT": "run/final", "after MPO": "mpo_run/final", "after RL": "r
 def demo_settings(demo_dir: Path) -> DemoSettings:
     """The settings a demo folder ran with (its report.json)."""
     report = demo_dir / "report.json"
+    if not demo_dir.is_dir():
+        raise UserError(f"{demo_dir}: no such folder")
     if not report.is_file():
         raise UserError(f"{demo_dir}: no report.json; give the output folder of a finished `internvl-tune demo`")
     try:
-        values = json.loads(report.read_text()).get("settings")
-    except (ValueError, AttributeError) as e:
-        raise UserError(f"{report}: not a demo report ({e})") from None
+        content = json.loads(report.read_text())
+    except ValueError as e:
+        raise UserError(f"{report}: not JSON ({e})") from None
+    values = content.get("settings") if isinstance(content, dict) else None
     if not isinstance(values, dict):
         raise UserError(f"{report}: no settings in it; give the output folder of a finished `internvl-tune demo`")
     known = {f.name for f in dataclasses.fields(DemoSettings)}  # a field an older or newer demo wrote is left out
     values = {name: value for name, value in values.items() if name in known}
     if "rl_question_types" in values:
         values["rl_question_types"] = tuple(values["rl_question_types"])
-    return DemoSettings(**values)
+    settings = DemoSettings(**values)
+    numbers = {"seed": int, "rl_steps": int, "rl_prompts_per_step": int, "rl_learning_rate": (int, float)}
+    for name, kind in numbers.items():
+        if not isinstance(getattr(settings, name), kind):
+            raise UserError(f"{report}: settings.{name} is {getattr(settings, name)!r}, not a number")
+    return settings
 
 
 def supervised_ceiling(demo_dir: Path, settings: DemoSettings, work: Path) -> Path:
@@ -117,12 +126,18 @@ def supervised_ceiling(demo_dir: Path, settings: DemoSettings, work: Path) -> Pa
 
 
 def measure(demo_dir: Path, num_eval: int, with_ceiling: bool) -> list[dict[str, Any]]:
-    """Accuracy rows (seed, stage, per type, count+shape mean) of one demo folder on the large benchmark."""
+    """Accuracy rows (seed, stage, per type, count+shape mean) of one demo folder on the large benchmark, which is
+    drawn into `demo_dir/demo_rl_benchmark/` with the answers and the ceiling's run."""
+    demo_dir = demo_dir.resolve()  # the meta files written below name absolute paths
     settings = demo_settings(demo_dir)
+    models = {stage: demo_dir / path for stage, path in STAGES.items() if (demo_dir / path).is_dir()}
+    if not models:
+        raise UserError(f"{demo_dir}: none of {', '.join(STAGES.values())} is there (did the demo finish?)")
+    if "after RL" not in models:
+        logger.info("%s: no rl_run/final (a demo with rl_steps=0): no RL stage and no ceiling", demo_dir)
     work = demo_dir / "demo_rl_benchmark"
     bench = make_task(work / f"benchmark_{num_eval}", 0, num_eval, EVAL_SEED, 0)
     questions = load_benchmark(bench.benchmark)
-    models = {stage: demo_dir / path for stage, path in STAGES.items() if (demo_dir / path).is_dir()}
     if with_ceiling and "after RL" in models:
         models["supervised ceiling"] = supervised_ceiling(demo_dir, settings, work / "supervised")
     rows = []
@@ -159,17 +174,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-ceiling", action="store_true", help="evaluate the stages only, no supervised ceiling")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args(argv)
+    if args.num_eval < 1:
+        parser.error(f"--num-eval must be >= 1, got {args.num_eval}")
+    if args.threads < 0:
+        parser.error(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("DeepSpeed").addFilter(drop_deepspeed_cpu_notice)  # stdout is the table
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        rows = [row for demo_dir in args.demo_dirs for row in measure(demo_dir, args.num_eval, not args.no_ceiling)]
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"Each stage on {args.num_eval} fresh images x {len(QUESTION_TYPES)} question types (seed {EVAL_SEED}):\n")
-    print(format_rows(rows))
-    return 0
+    rows, failed = [], []
+    for demo_dir in args.demo_dirs:  # a folder that fails does not cost the others' results
+        try:
+            rows += measure(demo_dir, args.num_eval, not args.no_ceiling)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            failed.append(demo_dir)
+    if rows:
+        print(
+            f"Each stage on {args.num_eval} fresh images x {len(QUESTION_TYPES)} question types (seed {EVAL_SEED}):\n"
+        )
+        print(format_rows(rows))
+    return 2 if failed else 0
 
 
 if __name__ == "__main__":

@@ -760,7 +760,7 @@ def _leave(code: int) -> int:
     os._exit(code)
 
 
-def _drop_deepspeed_cpu_notice(record: logging.LogRecord) -> bool:
+def drop_deepspeed_cpu_notice(record: logging.LogRecord) -> bool:
     """transformers imports DeepSpeed (when installed) with every model it loads, and DeepSpeed then warns "Setting
     accelerator to CPU" on a machine without a GPU, for commands that never use it. The run's own log says the device
     and the engine (training/engine.py); this one line is dropped, every other DeepSpeed message kept."""
@@ -769,7 +769,7 @@ def _drop_deepspeed_cpu_notice(record: logging.LogRecord) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("DeepSpeed").addFilter(_drop_deepspeed_cpu_notice)  # its logger's name in deepspeed/utils
+    logging.getLogger("DeepSpeed").addFilter(drop_deepspeed_cpu_notice)  # its logger's name in deepspeed/utils
     if not sys.stderr.isatty():
         # transformers' "Loading weights" / "Writing model shards" bars are walls of carriage returns in a log file
         # or a pipe; it reads this setting when it is imported, which no command has done yet.

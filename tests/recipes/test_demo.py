@@ -16,7 +16,7 @@ from internvl_tune.judge import judge
 from internvl_tune.training.metrics import MetricsWriter, read_metrics
 
 
-def test_quick_demo_writes_a_passing_report(tmp_path, capsys):
+def test_quick_demo_writes_a_passing_report(tmp_path, capsys, monkeypatch):
     threads = torch.get_num_threads()
     assert main(["demo", "--quick", "--output-dir", str(tmp_path), "num_threads=1", "rl_steps=2"]) == 0
     assert torch.get_num_threads() == threads  # the demo's thread count does not outlive it
@@ -84,9 +84,14 @@ def test_quick_demo_writes_a_passing_report(tmp_path, capsys):
 
     # benchmarks/demo_rl.py on this folder: every stage on a fresh benchmark, and the supervised ceiling, trained on
     # the RL stage's first rl_steps x rl_prompts_per_step questions with their right answers.
+    # Given as the docs give it, relative to the working folder; a second folder that is no demo is one line and
+    # costs the first one nothing.
     demo_rl = _load_benchmark_script("demo_rl")
-    assert demo_rl.main(["--num-eval", "2", str(tmp_path)]) == 0
-    table = capsys.readouterr().out
+    monkeypatch.chdir(tmp_path.parent)
+    assert demo_rl.main(["--num-eval", "2", tmp_path.name, "no-demo-here"]) == 2
+    table, errors = capsys.readouterr()
+    (error,) = [line for line in errors.splitlines() if line.startswith("error:")]
+    assert error.endswith("/no-demo-here: no such folder")
     for stage in ("after SFT", "after MPO", "after RL", "supervised ceiling"):
         assert f"| {settings['seed']} | {stage} |" in table
     work = tmp_path / "demo_rl_benchmark"
@@ -98,8 +103,24 @@ def test_quick_demo_writes_a_passing_report(tmp_path, capsys):
     assert steps == [1, 2]
     benchmark = (work / "benchmark_2" / "benchmark.jsonl").read_text().splitlines()
     assert len(benchmark) == 2 * len(QUESTION_TYPES)
-    assert demo_rl.main([str(tmp_path / "no-demo-here")]) == 2
+    (tmp_path / "empty").mkdir()
+    assert demo_rl.main([str(tmp_path / "empty")]) == 2
     assert "no report.json" in capsys.readouterr().err
+
+
+def test_bad_rl_settings_stop_the_demo_before_any_stage(tmp_path, capsys):
+    """An RL setting is checked with the others, in one line naming the demo's field, before minutes of SFT and MPO."""
+    for override, message in (
+        ("rl_steps=-1", "rl_steps must be >= 0"),
+        ("rl_generations=0", "rl_generations must be >= 1"),
+        ("rl_prompts_per_step=0", "rl_prompts_per_step must be >= 1"),
+        ("rl_learning_rate=-1", "rl_learning_rate must be >= 0"),
+        ("rl_question_types=[count, size]", "rl_question_types must be some of colour, count, shape"),
+    ):
+        out = tmp_path / override.split("=")[0]
+        assert main(["demo", "--quick", "--output-dir", str(out), override]) == 2
+        assert message in capsys.readouterr().err
+        assert not (out / "data").exists()  # nothing ran
 
 
 def _load_benchmark_script(name: str):

@@ -178,10 +178,8 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     Runs on `settings.num_threads` CPU threads (restored afterwards). A Ctrl-C stops it with one line saying that it
     does not resume (the training stages' own advice, `train.resume_from_checkpoint=auto`, is for `sft` and `mpo`).
     """
-    if settings.pass_criterion not in ("colour_accuracy", "loss_decrease"):
-        raise UserError(f"pass_criterion must be colour_accuracy or loss_decrease, got {settings.pass_criterion!r}")
-    if settings.num_threads < 0:
-        raise UserError(f"num_threads must be >= 0 (0: the free cores), got {settings.num_threads}")
+    settings = dataclasses.replace(settings, rl_question_types=question_types(settings.rl_question_types))
+    check_settings(settings)
     threads = settings.num_threads or (None if os.environ.get("OMP_NUM_THREADS") else cpu_threads())
     previous_threads = torch.get_num_threads()
     if threads is not None:
@@ -195,6 +193,36 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         ) from None
     finally:
         torch.set_num_threads(previous_threads)
+
+
+def question_types(value: str | Sequence[str]) -> tuple[str, ...]:
+    """`rl_question_types` as a tuple, from the command line's text too: `count`, `count,shape`, `[count, shape]`."""
+    if isinstance(value, str):
+        value = value.strip().strip("[]()").split(",")
+    return tuple(name.strip().strip("'\"") for name in value if name.strip())
+
+
+def check_settings(settings: DemoSettings) -> None:
+    """Refuse a bad setting in one line naming the demo's field, before any stage runs (an RL setting would otherwise
+    surface as the rl recipe's own field, after minutes of SFT and MPO)."""
+    if settings.pass_criterion not in ("colour_accuracy", "loss_decrease"):
+        raise UserError(f"pass_criterion must be colour_accuracy or loss_decrease, got {settings.pass_criterion!r}")
+    if settings.num_threads < 0:
+        raise UserError(f"num_threads must be >= 0 (0: the free cores), got {settings.num_threads}")
+    if settings.rl_steps < 0:
+        raise UserError(f"rl_steps must be >= 0 (0: no RL stage), got {settings.rl_steps}")
+    if not settings.rl_steps:
+        return
+    for name in ("rl_prompts_per_step", "rl_generations", "rl_num_prompts"):
+        if getattr(settings, name) < 1:
+            raise UserError(f"{name} must be >= 1, got {getattr(settings, name)}")
+    if settings.rl_learning_rate < 0:
+        raise UserError(f"rl_learning_rate must be >= 0, got {settings.rl_learning_rate}")
+    unknown = sorted(set(settings.rl_question_types) - set(QUESTION_TYPES))
+    if unknown or not settings.rl_question_types:
+        raise UserError(
+            f"rl_question_types must be some of {', '.join(QUESTION_TYPES)}, got {list(settings.rl_question_types)}"
+        )
 
 
 def available_cores() -> int:
@@ -573,8 +601,9 @@ def format_report(report: dict[str, Any]) -> str:
         # One step's mean reward (32 questions) moves by several points from noise alone: compare a tenth of the run.
         span = max(1, len(rewards) // 10)
         first, last = sum(rewards[:span]) / span, sum(rewards[-span:]) / span
+        steps = f"{span} steps" if span > 1 else "step"
         lines.append(
-            f"RL mean reward {first:.1%} (first {span} steps) -> {last:.1%} (last {span}) over {len(rewards)} steps"
+            f"RL mean reward {first:.1%} (first {steps}) -> {last:.1%} (last {steps}) over {len(rewards)} steps"
         )
     lines.append("time " + ", ".join(f"{name} {seconds:.0f}s" for name, seconds in report["seconds"].items()))
     if report.get("plot"):
