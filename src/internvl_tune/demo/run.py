@@ -127,9 +127,9 @@ class DemoSettings:
     instead of 1 gave 69% (5e-5) and 67% (1e-4)."""
     rl_steps: int = 40
     """Online RL steps after MPO (0 = no RL stage); each samples rl_prompts_per_step questions x rl_generations. Over
-    seeds 0-2, on 1000 fresh benchmark images (benchmarks/demo_rl.py), the 40 steps raised the count and shape
-    accuracy over the MPO model on 2 seeds, by 0.8 points on average; the same questions with their answers given
-    raise it by 4.9 (benchmarks/RESULTS-demo-rl.md says why RL takes so little of it)."""
+    seeds 0-5, on 1000 fresh benchmark images (benchmarks/demo_rl.py), the 40 steps raised the count and shape
+    accuracy over the MPO model by 0.7 points on average (-0.2 to +1.7 a seed); the same questions with their answers
+    given raise it by 4.0 (benchmarks/RESULTS-demo-rl.md says why RL takes so little of it)."""
     rl_prompts_per_step: int = 32
     """Prompt-set questions per RL step (one update each)."""
     rl_generations: int = 4
