@@ -14,9 +14,9 @@ error of about 1.6 points a type), drawn with a seed apart from every set of the
 The ceiling (`supervised ceiling`): the MPO model trained, as SFT, on as many of the RL stage's questions as it
 consumed (`rl_steps x rl_prompts_per_step`, the first ones of its prompt file: the same images and question types),
 one pass, batch `rl_prompts_per_step`, the RL learning rate, constant, with the right answer given instead of a
-reward. An RL step learns from its sampled answers and a 0/1
-reward what this step is told outright, so when the ceiling stays where MPO left the accuracy, RL on these questions
-cannot be expected to raise it either: the model, not the RL, is what limits it.
+reward. An RL step learns from its sampled answers and a 0/1 reward what this step is told outright. So where the
+ceiling stays where MPO left the accuracy, the model limits it and RL cannot be expected to raise it either; where
+the ceiling rises and RL does not, the RL is what falls short.
 
 The settings of each folder (image size, tiles, system message, RL settings) are read from its `report.json`.
 """
@@ -113,7 +113,7 @@ def supervised_ceiling(demo_dir: Path, settings: DemoSettings, work: Path) -> Pa
         train=TrainArgs(
             output_dir=str(work / "run"),
             overwrite_output_dir=True,
-            max_steps=len(records) // settings.rl_prompts_per_step,
+            max_steps=max(1, len(records) // settings.rl_prompts_per_step),
             per_device_train_batch_size=settings.rl_prompts_per_step,
             learning_rate=settings.rl_learning_rate,
             lr_scheduler_type="constant",
