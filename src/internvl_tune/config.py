@@ -561,6 +561,10 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         (item,) = typing.get_args(annotation)
         return [_coerce(v, item, where) for v in value]
+    if origin is tuple and typing.get_args(annotation)[1:] == (Ellipsis,):  # tuple[X, ...]: a YAML list
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(_coerce(v, typing.get_args(annotation)[0], where) for v in value)
     if origin is Literal:
         if value not in typing.get_args(annotation):
             raise ConfigError(f"{where}: must be one of {list(typing.get_args(annotation))}, got {value!r}")

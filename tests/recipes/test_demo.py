@@ -116,6 +116,7 @@ def test_bad_rl_settings_stop_the_demo_before_any_stage(tmp_path, capsys):
         ("rl_prompts_per_step=0", "rl_prompts_per_step must be >= 1"),
         ("rl_learning_rate=-1", "rl_learning_rate must be >= 0"),
         ("rl_question_types=[count, size]", "rl_question_types must be some of colour, count, shape"),
+        ("rl_question_types=count", "override 'rl_question_types=count': expected a list, got 'count'"),
     ):
         out = tmp_path / override.split("=")[0]
         assert main(["demo", "--quick", "--output-dir", str(out), override]) == 2

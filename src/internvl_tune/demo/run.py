@@ -178,7 +178,6 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     Runs on `settings.num_threads` CPU threads (restored afterwards). A Ctrl-C stops it with one line saying that it
     does not resume (the training stages' own advice, `train.resume_from_checkpoint=auto`, is for `sft` and `mpo`).
     """
-    settings = dataclasses.replace(settings, rl_question_types=question_types(settings.rl_question_types))
     check_settings(settings)
     threads = settings.num_threads or (None if os.environ.get("OMP_NUM_THREADS") else cpu_threads())
     previous_threads = torch.get_num_threads()
@@ -193,13 +192,6 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         ) from None
     finally:
         torch.set_num_threads(previous_threads)
-
-
-def question_types(value: str | Sequence[str]) -> tuple[str, ...]:
-    """`rl_question_types` as a tuple, from the command line's text too: `count`, `count,shape`, `[count, shape]`."""
-    if isinstance(value, str):
-        value = value.strip().strip("[]()").split(",")
-    return tuple(name.strip().strip("'\"") for name in value if name.strip())
 
 
 def check_settings(settings: DemoSettings) -> None:
