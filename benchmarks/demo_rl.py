@@ -36,7 +36,7 @@ import torch
 from internvl_tune.cli import drop_deepspeed_cpu_notice
 from internvl_tune.config import SFTConfig, TrainArgs
 from internvl_tune.demo.run import DemoSettings, data_args, evaluate, later_stage_model
-from internvl_tune.demo.task import QUESTION_TYPES, cot_answer, make_task, task_prompt
+from internvl_tune.demo.task import QUESTION_TYPES, make_task, sft_record
 from internvl_tune.errors import UserError
 from internvl_tune.evaluate.benchmark import load_benchmark
 from internvl_tune.recipes import sft
@@ -84,14 +84,8 @@ def supervised_ceiling(demo_dir: Path, settings: DemoSettings, work: Path) -> Pa
     if len(lines) < num_questions:
         # The RL stage went over its prompts more than once; one pass over them is what this ceiling measures.
         logger.warning("%s: %d RL questions, fewer than the %d RL consumed", demo_dir, len(lines), num_questions)
-    records = []
-    for index, line in enumerate(lines[:num_questions]):
-        item = json.loads(line)
-        conversation = [
-            {"from": "human", "value": task_prompt(item["question"])},
-            {"from": "gpt", "value": cot_answer(item["answer"])},
-        ]
-        records.append({"id": f"rl-{index}", "image": item["image"], "conversations": conversation})
+    items = [json.loads(line) for line in lines[:num_questions]]
+    records = [sft_record(f"rl-{i}", item["image"], item["question"], item["answer"]) for i, item in enumerate(items)]
     work.mkdir(parents=True, exist_ok=True)
     annotation = work / "supervised.jsonl"
     annotation.write_text("".join(json.dumps(r) + "\n" for r in records))

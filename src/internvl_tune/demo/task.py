@@ -180,7 +180,7 @@ def make_task(output_dir: str | Path, num_train: int, num_eval: int, seed: int, 
         draw_scene(scene, noise_seed=seed * 1_000_003 + index).save(images / name)
         if index < num_train:
             question, answer = question_answer(scene, QUESTION_TYPES[index % len(QUESTION_TYPES)])
-            train.append(_record(f"train-{index}", name, question, answer))
+            train.append(sft_record(f"train-{index}", name, question, answer))
             continue
         for question_type in QUESTION_TYPES:
             question, answer = question_answer(scene, question_type)
@@ -197,7 +197,9 @@ def make_task(output_dir: str | Path, num_train: int, num_eval: int, seed: int, 
     return paths
 
 
-def _record(record_id: str, image: str, question: str, answer: str) -> dict[str, Any]:
+def sft_record(record_id: str, image: str, question: str, answer: str) -> dict[str, Any]:
+    """A question and its answer as a training record (official InternVL SFT format, the task's prompt and answer
+    format)."""
     return {
         "id": record_id,
         "image": image,
