@@ -9,7 +9,9 @@ Run (CPU; DIR is the output folder of `internvl-tune demo ... rl_steps=N`, one p
 Why: the demo's own benchmark has 100 images, so one question type's accuracy has a standard error of about 5
 points, too coarse to see what an RL stage of a few minutes does. Here every model of a demo folder (after SFT,
 after MPO, after RL) answers `--num-eval` freshly drawn images (every question type each; 1000 by default, a standard
-error of about 1.6 points a type), drawn with a seed apart from every set of the demo.
+error of about 1.6 points a type), drawn with a seed apart from every set of the demo. A second table breaks count
+and shape down by right answer: each answer's accuracy and how often the model gave it, which tells a stage that
+learns to tell the answers apart from one that moves its prior toward the answers it already gets right.
 
 The ceiling (`supervised ceiling`): the MPO model trained, as SFT, on as many of the RL stage's questions as it
 consumed (`rl_steps x rl_prompts_per_step`, the first ones of its prompt file: the same images and question types),
@@ -43,6 +45,7 @@ from internvl_tune.recipes import sft
 
 EVAL_SEED = 424_242  # the large benchmark's images: a draw apart from the demo's (seed, seed + RL_SEED_OFFSET)
 logger = logging.getLogger("demo_rl")
+BREAKDOWN_TYPES = ("count", "shape")  # the question types the RL stage trains on
 STAGES = {"after SFT": "run/final", "after MPO": "mpo_run/final", "after RL": "rl_run/final"}
 
 
@@ -137,10 +140,54 @@ def measure(demo_dir: Path, num_eval: int, with_ceiling: bool) -> list[dict[str,
     rows = []
     for stage, model in models.items():
         slug = stage.replace(" ", "_")
-        accuracy = evaluate(model, questions, work / f"eval_{num_eval}_{slug}", settings)["accuracy"]
-        rows.append({"seed": settings.seed, "stage": stage, **accuracy})
+        eval_dir = work / f"eval_{num_eval}_{slug}"
+        accuracy = evaluate(model, questions, eval_dir, settings)["accuracy"]
+        by_answer = answer_breakdown(eval_dir / "responses.jsonl")
+        rows.append({"seed": settings.seed, "stage": stage, **accuracy, "by_answer": by_answer})
         logger.info("%s %s: %s", demo_dir, stage, accuracy)
     return rows
+
+
+def answer_breakdown(responses: Path) -> dict[str, dict[str, tuple[float, float]]]:
+    """Per count / shape right answer of an eval's responses.jsonl: (accuracy on the questions with that answer,
+    share of that type's questions the model answered with it)."""
+    records = [json.loads(line) for line in responses.read_text().splitlines()]
+    breakdown = {}
+    for kind in BREAKDOWN_TYPES:
+        of_kind = [r for r in records if r["source"] == kind]
+        answers = sorted({r["answer"] for r in of_kind})
+        breakdown[kind] = {
+            answer: (
+                sum(r["correct"] for r in of_kind if r["answer"] == answer)
+                / sum(r["answer"] == answer for r in of_kind),
+                sum(r["answer_pred"] == answer for r in of_kind) / len(of_kind),
+            )
+            for answer in answers
+        }
+    return breakdown
+
+
+def format_answers(rows: list[dict[str, Any]]) -> str:
+    """A markdown table of each row's count and shape breakdown: `accuracy (share answered)` per right answer."""
+    columns = [
+        (kind, answer)
+        for kind in BREAKDOWN_TYPES
+        for answer in sorted({answer for row in rows for answer in row["by_answer"][kind]})
+    ]
+    lines = [
+        "| seed | stage | " + " | ".join(f"{kind}: {answer}" for kind, answer in columns) + " |",
+        "|" + "---|" * (len(columns) + 2),
+    ]
+    for row in rows:
+        cells = []
+        for kind, answer in columns:
+            if answer in row["by_answer"][kind]:
+                accuracy, share = row["by_answer"][kind][answer]
+                cells.append(f"{accuracy:.0%} ({share:.0%})")
+            else:  # no question of this row's benchmark has that answer
+                cells.append("-")
+        lines.append(f"| {row['seed']} | {row['stage']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
@@ -188,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
             f"Each stage on {args.num_eval} fresh images x {len(QUESTION_TYPES)} question types (seed {EVAL_SEED}):\n"
         )
         print(format_rows(rows))
+        print(
+            "\nCount and shape by right answer: accuracy on its questions (share of the type's answers given as it):\n"
+        )
+        print(format_answers(rows))
     return 2 if failed else 0
 
 

@@ -94,6 +94,7 @@ def test_quick_demo_writes_a_passing_report(tmp_path, capsys, monkeypatch):
     assert error.endswith("/no-demo-here: no such folder")
     for stage in ("after SFT", "after MPO", "after RL", "supervised ceiling"):
         assert f"| {settings['seed']} | {stage} |" in table
+    assert "Count and shape by right answer" in table
     work = tmp_path / "demo_rl_benchmark"
     supervised = [json.loads(line) for line in (work / "supervised" / "supervised.jsonl").read_text().splitlines()]
     asked = [json.loads(line) for line in rl_prompts[: 2 * settings["rl_prompts_per_step"]]]
@@ -209,3 +210,32 @@ def test_demo_pairs_come_from_the_ground_truth(tmp_path):
     held_out = [json.loads(line) for line in (tmp_path / "pairs_eval.jsonl").read_text().splitlines()]
     assert len(held_out) == 2 * len(QUESTION_TYPES)
     assert held_out[0]["question"] == task_prompt(json.loads(task.benchmark.read_text().splitlines()[0])["question"])
+
+
+def test_demo_rl_answer_breakdown_by_hand(tmp_path):
+    """Accuracy per right answer and the share of a type's questions answered with it, counted by hand."""
+    demo_rl = _load_benchmark_script("demo_rl")
+    records = [
+        ("count", "two", "two"),
+        ("count", "two", "four"),
+        ("count", "four", "four"),
+        ("count", "four", "four"),
+        ("shape", "circle", "square"),
+        ("shape", "square", "square"),
+        ("colour", "red", "red"),
+    ]
+    lines = [
+        json.dumps({"source": kind, "answer": answer, "answer_pred": pred, "correct": answer == pred})
+        for kind, answer, pred in records
+    ]
+    (tmp_path / "responses.jsonl").write_text("\n".join(lines) + "\n")
+    breakdown = demo_rl.answer_breakdown(tmp_path / "responses.jsonl")
+    assert breakdown == {
+        "count": {"four": (1.0, 0.75), "two": (0.5, 0.25)},
+        "shape": {"circle": (0.0, 0.0), "square": (1.0, 1.0)},
+    }
+    row = {"seed": 3, "stage": "after RL", "by_answer": breakdown}
+    table = demo_rl.format_answers([row, {**row, "by_answer": {"count": {}, "shape": {}}}])
+    assert table.splitlines()[0] == "| seed | stage | count: four | count: two | shape: circle | shape: square |"
+    assert table.splitlines()[2] == "| 3 | after RL | 100% (75%) | 50% (25%) | 0% (0%) | 100% (100%) |"
+    assert table.splitlines()[3] == "| 3 | after RL | - | - | - | - |"
