@@ -45,7 +45,7 @@ from internvl_tune.recipes import sft
 
 EVAL_SEED = 424_242  # the large benchmark's images: a draw apart from the demo's (seed, seed + RL_SEED_OFFSET)
 logger = logging.getLogger("demo_rl")
-BREAKDOWN_TYPES = ("count", "shape")  # the question types the RL stage trains on
+BREAKDOWN_TYPES = DemoSettings.rl_question_types  # the question types the demo's RL stage trains on
 STAGES = {"after SFT": "run/final", "after MPO": "mpo_run/final", "after RL": "rl_run/final"}
 
 
