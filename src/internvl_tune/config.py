@@ -342,9 +342,10 @@ class RLArgs:
     and how GSPO's clip fraction is counted (docs/losses.md lists each)."""
     num_generations: int = 16
     """Responses sampled per prompt, the group of GRPO's advantage (InternVL3.5: 16)."""
-    scale_rewards: Literal["group", "batch", "none"] = "group"
-    """Advantage denominator: the group's reward std (GRPO), the std of the step's rewards (batch), or none
-    (Dr. GRPO, arXiv 2503.20783)."""
+    scale_rewards: Literal["group", "batch", "none", "mean"] = "group"
+    """Advantage denominator: the group's reward std (GRPO), the std of the step's rewards (batch), none (Dr. GRPO,
+    arXiv 2503.20783), or the group's mean reward (MaxRL, arXiv 2602.02710: weights a prompt by 1 / its pass rate;
+    rewards must be >= 0)."""
     std_epsilon: float | None = None
     """Added to the std in the advantage; null = the conventions' (verl 1e-6, trl 1e-4)."""
     norm_length: int | None = None
@@ -425,6 +426,17 @@ class RLArgs:
                 "rl.num_generations=1: under conventions=trl a one-response group has advantage 0 (nothing to learn); "
                 "sample >= 2 per prompt"
             )
+        if self.scale_rewards == "mean":
+            negative = [
+                f"{name} (weight {weight:g})"
+                for name, weight in zip(self.rewards, self.reward_weights, strict=False)
+                if weight < 0 or (name in ("repetition", "length") and weight > 0)
+            ]
+            if negative:
+                raise ConfigError(
+                    f"rl.scale_rewards=mean divides by the group's mean reward, a pass rate, so rewards must be >= 0; "
+                    f"{', '.join(negative)} can make them negative (use scale_rewards=group)"
+                )
         if self.std_epsilon is not None and self.std_epsilon <= 0:
             raise ConfigError(
                 f"rl.std_epsilon must be > 0 (a group of equal rewards has std 0), got {self.std_epsilon}"

@@ -116,6 +116,7 @@ def test_bad_rl_settings_stop_the_demo_before_any_stage(tmp_path, capsys):
         ("rl_generations=0", "rl_generations must be >= 1"),
         ("rl_prompts_per_step=0", "rl_prompts_per_step must be >= 1"),
         ("rl_learning_rate=-1", "rl_learning_rate must be >= 0"),
+        ("rl_scale_rewards=std", "rl_scale_rewards must be one of group, batch, none, mean, got 'std'"),
         ("rl_question_types=[count, size]", "rl_question_types must be some of colour, count, shape"),
         ("rl_question_types=count", "override 'rl_question_types=count': expected a list, got 'count'"),
     ):

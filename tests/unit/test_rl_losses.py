@@ -78,6 +78,48 @@ def test_group_ids_in_any_order_and_batch_scaling():
     assert batch[1].tolist() == [0.0] * 4
 
 
+def test_mean_scaling_is_maxrl():
+    """scale_rewards=mean divides by the group's mean reward (MaxRL). [1, 0, 0, 0]: mean 0.25, A = 0.75 / 0.25 = 3
+    and −0.25 / 0.25 = −1; [1, 1, 1, 0]: mean 0.75, A = 0.25 / 0.75 = 1/3 and −1; [0, 0, 0, 0]: no pass rate, A = 0
+    (not 0 / eps); [1, 1, 1, 1]: A = 0. eps 1e-6 moves these by < 1e-4 (3 becomes 2.999988)."""
+    rewards = torch.tensor([[1.0, 0, 0, 0], [1, 1, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]])
+    mean = group_advantages(rewards, scale_rewards="mean")
+    expected = torch.tensor([[3.0, -1, -1, -1], [1 / 3, 1 / 3, 1 / 3, -1], [0, 0, 0, 0], [0, 0, 0, 0]])
+    torch.testing.assert_close(mean, expected, atol=1e-4, rtol=0)
+    # A lone response: verl's rule (mean 0) with 1 for the denominator keeps the reward; TRL's gives 0.
+    lone = torch.tensor([1.0, 0.0, 0.5])
+    torch.testing.assert_close(group_advantages(lone, [0, 0, 1], scale_rewards="mean"), torch.tensor([1.0, -1, 0.5]))
+    assert group_advantages(lone, [0, 0, 1], scale_rewards="mean", conventions="trl")[2] == 0.0
+
+
+def test_mean_scaling_weights_a_prompt_by_its_supervised_gradient():
+    """Why mean: one prompt with a right answer of probability p, softmax over answers, G = 4 responses. The
+    expected update of the right answer's logit is E[Σ_i A_i r_i] (Σ_i A_i = 0 in a group), and the supervised
+    gradient of its G right answers is G (1 − p); their ratio is the weight RL gives the prompt. Under mean,
+    Σ_i A_i r_i = K (1 − p̂) / p̂ = G (1 − p̂) for K ≥ 1 right answers, so the weight is exactly
+    1 − (1 − p)^(G − 1): 0.271 at p = 0.1, 0.999 at p = 0.9. Under group (GRPO) it is 0.146 and 1.317: a prompt the
+    model mostly gets wrong weighs 9x less than one it mostly gets right, against 3.7x under mean. Enumerated over the
+    16 reward patterns."""
+
+    def weight(p, scale):
+        total = 0.0
+        for bits in range(16):
+            rewards = torch.tensor([[float(bits >> k & 1) for k in range(4)]], dtype=torch.float64)
+            prob = math.prod(p if r else 1 - p for r in rewards[0].tolist())
+            total += prob * float((group_advantages(rewards, scale_rewards=scale, std_epsilon=1e-12) * rewards).sum())
+        return total / (4 * (1 - p))
+
+    for p in (0.1, 0.5, 0.9):
+        assert weight(p, "mean") == pytest.approx(1 - (1 - p) ** 3, abs=1e-9)
+    assert weight(0.1, "group") == pytest.approx(0.146, abs=1e-3)
+    assert weight(0.9, "group") == pytest.approx(1.317, abs=1e-3)
+
+
+def test_mean_scaling_refuses_negative_rewards():
+    with pytest.raises(ValueError, match="needs rewards >= 0"):
+        group_advantages(torch.tensor([[1.0, -0.5]]), scale_rewards="mean")
+
+
 def test_group_advantages_refuses_ungrouped_rewards():
     with pytest.raises(ValueError, match="need group_ids"):
         group_advantages(torch.tensor([1.0, 0.0]))
@@ -351,6 +393,8 @@ def test_default_rl_args_are_the_official_stage():
         ({"num_generations": 0}, "rl.num_generations must be >= 1"),
         ({"num_generations": 1, "conventions": "trl"}, "rl.num_generations=1: under conventions=trl"),
         ({"std_epsilon": 0.0}, "rl.std_epsilon must be > 0"),
+        ({"scale_rewards": "mean", "rewards": ["accuracy", "repetition"]}, "rl.scale_rewards=mean divides by"),
+        ({"scale_rewards": "mean", "reward_weights": [0.9, -0.1]}, r"format \(weight -0.1\) can make"),
     ],
 )
 def test_rl_args_refuse_bad_values_in_one_line(changes, message):

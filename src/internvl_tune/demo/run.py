@@ -55,6 +55,7 @@ from internvl_tune.evaluate.benchmark import Question, evaluate_benchmark, load_
 from internvl_tune.evaluate.preference import reward_accuracy
 from internvl_tune.generation.base import SamplingParams
 from internvl_tune.generation.hf import HFBackend
+from internvl_tune.losses.rl import SCALE_REWARDS
 from internvl_tune.model.load import load_model
 from internvl_tune.model.prepare import sample_settings
 from internvl_tune.plot import import_pyplot, save_figure
@@ -142,6 +143,9 @@ class DemoSettings:
     """Images drawn for the RL prompts, apart from every other set: their 1280 count and shape questions are one pass
     of the 40 steps. (RL on the 100 prompt-set images that MPO's pairs came from learnt them, not the task: its reward
     rose, the benchmark did not.)"""
+    rl_scale_rewards: str = "group"
+    """The advantage's denominator (`rl.scale_rewards`): group (GRPO's group std, the official stage's), batch, none,
+    or mean (MaxRL: weights a question by 1 / its pass rate)."""
     rl_question_types: tuple[str, ...] = ("count", "shape")
     """Question types RL trains on: those SFT leaves unsolved (colour questions, answered right every time, give
     groups of equal rewards: advantage 0, nothing to learn)."""
@@ -210,6 +214,10 @@ def check_settings(settings: DemoSettings) -> None:
             raise UserError(f"{name} must be >= 1, got {getattr(settings, name)}")
     if settings.rl_learning_rate < 0:
         raise UserError(f"rl_learning_rate must be >= 0, got {settings.rl_learning_rate}")
+    if settings.rl_scale_rewards not in SCALE_REWARDS:
+        raise UserError(
+            f"rl_scale_rewards must be one of {', '.join(SCALE_REWARDS)}, got {settings.rl_scale_rewards!r}"
+        )
     unknown = sorted(set(settings.rl_question_types) - set(QUESTION_TYPES))
     if unknown or not settings.rl_question_types:
         raise UserError(
@@ -508,6 +516,7 @@ def run_rl_stage(
         ),
         rl=RLArgs(
             num_generations=settings.rl_generations,
+            scale_rewards=settings.rl_scale_rewards,
             prompts_per_step=settings.rl_prompts_per_step,
             mini_batch_size=settings.rl_prompts_per_step,
             max_new_tokens=settings.max_new_tokens,

@@ -32,11 +32,11 @@ import torch
 RLLossType = Literal["gspo", "grpo"]
 LossAggMode = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 RLConventionName = Literal["verl", "trl"]
-ScaleRewards = Literal["group", "batch", "none"]
+ScaleRewards = Literal["group", "batch", "none", "mean"]
 
 RL_LOSS_TYPES: tuple[str, ...] = ("gspo", "grpo")
 LOSS_AGG_MODES: tuple[str, ...] = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-SCALE_REWARDS: tuple[str, ...] = ("group", "batch", "none")
+SCALE_REWARDS: tuple[str, ...] = ("group", "batch", "none", "mean")
 
 
 @dataclass(frozen=True)
@@ -112,10 +112,17 @@ def group_advantages(
         A_i = (r_i − mean_g) / (std_g + eps)     scale_rewards="group" (GRPO; verl's norm_adv_by_std_in_grpo)
         A_i = (r_i − mean_g) / (std_all + eps)   "batch" (TRL's option: the std of all the step's rewards)
         A_i =  r_i − mean_g                      "none" (Dr. GRPO, arXiv 2503.20783)
+        A_i = (r_i − mean_g) / (mean_g + eps)    "mean" (MaxRL, arXiv 2602.02710; 0 where mean_g = 0)
 
     std uses Bessel's correction (n − 1) in both conventions. A group whose rewards are all equal gets A = 0. A
     group of one response has no std: verl takes mean 0 and std 1 (A = r / (1 + eps); "none": A = r), TRL takes
     its mean as the reward (A = 0).
+
+    "mean" weights a prompt by 1 / its pass rate: for 0/1 rewards the expected update of a prompt is then the
+    supervised (log-likelihood) gradient of its right answers, where "group" gives it sqrt(p / (1 − p)) of that and
+    "none" p, so the prompts a model mostly gets wrong are the ones it learns from least (docs/losses.md). It needs
+    rewards >= 0 (a pass rate); a group without a positive reward has A = 0, and a one-response group follows the
+    convention's rule with 1 for the denominator (verl: A = r, REINFORCE; TRL: A = 0).
 
     Example: rewards [[1, 0, 0, 1], [2, 2, 2, 2]], verl (eps 1e-6): group one has mean 0.5 and std
     sqrt(((0.5² · 4) / 3)) = 0.57735, so A = ±0.866024; group two has std 0 and A = 0 / 1e-6 = 0.
@@ -135,6 +142,11 @@ def group_advantages(
         raise ValueError(f"scale_rewards: must be one of {', '.join(SCALE_REWARDS)}, got {scale_rewards!r}")
     eps = convention.std_epsilon if std_epsilon is None else std_epsilon
     rewards = rewards.detach()
+    if scale_rewards == "mean" and bool((rewards < 0).any()):
+        raise ValueError(
+            f"scale_rewards=mean (MaxRL) needs rewards >= 0, a pass rate; got {float(rewards.min()):g} "
+            "(a penalty term? use scale_rewards=group)"
+        )
     if rewards.dim() == 2:
         if group_ids is not None:
             raise ValueError("group_advantages: rewards [P, G] are grouped by row; give group_ids only with [N]")
@@ -161,14 +173,23 @@ def group_advantages(
     squares = torch.zeros_like(count).index_add_(0, inverse, (values - mean[inverse]) ** 2)
     std = (squares / (count - 1).clamp(min=1)).sqrt()
     single = count == 1
+    pass_rate = mean  # "mean"'s denominator: the group's own mean, whatever the one-response rule does to `mean`
     if convention.single_response_advantage == "reward":
         mean, std = torch.where(single, 0.0, mean), torch.where(single, 1.0, std)
+        pass_rate = torch.where(single, 1.0, pass_rate)
     if scale_rewards == "batch":
         # One std for all: a lone response still follows the one-response rule through its mean.
         batch_std = values.std(correction=1) if values.numel() > 1 else values.new_zeros(())
         std = batch_std.expand_as(std)
     centred = values - mean[inverse]
-    advantages = centred if scale_rewards == "none" else centred / (std[inverse] + eps)
+    if scale_rewards == "none":
+        advantages = centred
+    elif scale_rewards == "mean":
+        # A group with no positive reward has no pass rate to divide by: nothing learnt from it (MaxRL's rule).
+        rate = pass_rate[inverse]
+        advantages = torch.where(rate > 0, centred / (rate + eps), 0.0)
+    else:
+        advantages = centred / (std[inverse] + eps)
     return advantages.to(rewards.dtype).reshape(rewards.shape)
 
 

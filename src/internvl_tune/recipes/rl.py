@@ -47,6 +47,7 @@ from internvl_tune.config import ConfigError, RLConfig, to_dict
 from internvl_tune.data.collate import group_collate
 from internvl_tune.data.errors import DataError
 from internvl_tune.data.images import blank_tile
+from internvl_tune.errors import UserError
 from internvl_tune.generation.base import GenerationRequest, SamplingParams
 from internvl_tune.generation.hf import HFBackend, Rollout
 from internvl_tune.generation.rollouts import PromptMismatch, ServerRollouts
@@ -445,7 +446,10 @@ def _train(
 
         # 3. Rewards and advantages over the whole step (all ranks).
         scores = score_rollouts(rewards, step_prompts, rollouts, accelerator)
-        advantages_all = group_advantages(scores["reward"], **rl.advantage_settings())
+        try:
+            advantages_all = group_advantages(scores["reward"], **rl.advantage_settings())
+        except ValueError as e:  # scale_rewards=mean and a negative reward (a user reward's)
+            raise UserError(f"step {state.step + 1}: rl.{e}") from None
         advantages = advantages_all[rank * local_prompts : (rank + 1) * local_prompts].float()  # [P_local, G]
         if rl.log_rollouts:
             records = rollout_records(
